@@ -1,0 +1,83 @@
+"""qmlkit: a Hangfire-style background job server for Python, the counterpart of qml-rs.
+
+Storage backends, middleware and state-change observers are pluggy plugins; SQLite is
+the embedded default storage. Start with :class:`App`.
+"""
+
+from __future__ import annotations
+
+from qmlkit.app import App, JobFunction
+from qmlkit.errors import (
+    ConfigurationError,
+    DuplicateJob,
+    InvalidTransition,
+    JobError,
+    JobNotFound,
+    JobTimeout,
+    PayloadError,
+    PluginError,
+    PluginLoadError,
+    QmlError,
+    Retry,
+    StaleClaim,
+    StorageError,
+    StorageUnavailable,
+    UnknownJobName,
+    UnknownStorageScheme,
+)
+from qmlkit.hookspecs import hookimpl
+from qmlkit.job import (
+    AwaitingRetry,
+    Deleted,
+    Enqueued,
+    Failed,
+    Job,
+    JobState,
+    Processing,
+    Scheduled,
+    Succeeded,
+)
+from qmlkit.processing.context import JobContext, current_context
+from qmlkit.processing.retry import RetryPolicy
+from qmlkit.processing.server import Server, ServerConfig
+from qmlkit.storage.base import Storage
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "App",
+    "AwaitingRetry",
+    "ConfigurationError",
+    "Deleted",
+    "DuplicateJob",
+    "Enqueued",
+    "Failed",
+    "InvalidTransition",
+    "Job",
+    "JobContext",
+    "JobError",
+    "JobFunction",
+    "JobNotFound",
+    "JobState",
+    "JobTimeout",
+    "PayloadError",
+    "PluginError",
+    "PluginLoadError",
+    "Processing",
+    "QmlError",
+    "Retry",
+    "RetryPolicy",
+    "Scheduled",
+    "Server",
+    "ServerConfig",
+    "StaleClaim",
+    "Storage",
+    "StorageError",
+    "StorageUnavailable",
+    "Succeeded",
+    "UnknownJobName",
+    "UnknownStorageScheme",
+    "__version__",
+    "current_context",
+    "hookimpl",
+]

@@ -1,0 +1,531 @@
+"""``App``: the job registry, the client API (enqueue, schedule) and the way to a server.
+
+::
+
+    app = App("shop", storage="sqlite:///qmlkit.db")
+
+    @app.job(queue="mail", max_retries=5)
+    def send_receipt(order_id: int) -> str: ...
+
+    job_id = send_receipt.enqueue(42)          # runs on a worker
+    send_receipt.schedule(42, delay=60)         # runs in a minute
+    send_receipt(42)                            # runs here, now
+    app.server(worker_count=8).start()          # or: qmlkit worker shop:app
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from datetime import datetime, timedelta, timezone
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Protocol, TypeVar
+
+import pluggy
+
+from qmlkit.errors import ConfigurationError
+from qmlkit.job import Deleted, Enqueued, Job, Scheduled, new_job_id, utcnow
+from qmlkit.plugins import (
+    has_observers,
+    make_plugin_manager,
+    notify_state_changed,
+    resolve_storage,
+)
+from qmlkit.processing.context import JobContext
+from qmlkit.processing.retry import RetryPolicy
+from qmlkit.storage.base import StateChange, Storage
+
+if TYPE_CHECKING:
+    from qmlkit.processing.server import Server
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+#: Default storage: a SQLite file in the working directory.
+DEFAULT_STORAGE_URL = "sqlite:///qmlkit.db"
+
+
+class ClassWorker(Protocol):
+    """A class-based worker, as qml-rs's ``Worker`` trait: a name and an ``execute``."""
+
+    method_name: str
+
+    def execute(self, job: Job, context: JobContext) -> Any:
+        """Run ``job``; return a JSON-serialisable result (or a coroutine of one)."""
+
+
+class JobOptions:
+    """Defaults stamped on each job of one registered name.
+
+    Attributes:
+        queue: Queue name.
+        priority: Higher runs first.
+        max_retries: Retries after a failed first attempt (``None``: the policy's).
+        timeout: Per-attempt limit (``None``: the server's ``job_timeout``).
+        retry: A retry policy for this job name (``None``: the server's).
+    """
+
+    def __init__(
+        self,
+        *,
+        queue: str = "default",
+        priority: int = 0,
+        max_retries: int | None = None,
+        timeout: timedelta | float | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> None:
+        if not queue:
+            raise ConfigurationError("queue name must not be empty")
+        self.queue = queue
+        self.priority = priority
+        self.retry = retry
+        self.max_retries = max_retries if max_retries is not None else (
+            retry.max_retries if retry is not None else RetryPolicy().max_retries
+        )
+        if max_retries is not None and max_retries < 0:
+            raise ConfigurationError("max_retries must be >= 0")
+        self.timeout_s = _seconds(timeout)
+
+
+def _seconds(value: timedelta | float | None) -> float | None:
+    if value is None:
+        return None
+    seconds = value.total_seconds() if isinstance(value, timedelta) else float(value)
+    if seconds <= 0:
+        raise ConfigurationError(f"timeout must be positive, got {value!r}")
+    return seconds
+
+
+class JobFunction(Generic[P, R]):
+    """A function registered with ``@app.job``. Calling it runs it here and now.
+
+    Attributes:
+        name: The registered job name (default ``module.qualname``).
+        fn: The wrapped function (``def`` or ``async def``).
+        options: Its :class:`JobOptions`.
+    """
+
+    def __init__(self, app: App, fn: Callable[P, R], name: str, options: JobOptions) -> None:
+        self.app = app
+        self.fn = fn
+        self.name = name
+        self.options = options
+        self.retry = options.retry
+        functools.update_wrapper(self, fn)  # type: ignore[arg-type]
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        """Run the function directly, in this process (no storage involved)."""
+        return self.fn(*args, **kwargs)
+
+    def execute(self, job: Job, context: JobContext) -> Any:
+        """Run the stored job's arguments through the function (used by workers)."""
+        return self.fn(*job.args, **job.kwargs)
+
+    def enqueue(self, *args: P.args, **kwargs: P.kwargs) -> str:
+        """Store a job that calls this function with these arguments; return its id.
+
+        Raises:
+            PayloadError: An argument is not JSON-serialisable (named) or the arguments
+                are over the size limit; nothing is stored.
+            StorageError: The storage failed; nothing is stored.
+        """
+        return self.app.enqueue(self.name, args=args, kwargs=kwargs)
+
+    def schedule(
+        self,
+        *args: Any,
+        at: datetime | None = None,
+        delay: timedelta | float | None = None,
+        **kwargs: Any,
+    ) -> str:
+        """Store a job that becomes runnable at ``at`` or after ``delay``; return its id.
+
+        ``at`` and ``delay`` are reserved here; use :meth:`App.enqueue` to pass job
+        arguments with those names.
+
+        Args:
+            *args: Job arguments.
+            at: An aware datetime (naive is refused: it would be ambiguous).
+            delay: Seconds or a ``timedelta`` from now.
+            **kwargs: Job keyword arguments.
+
+        Raises:
+            ConfigurationError: Neither or both of ``at`` and ``delay``, or a naive ``at``.
+            PayloadError: As for :meth:`enqueue`.
+        """
+        if (at is None) == (delay is None):
+            raise ConfigurationError("schedule() takes exactly one of at= or delay=")
+        return self.app.enqueue(self.name, args=args, kwargs=kwargs, at=at, delay=delay)
+
+    def enqueue_many(self, calls: Iterable[Sequence[Any] | tuple[Sequence[Any], Mapping[str, Any]]]) -> list[str]:
+        """Store many jobs of this function in one transaction; return their ids.
+
+        Args:
+            calls: Each item is an argument tuple/list, or an ``(args, kwargs)`` pair
+                whose second member is a mapping.
+
+        Raises:
+            PayloadError: One call's arguments cannot be stored; none are stored.
+        """
+        template: Job | None = None
+        jobs = []
+        for call in calls:
+            if (isinstance(call, tuple) and len(call) == 2
+                    and isinstance(call[1], Mapping) and isinstance(call[0], (list, tuple))):
+                args, kwargs = list(call[0]), dict(call[1])
+            else:
+                args, kwargs = list(call), {}
+            if template is None:
+                template = self.app.make_job(self.name, args=args, kwargs=kwargs)
+                jobs.append(template)
+            else:  # same options and timestamps: copy the validated first job
+                jobs.append(template.model_copy(
+                    update={"id": new_job_id(), "args": args, "kwargs": kwargs}))
+        return self.app.enqueue_jobs(jobs) if jobs else []
+
+
+class _RegisteredWorker:
+    def __init__(self, worker: ClassWorker, options: JobOptions) -> None:
+        self.worker = worker
+        self.options = options
+        self.retry = options.retry
+
+    def execute(self, job: Job, context: JobContext) -> Any:
+        return self.worker.execute(job, context)
+
+
+class App:
+    """An application: its job names, its storage, and servers built from it.
+
+    Args:
+        name: A label for logs and the CLI.
+        storage: Storage URL (default ``sqlite:///qmlkit.db``) or a ``Storage`` object.
+        storage_options: Backend options for the URL.
+        plugins: Extra plugin objects for this app's plugin manager.
+        autoload: Load entry-point plugins.
+        max_payload_bytes: Override the storage's argument size limit, in bytes.
+    """
+
+    def __init__(
+        self,
+        name: str = "qmlkit",
+        *,
+        storage: str | Storage = DEFAULT_STORAGE_URL,
+        storage_options: Mapping[str, Any] | None = None,
+        plugins: Iterable[object] = (),
+        autoload: bool = True,
+        max_payload_bytes: int | None = None,
+    ) -> None:
+        self.name = name
+        self.registry: dict[str, JobFunction[Any, Any] | _RegisteredWorker] = {}
+        self._storage_spec = storage
+        self.storage_options = dict(storage_options or {})
+        if max_payload_bytes is not None:
+            self.storage_options["max_payload_bytes"] = max_payload_bytes
+        self._plugins = tuple(plugins)
+        self._autoload = autoload
+        self._pm: pluggy.PluginManager | None = None
+        self._storage: Storage | None = None
+        self._lock = threading.Lock()
+        self._servers: weakref.WeakSet[Server] = weakref.WeakSet()
+
+    # --- registration ------------------------------------------------------------------
+
+    def job(
+        self,
+        fn: Callable[P, R] | None = None,
+        *,
+        name: str | None = None,
+        queue: str = "default",
+        priority: int = 0,
+        max_retries: int | None = None,
+        timeout: timedelta | float | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> Any:
+        """Register a job function; usable as ``@app.job`` or ``@app.job(...)``.
+
+        Args:
+            fn: The function (``def`` or ``async def``); its arguments must be JSON.
+            name: The stored job name; default ``"module.qualname"``.
+            queue: Default queue.
+            priority: Default priority (higher first).
+            max_retries: Retries after a failed attempt; default the policy's (3).
+            timeout: Per-attempt limit, seconds or ``timedelta``; default the server's.
+            retry: Retry policy for this job name.
+
+        Returns:
+            A :class:`JobFunction` (or a decorator making one).
+
+        Raises:
+            ConfigurationError: The name is taken, or an option is invalid.
+        """
+        options = JobOptions(queue=queue, priority=priority, max_retries=max_retries,
+                             timeout=timeout, retry=retry)
+
+        def register(f: Callable[P, R]) -> JobFunction[P, R]:
+            job_name = name or f"{f.__module__}.{f.__qualname__}"
+            self._register(job_name, JobFunction(self, f, job_name, options))
+            return self.registry[job_name]  # type: ignore[return-value]
+
+        return register(fn) if fn is not None else register
+
+    def register_worker(
+        self,
+        worker: ClassWorker,
+        *,
+        queue: str = "default",
+        priority: int = 0,
+        max_retries: int | None = None,
+        timeout: timedelta | float | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> None:
+        """Register a class-based worker under ``worker.method_name`` (qml-rs style).
+
+        Raises:
+            ConfigurationError: No ``method_name``/``execute``, or the name is taken.
+        """
+        name = getattr(worker, "method_name", None)
+        if not isinstance(name, str) or not name or not callable(getattr(worker, "execute", None)):
+            raise ConfigurationError("a class-based worker needs a method_name and execute(job, context)")
+        options = JobOptions(queue=queue, priority=priority, max_retries=max_retries,
+                             timeout=timeout, retry=retry)
+        self._register(name, _RegisteredWorker(worker, options))
+
+    def _register(self, name: str, entry: JobFunction[Any, Any] | _RegisteredWorker) -> None:
+        existing = self.registry.get(name)
+        if existing is not None and getattr(existing, "fn", None) is not getattr(entry, "fn", None):
+            raise ConfigurationError(f"job name {name!r} is registered already")
+        self.registry[name] = entry
+
+    # --- plugins and storage ----------------------------------------------------------------
+
+    @property
+    def plugin_manager(self) -> pluggy.PluginManager:
+        """This app's plugin manager (built on first use)."""
+        with self._lock:
+            if self._pm is None:
+                self._pm = make_plugin_manager(autoload=self._autoload, extra=self._plugins)
+            return self._pm
+
+    @property
+    def storage(self) -> Storage:
+        """The opened storage (resolved through the plugins and opened on first use).
+
+        Raises:
+            UnknownStorageScheme, ConfigurationError, StorageUnavailable: As for opening.
+        """
+        if self._storage is None:
+            pm = self.plugin_manager
+            with self._lock:
+                if self._storage is None:
+                    spec = self._storage_spec
+                    store = spec if isinstance(spec, Storage) else resolve_storage(
+                        pm, spec, self.storage_options
+                    )
+                    store.open()
+                    self._storage = store
+        return self._storage
+
+    def close(self) -> None:
+        """Close the storage (it reopens on next use)."""
+        with self._lock:
+            if self._storage is not None:
+                self._storage.close()
+                self._storage = None
+
+    # --- enqueue -------------------------------------------------------------------------
+
+    def make_job(
+        self,
+        method: str,
+        *,
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        queue: str | None = None,
+        priority: int | None = None,
+        at: datetime | None = None,
+        delay: timedelta | float | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        job_id: str | None = None,
+        max_retries: int | None = None,
+        timeout: timedelta | float | None = None,
+    ) -> Job:
+        """Build (not store) a job for ``method``, applying its registered defaults.
+
+        A name not registered in this app is allowed (another process may run it); it
+        gets the default queue and options.
+
+        Raises:
+            ConfigurationError: A naive ``at``, both ``at`` and ``delay``, or a bad option.
+        """
+        entry = self.registry.get(method)
+        opts = entry.options if entry is not None else JobOptions()
+        now = utcnow()
+        run_at = _run_at(now, at, delay)
+        q = queue or opts.queue
+        state: Enqueued | Scheduled
+        if run_at is None:
+            state = Enqueued(enqueued_at=now, queue=q)
+        else:
+            reason = f"delay {(run_at - now).total_seconds():g} s" if delay is not None else "at"
+            state = Scheduled(enqueue_at=run_at, scheduled_at=now, reason=reason)
+        fields: dict[str, Any] = {
+            "method": method, "args": list(args), "kwargs": dict(kwargs or {}), "queue": q,
+            "priority": opts.priority if priority is None else priority,
+            "max_retries": opts.max_retries if max_retries is None else max_retries,
+            "timeout_s": _seconds(timeout) if timeout is not None else opts.timeout_s,
+            "metadata": dict(metadata or {}), "created_at": now, "state": state,
+        }
+        if job_id is not None:
+            fields["id"] = job_id
+        try:
+            return Job(**fields)
+        except ValueError as exc:
+            raise ConfigurationError(f"invalid job for {method!r}: {exc}") from exc
+
+    def enqueue(self, method: str, **options: Any) -> str:
+        """Store one job for ``method``; return its id. Options as :meth:`make_job`.
+
+        Raises:
+            PayloadError: Arguments not JSON (the message names the argument) or too
+                large; nothing stored.
+            DuplicateJob: ``job_id`` given and taken.
+            StorageError: The storage failed; nothing stored.
+        """
+        return self.enqueue_jobs([self.make_job(method, **options)])[0]
+
+    def enqueue_jobs(self, jobs: Sequence[Job]) -> list[str]:
+        """Store built jobs in one transaction, wake local servers, notify observers.
+
+        Returns:
+            Their ids, in order.
+        """
+        stored = self.storage.enqueue_many(jobs)
+        if has_observers(self.plugin_manager):
+            notify_state_changed(self.plugin_manager, [StateChange(j, None) for j in stored])
+        self._after_change(stored)
+        return [j.id for j in stored]
+
+    def _after_change(self, jobs: Iterable[Job]) -> None:
+        servers = list(self._servers)
+        if not servers:
+            return
+        queues = {j.queue for j in jobs if j.state.name == "Enqueued"}
+        scheduled = any(j.state.name == "Scheduled" for j in jobs)
+        for server in servers:
+            for queue in queues:
+                server.wake(queue)
+            if scheduled:
+                server.nudge_scheduler()
+
+    # --- management ------------------------------------------------------------------------
+
+    def retry(self, job_id: str) -> Job:
+        """Put a Failed, Succeeded or Deleted job back in its queue now.
+
+        Returns:
+            The job, Enqueued.
+
+        Raises:
+            JobNotFound: No such job.
+            InvalidTransition: It is Enqueued, Scheduled, Processing or AwaitingRetry.
+        """
+        now = utcnow()
+        job = self.storage.get(job_id)
+        queue = job.queue if job is not None else "default"
+        change = self.storage.change_state(
+            job_id, Enqueued(enqueued_at=now, queue=queue, reason="retried by hand"),
+            expected=("Failed", "Succeeded", "Deleted"),
+        )
+        notify_state_changed(self.plugin_manager, [change])
+        self._after_change([change.job])
+        return change.job
+
+    def delete(self, job_id: str, *, reason: str | None = None,
+               ttl: timedelta | None = timedelta(hours=24)) -> Job:
+        """Move a job to Deleted (kept for ``ttl``, then removed by cleanup).
+
+        A Processing job's worker loses its claim: its outcome will be discarded.
+
+        Raises:
+            JobNotFound: No such job.
+            InvalidTransition: It is Deleted already.
+        """
+        now = utcnow()
+        change = self.storage.change_state(
+            job_id, Deleted(deleted_at=now, reason=reason),
+            expires_at=now + ttl if ttl is not None else None,
+        )
+        notify_state_changed(self.plugin_manager, [change])
+        return change.job
+
+    # --- servers ---------------------------------------------------------------------------
+
+    def server(self, config: Any = None, **fields: Any) -> Server:
+        """Build a server for this app through the plugins; see ``Server.from_plugins``.
+
+        Args:
+            config: A ``ServerConfig`` or mapping; ``fields`` override its fields.
+            **fields: ``ServerConfig`` fields, e.g. ``worker_count=8``.
+
+        Raises:
+            ConfigurationError: A bad field (named).
+        """
+        from qmlkit.processing.server import Server, ServerConfig
+
+        base: dict[str, Any] = {}
+        if isinstance(config, ServerConfig):
+            base = config.model_dump(exclude_unset=True)
+        elif config is not None:
+            base = dict(config)
+        base.update(fields)
+        storage: str | Storage = self._storage_spec
+        if "storage_url" in base:
+            storage = base["storage_url"]
+        elif isinstance(storage, str):
+            storage = self.storage  # share the app's opened storage
+        elif not isinstance(storage, Storage):
+            raise ConfigurationError(f"unusable storage {storage!r}")
+        if isinstance(self._storage_spec, str) and "storage_url" not in base:
+            base["storage_url"] = self._storage_spec
+            base.setdefault("storage_options", self.storage_options)
+        try:
+            cfg = ServerConfig(**base)
+        except ValueError as exc:
+            raise ConfigurationError(f"invalid server configuration: {exc}") from exc
+        return Server.from_plugins(app=self, storage=storage, config=cfg,
+                                   plugin_manager=self.plugin_manager)
+
+    def _attach(self, server: Server) -> None:
+        self._servers.add(server)
+
+    def _detach(self, server: Server) -> None:
+        self._servers.discard(server)
+
+    def __iter__(self) -> Iterator[str]:
+        """Iterate over the registered job names."""
+        return iter(self.registry)
+
+    def __repr__(self) -> str:
+        """Name and storage."""
+        return f"App({self.name!r}, storage={self._storage_spec!r})"
+
+
+def _run_at(now: datetime, at: datetime | None, delay: timedelta | float | None) -> datetime | None:
+    if at is not None and delay is not None:
+        raise ConfigurationError("give at= or delay=, not both")
+    if at is not None:
+        if at.tzinfo is None or at.utcoffset() is None:
+            raise ConfigurationError(
+                "at= must be an aware datetime (e.g. datetime.now(timezone.utc) + ...); "
+                "a naive one would be read in an unknown time zone"
+            )
+        return at.astimezone(timezone.utc)
+    if delay is not None:
+        seconds = delay.total_seconds() if isinstance(delay, timedelta) else float(delay)
+        if seconds < 0:
+            raise ConfigurationError(f"delay must not be negative, got {delay!r}")
+        return now + timedelta(seconds=seconds)
+    return None
+

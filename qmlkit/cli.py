@@ -1,0 +1,308 @@
+"""The ``qmlkit`` command: run workers, enqueue jobs, inspect and manage them.
+
+Every option can also come from an environment variable, named on ``--help``
+(``QMLKIT_STORAGE``, ``QMLKIT_QUEUES``, ``QMLKIT_THREADS``, …).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from datetime import timedelta
+from types import FrameType
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from qmlkit.app import App
+from qmlkit.errors import ConfigurationError, QmlError
+from qmlkit.job import STATE_NAMES, Job
+from qmlkit.storage.base import Storage
+
+console = Console(highlight=False)
+
+
+def load_app(spec: str) -> App:
+    """Import ``module:attribute`` and return the ``App`` it names.
+
+    The working directory is put on ``sys.path`` first, as ``python -m`` would.
+
+    Raises:
+        click.BadParameter: The spec is malformed, the import fails, or the attribute is
+            missing or not an ``App``.
+    """
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise click.BadParameter(f"{spec!r} is not of the form module:attribute", param_hint="APP")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise click.BadParameter(f"cannot import {module_name!r}: {exc}", param_hint="APP") from exc
+    app = getattr(module, attr, None)
+    if not isinstance(app, App):
+        raise click.BadParameter(
+            f"{module_name}.{attr} is {type(app).__name__}, not a qmlkit App", param_hint="APP"
+        )
+    return app
+
+
+def _open_storage(app_spec: str | None, storage: str | None) -> tuple[App, Storage]:
+    if app_spec:
+        app = load_app(app_spec)
+        if storage:
+            app = App(app.name, storage=storage)
+    elif storage:
+        app = App("qmlkit-cli", storage=storage)
+    else:
+        app = App("qmlkit-cli")
+    try:
+        return app, app.storage
+    except QmlError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+app_option = click.option("--app", "app_spec", envvar="QMLKIT_APP", metavar="MODULE:ATTR",
+                          help="The application, for its storage URL. [env: QMLKIT_APP]")
+storage_option = click.option(
+    "--storage", envvar="QMLKIT_STORAGE", metavar="URL",
+    help="Storage URL; default the app's, else sqlite:///qmlkit.db. [env: QMLKIT_STORAGE]",
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--log-level", envvar="QMLKIT_LOG_LEVEL", default="INFO", show_default=True,
+              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+              help="[env: QMLKIT_LOG_LEVEL]")
+@click.version_option(package_name="qmlkit")
+def main(log_level: str) -> None:
+    """qmlkit: background jobs with pluggable storage."""
+    logging.basicConfig(level=log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@main.command()
+@click.argument("app_spec", metavar="APP", envvar="QMLKIT_APP")
+@storage_option
+@click.option("--queues", envvar="QMLKIT_QUEUES", default="default", show_default=True,
+              help="Comma-separated queues to serve; '*' for all. [env: QMLKIT_QUEUES]")
+@click.option("--threads", envvar="QMLKIT_THREADS", type=click.IntRange(1, 1024), default=5,
+              show_default=True, help="Worker threads. [env: QMLKIT_THREADS]")
+@click.option("--polling-interval", envvar="QMLKIT_POLLING_INTERVAL", type=click.FloatRange(0.001),
+              default=1.0, show_default=True, help="Seconds an idle worker waits between polls. "
+              "[env: QMLKIT_POLLING_INTERVAL]")
+@click.option("--shutdown-timeout", envvar="QMLKIT_SHUTDOWN_TIMEOUT", type=click.FloatRange(0.001),
+              default=30.0, show_default=True, help="Seconds running jobs get to finish after the "
+              "first SIGINT/SIGTERM. [env: QMLKIT_SHUTDOWN_TIMEOUT]")
+@click.option("--name", "server_name", envvar="QMLKIT_SERVER_NAME", default=None,
+              help="Server name; default the host name. [env: QMLKIT_SERVER_NAME]")
+@click.option("--heartbeat/--no-heartbeat", envvar="QMLKIT_HEARTBEAT", default=False,
+              help="Register, heartbeat, and reclaim dead servers' jobs. [env: QMLKIT_HEARTBEAT]")
+def worker(app_spec: str, storage: str | None, queues: str, threads: int,
+           polling_interval: float, shutdown_timeout: float, server_name: str | None,
+           heartbeat: bool) -> None:
+    """Run a worker for APP (module:attribute) until SIGINT or SIGTERM.
+
+    The first signal stops claiming and lets running jobs finish within the shutdown
+    timeout; a second signal (or the timeout) releases unfinished jobs to their queues
+    at once. Exits 0 after a clean drain, 1 if jobs had to be released.
+    """
+    app = load_app(app_spec)
+    fields: dict[str, Any] = {
+        "worker_count": threads,
+        "polling_interval": timedelta(seconds=polling_interval),
+        "shutdown_timeout": timedelta(seconds=shutdown_timeout),
+        "queues": () if queues.strip() == "*" else tuple(q.strip() for q in queues.split(",") if q.strip()),
+        "enable_heartbeat": heartbeat,
+    }
+    if storage:
+        fields["storage_url"] = storage
+    if server_name:
+        fields["server_name"] = server_name
+    try:
+        server = app.server(**fields)
+        server.start()
+    except QmlError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+    signals = {"count": 0}
+    first = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        signals["count"] += 1
+        if signals["count"] == 1:
+            logging.getLogger("qmlkit.cli").info(
+                "%s: draining (send again to stop at once)", signal.Signals(signum).name)
+            first.set()
+        else:
+            logging.getLogger("qmlkit.cli").warning("second signal: releasing unfinished jobs")
+            server.abort()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    while not first.wait(0.5):
+        pass
+    stopper = threading.Thread(target=server.stop, name="qmlkit-stop")
+    stopper.start()
+    while stopper.is_alive():
+        stopper.join(0.2)
+    app.close()
+    sys.exit(1 if server._hard_stop.is_set() else 0)
+
+
+@main.command()
+@click.argument("app_spec", metavar="APP", envvar="QMLKIT_APP")
+@click.argument("method")
+@storage_option
+@click.option("--args", "args_json", default="[]", help="Positional arguments, a JSON list.")
+@click.option("--kwargs", "kwargs_json", default="{}", help="Keyword arguments, a JSON object.")
+@click.option("--queue", default=None, help="Queue; default the job's registered queue.")
+@click.option("--priority", type=int, default=None, help="Priority; higher runs first.")
+@click.option("--delay", type=click.FloatRange(0), default=None, help="Seconds before it may run.")
+def enqueue(app_spec: str, method: str, storage: str | None, args_json: str, kwargs_json: str,
+            queue: str | None, priority: int | None, delay: float | None) -> None:
+    """Enqueue METHOD of APP with JSON arguments; print the job id."""
+    try:
+        args = json.loads(args_json)
+        kwargs = json.loads(kwargs_json)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"not JSON: {exc}") from exc
+    if not isinstance(args, list):
+        raise click.BadParameter("--args must be a JSON list", param_hint="--args")
+    if not isinstance(kwargs, dict):
+        raise click.BadParameter("--kwargs must be a JSON object", param_hint="--kwargs")
+    app = load_app(app_spec)
+    if storage:
+        app = _with_storage(app, storage)
+    try:
+        job_id = app.enqueue(method, args=args, kwargs=kwargs, queue=queue, priority=priority,
+                             delay=delay)
+    except QmlError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(job_id)
+
+
+def _with_storage(app: App, storage: str) -> App:
+    clone = App(app.name, storage=storage)
+    clone.registry = app.registry
+    return clone
+
+
+@main.group()
+def jobs() -> None:
+    """List, show, retry and delete jobs."""
+
+
+@jobs.command("list")
+@app_option
+@storage_option
+@click.option("--state", type=click.Choice(STATE_NAMES, case_sensitive=False), default=None)
+@click.option("--queue", default=None)
+@click.option("--method", default=None)
+@click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True)
+@click.option("--offset", type=click.IntRange(0), default=0)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+def jobs_list(app_spec: str | None, storage: str | None, state: str | None, queue: str | None,
+              method: str | None, limit: int, offset: int, as_json: bool) -> None:
+    """List jobs, newest first."""
+    _, store = _open_storage(app_spec, storage)
+    if state:
+        state = next(s for s in STATE_NAMES if s.lower() == state.lower())
+    found = store.list_jobs(state=state, queue=queue, method=method, limit=limit, offset=offset)
+    if as_json:
+        for job in found:
+            click.echo(job.model_dump_json())
+        return
+    table = Table("id", "method", "queue", "state", "attempts", "created (UTC)", "detail")
+    for job in found:
+        table.add_row(job.id, job.method, job.queue, job.state.name, str(job.attempts),
+                      job.created_at.strftime("%Y-%m-%d %H:%M:%S"), _detail(job))
+    console.print(table)
+
+
+def _detail(job: Job) -> str:
+    state = job.state
+    if state.name == "Failed":
+        return f"{state.exception_type}: {state.message}"[:80]  # type: ignore[union-attr]
+    if state.name == "AwaitingRetry":
+        return f"retry at {state.retry_at:%H:%M:%S}: {state.last_exception}"[:80]  # type: ignore[union-attr]
+    if state.name == "Scheduled":
+        return f"at {state.enqueue_at:%Y-%m-%d %H:%M:%S}"  # type: ignore[union-attr]
+    if state.name == "Succeeded":
+        return json.dumps(state.result, ensure_ascii=False)[:80]  # type: ignore[union-attr]
+    return ""
+
+
+@jobs.command("show")
+@click.argument("job_id")
+@app_option
+@storage_option
+def jobs_show(job_id: str, app_spec: str | None, storage: str | None) -> None:
+    """Show one job as JSON, state and stack trace included."""
+    _, store = _open_storage(app_spec, storage)
+    job = store.get(job_id)
+    if job is None:
+        raise click.ClickException(f"no job with id {job_id!r}")
+    click.echo(json.dumps(job.model_dump(mode="json"), indent=2, ensure_ascii=False))
+
+
+@jobs.command("retry")
+@click.argument("job_id")
+@app_option
+@storage_option
+def jobs_retry(job_id: str, app_spec: str | None, storage: str | None) -> None:
+    """Enqueue a Failed, Succeeded or Deleted job again."""
+    app, _ = _open_storage(app_spec, storage)
+    try:
+        job = app.retry(job_id)
+    except QmlError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"{job.id} enqueued in {job.queue}")
+
+
+@jobs.command("delete")
+@click.argument("job_id")
+@app_option
+@storage_option
+@click.option("--reason", default="deleted from the command line")
+def jobs_delete(job_id: str, app_spec: str | None, storage: str | None, reason: str) -> None:
+    """Move a job to Deleted (cleanup removes it after its TTL)."""
+    app, _ = _open_storage(app_spec, storage)
+    try:
+        job = app.delete(job_id, reason=reason)
+    except QmlError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"{job.id} deleted")
+
+
+@main.command()
+@app_option
+@storage_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def stats(app_spec: str | None, storage: str | None, as_json: bool) -> None:
+    """Count jobs by queue and state."""
+    _, store = _open_storage(app_spec, storage)
+    counts = store.count_jobs()
+    queues = sorted({q for q, _ in counts})
+    if as_json:
+        click.echo(json.dumps({q: {s: counts.get((q, s), 0) for s in STATE_NAMES} for q in queues}))
+        return
+    table = Table("queue", *STATE_NAMES, "total")
+    for queue in queues:
+        row = [counts.get((queue, s), 0) for s in STATE_NAMES]
+        table.add_row(queue, *map(str, row), str(sum(row)))
+    totals = [sum(counts.get((q, s), 0) for q in queues) for s in STATE_NAMES]
+    table.add_row("[b]all[/b]", *map(str, totals), str(sum(totals)))
+    console.print(table)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,203 @@
+"""The qmlkit exception hierarchy, rooted at :class:`QmlError`.
+
+Every error carries its data as attributes and a message that says how to fix the
+problem. Storage drivers' own exceptions are chained with ``raise ... from exc``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+class QmlError(Exception):
+    """Base class of every error qmlkit raises on purpose."""
+
+
+# --- configuration -----------------------------------------------------------------
+
+
+class ConfigurationError(QmlError):
+    """A setting is wrong; raised before anything starts, naming the bad field or URL part."""
+
+
+class UnknownStorageScheme(ConfigurationError):
+    """No installed storage plugin understands a URL's scheme.
+
+    Attributes:
+        scheme: The scheme that was asked for, e.g. ``"mongodb"``.
+        known: Every scheme some registered plugin does understand, sorted.
+    """
+
+    def __init__(self, scheme: str, known: Iterable[str]) -> None:
+        self.scheme = scheme
+        self.known = sorted(set(known))
+        super().__init__(
+            f"no storage plugin understands the URL scheme {scheme!r}; known schemes: "
+            f"{', '.join(self.known) or '(none)'}. If a plugin exists for it, install it, "
+            f"e.g. `pip install qmlkit-{scheme.split('+')[0]}`."
+        )
+
+
+class InvalidTransition(QmlError):
+    """A job state change that the state machine does not allow.
+
+    Attributes:
+        job_id: The job's id.
+        source: The current state's name (``None`` for a job not yet stored).
+        target: The requested state's name.
+    """
+
+    def __init__(self, job_id: str, source: str | None, target: str) -> None:
+        self.job_id = job_id
+        self.source = source
+        self.target = target
+        super().__init__(f"job {job_id}: a {source or 'new'} job cannot become {target}")
+
+
+# --- plugins -----------------------------------------------------------------------
+
+
+class PluginError(QmlError):
+    """A plugin could not be loaded or behaved against its hook's contract."""
+
+
+class PluginLoadError(PluginError):
+    """An entry-point plugin failed to import.
+
+    Attributes:
+        entry_point: ``"group:name = value"`` of the failing entry point.
+        distribution: The distribution that declared it, or ``None`` if unknown.
+    """
+
+    def __init__(self, entry_point: str, distribution: str | None, cause: BaseException) -> None:
+        self.entry_point = entry_point
+        self.distribution = distribution
+        super().__init__(
+            f"plugin entry point {entry_point!r} from distribution "
+            f"{distribution or '(unknown)'} failed to load: {type(cause).__name__}: {cause}. "
+            "Reinstall or uninstall that distribution, or disable it with "
+            "QMLKIT_DISABLE_PLUGINS=<name>."
+        )
+
+
+# --- storage -----------------------------------------------------------------------
+
+
+class StorageError(QmlError):
+    """A storage backend failed; the driver's exception is chained as ``__cause__``."""
+
+
+class StorageUnavailable(StorageError):
+    """The backend is unreachable or busy right now; the operation did nothing.
+
+    Transient: callers in the server retry it with capped backoff.
+    """
+
+
+class JobNotFound(StorageError):
+    """No job with this id is stored.
+
+    Attributes:
+        job_id: The id that was looked up.
+    """
+
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id
+        super().__init__(f"no job with id {job_id!r} in storage")
+
+
+class DuplicateJob(StorageError):
+    """A job with the same id (or idempotency key) is already stored.
+
+    Attributes:
+        job_id: The id that already exists.
+    """
+
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id
+        super().__init__(f"a job with id {job_id!r} is already stored")
+
+
+class StaleClaim(StorageError):
+    """A fenced transition was rejected: the caller's claim is no longer the current one.
+
+    Raised when the job has been re-claimed since (its fencing token moved on), or is no
+    longer Processing (it was reclaimed, released or deleted). The caller's outcome is
+    discarded; the newer attempt owns the job.
+
+    Attributes:
+        job_id: The job's id.
+        token: The fencing token the caller presented.
+    """
+
+    def __init__(self, job_id: str, token: int) -> None:
+        self.job_id = job_id
+        self.token = token
+        super().__init__(
+            f"job {job_id}: fencing token {token} is stale; another attempt owns the job now"
+        )
+
+
+# --- jobs --------------------------------------------------------------------------
+
+
+class JobError(QmlError):
+    """Something wrong with one job; it fails that job with a reason, never the worker."""
+
+
+class PayloadError(JobError, ValueError):
+    """Job arguments or a result cannot be stored: not JSON, or over the size limit.
+
+    Attributes:
+        where: What was being encoded, e.g. ``"args[1]"``, ``"kwargs['f']"``, ``"result"``.
+    """
+
+    def __init__(self, message: str, where: str | None = None) -> None:
+        self.where = where
+        super().__init__(message)
+
+
+class UnknownJobName(JobError):
+    """A stored job names a method no registered job function or worker provides.
+
+    Attributes:
+        method: The unknown method name.
+        registered: The names that are registered, sorted.
+    """
+
+    def __init__(self, method: str, registered: Iterable[str]) -> None:
+        self.method = method
+        self.registered = sorted(registered)
+        shown = ", ".join(self.registered[:20]) + (" …" if len(self.registered) > 20 else "")
+        super().__init__(
+            f"no job function is registered as {method!r}; registered: {shown or '(none)'}. "
+            "Deploy code that registers it, then retry the job."
+        )
+
+
+class JobTimeout(JobError):
+    """An attempt ran past its timeout.
+
+    Attributes:
+        timeout_s: The limit that was exceeded, in seconds.
+    """
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        super().__init__(f"the attempt ran longer than its timeout of {timeout_s:g} s")
+
+
+class Retry(QmlError):  # noqa: N818 - a signal, named for what it asks
+    """Raised by job code to ask for another attempt.
+
+    The attempt counts against the job's ``max_retries``; once they are used up the job
+    fails with this exception's message.
+
+    Attributes:
+        delay: Seconds to wait before the next attempt, or ``None`` for the retry
+            policy's backoff.
+    """
+
+    def __init__(self, delay: float | None = None, message: str = "retry requested") -> None:
+        self.delay = delay
+        super().__init__(message)

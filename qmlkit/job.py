@@ -1,0 +1,362 @@
+"""The job model: :class:`Job` and its states, as in qml-rs (and Hangfire before it).
+
+A job is an immutable pydantic model; every change makes a new one with
+:meth:`Job.with_state`, which enforces the state machine below. All times are aware UTC
+``datetime`` objects: a naive datetime is rejected, an aware one in another zone is
+converted to UTC (field case C07). ``Job.model_dump_json()`` and
+``Job.model_validate_json()`` round-trip a job losslessly.
+
+State machine (a new job is born Enqueued or Scheduled)::
+
+    Scheduled ─────┐            ┌──▶ Succeeded ─┐
+        ▲          ▼            │               │
+    (new) ──▶ Enqueued ──▶ Processing ──▶ Failed ──────▶ Enqueued (manual retry)
+                  ▲             │  └──▶ AwaitingRetry ──▶ Enqueued (due)
+                  └─────────────┘ (released / reclaimed)
+    any state except Deleted ──▶ Deleted ──▶ Enqueued (requeue)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from datetime import datetime, timezone
+from typing import Annotated, Any, ClassVar, Literal, Union
+
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
+
+from qmlkit.errors import InvalidTransition, PayloadError
+
+#: Largest encoded size of a job's ``args`` plus ``kwargs``, in bytes (UTF-8 JSON).
+#: The same limit applies on every backend (field case C12).
+DEFAULT_MAX_PAYLOAD_BYTES = 8 * 1024 * 1024
+
+#: Longest stored exception message or stack trace, in characters; longer text is cut
+#: and marked, so one noisy failure cannot fill the store (field case C17).
+MAX_ERROR_TEXT = 64 * 1024
+
+
+def new_job_id() -> str:
+    """Return a new job id: a UUID version 7 string (RFC 9562), ordered by creation time.
+
+    Time-ordered ids keep B-tree inserts sequential, which makes bulk enqueue into SQL
+    storage several times faster than random (version 4) ids.
+    """
+    ms = f"{time.time_ns() // 1_000_000 & 0xFFFFFFFFFFFF:012x}"
+    rand = os.urandom(10)
+    hexed = rand.hex()
+    variant = "89ab"[rand[0] & 3]
+    return f"{ms[:8]}-{ms[8:]}-7{hexed[1:4]}-{variant}{hexed[4:7]}-{hexed[8:20]}"
+
+
+def utcnow() -> datetime:
+    """Return the current time as an aware UTC ``datetime``."""
+    return datetime.now(timezone.utc)
+
+
+def _to_utc(value: datetime) -> datetime:
+    return value.astimezone(timezone.utc)
+
+
+#: An aware datetime, normalised to UTC. Naive datetimes fail validation.
+UtcDateTime = Annotated[AwareDatetime, AfterValidator(_to_utc)]
+
+
+def cap_text(text: str, limit: int = MAX_ERROR_TEXT) -> str:
+    """Cut ``text`` to at most ``limit`` characters, marking the cut.
+
+    Args:
+        text: Any string, e.g. an exception message or a formatted traceback.
+        limit: Maximum length in characters.
+
+    Returns:
+        ``text`` itself when short enough, else its head and tail with a marker between.
+    """
+    if len(text) <= limit:
+        return text
+    keep = limit // 2 - 40
+    return f"{text[:keep]}\n… [{len(text) - 2 * keep} characters cut] …\n{text[-keep:]}"
+
+
+class _State(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    terminal: ClassVar[bool] = False
+
+
+class Enqueued(_State):
+    """Waiting in ``queue`` for a worker to claim it.
+
+    Attributes:
+        enqueued_at: When it became runnable (UTC); FIFO order within a priority.
+        queue: The queue it waits in.
+        reason: Why it was (re)enqueued, e.g. ``"released on shutdown"``, or ``None``.
+    """
+
+    name: Literal["Enqueued"] = "Enqueued"
+    enqueued_at: UtcDateTime
+    queue: str = "default"
+    reason: str | None = None
+
+
+class Scheduled(_State):
+    """Not runnable before ``enqueue_at``; the scheduler promotes it to Enqueued then.
+
+    No worker owns a Scheduled job, so a far-future job is never held under a lease
+    (field case C02).
+
+    Attributes:
+        enqueue_at: When it becomes runnable (UTC).
+        scheduled_at: When it was scheduled (UTC).
+        reason: Free text, e.g. ``"delay 10 s"``.
+    """
+
+    name: Literal["Scheduled"] = "Scheduled"
+    enqueue_at: UtcDateTime
+    scheduled_at: UtcDateTime
+    reason: str | None = None
+
+
+class Processing(_State):
+    """Claimed by a worker, which holds the claim's fencing token (``Job.attempts``).
+
+    Attributes:
+        started_at: When the claim was made (UTC).
+        worker_id: The claiming worker, e.g. ``"host:worker:3"``.
+        server_name: The server's name (``name#uuid`` when heartbeats are on).
+    """
+
+    name: Literal["Processing"] = "Processing"
+    started_at: UtcDateTime
+    worker_id: str
+    server_name: str
+
+
+class Succeeded(_State):
+    """Finished; ``result`` is the job function's JSON return value.
+
+    Attributes:
+        succeeded_at: When it finished (UTC).
+        duration_ms: Wall time of the successful attempt, in milliseconds.
+        result: The JSON-serialisable return value, or ``None``.
+    """
+
+    terminal: ClassVar[bool] = True
+    name: Literal["Succeeded"] = "Succeeded"
+    succeeded_at: UtcDateTime
+    duration_ms: float
+    result: Any = None
+
+
+class Failed(_State):
+    """Failed for good: retries used up, not retryable, or unrunnable.
+
+    Attributes:
+        failed_at: When (UTC).
+        exception_type: Qualified name of the exception, e.g. ``"ValueError"``.
+        message: ``str(exception)``, capped at ``MAX_ERROR_TEXT`` characters.
+        stack_trace: The formatted traceback, capped likewise, or ``None``.
+        retry_count: Retries made before this failure.
+        note: Extra information, e.g. that the exception itself could not be printed.
+    """
+
+    terminal: ClassVar[bool] = True
+    name: Literal["Failed"] = "Failed"
+    failed_at: UtcDateTime
+    exception_type: str
+    message: str
+    stack_trace: str | None = None
+    retry_count: int = 0
+    note: str | None = None
+
+
+class AwaitingRetry(_State):
+    """Failed an attempt; runnable again at ``retry_at`` (the scheduler promotes it).
+
+    Attributes:
+        retry_at: When the next attempt may start (UTC).
+        retry_count: Retries scheduled so far, this one included (1 for the first).
+        last_exception: ``"Type: message"`` of the failed attempt.
+        stack_trace: Its formatted traceback, or ``None``.
+    """
+
+    name: Literal["AwaitingRetry"] = "AwaitingRetry"
+    retry_at: UtcDateTime
+    retry_count: int
+    last_exception: str
+    stack_trace: str | None = None
+
+
+class Deleted(_State):
+    """Removed by a person or a program; kept until its TTL expires.
+
+    Attributes:
+        deleted_at: When (UTC).
+        reason: Why, or ``None``.
+    """
+
+    terminal: ClassVar[bool] = True
+    name: Literal["Deleted"] = "Deleted"
+    deleted_at: UtcDateTime
+    reason: str | None = None
+
+
+#: Any one job state; the ``name`` field tells them apart in JSON.
+JobState = Annotated[
+    Union[Enqueued, Scheduled, Processing, Succeeded, Failed, AwaitingRetry, Deleted],
+    Field(discriminator="name"),
+]
+
+#: Every state name, in lifecycle order.
+STATE_NAMES: tuple[str, ...] = (
+    "Enqueued", "Scheduled", "Processing", "Succeeded", "Failed", "AwaitingRetry", "Deleted",
+)
+
+#: Allowed transitions: source state name (``None`` = a new job) -> target names.
+TRANSITIONS: dict[str | None, frozenset[str]] = {
+    None: frozenset({"Enqueued", "Scheduled"}),
+    "Enqueued": frozenset({"Processing", "Scheduled", "Deleted"}),
+    "Scheduled": frozenset({"Enqueued", "Deleted"}),
+    "Processing": frozenset({"Succeeded", "Failed", "AwaitingRetry", "Enqueued", "Deleted"}),
+    "AwaitingRetry": frozenset({"Enqueued", "Deleted"}),
+    "Succeeded": frozenset({"Enqueued", "Deleted"}),
+    "Failed": frozenset({"Enqueued", "Deleted"}),
+    "Deleted": frozenset({"Enqueued"}),
+}
+
+
+def check_transition(job_id: str, source: str | None, target: str) -> None:
+    """Raise unless ``source -> target`` is an allowed transition.
+
+    Args:
+        job_id: For the error message.
+        source: The current state's name, or ``None`` for a new job.
+        target: The requested state's name.
+
+    Raises:
+        InvalidTransition: The state machine does not allow it.
+    """
+    if target not in TRANSITIONS.get(source, frozenset()):
+        raise InvalidTransition(job_id, source, target)
+
+
+class Job(BaseModel):
+    """One unit of work: which function to call, with what, and where it stands.
+
+    Attributes:
+        id: UUID string (version 7, time-ordered, unless the caller chose one).
+        method: The registered job name, e.g. ``"examples.words.count"``.
+        args: Positional arguments, a JSON list.
+        kwargs: Keyword arguments, a JSON object.
+        queue: The queue it runs in.
+        priority: Higher runs first; equal priorities run oldest first.
+        attempts: How many times it has been claimed; the current claim's fencing token.
+        retry_count: How many failed attempts have been retried so far.
+        max_retries: Retries allowed after the first attempt fails.
+        timeout_s: Per-attempt limit in seconds, or ``None`` for the server's default.
+        metadata: Free JSON object for middleware and callers (tenant, trace id, …).
+        created_at: When the job was made (UTC).
+        expires_at: When cleanup may delete it (UTC), set on terminal states.
+        state: The current state.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    id: str = Field(default_factory=new_job_id)
+    method: str = Field(min_length=1)
+    args: list[Any] = Field(default_factory=list)
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    queue: str = Field(default="default", min_length=1)
+    priority: int = 0
+    attempts: int = Field(default=0, ge=0)
+    retry_count: int = Field(default=0, ge=0)
+    max_retries: int = Field(default=3, ge=0)
+    timeout_s: float | None = Field(default=None, gt=0)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    created_at: UtcDateTime = Field(default_factory=utcnow)
+    expires_at: UtcDateTime | None = None
+    state: JobState
+
+    @property
+    def state_name(self) -> str:
+        """The current state's name, e.g. ``"Enqueued"``."""
+        return self.state.name
+
+    def with_state(self, state: JobState, **changes: Any) -> Job:
+        """Return a copy in ``state``, with other fields changed as given.
+
+        Args:
+            state: The new state.
+            **changes: Other fields to set, e.g. ``expires_at=...``.
+
+        Returns:
+            The new job; ``self`` is unchanged.
+
+        Raises:
+            InvalidTransition: The state machine does not allow this change.
+        """
+        check_transition(self.id, self.state.name, state.name)
+        return self.model_copy(update={"state": state, **changes})
+
+
+def encode_json(value: Any, where: str) -> str:
+    """Encode ``value`` as strict JSON text (no NaN, no unknown types).
+
+    Args:
+        value: What to encode.
+        where: What it is, for the error: ``"args[0]"``, ``"result"``, …
+
+    Returns:
+        Compact JSON text, non-ASCII characters kept as they are.
+
+    Raises:
+        PayloadError: ``value`` (or something inside it) is not JSON-serialisable.
+    """
+    try:
+        return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError) as exc:
+        raise PayloadError(f"{where} is not JSON-serialisable: {exc}", where=where) from exc
+
+
+def encode_payload(
+    args: list[Any] | tuple[Any, ...],
+    kwargs: dict[str, Any],
+    max_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+) -> str:
+    """Encode a job's arguments as one JSON text, checking type and size.
+
+    Args:
+        args: Positional arguments.
+        kwargs: Keyword arguments (string keys).
+        max_bytes: Largest allowed size of the UTF-8 encoding, in bytes.
+
+    Returns:
+        ``{"args": [...], "kwargs": {...}}`` as compact JSON text.
+
+    Raises:
+        PayloadError: An argument is not JSON-serialisable (the error names it, e.g.
+            ``kwargs['fh']``), a float is NaN or infinite, or the encoding is over
+            ``max_bytes``.
+    """
+    try:
+        text = json.dumps(
+            {"args": list(args), "kwargs": kwargs},
+            ensure_ascii=False, allow_nan=False, separators=(",", ":"),
+        )
+    except (TypeError, ValueError):
+        for i, arg in enumerate(args):
+            encode_json(arg, f"args[{i}]")
+        for key, arg in kwargs.items():
+            if not isinstance(key, str):
+                raise PayloadError(f"keyword {key!r} is not a string", where="kwargs") from None
+            encode_json(arg, f"kwargs[{key!r}]")
+        raise
+    size = len(text.encode("utf-8")) if len(text) * 4 > max_bytes else len(text)
+    if size > max_bytes:
+        raise PayloadError(
+            f"job arguments encode to {size} bytes, over the limit of {max_bytes} bytes; "
+            "store large data elsewhere and pass a reference",
+            where="payload",
+        )
+    return text
+

@@ -1,0 +1,1 @@
+"""Processing: the server, its worker threads, retries, middleware and background duties."""

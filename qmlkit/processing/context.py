@@ -1,0 +1,81 @@
+"""``JobContext``: what a running job can know and ask about its attempt."""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import threading
+from dataclasses import dataclass, field
+
+from qmlkit.job import Job
+
+_current: contextvars.ContextVar[JobContext | None] = contextvars.ContextVar(
+    "qmlkit_job_context", default=None
+)
+
+
+@dataclass
+class JobContext:
+    """The context of one attempt, passed to middleware and class-based workers.
+
+    Job functions reach it with :func:`current_context`.
+
+    Attributes:
+        job: The job, in Processing, as claimed.
+        worker_id: The worker thread running it.
+        server_name: The server it runs on.
+        stopping: Set when the server begins a graceful stop: finish soon, or checkpoint.
+            The attempt is still allowed to complete.
+        cancelled: Set when the attempt must end now: its timeout passed, or the
+            server's shutdown grace period ran out. Cooperative: long jobs should check
+            :meth:`is_cancelled` (or wait on it) and return or raise.
+        timed_out: Whether ``cancelled`` was set because the timeout passed.
+    """
+
+    job: Job
+    worker_id: str
+    server_name: str
+    stopping: threading.Event = field(default_factory=threading.Event)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    timed_out: bool = False
+
+    @property
+    def logger(self) -> logging.LoggerAdapter[logging.Logger]:
+        """A logger for the job, with ``job_id`` and ``method`` as record attributes."""
+        return logging.LoggerAdapter(
+            logging.getLogger("qmlkit.job"), {"job_id": self.job.id, "method": self.job.method}
+        )
+
+    @property
+    def attempt(self) -> int:
+        """This attempt's number, 1 for the first claim: also its fencing token."""
+        return self.job.attempts
+
+    def is_cancelled(self) -> bool:
+        """Return whether the attempt has been asked to end now (timeout or hard stop)."""
+        return self.cancelled.is_set()
+
+
+def current_context() -> JobContext:
+    """Return the context of the job running on this thread (or in this task).
+
+    Returns:
+        The running attempt's ``JobContext``.
+
+    Raises:
+        RuntimeError: Called outside a job run by a qmlkit worker.
+    """
+    ctx = _current.get()
+    if ctx is None:
+        raise RuntimeError("current_context() called outside a job run by a qmlkit worker")
+    return ctx
+
+
+def set_current(ctx: JobContext | None) -> contextvars.Token[JobContext | None]:
+    """Make ``ctx`` the current context; returns the token to reset it with."""
+    return _current.set(ctx)
+
+
+def reset_current(token: contextvars.Token[JobContext | None]) -> None:
+    """Undo :func:`set_current`."""
+    _current.reset(token)

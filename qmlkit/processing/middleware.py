@@ -1,0 +1,73 @@
+"""Middleware: code wrapped around every job execution, as in qml-rs's ``JobMiddleware``.
+
+A middleware is any callable ``middleware(job, context, call_next) -> result``.
+``call_next()`` runs the rest of the chain (and finally the job) and returns its result;
+a middleware may act before and after it, return its own result without calling it, or
+catch and translate the exception it raises. The first middleware in the chain is the
+outermost.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+from qmlkit.job import Job
+from qmlkit.processing.context import JobContext
+
+log = logging.getLogger("qmlkit.attempt")
+
+
+class Middleware(Protocol):
+    """The middleware call signature."""
+
+    def __call__(self, job: Job, context: JobContext, call_next: Callable[[], Any]) -> Any:
+        """Run around one attempt; return the result (usually ``call_next()``'s)."""
+
+
+class LoggingMiddleware:
+    """Log one structured line per attempt (qml-rs ``TracingMiddleware``).
+
+    The line carries job id, method, queue, attempt, duration in ms and outcome
+    (``ok`` or the exception type), at INFO for success and WARNING for failure. The
+    same fields are attached to the record as ``extra`` for structured log handlers.
+    """
+
+    def __call__(self, job: Job, context: JobContext, call_next: Callable[[], Any]) -> Any:
+        """Time the attempt and log its outcome; re-raise any exception unchanged."""
+        start = time.perf_counter()
+        outcome = "ok"
+        try:
+            return call_next()
+        except BaseException as exc:
+            outcome = type(exc).__name__
+            raise
+        finally:
+            if log.isEnabledFor(logging.INFO):
+                ms = (time.perf_counter() - start) * 1000
+                fields = {"job_id": job.id, "method": job.method, "queue": job.queue,
+                          "attempt": context.attempt, "duration_ms": round(ms, 3),
+                          "outcome": outcome}
+                level = logging.INFO if outcome == "ok" else logging.WARNING
+                log.log(level, " ".join(f"{k}={v}" for k, v in fields.items()), extra=fields)
+
+
+def compose(
+    middleware: Sequence[Middleware], job: Job, context: JobContext, run: Callable[[], Any]
+) -> Any:
+    """Run ``run`` inside ``middleware`` (first = outermost) and return the result.
+
+    Raises:
+        Whatever the chain raises.
+    """
+    if not middleware:
+        return run()
+
+    def step(i: int) -> Any:
+        if i == len(middleware):
+            return run()
+        return middleware[i](job, context, lambda: step(i + 1))
+
+    return step(0)

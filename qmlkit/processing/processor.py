@@ -1,0 +1,208 @@
+"""``JobProcessor``: one attempt from claimed job to the transition that records it.
+
+Port of qml-rs's ``JobProcessor``: look up the job's function, run it inside the
+middleware chain with a timeout, and turn the outcome into Succeeded, AwaitingRetry
+(per the retry policy) or Failed. It never raises for anything a job does: a bad
+payload, an unknown name, an unprintable exception or an unstorable result all end as a
+Failed state with the reason (field cases C11, C13). Storing the transition is the
+caller's job, so a worker can store a whole batch in one transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+from typing import Any, Protocol
+
+from qmlkit.errors import JobTimeout, PayloadError, Retry, UnknownJobName
+from qmlkit.job import AwaitingRetry, Failed, Job, Succeeded, cap_text, encode_json, utcnow
+from qmlkit.processing.context import JobContext, reset_current, set_current
+from qmlkit.processing.middleware import Middleware, compose
+from qmlkit.processing.retry import RetryPolicy, _qualname
+from qmlkit.storage.base import Transition
+
+log = logging.getLogger(__name__)
+
+
+class Runnable(Protocol):
+    """What the registry holds for each job name: a function or a class-based worker."""
+
+    retry: RetryPolicy | None
+
+    def execute(self, job: Job, context: JobContext) -> Any:
+        """Run the job; return its result (a coroutine for ``async def`` jobs)."""
+
+
+def describe_exception(exc: BaseException) -> tuple[str, str, str | None, str | None]:
+    """Turn an exception into text that can always be stored.
+
+    Never raises, even for an exception whose ``__str__`` or traceback formatting fails.
+
+    Returns:
+        ``(type_name, message, stack_trace, note)``; ``note`` says what could not be
+        rendered, else ``None``. Message and trace are capped (``cap_text``).
+    """
+    note = None
+    type_name = _qualname(type(exc))
+    try:
+        message = str(exc)
+    except Exception as err:  # an exception whose __str__ fails must not hide the failure
+        message = f"<unprintable {type(exc).__name__}>"
+        note = f"str() of the exception raised {type(err).__name__}: {err!r}"[:500]
+    try:
+        trace: str | None = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    except Exception as err:
+        trace = None
+        note = (note + "; " if note else "") + f"traceback could not be formatted: {err!r}"[:500]
+    return type_name, cap_text(message), cap_text(trace) if trace else None, note
+
+
+class JobProcessor:
+    """Runs attempts and decides their outcome.
+
+    Args:
+        lookup: Returns the registered runnable for a job name, or ``None``.
+        registered: Returns every registered name (for the unknown-name error).
+        retry_policy: The default policy; a job function's own policy overrides it.
+        middleware: The chain, outermost first.
+        job_timeout: Default per-attempt limit when a job has no ``timeout_s``.
+        succeeded_ttl: ``expires_at`` offset stamped on Succeeded jobs.
+        failed_ttl: ``expires_at`` offset stamped on Failed jobs.
+        max_result_bytes: Largest stored result, in bytes of JSON.
+    """
+
+    def __init__(
+        self,
+        *,
+        lookup: Callable[[str], Runnable | None],
+        registered: Callable[[], Sequence[str]],
+        retry_policy: RetryPolicy,
+        middleware: Sequence[Middleware],
+        job_timeout: timedelta | None,
+        succeeded_ttl: timedelta | None,
+        failed_ttl: timedelta | None,
+        max_result_bytes: int,
+    ) -> None:
+        self.lookup = lookup
+        self.registered = registered
+        self.retry_policy = retry_policy
+        self.middleware = tuple(middleware)
+        self.job_timeout = job_timeout
+        self.succeeded_ttl = succeeded_ttl
+        self.failed_ttl = failed_ttl
+        self.max_result_bytes = max_result_bytes
+
+    def timeout_for(self, job: Job) -> float | None:
+        """Return the attempt's limit in seconds, or ``None`` for none."""
+        if job.timeout_s is not None:
+            return job.timeout_s
+        return self.job_timeout.total_seconds() if self.job_timeout else None
+
+    def run(self, job: Job, context: JobContext, loop: asyncio.AbstractEventLoop | None) -> Transition:
+        """Run one attempt of ``job`` and return the transition that records its outcome.
+
+        Args:
+            job: The claimed job (Processing).
+            context: Its context; ``context.cancelled`` is set by the caller's watchdog
+                when the timeout passes.
+            loop: An event loop owned by this thread, for ``async def`` jobs.
+
+        Returns:
+            The transition to store. Never raises for a failure of the job.
+        """
+        runnable = self.lookup(job.method)
+        start = time.perf_counter()
+        try:
+            if runnable is None:
+                raise UnknownJobName(job.method, self.registered())
+            result = self._call(runnable, job, context, loop)
+            if context.timed_out:
+                raise JobTimeout(self.timeout_for(job) or 0.0)
+            stored = self._encode_result(result)
+        except BaseException as exc:  # noqa: BLE001 - every failure of a job is recorded
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise
+            if context.timed_out and not isinstance(exc, JobTimeout):
+                exc = JobTimeout(self.timeout_for(job) or 0.0)
+            return self._failure(job, exc, runnable)
+        duration_ms = (time.perf_counter() - start) * 1000
+        now = utcnow()
+        return Transition(
+            job,
+            Succeeded(succeeded_at=now, duration_ms=round(duration_ms, 3), result=stored),
+            expires_at=now + self.succeeded_ttl if self.succeeded_ttl else None,
+        )
+
+    def _call(
+        self,
+        runnable: Runnable,
+        job: Job,
+        context: JobContext,
+        loop: asyncio.AbstractEventLoop | None,
+    ) -> Any:
+        token = set_current(context)
+        try:
+
+            def invoke() -> Any:
+                result = runnable.execute(job, context)
+                if asyncio.iscoroutine(result):
+                    result = self._await(result, job, context, loop)
+                return result
+
+            return compose(self.middleware, job, context, invoke)
+        finally:
+            reset_current(token)
+
+    def _await(
+        self, coro: Any, job: Job, context: JobContext, loop: asyncio.AbstractEventLoop | None
+    ) -> Any:
+        timeout = self.timeout_for(job)
+        if loop is None:
+            loop = asyncio.new_event_loop()
+        try:
+            return loop.run_until_complete(asyncio.wait_for(coro, timeout))
+        except (asyncio.TimeoutError, TimeoutError) as exc:
+            context.timed_out = True
+            context.cancelled.set()
+            raise JobTimeout(timeout or 0.0) from exc
+
+    def _encode_result(self, result: Any) -> Any:
+        if result is None:
+            return None
+        text = encode_json(result, "result")
+        if len(text) > self.max_result_bytes:
+            raise PayloadError(
+                f"result encodes to {len(text)} characters, over {self.max_result_bytes}",
+                where="result",
+            )
+        return json.loads(text)
+
+    def _failure(self, job: Job, exc: BaseException, runnable: Runnable | None) -> Transition:
+        type_name, message, trace, note = describe_exception(exc)
+        policy = (runnable.retry if runnable is not None else None) or self.retry_policy
+        now = utcnow()
+        retryable = policy.should_retry(exc, job.retry_count, job.max_retries)
+        if retryable:
+            retry_number = job.retry_count + 1
+            delay = (
+                timedelta(seconds=exc.delay)
+                if isinstance(exc, Retry) and exc.delay is not None
+                else policy.backoff(retry_number)
+            )
+            return Transition(
+                job,
+                AwaitingRetry(retry_at=now + delay, retry_count=retry_number,
+                              last_exception=f"{type_name}: {message}", stack_trace=trace),
+                retry_count=retry_number,
+            )
+        return Transition(
+            job,
+            Failed(failed_at=now, exception_type=type_name, message=message, stack_trace=trace,
+                   retry_count=job.retry_count, note=note),
+            expires_at=now + self.failed_ttl if self.failed_ttl else None,
+        )

@@ -1,0 +1,388 @@
+"""The storage contract: what every qmlkit backend must do, and how atomically.
+
+This module holds only the contract. Each method's docstring is its specification; the
+contract suite in ``tests/contract/`` is its executable form, and a backend is done when
+it passes that suite against the real service. Semantics follow qml-rs's ``Storage``
+trait, with claims batched and every claim fenced.
+
+Conventions for every method:
+
+* Times are aware UTC ``datetime`` objects; durations are ``timedelta``.
+* ``now`` arguments are passed in by the caller so tests can move the clock.
+* A backend that cannot be reached raises :class:`~qmlkit.errors.StorageUnavailable`
+  (chained to the driver's error) and has changed nothing.
+* Methods are thread-safe once :meth:`Storage.open` has returned; several processes may
+  share one store where the backend says so.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from qmlkit.errors import StaleClaim
+from qmlkit.job import DEFAULT_MAX_PAYLOAD_BYTES, Job, JobState, UtcDateTime
+
+#: Most jobs one ``claim`` call may return.
+MAX_CLAIM = 1000
+
+
+@dataclass(frozen=True)
+class Transition:
+    """A fenced state change requested by the worker that claimed ``job``.
+
+    Attributes:
+        job: The job as the worker holds it: Processing, with its claim's fencing token
+            in ``job.attempts``.
+        state: The target state: Succeeded, Failed, AwaitingRetry, or Enqueued (a claim
+            released unstarted).
+        expires_at: When cleanup may delete the job (UTC), or ``None`` for never.
+        retry_count: The job's new ``retry_count``, or ``None`` to keep it.
+    """
+
+    job: Job
+    state: JobState
+    expires_at: datetime | None = None
+    retry_count: int | None = None
+
+    @property
+    def token(self) -> int:
+        """The fencing token presented: the claim's attempt number."""
+        return self.job.attempts
+
+    def applied(self) -> Job:
+        """Return the job as it is once this transition is stored.
+
+        Raises:
+            InvalidTransition: ``state`` may not follow the job's current state.
+        """
+        changes: dict[str, Any] = {"expires_at": self.expires_at}
+        if self.retry_count is not None:
+            changes["retry_count"] = self.retry_count
+        return self.job.with_state(self.state, **changes)
+
+
+@dataclass(frozen=True)
+class StateChange:
+    """One committed state change, as observers receive it.
+
+    Attributes:
+        job: The job after the change.
+        previous: Its state before, or ``None`` for a newly stored job.
+    """
+
+    job: Job
+    previous: JobState | None
+
+
+class ServerInfo(BaseModel):
+    """One row of the server registry (qml-rs ``ServerInfo``).
+
+    Attributes:
+        id: Unique id, ``"{name}#{uuid4}"``.
+        name: The configured server name.
+        worker_count: Worker threads it runs.
+        queues: The queues it serves (empty means all).
+        started_at: When it registered (UTC).
+        last_heartbeat: When it last reported alive (UTC).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    id: str
+    name: str
+    worker_count: int = Field(ge=0)
+    queues: list[str] = Field(default_factory=list)
+    started_at: UtcDateTime
+    last_heartbeat: UtcDateTime
+
+
+class Storage(abc.ABC):
+    """All job state. Abstract: a backend implements every method below.
+
+    Attributes:
+        url: The URL the storage was built from (secrets masked in ``repr``).
+        max_payload_bytes: Largest encoded ``args`` + ``kwargs`` accepted by ``enqueue``,
+            in bytes; the same default on every backend.
+    """
+
+    url: str = ""
+    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
+
+    # --- lifecycle ----------------------------------------------------------------
+
+    @abc.abstractmethod
+    def open(self) -> None:
+        """Connect and create what is missing (tables, indexes). Idempotent.
+
+        Raises:
+            ConfigurationError: The URL or an option is unusable (names the part).
+            StorageUnavailable: The backend cannot be reached.
+        """
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release connections. Idempotent; the storage may be opened again."""
+
+    def __enter__(self) -> Storage:
+        """Open the storage and return it."""
+        self.open()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        """Close the storage."""
+        self.close()
+
+    # --- enqueue and read ---------------------------------------------------------
+
+    def enqueue(self, job: Job) -> Job:
+        """Store one new job, Enqueued or Scheduled.
+
+        Args:
+            job: A job whose state is Enqueued or Scheduled.
+
+        Returns:
+            The job as stored.
+
+        Raises:
+            PayloadError: Its arguments are not JSON or are over ``max_payload_bytes``;
+                nothing was stored.
+            DuplicateJob: A job with the same id exists; nothing was stored.
+            InvalidTransition: The job is in another state.
+        """
+        return self.enqueue_many([job])[0]
+
+    @abc.abstractmethod
+    def enqueue_many(self, jobs: Sequence[Job]) -> list[Job]:
+        """Store several new jobs, all or none (one transaction where the backend has them).
+
+        Args:
+            jobs: Jobs in state Enqueued or Scheduled, at most a few thousand per call.
+
+        Returns:
+            The jobs as stored, in the given order.
+
+        Raises:
+            PayloadError: One job's arguments are not JSON or too large; none stored.
+            DuplicateJob: One id is taken already; none stored.
+            InvalidTransition: One job is in another state; none stored.
+        """
+
+    @abc.abstractmethod
+    def get(self, job_id: str) -> Job | None:
+        """Return the job with ``job_id``, or ``None``.
+
+        A stored row that cannot be decoded comes back as a Failed job whose message
+        names the decoding problem (it is never a raise), so listing tools keep working.
+        """
+
+    @abc.abstractmethod
+    def list_jobs(
+        self,
+        *,
+        state: str | None = None,
+        queue: str | None = None,
+        method: str | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[Job]:
+        """Return jobs matching every given filter, newest ``created_at`` first.
+
+        Args:
+            state: A state name such as ``"Failed"``, or ``None`` for all.
+            queue: A queue name, or ``None`` for all.
+            method: A job name, or ``None`` for all.
+            limit: At most this many (1 to 10,000).
+            offset: Skip this many first (pagination).
+
+        Returns:
+            Up to ``limit`` jobs; undecodable rows appear as in :meth:`get`.
+        """
+
+    @abc.abstractmethod
+    def count_jobs(self) -> dict[tuple[str, str], int]:
+        """Count jobs by queue and state.
+
+        Returns:
+            ``{(queue, state_name): count}`` for every pair with at least one job.
+        """
+
+    @abc.abstractmethod
+    def change_state(
+        self,
+        job_id: str,
+        state: JobState,
+        *,
+        expected: Sequence[str] = (),
+        expires_at: datetime | None = None,
+    ) -> StateChange:
+        """Move one job to ``state`` outside any claim: delete, retry, requeue.
+
+        Atomic: the check and the write see the same row. Moving a Processing job this
+        way (for instance deleting it) invalidates its worker's claim: the worker's later
+        fenced transition raises ``StaleClaim``.
+
+        Args:
+            job_id: The job.
+            state: The target state (Enqueued, Scheduled or Deleted in practice).
+            expected: If not empty, the state names the job must be in now.
+            expires_at: The job's new ``expires_at`` (``None`` clears it).
+
+        Returns:
+            The change.
+
+        Raises:
+            JobNotFound: No such job.
+            InvalidTransition: The state machine forbids it, or the job is not in one of
+                the ``expected`` states.
+        """
+
+    # --- claim and fenced transitions ---------------------------------------------
+
+    @abc.abstractmethod
+    def claim(
+        self,
+        *,
+        worker_id: str,
+        server_name: str,
+        queues: Sequence[str],
+        limit: int,
+        now: datetime,
+    ) -> list[Job]:
+        """Atomically move up to ``limit`` Enqueued jobs to Processing for one worker.
+
+        Higher ``priority`` first, then older ``enqueued_at`` (FIFO). Concurrent callers,
+        in this process or another, never get the same job. Each claimed job's
+        ``attempts`` grows by one: that number is the claim's fencing token. A row that
+        cannot be decoded is moved to Failed with the reason instead of being returned.
+
+        Args:
+            worker_id: The claiming worker, recorded on the Processing state.
+            server_name: The worker's server, recorded likewise (used by reclaim).
+            queues: The queues to take from; empty means all of them.
+            limit: 1 to ``MAX_CLAIM``.
+            now: The start time recorded on the Processing state.
+
+        Returns:
+            Between 0 and ``limit`` jobs in Processing, in claim order.
+        """
+
+    @abc.abstractmethod
+    def transition_many(self, items: Sequence[Transition]) -> list[Job | StaleClaim]:
+        """Apply fenced transitions, each only if its claim is still current.
+
+        A transition applies when the stored job is still Processing with
+        ``attempts == item.token``; otherwise nothing is written for it and its slot in
+        the result holds a ``StaleClaim``. All applied ones commit together.
+
+        Args:
+            items: Transitions of distinct jobs, at most ``MAX_CLAIM``.
+
+        Returns:
+            For each item, in order: the stored job after the change, or the
+            ``StaleClaim`` error that rejected it.
+        """
+
+    def transition(self, item: Transition) -> Job:
+        """Apply one fenced transition; see :meth:`transition_many`.
+
+        Returns:
+            The stored job after the change.
+
+        Raises:
+            StaleClaim: The claim is no longer current; nothing was written.
+        """
+        (outcome,) = self.transition_many([item])
+        if isinstance(outcome, StaleClaim):
+            raise outcome
+        return outcome
+
+    # --- background duties ----------------------------------------------------------
+
+    @abc.abstractmethod
+    def promote_due(self, *, now: datetime, limit: int = 1000) -> list[StateChange]:
+        """Move Scheduled and AwaitingRetry jobs that are due (at or before ``now``) to Enqueued.
+
+        Atomic per job: with several schedulers, each due job is promoted once. The new
+        Enqueued state's ``enqueued_at`` is ``now``.
+
+        Args:
+            now: The current time.
+            limit: At most this many per call (the caller loops while it gets ``limit``).
+
+        Returns:
+            The changes made.
+        """
+
+    @abc.abstractmethod
+    def next_due_at(self) -> datetime | None:
+        """Return the earliest ``enqueue_at``/``retry_at`` of a waiting job, or ``None``."""
+
+    @abc.abstractmethod
+    def requeue_stranded(self, *, started_before: datetime, now: datetime) -> list[StateChange]:
+        """Requeue Processing jobs whose claim started before ``started_before`` (qml-rs).
+
+        Used at server start for jobs a crashed process left behind. Each requeued job's
+        old claim becomes stale.
+
+        Returns:
+            The changes made (Processing -> Enqueued, reason ``"stranded"``).
+        """
+
+    @abc.abstractmethod
+    def delete_expired(self, *, now: datetime, limit: int = 1000) -> int:
+        """Remove up to ``limit`` jobs whose ``expires_at`` is at or before ``now``.
+
+        Only jobs in Succeeded, Failed or Deleted are ever removed, in one short
+        transaction per call; the caller loops while it gets ``limit``.
+
+        Returns:
+            How many were removed.
+        """
+
+    # --- server registry (heartbeats) -----------------------------------------------
+
+    @abc.abstractmethod
+    def register_server(self, info: ServerInfo) -> None:
+        """Insert or replace the registry row ``info.id``."""
+
+    @abc.abstractmethod
+    def heartbeat(self, server_id: str, *, now: datetime) -> bool:
+        """Set the server's ``last_heartbeat`` to ``now``.
+
+        Returns:
+            ``False`` if no such row exists (it was reclaimed as dead): the caller should
+            register again.
+        """
+
+    @abc.abstractmethod
+    def deregister_server(self, server_id: str) -> None:
+        """Remove the registry row ``server_id``; no error if it is gone."""
+
+    @abc.abstractmethod
+    def list_servers(self) -> list[ServerInfo]:
+        """Return every registered server, oldest first."""
+
+    @abc.abstractmethod
+    def reclaim_dead_servers(
+        self, *, heartbeat_before: datetime, now: datetime
+    ) -> list[StateChange]:
+        """Requeue the Processing jobs of servers whose heartbeat is older than the bound.
+
+        Removes those servers' rows and moves every Processing job whose
+        ``server_name`` is one of them back to Enqueued (reason ``"reclaimed"``),
+        atomically per job; their old claims become stale.
+
+        Returns:
+            The changes made.
+        """
+
+    def __repr__(self) -> str:
+        """Name the class and the URL with any password masked."""
+        from qmlkit.config import mask_url
+
+        return f"{type(self).__name__}({mask_url(self.url)!r})"

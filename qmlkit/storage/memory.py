@@ -1,0 +1,288 @@
+"""``MemoryStorage``: every job in this process's memory (URL ``memory://``).
+
+For tests, examples and single-process use. Nothing survives the process. Thread-safe:
+one lock guards all state, and each queue keeps a heap ordered by (priority, FIFO) so a
+claim costs O(log n) per job. Arguments are stored as their JSON encoding decoded again,
+so a job reads back exactly as it would from any other backend.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import json
+import threading
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+from qmlkit.errors import (
+    ConfigurationError,
+    DuplicateJob,
+    InvalidTransition,
+    JobNotFound,
+    StaleClaim,
+)
+from qmlkit.job import Enqueued, Job, JobState, Processing, check_transition, encode_payload
+from qmlkit.storage.base import MAX_CLAIM, ServerInfo, StateChange, Storage, Transition
+
+#: Names of the states ``delete_expired`` may remove.
+_EXPIRABLE = frozenset({"Succeeded", "Failed", "Deleted"})
+
+
+class MemoryStorage(Storage):
+    """In-process storage (``memory://``). See the module docstring.
+
+    Args:
+        url: ``"memory://"`` (anything after the scheme is ignored).
+        max_payload_bytes: Largest encoded arguments accepted, in bytes.
+    """
+
+    def __init__(self, url: str = "memory://", *, max_payload_bytes: int | None = None) -> None:
+        self.url = url
+        if max_payload_bytes is not None:
+            self.max_payload_bytes = max_payload_bytes
+        self._lock = threading.Lock()
+        self._jobs: dict[str, Job] = {}
+        self._heaps: dict[str, list[tuple[int, float, int, str]]] = {}
+        self._seq = itertools.count()
+        self._servers: dict[str, ServerInfo] = {}
+
+    @classmethod
+    def from_url(cls, url: str, options: Mapping[str, Any]) -> MemoryStorage:
+        """Build from ``memory://`` and options (``max_payload_bytes`` only).
+
+        Raises:
+            ConfigurationError: An unknown option, named.
+        """
+        unknown = set(options) - {"max_payload_bytes"}
+        if unknown:
+            raise ConfigurationError(f"memory storage: unknown option(s) {sorted(unknown)}")
+        return cls(url, **options)
+
+    def open(self) -> None:
+        """Nothing to connect to."""
+
+    def close(self) -> None:
+        """Nothing to release; the jobs stay until the object is dropped."""
+
+    # --- helpers (lock held) -------------------------------------------------------
+
+    def _push(self, job: Job) -> None:
+        state = job.state
+        assert isinstance(state, Enqueued)
+        heap = self._heaps.setdefault(job.queue, [])
+        key = (-job.priority, state.enqueued_at.timestamp(), next(self._seq), job.id)
+        heapq.heappush(heap, key)
+
+    def _store(self, job: Job) -> None:
+        self._jobs[job.id] = job
+        if job.state.name == "Enqueued":
+            self._push(job)
+
+    # --- enqueue and read ----------------------------------------------------------
+
+    def enqueue_many(self, jobs: Sequence[Job]) -> list[Job]:
+        """See :meth:`Storage.enqueue_many`."""
+        stored = []
+        for job in jobs:
+            check_transition(job.id, None, job.state.name)
+            payload = json.loads(encode_payload(job.args, job.kwargs, self.max_payload_bytes))
+            stored.append(job.model_copy(update=payload))
+        with self._lock:
+            ids = [job.id for job in stored]
+            taken = [i for i in ids if i in self._jobs]
+            if taken or len(set(ids)) != len(ids):
+                raise DuplicateJob(taken[0] if taken else ids[0])
+            for job in stored:
+                self._store(job)
+        return stored
+
+    def get(self, job_id: str) -> Job | None:
+        """See :meth:`Storage.get`."""
+        return self._jobs.get(job_id)
+
+    def list_jobs(
+        self,
+        *,
+        state: str | None = None,
+        queue: str | None = None,
+        method: str | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[Job]:
+        """See :meth:`Storage.list_jobs`."""
+        with self._lock:
+            found = [
+                j
+                for j in self._jobs.values()
+                if (state is None or j.state.name == state)
+                and (queue is None or j.queue == queue)
+                and (method is None or j.method == method)
+            ]
+        found.sort(key=lambda j: j.created_at, reverse=True)
+        return found[offset : offset + limit]
+
+    def count_jobs(self) -> dict[tuple[str, str], int]:
+        """See :meth:`Storage.count_jobs`."""
+        counts: dict[tuple[str, str], int] = {}
+        with self._lock:
+            for job in self._jobs.values():
+                key = (job.queue, job.state.name)
+                counts[key] = counts.get(key, 0) + 1
+        return counts
+
+    def change_state(
+        self,
+        job_id: str,
+        state: JobState,
+        *,
+        expected: Sequence[str] = (),
+        expires_at: datetime | None = None,
+    ) -> StateChange:
+        """See :meth:`Storage.change_state`."""
+        with self._lock:
+            job = self._jobs.get(job_id)
+            if job is None:
+                raise JobNotFound(job_id)
+            if expected and job.state.name not in expected:
+                raise InvalidTransition(job_id, job.state.name, state.name)
+            changed = job.with_state(state, expires_at=expires_at)
+            self._store(changed)
+        return StateChange(changed, job.state)
+
+    # --- claim and fenced transitions ------------------------------------------------
+
+    def claim(
+        self,
+        *,
+        worker_id: str,
+        server_name: str,
+        queues: Sequence[str],
+        limit: int,
+        now: datetime,
+    ) -> list[Job]:
+        """See :meth:`Storage.claim`."""
+        limit = max(1, min(limit, MAX_CLAIM))
+        processing = Processing(started_at=now, worker_id=worker_id, server_name=server_name)
+        claimed: list[Job] = []
+        with self._lock:
+            names = list(queues) if queues else list(self._heaps)
+            heaps = [self._heaps[q] for q in names if self._heaps.get(q)]
+            while heaps and len(claimed) < limit:
+                best = min(heaps, key=lambda h: h[0])
+                _, _, _, job_id = heapq.heappop(best)
+                if not best:
+                    heaps.remove(best)
+                job = self._jobs.get(job_id)
+                if job is None or job.state.name != "Enqueued":
+                    continue  # a stale heap entry: the job moved on since it was pushed
+                job = job.with_state(processing, attempts=job.attempts + 1)
+                self._jobs[job_id] = job
+                claimed.append(job)
+        return claimed
+
+    def transition_many(self, items: Sequence[Transition]) -> list[Job | StaleClaim]:
+        """See :meth:`Storage.transition_many`."""
+        out: list[Job | StaleClaim] = []
+        with self._lock:
+            for item in items:
+                current = self._jobs.get(item.job.id)
+                if (
+                    current is None
+                    or current.state.name != "Processing"
+                    or current.attempts != item.token
+                ):
+                    out.append(StaleClaim(item.job.id, item.token))
+                    continue
+                job = item.applied()
+                self._store(job)
+                out.append(job)
+        return out
+
+    # --- background duties -----------------------------------------------------------
+
+    def _due_at(self, job: Job) -> datetime | None:
+        return getattr(job.state, "enqueue_at", None) or getattr(job.state, "retry_at", None)
+
+    def promote_due(self, *, now: datetime, limit: int = 1000) -> list[StateChange]:
+        """See :meth:`Storage.promote_due`."""
+        changes = []
+        with self._lock:
+            for job in list(self._jobs.values()):
+                if len(changes) >= limit:
+                    break
+                due = self._due_at(job)
+                if due is not None and due <= now:
+                    promoted = job.with_state(Enqueued(enqueued_at=now, queue=job.queue))
+                    self._store(promoted)
+                    changes.append(StateChange(promoted, job.state))
+        return changes
+
+    def next_due_at(self) -> datetime | None:
+        """See :meth:`Storage.next_due_at`."""
+        with self._lock:
+            dues = [d for d in map(self._due_at, self._jobs.values()) if d is not None]
+        return min(dues, default=None)
+
+    def _requeue_where(self, now: datetime, reason: str, pred: Any) -> list[StateChange]:
+        changes = []
+        for job in list(self._jobs.values()):
+            if isinstance(job.state, Processing) and pred(job.state):
+                requeued = job.with_state(Enqueued(enqueued_at=now, queue=job.queue, reason=reason))
+                self._store(requeued)
+                changes.append(StateChange(requeued, job.state))
+        return changes
+
+    def requeue_stranded(self, *, started_before: datetime, now: datetime) -> list[StateChange]:
+        """See :meth:`Storage.requeue_stranded`."""
+        with self._lock:
+            return self._requeue_where(now, "stranded", lambda s: s.started_at < started_before)
+
+    def delete_expired(self, *, now: datetime, limit: int = 1000) -> int:
+        """See :meth:`Storage.delete_expired`."""
+        with self._lock:
+            doomed = [
+                j.id
+                for j in self._jobs.values()
+                if j.expires_at is not None and j.expires_at <= now and j.state.name in _EXPIRABLE
+            ][:limit]
+            for job_id in doomed:
+                del self._jobs[job_id]
+        return len(doomed)
+
+    # --- server registry ---------------------------------------------------------------
+
+    def register_server(self, info: ServerInfo) -> None:
+        """See :meth:`Storage.register_server`."""
+        with self._lock:
+            self._servers[info.id] = info
+
+    def heartbeat(self, server_id: str, *, now: datetime) -> bool:
+        """See :meth:`Storage.heartbeat`."""
+        with self._lock:
+            info = self._servers.get(server_id)
+            if info is None:
+                return False
+            self._servers[server_id] = info.model_copy(update={"last_heartbeat": now})
+            return True
+
+    def deregister_server(self, server_id: str) -> None:
+        """See :meth:`Storage.deregister_server`."""
+        with self._lock:
+            self._servers.pop(server_id, None)
+
+    def list_servers(self) -> list[ServerInfo]:
+        """See :meth:`Storage.list_servers`."""
+        with self._lock:
+            return sorted(self._servers.values(), key=lambda s: s.started_at)
+
+    def reclaim_dead_servers(
+        self, *, heartbeat_before: datetime, now: datetime
+    ) -> list[StateChange]:
+        """See :meth:`Storage.reclaim_dead_servers`."""
+        with self._lock:
+            dead = {s.id for s in self._servers.values() if s.last_heartbeat < heartbeat_before}
+            for server_id in dead:
+                del self._servers[server_id]
+            return self._requeue_where(now, "reclaimed", lambda s: s.server_name in dead)

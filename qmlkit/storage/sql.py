@@ -1,0 +1,836 @@
+"""``SQLStorage``: jobs in a SQL database through SQLAlchemy 2 Core; SQLite by default.
+
+``sqlite:///path/to/qmlkit.db`` is qmlkit's embedded default storage. The file is opened
+in WAL mode with ``synchronous=NORMAL`` and a busy timeout, and every write transaction
+starts with ``BEGIN IMMEDIATE``, so several worker processes on one machine can share one
+file: a claim is one short write transaction, and two claimers never see the same row
+(field case C19). Brief lock contention is retried with backoff inside the storage and
+only surfaces, as ``StorageUnavailable``, if it outlasts ``busy_timeout_s``.
+
+Claims and acknowledgements are batched: one claim transaction takes up to ``limit``
+jobs, one ``transition_many`` transaction stores every outcome of a batch. Other SQL
+dialects can reuse this class (the PostgreSQL plugin builds on it); only SQLite is
+configured here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import operator
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+from pydantic import TypeAdapter, ValidationError
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+
+from qmlkit.errors import (
+    ConfigurationError,
+    DuplicateJob,
+    InvalidTransition,
+    JobNotFound,
+    StaleClaim,
+    StorageError,
+    StorageUnavailable,
+)
+from qmlkit.job import (
+    AwaitingRetry,
+    Enqueued,
+    Failed,
+    Job,
+    JobState,
+    Processing,
+    Scheduled,
+    check_transition,
+    encode_json,
+    encode_payload,
+)
+from qmlkit.storage.base import MAX_CLAIM, ServerInfo, StateChange, Storage, Transition
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_STATE = TypeAdapter(JobState)
+_EXPIRABLE = ("Succeeded", "Failed", "Deleted")
+
+
+def state_is(column: Any, *names: str) -> sa.ColumnElement[bool]:
+    """``column = 'Name'`` (or ``IN (...)``) with the names as SQL literals, not parameters.
+
+    The job table's partial indexes are declared with literal state names; a query only
+    uses such an index when its own condition is written the same way, so every state
+    test in this module goes through here.
+    """
+    literals = [sa.literal_column(f"'{name}'") for name in names]
+    return column == literals[0] if len(literals) == 1 else column.in_(literals)
+
+
+class UTCTimestamp(sa.types.TypeDecorator[datetime]):
+    """An aware UTC datetime column: a float of Unix seconds on SQLite, ``timestamptz`` elsewhere.
+
+    Floats keep SQLite comparisons numeric and exact to the microsecond range that
+    matters for ordering; naive datetimes are refused on the way in.
+    """
+
+    impl = sa.Float
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: sa.Dialect) -> sa.types.TypeEngine[Any]:
+        """Float on SQLite, timezone-aware DateTime on other dialects."""
+        if dialect.name == "sqlite":
+            return dialect.type_descriptor(sa.Float())
+        return dialect.type_descriptor(sa.DateTime(timezone=True))
+
+    def process_bind_param(self, value: datetime | None, dialect: sa.Dialect) -> Any:
+        """Aware datetime -> column value."""
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        return value.timestamp() if dialect.name == "sqlite" else value.astimezone(timezone.utc)
+
+    def process_result_value(self, value: Any, dialect: sa.Dialect) -> datetime | None:
+        """Column value -> aware UTC datetime."""
+        if value is None:
+            return None
+        if isinstance(value, datetime):
+            return value.astimezone(timezone.utc)
+        return datetime.fromtimestamp(float(value), timezone.utc)
+
+
+def build_metadata(schema: str | None = None, prefix: str = "qmlkit_") -> sa.MetaData:
+    """Return the tables qmlkit keeps, optionally in ``schema``.
+
+    Args:
+        schema: A database schema name (PostgreSQL), or ``None`` for the default.
+        prefix: Table name prefix.
+
+    Returns:
+        Metadata holding ``{prefix}jobs`` and ``{prefix}servers``.
+    """
+    md = sa.MetaData(schema=schema)
+    jobs = sa.Table(
+        f"{prefix}jobs",
+        md,
+        sa.Column("id", sa.String(64), primary_key=True),
+        sa.Column("method", sa.String(255), nullable=False),
+        sa.Column("queue", sa.String(255), nullable=False),
+        sa.Column("priority", sa.Integer, nullable=False, default=0),
+        sa.Column("state", sa.String(16), nullable=False),
+        sa.Column("attempts", sa.Integer, nullable=False, default=0),
+        sa.Column("retry_count", sa.Integer, nullable=False, default=0),
+        sa.Column("max_retries", sa.Integer, nullable=False),
+        sa.Column("timeout_s", sa.Float, nullable=True),
+        sa.Column("created_at", UTCTimestamp, nullable=False),
+        sa.Column("enqueued_at", UTCTimestamp, nullable=True),
+        sa.Column("due_at", UTCTimestamp, nullable=True),
+        sa.Column("started_at", UTCTimestamp, nullable=True),
+        sa.Column("server_name", sa.String(255), nullable=True),
+        sa.Column("expires_at", UTCTimestamp, nullable=True),
+        sa.Column("payload", sa.Text, nullable=False),
+        sa.Column("job_metadata", sa.Text, nullable=False),
+        sa.Column("state_data", sa.Text, nullable=False),
+    )
+    def partial(name: str, *cols: Any, where: sa.ColumnElement[bool]) -> None:
+        # Partial indexes: rows outside ``where`` cost nothing to insert or update.
+        sa.Index(name, *cols, sqlite_where=where, postgresql_where=where)
+
+    c = jobs.c
+    partial(f"{prefix}jobs_claim", c.queue, c.priority.desc(), c.enqueued_at,
+            where=state_is(c.state, "Enqueued"))
+    partial(f"{prefix}jobs_due", c.due_at, where=state_is(c.state, "Scheduled", "AwaitingRetry"))
+    partial(f"{prefix}jobs_expires", c.expires_at, where=c.expires_at.isnot(None))
+    partial(f"{prefix}jobs_processing", c.server_name, c.started_at,
+            where=state_is(c.state, "Processing"))
+    sa.Index(f"{prefix}jobs_created", c.created_at)
+    sa.Table(
+        f"{prefix}servers",
+        md,
+        sa.Column("id", sa.String(255), primary_key=True),
+        sa.Column("info", sa.Text, nullable=False),
+        sa.Column("last_heartbeat", UTCTimestamp, nullable=False),
+    )
+    return md
+
+
+class SQLStorage(Storage):
+    """SQL storage on SQLAlchemy 2 Core. See the module docstring.
+
+    Args:
+        url: A SQLAlchemy URL, e.g. ``"sqlite:///qmlkit.db"``.
+        busy_timeout_s: How long a write waits for the database lock, in seconds,
+            retries included, before ``StorageUnavailable``.
+        pool_size: Connections kept open (SQLite: one per worker thread is plenty).
+        max_payload_bytes: Largest encoded arguments accepted, in bytes.
+        schema: Database schema for the tables (not for SQLite).
+        engine_options: Extra keyword arguments for ``sqlalchemy.create_engine``.
+
+    Raises:
+        ConfigurationError: The URL cannot be parsed, its driver is missing, or the
+            SQLite file's directory does not exist (the message names the path).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        busy_timeout_s: float = 30.0,
+        pool_size: int = 16,
+        max_payload_bytes: int | None = None,
+        schema: str | None = None,
+        engine_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.url = url
+        if max_payload_bytes is not None:
+            self.max_payload_bytes = max_payload_bytes
+        self.busy_timeout_s = busy_timeout_s
+        try:
+            self._sa_url = sa.engine.make_url(url)
+        except sa.exc.ArgumentError as exc:
+            raise ConfigurationError(f"cannot parse storage URL {url!r}: {exc}") from exc
+        self.is_sqlite = self._sa_url.get_backend_name() == "sqlite"
+        if self.is_sqlite:
+            database = self._sa_url.database
+            if not database or database == ":memory:":
+                raise ConfigurationError(
+                    f"storage URL {url!r} names no SQLite file; use 'sqlite:///path/to/file.db' "
+                    "(or 'memory://' for in-process storage)"
+                )
+            parent = Path(database).expanduser().resolve().parent
+            if not parent.is_dir():
+                raise ConfigurationError(
+                    f"SQLite storage {url!r}: directory {str(parent)!r} does not exist; "
+                    "create it or choose another path"
+                )
+            schema = None
+        self._pool_size = pool_size
+        self._engine_options = dict(engine_options or {})
+        self._md = build_metadata(schema)
+        self.jobs = self._md.tables[f"{schema + '.' if schema else ''}qmlkit_jobs"]
+        self.servers = self._md.tables[f"{schema + '.' if schema else ''}qmlkit_servers"]
+        self._engine: Engine | None = None
+        self._open_lock = threading.Lock()
+        self._sql_cache: dict[tuple[Any, ...], tuple[str, Any, dict[str, Any]]] = {}
+
+    @classmethod
+    def from_url(cls, url: str, options: Mapping[str, Any]) -> SQLStorage:
+        """Build from a URL and the storage options.
+
+        Raises:
+            ConfigurationError: An unknown option, named, or a bad URL.
+        """
+        known = {"busy_timeout_s", "pool_size", "max_payload_bytes", "schema", "engine_options"}
+        unknown = set(options) - known
+        if unknown:
+            raise ConfigurationError(
+                f"SQL storage: unknown option(s) {sorted(unknown)}; known: {sorted(known)}"
+            )
+        return cls(url, **options)
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    @property
+    def engine(self) -> Engine:
+        """The SQLAlchemy engine (opening the storage on first use)."""
+        if self._engine is None:
+            self.open()
+        assert self._engine is not None
+        return self._engine
+
+    def open(self) -> None:
+        """See :meth:`Storage.open`. Creates the tables and indexes if missing."""
+        with self._open_lock:
+            if self._engine is not None:
+                return
+            options: dict[str, Any] = {"pool_pre_ping": not self.is_sqlite}
+            if self.is_sqlite:
+                options.update(pool_size=self._pool_size, max_overflow=self._pool_size)
+                options["connect_args"] = {"check_same_thread": False, "timeout": 5.0}
+            options.update(self._engine_options)
+            try:
+                engine = sa.create_engine(self._sa_url, **options)
+            except (ImportError, sa.exc.ArgumentError) as exc:
+                raise ConfigurationError(
+                    f"cannot create a database engine for {self!r}: {exc}"
+                ) from exc
+            if self.is_sqlite:
+                _configure_sqlite(engine)
+            try:
+                self._retry(lambda: self._md.create_all(engine), engine=engine)
+            except StorageUnavailable:
+                engine.dispose()
+                raise
+            self._engine = engine
+
+    def close(self) -> None:
+        """See :meth:`Storage.close`."""
+        with self._open_lock:
+            if self._engine is not None:
+                self._engine.dispose()
+                self._engine = None
+
+    # --- transactions with retry ---------------------------------------------------------
+
+    def _retry(self, fn: Callable[[], T], *, engine: Engine | None = None) -> T:
+        """Run ``fn``, retrying lock contention and dropped connections with backoff."""
+        deadline = time.monotonic() + self.busy_timeout_s
+        delay = 0.005
+        while True:
+            try:
+                return fn()
+            except OperationalError as exc:
+                transient = self._is_transient(exc)
+                if not transient or time.monotonic() >= deadline:
+                    raise StorageUnavailable(f"{self!r}: {exc.orig}") from exc
+                log.debug("storage busy (%s); retrying in %.3f s", exc.orig, delay)
+            except IntegrityError:
+                raise
+            except DBAPIError as exc:
+                if not exc.connection_invalidated or time.monotonic() >= deadline:
+                    raise StorageError(f"{self!r}: {exc.orig}") from exc
+            time.sleep(delay * (0.5 + random.random()))  # noqa: S311 - jitter, not crypto
+            delay = min(delay * 2, 0.5)
+
+    def _is_transient(self, exc: OperationalError) -> bool:
+        if exc.connection_invalidated:
+            return True
+        text = str(exc.orig).lower()
+        return "locked" in text or "busy" in text or not self.is_sqlite
+
+    @contextmanager
+    def _read(self) -> Iterator[Connection]:
+        with self.engine.connect().execution_options(qmlkit_read=True) as conn, conn.begin():
+            yield conn
+
+    def _write(self, fn: Callable[[Connection], T]) -> T:
+        """Run ``fn(conn)`` in one write transaction (``BEGIN IMMEDIATE`` on SQLite), retried."""
+
+        def attempt() -> T:
+            with self.engine.begin() as conn:
+                return fn(conn)
+
+        return self._retry(attempt)
+
+    # --- row <-> job -------------------------------------------------------------------------
+
+    def _row_values(self, job: Job, state_cache: dict[int, dict[str, Any]]) -> dict[str, Any]:
+        state = job.state
+        columns = state_cache.get(id(state))
+        if columns is None:  # jobs of one bulk enqueue share one state object
+            columns = state_cache[id(state)] = self._state_columns(state)
+        return {
+            "id": job.id,
+            "method": job.method,
+            "queue": job.queue,
+            "priority": job.priority,
+            "attempts": job.attempts,
+            "retry_count": job.retry_count,
+            "max_retries": job.max_retries,
+            "timeout_s": job.timeout_s,
+            "created_at": job.created_at,
+            "expires_at": job.expires_at,
+            "payload": encode_payload(job.args, job.kwargs, self.max_payload_bytes),
+            "job_metadata": encode_json(job.metadata, "metadata") if job.metadata else "{}",
+            **columns,
+        }
+
+    def _insert_jobs(self, conn: Connection, rows: list[dict[str, Any]]) -> None:
+        """Insert rows with one driver-level ``executemany``.
+
+        Bypasses SQLAlchemy's per-value type processing, which costs more than SQLite's
+        own insert; the only type that needs converting, timestamps, is converted here.
+        """
+        compiled = self.jobs.insert().compile(dialect=conn.dialect, column_keys=list(rows[0]))
+        ts = UTCTimestamp()
+        dialect = conn.dialect
+        times = ("created_at", "expires_at", "enqueued_at", "due_at", "started_at")
+        for row in rows:
+            for key in times:
+                if row[key] is not None:
+                    row[key] = ts.process_bind_param(row[key], dialect)
+        if compiled.positional:
+            pick = operator.itemgetter(*(compiled.positiontup or []))
+            params: Any = [pick(row) for row in rows]
+        else:
+            params = rows
+        conn.exec_driver_sql(str(compiled), params)
+
+    @staticmethod
+    def _state_columns(state: JobState) -> dict[str, Any]:
+        values: dict[str, Any] = {
+            "state": state.name, "state_data": state.model_dump_json(),
+            "enqueued_at": None, "due_at": None, "started_at": None, "server_name": None,
+        }
+        if isinstance(state, Enqueued):
+            values["enqueued_at"] = state.enqueued_at
+        elif isinstance(state, Processing):
+            values["started_at"] = state.started_at
+            values["server_name"] = state.server_name
+        elif isinstance(state, Scheduled):
+            values["due_at"] = state.enqueue_at
+        elif isinstance(state, AwaitingRetry):
+            values["due_at"] = state.retry_at
+        return values
+
+    def _decode(self, row: sa.Row[Any] | Mapping[str, Any]) -> tuple[Job, str | None]:
+        """Row -> (job, None), or (a Failed stand-in, reason) for a row that will not decode."""
+        m = row._mapping if isinstance(row, sa.Row) else row
+        try:
+            payload = json.loads(m["payload"])
+            job = Job(
+                id=m["id"], method=m["method"], args=payload["args"], kwargs=payload["kwargs"],
+                queue=m["queue"], priority=m["priority"], attempts=m["attempts"],
+                retry_count=m["retry_count"], max_retries=m["max_retries"],
+                timeout_s=m["timeout_s"], metadata=json.loads(m["job_metadata"]),
+                created_at=m["created_at"], expires_at=m["expires_at"],
+                state=_STATE.validate_json(m["state_data"]),
+            )
+            if job.state.name != m["state"]:
+                raise ValueError(f"state column {m['state']!r} disagrees with state data")
+        except (ValueError, TypeError, KeyError, ValidationError) as exc:
+            reason = f"stored row cannot be decoded: {type(exc).__name__}: {exc}"[:2000]
+            stand_in = Job(
+                id=str(m["id"]), method=str(m["method"] or "?"), queue=str(m["queue"] or "?"),
+                created_at=_safe_time(m, "created_at"),
+                state=Failed(failed_at=datetime.now(timezone.utc),
+                             exception_type="qmlkit.errors.PayloadError", message=reason),
+            )
+            return stand_in, reason
+        return job, None
+
+    # --- enqueue and read --------------------------------------------------------------------
+
+    def enqueue_many(self, jobs: Sequence[Job]) -> list[Job]:
+        """See :meth:`Storage.enqueue_many`."""
+        if not jobs:
+            return []
+        rows = []
+        cache: dict[int, dict[str, Any]] = {}
+        for job in jobs:
+            check_transition(job.id, None, job.state.name)
+            rows.append(self._row_values(job, cache))
+
+        def insert(conn: Connection) -> None:
+            self._insert_jobs(conn, rows)
+
+        try:
+            self._write(insert)
+        except IntegrityError as exc:
+            raise DuplicateJob(_duplicate_id(self, [j.id for j in jobs])) from exc
+        return list(jobs)
+
+    def get(self, job_id: str) -> Job | None:
+        """See :meth:`Storage.get`."""
+        def read() -> sa.Row[Any] | None:
+            with self._read() as conn:
+                return conn.execute(self.jobs.select().where(self.jobs.c.id == job_id)).first()
+
+        row = self._retry(read)
+        return None if row is None else self._decode(row)[0]
+
+    def list_jobs(
+        self,
+        *,
+        state: str | None = None,
+        queue: str | None = None,
+        method: str | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[Job]:
+        """See :meth:`Storage.list_jobs`."""
+        c = self.jobs.c
+        query = self.jobs.select().order_by(c.created_at.desc(), c.id).limit(limit).offset(offset)
+        for column, value in ((c.state, state), (c.queue, queue), (c.method, method)):
+            if value is not None:
+                query = query.where(column == value)
+
+        def read() -> list[sa.Row[Any]]:
+            with self._read() as conn:
+                return list(conn.execute(query))
+
+        return [self._decode(row)[0] for row in self._retry(read)]
+
+    def count_jobs(self) -> dict[tuple[str, str], int]:
+        """See :meth:`Storage.count_jobs`."""
+        c = self.jobs.c
+        query = sa.select(c.queue, c.state, sa.func.count()).group_by(c.queue, c.state)
+
+        def read() -> dict[tuple[str, str], int]:
+            with self._read() as conn:
+                return {(q, s): n for q, s, n in conn.execute(query)}
+
+        return self._retry(read)
+
+    def change_state(
+        self,
+        job_id: str,
+        state: JobState,
+        *,
+        expected: Sequence[str] = (),
+        expires_at: datetime | None = None,
+    ) -> StateChange:
+        """See :meth:`Storage.change_state`."""
+        c = self.jobs.c
+
+        def change(conn: Connection) -> StateChange:
+            row = conn.execute(self.jobs.select().where(c.id == job_id)).first()
+            if row is None:
+                raise JobNotFound(job_id)
+            job, corrupt = self._decode(row)
+            if corrupt and state.name != "Deleted":
+                raise InvalidTransition(job_id, "corrupt", state.name)
+            if expected and job.state.name not in expected:
+                raise InvalidTransition(job_id, job.state.name, state.name)
+            changed = job if corrupt else job.with_state(state, expires_at=expires_at)
+            values = {**self._state_columns(state), "expires_at": expires_at}
+            conn.execute(self.jobs.update().where(c.id == job_id).values(values))
+            return StateChange(changed.model_copy(update={"state": state}), job.state)
+
+        return self._write(change)
+
+    # --- claim and fenced transitions -------------------------------------------------------------
+
+    # Hot paths (claim, acknowledge) run statements compiled once per dialect and shape,
+    # executed at driver level: SQLAlchemy's per-call statement building and per-value
+    # type processing cost more than SQLite's own work for a small batch.
+
+    def _compiled(
+        self, key: tuple[Any, ...], build: Callable[[], Any]
+    ) -> tuple[str, Any, dict[str, Any]]:
+        """Return ``(sql, param_order, constants)``, compiling the statement on first use."""
+        found = self._sql_cache.get(key)
+        if found is None:
+            compiled = build().compile(dialect=self.engine.dialect)
+            order = (
+                operator.itemgetter(*compiled.positiontup)
+                if compiled.positional and compiled.positiontup else None
+            )
+            constants = {k: v for k, v in compiled.params.items() if v is not None}
+            found = self._sql_cache[key] = (str(compiled), order, constants)
+        return found
+
+    def _run(self, conn: Connection, key: tuple[Any, ...], build: Callable[[], Any],
+             params: Any, many: bool = False) -> Any:
+        sql, order, constants = self._compiled(key, build)
+        if constants:
+            params = [{**constants, **p} for p in params] if many else {**constants, **params}
+        if order is not None:
+            params = [_as_tuple(order(p)) for p in params] if many else _as_tuple(order(params))
+        return conn.exec_driver_sql(sql, params)
+
+    def _bind_ts(self, value: datetime | None) -> Any:
+        if value is None:
+            return None
+        return value.timestamp() if self.is_sqlite else value
+
+    def _result_ts(self, value: Any) -> datetime | None:
+        if value is None or isinstance(value, datetime):
+            return value.astimezone(timezone.utc) if value is not None else None
+        return datetime.fromtimestamp(float(value), timezone.utc)
+
+    def _claim_rows(self, conn: Connection, queues: Sequence[str], limit: int) -> list[dict[str, Any]]:
+        c = self.jobs.c
+        names = [f"q{i}" for i in range(len(queues))]
+
+        def build() -> Any:
+            query = (
+                sa.select(*self.jobs.columns)
+                .where(state_is(c.state, "Enqueued"))
+                .order_by(c.priority.desc(), c.enqueued_at)
+                .limit(sa.bindparam("limit", type_=sa.Integer, literal_execute=False))
+            )
+            if names:
+                query = query.where(sa.or_(*(c.queue == sa.bindparam(n) for n in names)))
+            if not self.is_sqlite:
+                query = query.with_for_update(skip_locked=True)
+            return query
+
+        params = dict(zip(names, queues), limit=limit)
+        result = self._run(conn, ("claim", len(names)), build, params)
+        keys = [col.key for col in self.jobs.columns]
+        rows = []
+        for raw in result.fetchall():
+            row = dict(zip(keys, raw))
+            for k in ("created_at", "expires_at"):
+                row[k] = self._result_ts(row[k])
+            rows.append(row)
+        return rows
+
+    def claim(
+        self,
+        *,
+        worker_id: str,
+        server_name: str,
+        queues: Sequence[str],
+        limit: int,
+        now: datetime,
+    ) -> list[Job]:
+        """See :meth:`Storage.claim`."""
+        limit = max(1, min(limit, MAX_CLAIM))
+        c = self.jobs.c
+        processing = Processing(started_at=now, worker_id=worker_id, server_name=server_name)
+        columns = self._state_columns(processing)
+        queues = list(queues)
+
+        def build_update() -> Any:
+            return (
+                self.jobs.update()
+                .where(c.id == sa.bindparam("b_id"))
+                .values(state=sa.bindparam("state"), state_data=sa.bindparam("state_data"),
+                        enqueued_at=None, due_at=None,
+                        started_at=sa.bindparam("started_at", type_=sa.Float),
+                        server_name=sa.bindparam("server_name"),
+                        attempts=c.attempts + 1)
+            )
+
+        def claim(conn: Connection) -> list[Job]:
+            rows = self._claim_rows(conn, queues, limit)
+            if not rows:
+                return []
+            claimed, updates = [], []
+            for row in rows:
+                job, reason = self._decode(row)
+                if reason is None:
+                    claimed.append(job.with_state(processing, attempts=job.attempts + 1))
+                    updates.append({**columns, "started_at": self._bind_ts(now), "b_id": job.id})
+                else:
+                    log.error("job %s quarantined: %s", job.id, reason)
+                    updates.append({**self._state_columns(job.state), "b_id": job.id})
+            self._run(conn, ("claim-update",), build_update, updates, many=True)
+            return claimed
+
+        return self._write(claim)
+
+    def transition_many(self, items: Sequence[Transition]) -> list[Job | StaleClaim]:
+        """See :meth:`Storage.transition_many`."""
+        if not items:
+            return []
+        c = self.jobs.c
+        applied = [item.applied() for item in items]
+        params = []
+        cache: dict[int, dict[str, Any]] = {}
+        for item, job in zip(items, applied):
+            columns = cache.get(id(job.state))
+            if columns is None:
+                columns = cache[id(job.state)] = self._state_columns(job.state)
+            params.append({
+                **columns, "b_id": item.job.id, "b_token": item.token,
+                "retry_count": job.retry_count,
+            })
+            for key in ("enqueued_at", "due_at", "started_at"):
+                params[-1][key] = self._bind_ts(columns[key])
+            params[-1]["expires_at"] = self._bind_ts(job.expires_at)
+        n = len(items)
+
+        def build_check() -> Any:
+            return sa.select(c.id, c.attempts).where(state_is(c.state, "Processing")).where(
+                c.id.in_([sa.bindparam(f"i{k}") for k in range(n)]))
+
+        def build_update() -> Any:
+            fields = ("state", "state_data", "enqueued_at", "due_at", "started_at",
+                      "server_name", "retry_count", "expires_at")
+            return (
+                self.jobs.update()
+                .where(c.id == sa.bindparam("b_id"))
+                .values({f: sa.bindparam(f) for f in fields})
+            )
+
+        def write(conn: Connection) -> set[str]:
+            ids = {f"i{k}": item.job.id for k, item in enumerate(items)}
+            live = set(self._run(conn, ("ack-check", n), build_check, ids).fetchall())
+            ok = [p for p in params if (p["b_id"], p["b_token"]) in live]
+            if ok:
+                self._run(conn, ("ack-update",), build_update, ok, many=True)
+            return {p["b_id"] for p in ok}
+
+        done = self._write(write)
+        return [
+            job if item.job.id in done else StaleClaim(item.job.id, item.token)
+            for item, job in zip(items, applied)
+        ]
+
+    # --- background duties ------------------------------------------------------------
+
+    def _move(
+        self,
+        conn: Connection,
+        where: sa.ColumnElement[bool],
+        make_state: Callable[[Job], JobState],
+        limit: int | None = None,
+    ) -> list[StateChange]:
+        """Move every job matching ``where`` to ``make_state(job)`` in this transaction."""
+        c = self.jobs.c
+        query = self.jobs.select().where(where).order_by(c.id)
+        if limit is not None:
+            query = query.limit(limit)
+        if not self.is_sqlite:
+            query = query.with_for_update(skip_locked=True)
+        changes = []
+        for row in conn.execute(query).all():
+            job, corrupt = self._decode(row)
+            if corrupt:
+                continue
+            state = make_state(job)
+            moved = job.with_state(state)
+            conn.execute(
+                self.jobs.update().where(c.id == job.id).values(self._state_columns(state))
+            )
+            changes.append(StateChange(moved, job.state))
+        return changes
+
+    def promote_due(self, *, now: datetime, limit: int = 1000) -> list[StateChange]:
+        """See :meth:`Storage.promote_due`."""
+        c = self.jobs.c
+        where = state_is(c.state, "Scheduled", "AwaitingRetry") & (c.due_at <= now)
+        return self._write(
+            lambda conn: self._move(
+                conn, where, lambda j: Enqueued(enqueued_at=now, queue=j.queue), limit
+            )
+        )
+
+    def next_due_at(self) -> datetime | None:
+        """See :meth:`Storage.next_due_at`."""
+        c = self.jobs.c
+        query = sa.select(sa.func.min(c.due_at)).where(state_is(c.state, "Scheduled", "AwaitingRetry"))
+
+        def read() -> datetime | None:
+            with self._read() as conn:
+                value = conn.execute(query).scalar()
+            return UTCTimestamp().process_result_value(value, self.engine.dialect)
+
+        return self._retry(read)
+
+    def requeue_stranded(self, *, started_before: datetime, now: datetime) -> list[StateChange]:
+        """See :meth:`Storage.requeue_stranded`."""
+        c = self.jobs.c
+        where = state_is(c.state, "Processing") & (c.started_at < started_before)
+        return self._write(
+            lambda conn: self._move(
+                conn, where, lambda j: Enqueued(enqueued_at=now, queue=j.queue, reason="stranded")
+            )
+        )
+
+    def delete_expired(self, *, now: datetime, limit: int = 1000) -> int:
+        """See :meth:`Storage.delete_expired`."""
+        c = self.jobs.c
+        doomed = (
+            sa.select(c.id)
+            .where(c.expires_at <= now)
+            .where(state_is(c.state, *_EXPIRABLE))
+            .limit(limit)
+            .scalar_subquery()
+        )
+        return self._write(
+            lambda conn: conn.execute(self.jobs.delete().where(c.id.in_(doomed))).rowcount
+        )
+
+    # --- server registry --------------------------------------------------------------------
+
+    def register_server(self, info: ServerInfo) -> None:
+        """See :meth:`Storage.register_server`."""
+        s = self.servers
+
+        def write(conn: Connection) -> None:
+            conn.execute(s.delete().where(s.c.id == info.id))
+            conn.execute(s.insert().values(id=info.id, info=info.model_dump_json(),
+                                           last_heartbeat=info.last_heartbeat))
+
+        self._write(write)
+
+    def heartbeat(self, server_id: str, *, now: datetime) -> bool:
+        """See :meth:`Storage.heartbeat`."""
+        s = self.servers
+        stmt = s.update().where(s.c.id == server_id).values(last_heartbeat=now)
+        return bool(self._write(lambda conn: conn.execute(stmt).rowcount))
+
+    def deregister_server(self, server_id: str) -> None:
+        """See :meth:`Storage.deregister_server`."""
+        s = self.servers
+        self._write(lambda conn: conn.execute(s.delete().where(s.c.id == server_id)))
+
+    def list_servers(self) -> list[ServerInfo]:
+        """See :meth:`Storage.list_servers`."""
+        s = self.servers
+
+        def read() -> list[ServerInfo]:
+            with self._read() as conn:
+                rows = conn.execute(sa.select(s.c.info, s.c.last_heartbeat)).all()
+            infos = [
+                ServerInfo.model_validate_json(info).model_copy(update={"last_heartbeat": beat})
+                for info, beat in rows
+            ]
+            return sorted(infos, key=lambda i: i.started_at)
+
+        return self._retry(read)
+
+    def reclaim_dead_servers(
+        self, *, heartbeat_before: datetime, now: datetime
+    ) -> list[StateChange]:
+        """See :meth:`Storage.reclaim_dead_servers`."""
+        s, c = self.servers, self.jobs.c
+
+        def write(conn: Connection) -> list[StateChange]:
+            dead = list(conn.execute(
+                sa.select(s.c.id).where(s.c.last_heartbeat < heartbeat_before)
+            ).scalars())
+            if not dead:
+                return []
+            conn.execute(s.delete().where(s.c.id.in_(dead)))
+            where = state_is(c.state, "Processing") & c.server_name.in_(dead)
+            return self._move(
+                conn, where, lambda j: Enqueued(enqueued_at=now, queue=j.queue, reason="reclaimed")
+            )
+
+        return self._write(write)
+
+
+def _as_tuple(value: Any) -> tuple[Any, ...]:
+    """``itemgetter`` with one key returns a bare value; parameters need a tuple."""
+    return value if isinstance(value, tuple) else (value,)
+
+
+def _safe_time(mapping: Mapping[str, Any], key: str) -> datetime:
+    value = mapping.get(key)
+    return value if isinstance(value, datetime) else datetime.now(timezone.utc)
+
+
+def _duplicate_id(storage: SQLStorage, ids: list[str]) -> str:
+    seen: set[str] = set()
+    for job_id in ids:
+        if job_id in seen:
+            return job_id
+        seen.add(job_id)
+    c = storage.jobs.c
+    with storage._read() as conn:
+        taken = conn.execute(sa.select(c.id).where(c.id.in_(ids)).limit(1)).scalar()
+    return str(taken or ids[0])
+
+
+def _configure_sqlite(engine: Engine) -> None:
+    """WAL, a busy timeout, and ``BEGIN IMMEDIATE`` for every write transaction."""
+
+    @event.listens_for(engine, "connect")
+    def on_connect(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.execute("PRAGMA busy_timeout=5000")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def on_begin(conn: Connection) -> None:
+        if conn.get_execution_options().get("qmlkit_read"):
+            conn.exec_driver_sql("BEGIN")
+        else:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")

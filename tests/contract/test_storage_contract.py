@@ -1,0 +1,312 @@
+"""The storage contract, run against every backend (see conftest.BACKENDS)."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+
+import pytest
+
+from qmlkit.errors import DuplicateJob, InvalidTransition, JobNotFound, PayloadError, StaleClaim
+from qmlkit.job import (
+    AwaitingRetry,
+    Deleted,
+    Enqueued,
+    Failed,
+    Job,
+    Scheduled,
+    Succeeded,
+    utcnow,
+)
+from qmlkit.storage.base import ServerInfo, Storage, Transition
+from qmlkit.testing import make_job
+
+
+def claim(storage: Storage, limit: int = 10, queues: tuple[str, ...] = (), worker: str = "w1",
+          server: str = "s1") -> list[Job]:
+    return storage.claim(worker_id=worker, server_name=server, queues=queues, limit=limit,
+                         now=utcnow())
+
+
+def succeed(job: Job, result: object = None) -> Transition:
+    return Transition(job, Succeeded(succeeded_at=utcnow(), duration_ms=1.0, result=result))
+
+
+# --- enqueue and read ---------------------------------------------------------------------
+
+
+def test_enqueue_then_get_round_trips_every_field(storage: Storage) -> None:
+    job = make_job("m.f", args=[1, "ünïcødé ✓ 中文", {"a": [None, 2.5]}], kwargs={"k": True},
+                   queue="q1", priority=7, max_retries=4, timeout_s=2.5, metadata={"t": "x"})
+    storage.enqueue(job)
+    assert storage.get(job.id) == job
+
+
+def test_get_unknown_id_returns_none(storage: Storage) -> None:
+    assert storage.get("no-such-id") is None
+
+
+def test_enqueue_duplicate_id_raises_and_keeps_original(storage: Storage) -> None:
+    job = make_job(args=[1])
+    storage.enqueue(job)
+    with pytest.raises(DuplicateJob):
+        storage.enqueue(make_job(id=job.id, args=[2]))
+    assert storage.get(job.id).args == [1]
+
+
+def test_enqueue_many_is_all_or_nothing(storage: Storage) -> None:
+    good = [make_job(args=[i]) for i in range(3)]
+    bad = make_job(args=[object()])
+    with pytest.raises(PayloadError, match=r"args\[0\]"):
+        storage.enqueue_many([*good, bad])
+    assert storage.count_jobs() == {}
+
+
+def test_enqueue_refuses_a_job_in_a_non_initial_state(storage: Storage) -> None:
+    job = make_job(state=Succeeded(succeeded_at=utcnow(), duration_ms=1))
+    with pytest.raises(InvalidTransition):
+        storage.enqueue(job)
+    assert storage.count_jobs() == {}
+
+
+def test_enqueue_over_payload_limit_raises_and_stores_nothing(storage: Storage) -> None:
+    storage.max_payload_bytes = 1000
+    with pytest.raises(PayloadError, match="over the limit"):
+        storage.enqueue(make_job(args=["x" * 2000]))
+    assert storage.count_jobs() == {}
+
+
+def test_list_jobs_filters_and_pages_newest_first(storage: Storage) -> None:
+    base = utcnow()
+    jobs = [make_job(f"m{i % 2}", queue=f"q{i % 3}", created_at=base + timedelta(seconds=i))
+            for i in range(12)]
+    storage.enqueue_many(jobs)
+    listed = storage.list_jobs(limit=100)
+    assert [j.id for j in listed] == [j.id for j in reversed(jobs)]
+    assert {j.id for j in storage.list_jobs(method="m1")} == {j.id for j in jobs if j.method == "m1"}
+    assert {j.id for j in storage.list_jobs(queue="q0", method="m0")} == {
+        j.id for j in jobs if j.queue == "q0" and j.method == "m0"}
+    page1 = storage.list_jobs(limit=5)
+    page2 = storage.list_jobs(limit=5, offset=5)
+    assert [j.id for j in page1 + page2] == [j.id for j in listed[:10]]
+    assert storage.list_jobs(state="Failed") == []
+
+
+def test_count_jobs_by_queue_and_state(storage: Storage) -> None:
+    storage.enqueue_many([make_job(queue="a") for _ in range(3)] + [make_job(queue="b")])
+    claim(storage, limit=1, queues=("a",))
+    assert storage.count_jobs() == {("a", "Enqueued"): 2, ("a", "Processing"): 1,
+                                    ("b", "Enqueued"): 1}
+
+
+# --- claim ------------------------------------------------------------------------------------
+
+
+def test_claim_takes_priority_then_fifo(storage: Storage) -> None:
+    base = utcnow()
+    low = [make_job(priority=0, enqueued_at=base + timedelta(seconds=i)) for i in range(3)]
+    high = make_job(priority=5, enqueued_at=base + timedelta(seconds=10))
+    storage.enqueue_many([*low, high])
+    order = [j.id for j in claim(storage, limit=1) + claim(storage, limit=3)]
+    assert order == [high.id, low[0].id, low[1].id, low[2].id]
+
+
+def test_claim_sets_processing_and_a_fresh_fencing_token(storage: Storage) -> None:
+    job = storage.enqueue(make_job())
+    (claimed,) = claim(storage, worker="w9", server="srv")
+    assert claimed.id == job.id
+    assert claimed.attempts == 1
+    assert claimed.state.name == "Processing"
+    assert claimed.state.worker_id == "w9" and claimed.state.server_name == "srv"
+    assert storage.get(job.id) == claimed
+
+
+def test_claim_respects_queues_and_limit(storage: Storage) -> None:
+    storage.enqueue_many([make_job(queue="a") for _ in range(5)] + [make_job(queue="b")])
+    got = claim(storage, limit=3, queues=("a",))
+    assert len(got) == 3 and {j.queue for j in got} == {"a"}
+    assert claim(storage, limit=10, queues=("c",)) == []
+    assert len(claim(storage, limit=10)) == 3
+
+
+def test_claim_never_hands_out_a_job_twice_under_8_threads(storage: Storage) -> None:
+    enqueued = {j.id for j in storage.enqueue_many([make_job(args=[i]) for i in range(2000)])}
+
+    def drain(n: int) -> list[str]:
+        mine: list[str] = []
+        while batch := claim(storage, limit=7, worker=f"w{n}"):
+            mine += [j.id for j in batch]
+        return mine
+
+    with ThreadPoolExecutor(8) as pool:
+        claimed = [job_id for ids in pool.map(drain, range(8)) for job_id in ids]
+    assert len(claimed) == len(set(claimed)) == 2000
+    assert set(claimed) == enqueued
+    assert storage.count_jobs() == {("default", "Processing"): 2000}
+
+
+def test_claim_skips_scheduled_jobs_until_promoted(storage: Storage) -> None:
+    now = utcnow()
+    job = make_job(state=Scheduled(enqueue_at=now + timedelta(seconds=60), scheduled_at=now))
+    storage.enqueue(job)
+    assert claim(storage) == []
+    assert storage.next_due_at() == job.state.enqueue_at
+    assert storage.promote_due(now=now) == []
+    changes = storage.promote_due(now=now + timedelta(seconds=61))
+    assert [c.job.id for c in changes] == [job.id]
+    assert changes[0].previous.name == "Scheduled"
+    assert [j.id for j in claim(storage)] == [job.id]
+    assert storage.next_due_at() is None
+
+
+# --- fenced transitions -------------------------------------------------------------------------
+
+
+def test_transition_with_current_token_applies(storage: Storage) -> None:
+    storage.enqueue(make_job())
+    (job,) = claim(storage)
+    stored = storage.transition(succeed(job, {"n": [1, "ü"]}))
+    assert stored.state.result == {"n": [1, "ü"]}
+    assert storage.get(job.id).state.name == "Succeeded"
+
+
+def test_transition_with_stale_token_is_rejected(storage: Storage) -> None:
+    storage.enqueue(make_job())
+    (first,) = claim(storage)
+    # The claim is presumed dead and the job requeued and claimed again.
+    storage.requeue_stranded(started_before=utcnow() + timedelta(seconds=1), now=utcnow())
+    (second,) = claim(storage, worker="w2")
+    assert second.attempts == first.attempts + 1
+    with pytest.raises(StaleClaim) as info:
+        storage.transition(succeed(first, "zombie"))
+    assert info.value.token == first.attempts
+    storage.transition(succeed(second, "real"))
+    assert storage.get(first.id).state.result == "real"
+
+
+def test_transition_many_reports_stale_items_and_applies_the_rest(storage: Storage) -> None:
+    storage.enqueue_many([make_job() for _ in range(3)])
+    a, b, c = claim(storage, limit=3)
+    storage.change_state(b.id, Deleted(deleted_at=utcnow()))
+    out = storage.transition_many([succeed(a), succeed(b), succeed(c)])
+    assert isinstance(out[1], StaleClaim)
+    assert out[0].state.name == out[2].state.name == "Succeeded"
+    assert storage.get(b.id).state.name == "Deleted"
+
+
+def test_transition_to_awaiting_retry_records_retry_count(storage: Storage) -> None:
+    storage.enqueue(make_job())
+    (job,) = claim(storage)
+    retry_at = utcnow() + timedelta(seconds=30)
+    state = AwaitingRetry(retry_at=retry_at, retry_count=1, last_exception="ValueError: x")
+    storage.transition(Transition(job, state, retry_count=1))
+    stored = storage.get(job.id)
+    assert stored.retry_count == 1 and stored.state.retry_at == retry_at
+    assert storage.next_due_at() == retry_at
+
+
+def test_release_to_enqueued_keeps_retry_count(storage: Storage) -> None:
+    storage.enqueue(make_job())
+    (job,) = claim(storage)
+    storage.transition(Transition(job, Enqueued(enqueued_at=utcnow(), reason="released")))
+    (again,) = claim(storage)
+    assert again.retry_count == 0 and again.attempts == 2
+
+
+# --- management -----------------------------------------------------------------------------------
+
+
+def test_change_state_checks_expected_and_the_state_machine(storage: Storage) -> None:
+    job = storage.enqueue(make_job())
+    with pytest.raises(InvalidTransition):
+        storage.change_state(job.id, Enqueued(enqueued_at=utcnow()), expected=("Failed",))
+    with pytest.raises(JobNotFound):
+        storage.change_state("nope", Deleted(deleted_at=utcnow()))
+    change = storage.change_state(job.id, Deleted(deleted_at=utcnow(), reason="r"))
+    assert change.previous.name == "Enqueued" and change.job.state.name == "Deleted"
+    with pytest.raises(InvalidTransition):
+        storage.change_state(job.id, Deleted(deleted_at=utcnow()))
+
+
+def test_failed_job_can_be_retried_by_hand(storage: Storage) -> None:
+    storage.enqueue(make_job())
+    (job,) = claim(storage)
+    storage.transition(Transition(job, Failed(failed_at=utcnow(), exception_type="E", message="m"),
+                                  expires_at=utcnow() + timedelta(days=1)))
+    change = storage.change_state(job.id, Enqueued(enqueued_at=utcnow()),
+                                  expected=("Failed", "Succeeded", "Deleted"))
+    assert change.job.expires_at is None
+    assert [j.id for j in claim(storage)] == [job.id]
+
+
+# --- background duties ----------------------------------------------------------------------------
+
+
+def test_requeue_stranded_only_touches_old_claims(storage: Storage) -> None:
+    storage.enqueue_many([make_job() for _ in range(2)])
+    old, new = claim(storage, limit=2)
+    cutoff = utcnow() + timedelta(milliseconds=1)
+    storage.requeue_stranded(started_before=cutoff - timedelta(hours=1), now=utcnow())
+    assert storage.get(old.id).state.name == "Processing"
+    changes = storage.requeue_stranded(started_before=cutoff, now=utcnow())
+    assert {c.job.id for c in changes} == {old.id, new.id}
+    assert all(c.job.state.reason == "stranded" for c in changes)
+
+
+def test_delete_expired_removes_exactly_the_expired_terminal_jobs(storage: Storage) -> None:
+    now = utcnow()
+    storage.enqueue_many([make_job(args=[i]) for i in range(5)])
+    jobs = claim(storage, limit=5)
+    storage.transition_many([
+        Transition(jobs[0], Succeeded(succeeded_at=now, duration_ms=1), expires_at=now - timedelta(seconds=1)),
+        Transition(jobs[1], Failed(failed_at=now, exception_type="E", message="m"), expires_at=now),
+        Transition(jobs[2], Succeeded(succeeded_at=now, duration_ms=1), expires_at=now + timedelta(hours=1)),
+        Transition(jobs[3], Succeeded(succeeded_at=now, duration_ms=1)),
+    ])
+    assert storage.delete_expired(now=now) == 2
+    assert storage.get(jobs[0].id) is None and storage.get(jobs[1].id) is None
+    assert {j.id for j in storage.list_jobs()} == {j.id for j in jobs[2:]}
+    assert storage.delete_expired(now=now) == 0
+
+
+def test_delete_expired_is_bounded_per_call(storage: Storage) -> None:
+    now = utcnow()
+    storage.enqueue_many([make_job() for _ in range(7)])
+    jobs = claim(storage, limit=7)
+    storage.transition_many([Transition(j, Succeeded(succeeded_at=now, duration_ms=1),
+                                        expires_at=now) for j in jobs])
+    assert storage.delete_expired(now=now, limit=5) == 5
+    assert storage.delete_expired(now=now, limit=5) == 2
+
+
+# --- server registry -------------------------------------------------------------------------------
+
+
+def test_server_registry_heartbeat_and_dead_server_reclaim(storage: Storage) -> None:
+    now = utcnow()
+    for name in ("alive", "dead"):
+        storage.register_server(ServerInfo(id=f"{name}#1", name=name, worker_count=2,
+                                           queues=["default"], started_at=now, last_heartbeat=now))
+    storage.enqueue_many([make_job() for _ in range(2)])
+    (mine,) = claim(storage, limit=1, server="alive#1")
+    (theirs,) = claim(storage, limit=1, server="dead#1")
+    later = now + timedelta(seconds=120)
+    assert storage.heartbeat("alive#1", now=later)
+    changes = storage.reclaim_dead_servers(heartbeat_before=later - timedelta(seconds=60), now=later)
+    assert [c.job.id for c in changes] == [theirs.id]
+    assert changes[0].job.state.reason == "reclaimed"
+    assert [s.id for s in storage.list_servers()] == ["alive#1"]
+    assert storage.get(mine.id).state.name == "Processing"
+    assert not storage.heartbeat("dead#1", now=later)
+    with pytest.raises(StaleClaim):
+        storage.transition(succeed(theirs))
+    storage.deregister_server("alive#1")
+    assert storage.list_servers() == []
+
+
+def test_json_round_trip_of_stored_job_is_lossless(storage: Storage) -> None:
+    storage.enqueue(make_job(args=[1.5, -0.0, 10**18, "\u2603"], kwargs={"z": {"y": []}}))
+    (job,) = claim(storage)
+    assert Job.model_validate_json(job.model_dump_json()) == job
+    assert json.loads(job.model_dump_json())["state"]["name"] == "Processing"

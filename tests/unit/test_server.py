@@ -1,0 +1,392 @@
+"""Server and App behaviour on each built-in backend (the seed's server tests, and more)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from qmlkit import (
+    App,
+    ConfigurationError,
+    JobContext,
+    Retry,
+    RetryPolicy,
+    ServerConfig,
+    UnknownStorageScheme,
+    current_context,
+    hookimpl,
+)
+from qmlkit.job import Job
+from qmlkit.testing import wait_until
+
+
+def fast(app: App, **fields: object):  # noqa: ANN201 - a server tuned for tests
+    defaults = {"worker_count": 2, "polling_interval": timedelta(milliseconds=20),
+                "shutdown_timeout": timedelta(seconds=10), "log_attempts": False}
+    return app.server(**{**defaults, **fields})
+
+
+def state_of(app: App, job_id: str) -> str:
+    return app.storage.get(job_id).state.name
+
+
+def test_server_start_stop(app: App) -> None:
+    server = fast(app)
+    server.start()
+    assert server.is_running
+    with pytest.raises(ConfigurationError, match="already running"):
+        server.start()
+    server.stop()
+    assert not server.is_running
+    server.stop()  # idempotent
+
+
+def test_sync_and_async_jobs_run_and_store_results(app: App) -> None:
+    @app.job
+    def add(a: int, b: int) -> int:
+        return a + b
+
+    @app.job
+    async def async_add(a: int, b: int) -> dict[str, int]:
+        await asyncio.sleep(0)
+        return {"sum": a + b}
+
+    assert add(1, 2) == 3  # a direct call runs here
+    ids = [add.enqueue(1, 2), async_add.enqueue(3, 4)]
+    server = fast(app)
+    server.start()
+    try:
+        wait_until(lambda: all(state_of(app, i) == "Succeeded" for i in ids))
+    finally:
+        server.stop()
+    assert app.storage.get(ids[0]).state.result == 3
+    assert app.storage.get(ids[1]).state.result == {"sum": 7}
+
+
+def test_class_based_worker_gets_job_and_context(app: App) -> None:
+    class Greeter:
+        method_name = "greet"
+
+        def execute(self, job: Job, context: JobContext) -> str:
+            return f"hello {job.args[0]} (attempt {context.attempt})"
+
+    app.register_worker(Greeter())
+    job_id = app.enqueue("greet", args=["ada"])
+    server = fast(app)
+    server.start()
+    try:
+        wait_until(lambda: state_of(app, job_id) == "Succeeded")
+    finally:
+        server.stop()
+    assert app.storage.get(job_id).state.result == "hello ada (attempt 1)"
+
+
+def test_stop_waits_for_inflight_job_to_complete(app: App) -> None:
+    started = threading.Event()
+
+    @app.job
+    def slow() -> str:
+        started.set()
+        time.sleep(0.5)  # the simulated work
+        return "done"
+
+    job_id = slow.enqueue()
+    server = fast(app, worker_count=1)
+    server.start()
+    assert started.wait(10)
+    server.stop()
+    assert state_of(app, job_id) == "Succeeded"
+
+
+def test_context_stopping_fires_on_stop_and_job_may_finish(app: App) -> None:
+    started = threading.Event()
+
+    @app.job
+    def cooperative() -> str:
+        ctx = current_context()
+        started.set()
+        return "saw stop" if ctx.stopping.wait(10) else "no stop"
+
+    job_id = cooperative.enqueue()
+    server = fast(app, worker_count=1)
+    server.start()
+    assert started.wait(10)
+    server.stop()
+    assert app.storage.get(job_id).state.result == "saw stop"
+
+
+def test_grace_period_expiry_releases_the_job_without_using_a_retry(app: App) -> None:
+    started = threading.Event()
+    release = threading.Event()
+
+    @app.job
+    def stuck() -> None:
+        started.set()
+        release.wait(30)
+
+    job_id = stuck.enqueue()
+    server = fast(app, worker_count=1)
+    server.start()
+    assert started.wait(10)
+    server.stop(timeout=0.2)
+    job = app.storage.get(job_id)
+    assert job.state.name == "Enqueued" and job.retry_count == 0
+    assert "released" in job.state.reason
+    release.set()
+
+
+def test_restart_after_stop_processes_new_jobs(app: App) -> None:
+    @app.job
+    def ping() -> str:
+        return "pong"
+
+    server = fast(app)
+    server.start()
+    server.stop()
+    job_id = ping.enqueue()
+    server.start()
+    try:
+        wait_until(lambda: state_of(app, job_id) == "Succeeded")
+    finally:
+        server.stop()
+
+
+def test_sync_job_timeout_sets_cancelled_and_fails_the_attempt(app: App) -> None:
+    @app.job(timeout=0.2, max_retries=0)
+    def sleepy() -> str:
+        current_context().cancelled.wait(10)
+        return "finished late"
+
+    job_id = sleepy.enqueue()
+    server = fast(app)
+    server.start()
+    try:
+        wait_until(lambda: state_of(app, job_id) == "Failed")
+    finally:
+        server.stop()
+    state = app.storage.get(job_id).state
+    assert state.exception_type == "qmlkit.errors.JobTimeout"
+    assert "timeout of 0.2 s" in state.message
+
+
+def test_async_job_timeout_cancels_and_follows_retry_policy(app: App) -> None:
+    @app.job(timeout=0.1, retry=RetryPolicy(max_retries=1, base_delay=timedelta(0), jitter=0))
+    async def forever() -> None:
+        await asyncio.sleep(30)
+
+    job_id = forever.enqueue()
+    server = fast(app)
+    server.start()
+    try:
+        wait_until(lambda: state_of(app, job_id) == "Failed")
+    finally:
+        server.stop()
+    job = app.storage.get(job_id)
+    assert job.attempts == 2 and job.state.retry_count == 1
+    assert job.state.exception_type == "qmlkit.errors.JobTimeout"
+
+
+def test_failed_attempts_retry_with_backoff_then_succeed(app: App) -> None:
+    calls: list[int] = []
+
+    @app.job(retry=RetryPolicy(max_retries=3, base_delay=timedelta(milliseconds=50), jitter=0))
+    def flaky() -> int:
+        calls.append(current_context().attempt)
+        if len(calls) < 3:
+            raise ValueError(f"boom {len(calls)}")
+        return len(calls)
+
+    job_id = flaky.enqueue()
+    server = fast(app, scheduler_poll_interval=timedelta(milliseconds=20))
+    server.start()
+    try:
+        wait_until(lambda: state_of(app, job_id) == "Succeeded")
+    finally:
+        server.stop()
+    job = app.storage.get(job_id)
+    assert calls == [1, 2, 3] and job.retry_count == 2 and job.state.result == 3
+
+
+def test_retry_signal_uses_its_delay(app: App) -> None:
+    @app.job(max_retries=2)
+    def later() -> None:
+        raise Retry(delay=3600, message="not yet")
+
+    job_id = later.enqueue()
+    server = fast(app)
+    server.start()
+    try:
+        wait_until(lambda: state_of(app, job_id) == "AwaitingRetry")
+    finally:
+        server.stop()
+    state = app.storage.get(job_id).state
+    wait = (state.retry_at - datetime.now(timezone.utc)).total_seconds()
+    assert 3500 < wait <= 3600 and "not yet" in state.last_exception
+
+
+def test_exhausted_retries_fail_with_the_traceback_kept(app: App) -> None:
+    @app.job(max_retries=0)
+    def broken() -> None:
+        raise KeyError("missing ünïcødé")
+
+    job_id = broken.enqueue()
+    server = fast(app)
+    server.start()
+    try:
+        wait_until(lambda: state_of(app, job_id) == "Failed")
+    finally:
+        server.stop()
+    job = app.storage.get(job_id)
+    assert job.state.exception_type == "KeyError"
+    assert "missing ünïcødé" in job.state.message
+    assert "in broken" in job.state.stack_trace
+    assert job.expires_at is not None and job.expires_at > job.state.failed_at
+
+
+def test_scheduled_job_waits_for_its_time(app: App) -> None:
+    ran: list[datetime] = []
+
+    @app.job
+    def tick() -> None:
+        ran.append(datetime.now(timezone.utc))
+
+    at = datetime.now(timezone.utc) + timedelta(seconds=0.5)
+    job_id = tick.schedule(at=at)
+    assert state_of(app, job_id) == "Scheduled"
+    server = fast(app)
+    server.start()
+    try:
+        wait_until(lambda: state_of(app, job_id) == "Succeeded")
+    finally:
+        server.stop()
+    assert ran[0] >= at
+
+
+def test_schedule_arguments_are_checked(app: App) -> None:
+    @app.job
+    def f() -> None: ...
+
+    with pytest.raises(ConfigurationError, match="exactly one"):
+        f.schedule()
+    with pytest.raises(ConfigurationError, match="aware datetime"):
+        f.schedule(at=datetime(2030, 1, 1))
+    with pytest.raises(ConfigurationError, match="negative"):
+        f.schedule(delay=-1)
+    assert app.storage.count_jobs() == {}
+
+
+def test_middleware_wraps_in_order_and_can_short_circuit(app: App) -> None:
+    seen: list[str] = []
+
+    def outer(job, context, call_next):  # noqa: ANN001, ANN202
+        seen.append("outer-before")
+        result = call_next()
+        seen.append("outer-after")
+        return result
+
+    def inner(job, context, call_next):  # noqa: ANN001, ANN202
+        seen.append("inner")
+        return "short-circuited" if job.args == ["skip"] else call_next()
+
+    @app.job
+    def echo(x: str) -> str:
+        seen.append("job")
+        return x
+
+    from qmlkit.processing.server import Server
+
+    server = Server.from_plugins(app=app, storage=app.storage, autoload=False,
+                                 middleware=[outer, inner],
+                                 config={"worker_count": 1, "log_attempts": False,
+                                         "polling_interval": timedelta(milliseconds=20)})
+    a, b = echo.enqueue("run"), echo.enqueue("skip")
+    server.start()
+    try:
+        wait_until(lambda: state_of(app, a) == state_of(app, b) == "Succeeded")
+    finally:
+        server.stop()
+    assert seen == ["outer-before", "inner", "job", "outer-after",
+                    "outer-before", "inner", "outer-after"]
+    assert app.storage.get(b).state.result == "short-circuited"
+
+
+def test_observers_see_every_committed_transition(backend_url: str) -> None:
+    seen: list[tuple[str, str | None, str]] = []
+    lock = threading.Lock()
+
+    class Observer:
+        @hookimpl
+        def qmlkit_job_state_changed(self, job, previous, current):  # noqa: ANN001, ANN202
+            with lock:
+                seen.append((job.id, previous.name if previous else None, current.name))
+            raise RuntimeError("observers are isolated")
+
+    app = App("obs", storage=backend_url, autoload=False, plugins=[Observer()])
+
+    @app.job(max_retries=0)
+    def ok() -> None: ...
+
+    job_id = ok.enqueue()
+    server = fast(app)
+    server.start()
+    try:
+        wait_until(lambda: state_of(app, job_id) == "Succeeded")
+    finally:
+        server.stop()
+    mine = [(p, c) for i, p, c in seen if i == job_id]
+    # Claims (Enqueued -> Processing) are not reported yet; every other change is.
+    assert mine == [(None, "Enqueued"), ("Processing", "Succeeded")]
+    app.delete(job_id)
+    assert seen[-1] == (job_id, "Succeeded", "Deleted")
+    app.close()
+
+
+def test_unknown_scheme_lists_known_schemes() -> None:
+    app = App("x", storage="mongodb://localhost/x", autoload=False)
+    with pytest.raises(UnknownStorageScheme) as info:
+        _ = app.storage
+    assert info.value.scheme == "mongodb"
+    assert {"memory", "sqlite"} <= set(info.value.known)
+    assert "qmlkit-mongodb" in str(info.value)
+
+
+def test_missing_sqlite_directory_names_the_path(tmp_path) -> None:  # noqa: ANN001
+    missing = tmp_path / "nope" / "deeper"
+    app = App("x", storage=f"sqlite:///{missing}/q.db", autoload=False)
+    with pytest.raises(ConfigurationError, match=str(missing)):
+        _ = app.storage
+
+
+def test_server_config_names_the_bad_field() -> None:
+    with pytest.raises(ValueError, match="worker_count"):
+        ServerConfig(worker_count=0)
+    with pytest.raises(ValueError, match="extra|bogus"):
+        ServerConfig(bogus=1)
+    with pytest.raises(ValueError, match="wakeup_url"):
+        ServerConfig(wakeup_url="redis://127.0.0.1")
+    assert "***" in repr(ServerConfig(storage_url="sqlite:///x.db").model_copy(
+        update={"storage_url": "postgresql://u:secret@h/db"}))
+
+
+def test_duplicate_job_name_is_refused(app: App) -> None:
+    @app.job(name="same")
+    def one() -> None: ...
+
+    with pytest.raises(ConfigurationError, match="registered already"):
+        @app.job(name="same")
+        def two() -> None: ...
+
+
+def test_enqueue_many_accepts_args_and_args_kwargs_pairs(app: App) -> None:
+    @app.job
+    def f(a: int, b: int = 0) -> int:
+        return a + b
+
+    ids = f.enqueue_many([(1,), [2], ((3,), {"b": 4})])
+    jobs = [app.storage.get(i) for i in ids]
+    assert [(j.args, j.kwargs) for j in jobs] == [([1], {}), ([2], {}), ([3], {"b": 4})]
+    assert len(set(ids)) == 3
