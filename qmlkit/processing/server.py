@@ -61,7 +61,8 @@ class ServerConfig(BaseModel):
         job_timeout: Default per-attempt limit (a job's ``timeout_s`` overrides it);
             ``None`` for none.
         queues: Queues served; empty means all.
-        fetch_batch_size: Most jobs one worker claims at a time.
+        fetch_batch_size: Most jobs one worker claims at a time (qml-rs: 10; qmlkit 50,
+            bounded further by ``prefetch_window``).
         prefetch_window: Most estimated work a worker claims ahead, as time (qmlkit's
             addition: keeps batches from reordering slow jobs). ``0`` claims one at a time.
         enable_scheduler: Promote due Scheduled and AwaitingRetry jobs.
@@ -93,7 +94,7 @@ class ServerConfig(BaseModel):
     polling_interval: timedelta = timedelta(seconds=1)
     job_timeout: timedelta | None = timedelta(minutes=5)
     queues: tuple[str, ...] = ("default",)
-    fetch_batch_size: int = Field(default=10, ge=1, le=1000)
+    fetch_batch_size: int = Field(default=50, ge=1, le=1000)
     prefetch_window: timedelta = timedelta(milliseconds=50)
     enable_scheduler: bool = True
     scheduler_poll_interval: timedelta = timedelta(seconds=1)

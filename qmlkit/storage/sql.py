@@ -349,20 +349,15 @@ class SQLStorage(Storage):
         Bypasses SQLAlchemy's per-value type processing, which costs more than SQLite's
         own insert; the only type that needs converting, timestamps, is converted here.
         """
-        compiled = self.jobs.insert().compile(dialect=conn.dialect, column_keys=list(rows[0]))
         ts = UTCTimestamp()
         dialect = conn.dialect
-        times = ("created_at", "expires_at", "enqueued_at", "due_at", "started_at")
         for row in rows:
-            for key in times:
+            for key in ("created_at", "expires_at", "enqueued_at", "due_at", "started_at"):
                 if row[key] is not None:
                     row[key] = ts.process_bind_param(row[key], dialect)
-        if compiled.positional:
-            pick = operator.itemgetter(*(compiled.positiontup or []))
-            params: Any = [pick(row) for row in rows]
-        else:
-            params = rows
-        conn.exec_driver_sql(str(compiled), params)
+        keys = list(rows[0])
+        self._run(conn, ("insert", *keys), lambda: self.jobs.insert().values(
+            {k: sa.bindparam(k) for k in keys}), rows, many=True)
 
     @staticmethod
     def _state_columns(state: JobState) -> dict[str, Any]:
@@ -597,14 +592,34 @@ class SQLStorage(Storage):
             if not rows:
                 return []
             claimed, updates = [], []
+            started = self._bind_ts(now)
             for row in rows:
-                job, reason = self._decode(row)
-                if reason is None:
-                    claimed.append(job.with_state(processing, attempts=job.attempts + 1))
-                    updates.append({**columns, "started_at": self._bind_ts(now), "b_id": job.id})
-                else:
-                    log.error("job %s quarantined: %s", job.id, reason)
-                    updates.append({**self._state_columns(job.state), "b_id": job.id})
+                if row["state_data"].startswith('{"name":"Enqueued"'):
+                    try:  # fast path: the new state is known, only the payload needs decoding
+                        payload = json.loads(row["payload"])
+                        job = Job.model_validate({
+                            "id": row["id"], "method": row["method"], "args": payload["args"],
+                            "kwargs": payload["kwargs"], "queue": row["queue"],
+                            "priority": row["priority"], "attempts": row["attempts"] + 1,
+                            "retry_count": row["retry_count"], "max_retries": row["max_retries"],
+                            "timeout_s": row["timeout_s"],
+                            "metadata": json.loads(row["job_metadata"]),
+                            "created_at": row["created_at"], "expires_at": row["expires_at"],
+                            "state": processing,
+                        })
+                    except (ValueError, TypeError, KeyError, ValidationError):
+                        pass  # decoded again below, for the reason
+                    else:
+                        claimed.append(job)
+                        updates.append({**columns, "started_at": started, "b_id": job.id})
+                        continue
+                stand_in, reason = self._decode(row)
+                if reason is None:  # valid after all (an unusual encoding of the state)
+                    claimed.append(stand_in.with_state(processing, attempts=stand_in.attempts + 1))
+                    updates.append({**columns, "started_at": started, "b_id": stand_in.id})
+                    continue
+                log.error("job %s quarantined: %s", stand_in.id, reason)
+                updates.append({**self._state_columns(stand_in.state), "b_id": stand_in.id})
             self._run(conn, ("claim-update",), build_update, updates, many=True)
             return claimed
 
