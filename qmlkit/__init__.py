@@ -1,7 +1,7 @@
 """qmlkit: a Hangfire-style background job server for Python, the counterpart of qml-rs.
 
 Storage backends, middleware and state-change observers are pluggy plugins; SQLite is
-the embedded default storage. Start with :class:`App`.
+the embedded default storage. Start with `App`.
 """
 
 from __future__ import annotations

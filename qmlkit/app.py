@@ -103,7 +103,7 @@ class JobFunction(Generic[P, R]):
     Attributes:
         name: The registered job name (default ``module.qualname``).
         fn: The wrapped function (``def`` or ``async def``).
-        options: Its :class:`JobOptions`.
+        options: Its `JobOptions`.
     """
 
     def __init__(self, app: App, fn: Callable[P, R], name: str, options: JobOptions) -> None:
@@ -141,7 +141,7 @@ class JobFunction(Generic[P, R]):
     ) -> str:
         """Store a job that becomes runnable at ``at`` or after ``delay``; return its id.
 
-        ``at`` and ``delay`` are reserved here; use :meth:`App.enqueue` to pass job
+        ``at`` and ``delay`` are reserved here; use `App.enqueue` to pass job
         arguments with those names.
 
         Args:
@@ -152,7 +152,7 @@ class JobFunction(Generic[P, R]):
 
         Raises:
             ConfigurationError: Neither or both of ``at`` and ``delay``, or a naive ``at``.
-            PayloadError: As for :meth:`enqueue`.
+            PayloadError: As for `enqueue`.
         """
         if (at is None) == (delay is None):
             raise ConfigurationError("schedule() takes exactly one of at= or delay=")
@@ -255,7 +255,7 @@ class App:
             retry: Retry policy for this job name.
 
         Returns:
-            A :class:`JobFunction` (or a decorator making one).
+            A `JobFunction` (or a decorator making one).
 
         Raises:
             ConfigurationError: The name is taken, or an option is invalid.
@@ -385,7 +385,7 @@ class App:
             raise ConfigurationError(f"invalid job for {method!r}: {exc}") from exc
 
     def enqueue(self, method: str, **options: Any) -> str:
-        """Store one job for ``method``; return its id. Options as :meth:`make_job`.
+        """Store one job for ``method``; return its id. Options as `make_job`.
 
         Raises:
             PayloadError: Arguments not JSON (the message names the argument) or too

@@ -1,4 +1,4 @@
-"""The qmlkit exception hierarchy, rooted at :class:`QmlError`.
+"""The qmlkit exception hierarchy, rooted at `QmlError`.
 
 Every error carries its data as attributes and a message that says how to fix the
 problem. Storage drivers' own exceptions are chained with ``raise ... from exc``.
@@ -20,6 +20,10 @@ class ConfigurationError(QmlError):
     """A setting is wrong; raised before anything starts, naming the bad field or URL part."""
 
 
+#: Plugin distribution names for schemes whose name differs from the scheme.
+_PACKAGES = {"postgresql": "postgres", "rediss": "redis"}
+
+
 class UnknownStorageScheme(ConfigurationError):
     """No installed storage plugin understands a URL's scheme.
 
@@ -34,7 +38,7 @@ class UnknownStorageScheme(ConfigurationError):
         super().__init__(
             f"no storage plugin understands the URL scheme {scheme!r}; known schemes: "
             f"{', '.join(self.known) or '(none)'}. If a plugin exists for it, install it, "
-            f"e.g. `pip install qmlkit-{scheme.split('+')[0]}`."
+            f"e.g. `pip install qmlkit-{_PACKAGES.get(scheme.split('+')[0], scheme.split('+')[0])}`."
         )
 
 
@@ -107,7 +111,7 @@ class JobNotFound(StorageError):
 
 
 class DuplicateJob(StorageError):
-    """A job with the same id (or idempotency key) is already stored.
+    """A job with the same id is already stored.
 
     Attributes:
         job_id: The id that already exists.
@@ -190,8 +194,9 @@ class JobTimeout(JobError):
 class Retry(QmlError):  # noqa: N818 - a signal, named for what it asks
     """Raised by job code to ask for another attempt.
 
-    The attempt counts against the job's ``max_retries``; once they are used up the job
-    fails with this exception's message.
+    The attempt counts against the job's ``max_retries`` (and only that: the retry
+    policy's ``retry_on``/``never_retry`` lists do not apply); once they are used up the
+    job fails with this exception's message.
 
     Attributes:
         delay: Seconds to wait before the next attempt, or ``None`` for the retry

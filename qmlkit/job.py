@@ -1,19 +1,20 @@
-"""The job model: :class:`Job` and its states, as in qml-rs (and Hangfire before it).
+"""The job model: `Job` and its states, as in qml-rs (and Hangfire before it).
 
 A job is an immutable pydantic model; every change makes a new one with
-:meth:`Job.with_state`, which enforces the state machine below. All times are aware UTC
+`Job.with_state`, which enforces the state machine below. All times are aware UTC
 ``datetime`` objects: a naive datetime is rejected, an aware one in another zone is
 converted to UTC (field case C07). ``Job.model_dump_json()`` and
 ``Job.model_validate_json()`` round-trip a job losslessly.
 
-State machine (a new job is born Enqueued or Scheduled)::
+State machine (a new job is born Enqueued or Scheduled; ``TRANSITIONS`` is the table)::
 
-    Scheduled ─────┐            ┌──▶ Succeeded ─┐
-        ▲          ▼            │               │
-    (new) ──▶ Enqueued ──▶ Processing ──▶ Failed ──────▶ Enqueued (manual retry)
-                  ▲             │  └──▶ AwaitingRetry ──▶ Enqueued (due)
-                  └─────────────┘ (released / reclaimed)
-    any state except Deleted ──▶ Deleted ──▶ Enqueued (requeue)
+    new           -> Enqueued | Scheduled
+    Enqueued      -> Processing (claimed) | Scheduled | Deleted
+    Scheduled     -> Enqueued (due) | Deleted
+    Processing    -> Succeeded | Failed | AwaitingRetry | Enqueued (released, reclaimed) | Deleted
+    AwaitingRetry -> Enqueued (due) | Deleted
+    Succeeded, Failed -> Enqueued (retried by hand) | Deleted
+    Deleted       -> Enqueued (requeued)
 """
 
 from __future__ import annotations

@@ -90,7 +90,7 @@ def resolve_storage(
     """Return the unopened storage for ``url``, asked of the plugins.
 
     Args:
-        pm: A manager from :func:`make_plugin_manager`.
+        pm: A manager from `make_plugin_manager`.
         url: The storage URL.
         options: Backend options.
 

@@ -18,7 +18,7 @@ _current: contextvars.ContextVar[JobContext | None] = contextvars.ContextVar(
 class JobContext:
     """The context of one attempt, passed to middleware and class-based workers.
 
-    Job functions reach it with :func:`current_context`.
+    Job functions reach it with `current_context`.
 
     Attributes:
         job: The job, in Processing, as claimed.
@@ -28,7 +28,7 @@ class JobContext:
             The attempt is still allowed to complete.
         cancelled: Set when the attempt must end now: its timeout passed, or the
             server's shutdown grace period ran out. Cooperative: long jobs should check
-            :meth:`is_cancelled` (or wait on it) and return or raise.
+            `is_cancelled` (or wait on it) and return or raise.
         timed_out: Whether ``cancelled`` was set because the timeout passed.
     """
 
@@ -77,5 +77,5 @@ def set_current(ctx: JobContext | None) -> contextvars.Token[JobContext | None]:
 
 
 def reset_current(token: contextvars.Token[JobContext | None]) -> None:
-    """Undo :func:`set_current`."""
+    """Undo `set_current`."""
     _current.reset(token)

@@ -59,8 +59,7 @@ def compose(
 ) -> Any:
     """Run ``run`` inside ``middleware`` (first = outermost) and return the result.
 
-    Raises:
-        Whatever the chain raises.
+    Any exception the chain raises propagates unchanged.
     """
     if not middleware:
         return run()

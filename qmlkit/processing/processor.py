@@ -175,9 +175,10 @@ class JobProcessor:
         if result is None:
             return None
         text = encode_json(result, "result")
-        if len(text) > self.max_result_bytes:
+        size = len(text.encode("utf-8")) if len(text) * 4 > self.max_result_bytes else len(text)
+        if size > self.max_result_bytes:
             raise PayloadError(
-                f"result encodes to {len(text)} characters, over {self.max_result_bytes}",
+                f"result encodes to {size} bytes, over the limit of {self.max_result_bytes}",
                 where="result",
             )
         return json.loads(text)

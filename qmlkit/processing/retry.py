@@ -16,7 +16,7 @@ from datetime import timedelta
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from qmlkit.errors import PayloadError, UnknownJobName
+from qmlkit.errors import PayloadError, Retry, UnknownJobName
 
 
 def _qualname(exc_type: type[BaseException]) -> str:
@@ -95,6 +95,8 @@ class RetryPolicy(BaseModel):
         limit = self.max_retries if max_retries is None else max_retries
         if retry_count >= limit:
             return False
+        if isinstance(exc, Retry):  # the job asked for it: only the limit applies
+            return True
         names = {_qualname(t) for t in type(exc).__mro__} | {t.__name__ for t in type(exc).__mro__}
         if names & set(self.never_retry):
             return False

@@ -4,7 +4,7 @@
 (``name#uuid``) when heartbeats are on, then starts the scheduler, the cleanup duty, the
 heartbeat duty and ``worker_count`` worker threads. ``stop()`` stops claiming, releases
 claimed-but-unstarted jobs at once, lets running attempts finish within
-``shutdown_timeout``, then cancels and releases whatever is still running (so nothing is
+``shutdown_timeout``, then cancels and releases whatever is still held (so nothing is
 left in Processing, field case C10), deregisters and returns.
 
 Each worker thread claims a small batch, runs it, and stores every outcome of the batch
@@ -75,12 +75,13 @@ class ServerConfig(BaseModel):
         cleanup_interval: Between cleanup sweeps.
         succeeded_ttl: ``expires_at`` offset for Succeeded jobs; ``None`` keeps them.
         failed_ttl: ``expires_at`` offset for Failed jobs; ``None`` keeps them.
-        deleted_ttl: ``expires_at`` offset for Deleted jobs; ``None`` keeps them.
         enable_heartbeat: Register in the server registry, heartbeat, reclaim dead peers.
         heartbeat_interval: Between heartbeats (and dead-peer scans).
         dead_server_timeout: A peer whose heartbeat is older is dead.
-        retry: The default retry policy.
-        max_result_bytes: Largest stored job result, in bytes of JSON.
+        retry: The retry policy for job names registered without their own: backoff,
+            jitter and which exceptions retry. How many retries a job gets is fixed when it
+            is enqueued (``Job.max_retries``, from its registration, default 3).
+        max_result_bytes: Largest stored job result, in bytes of UTF-8 JSON.
         log_attempts: Install the built-in ``LoggingMiddleware``.
     """
 
@@ -104,7 +105,6 @@ class ServerConfig(BaseModel):
     cleanup_interval: timedelta = timedelta(minutes=1)
     succeeded_ttl: timedelta | None = timedelta(hours=24)
     failed_ttl: timedelta | None = timedelta(days=7)
-    deleted_ttl: timedelta | None = timedelta(hours=24)
     enable_heartbeat: bool = False
     heartbeat_interval: timedelta = timedelta(seconds=10)
     dead_server_timeout: timedelta = timedelta(seconds=60)
@@ -141,7 +141,7 @@ class ServerConfig(BaseModel):
 class _Watchdog:
     """One thread that sets ``context.cancelled`` on running attempts past their deadline.
 
-    Workers register an attempt with :meth:`watch` and remove it with :meth:`done`, both
+    Workers register an attempt with `watch` and remove it with `done`, both
     O(1); the thread sleeps until the earliest deadline among the (at most
     ``worker_count``) running attempts, and is woken only when a new deadline is earlier.
     """
@@ -187,7 +187,7 @@ class _Watchdog:
 class Server:
     """A job server: worker threads plus scheduler, cleanup and heartbeat duties.
 
-    Build it with :meth:`from_plugins` (or ``App.server()``), which resolves the storage
+    Build it with `from_plugins` (or ``App.server()``), which resolves the storage
     and middleware through the plugin manager.
 
     Args:
@@ -221,7 +221,11 @@ class Server:
         self._wake = threading.Condition()
         self._wake_seq = 0
         self._scheduler_nudge = threading.Event()
+        # Jobs this server has claimed and not yet stored an outcome for ("held"), the
+        # ones running now, and held ones released by stop()/abort() before they started.
+        self._held: dict[str, Job] = {}
         self._contexts: dict[str, tuple[Job, JobContext]] = {}
+        self._released: set[str] = set()
         self._contexts_lock = threading.Lock()
         self._watchdog: _Watchdog | None = None
         self._observed = bool(self.pm.hook.qmlkit_job_state_changed.get_hookimpls())
@@ -364,37 +368,63 @@ class Server:
         self._stopping.set()  # also each running attempt's context.stopping
         self._wake_all()
         self._scheduler_nudge.set()
+        self._release_unstarted()
         deadline = time.monotonic() + grace_s
-        for thread in self._threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
+        while any(t.is_alive() for t in self._threads) and not self._hard_stop.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            for thread in self._threads:
+                thread.join(min(0.1, remaining))
+                if self._hard_stop.is_set():
+                    break
         if any(t.is_alive() for t in self._threads):
             self.abort()
         self._finish()
 
     def abort(self) -> None:
-        """Stop at once: cancel running attempts and release their jobs to Enqueued.
+        """Stop at once: cancel running attempts and release every held job to Enqueued.
 
         Called by ``stop()`` when the grace period runs out, and by the CLI on a second
-        signal. The threads running those attempts are left to end on their own; any
-        outcome they store later is rejected as stale.
+        signal. Claimed jobs not yet started and attempts still running all go back to
+        their queues without using a retry. The threads running those attempts are left
+        to end on their own; any outcome they store later is rejected as stale.
+        Idempotent.
         """
         self._stopping.set()
+        if self._hard_stop.is_set():
+            return
         self._hard_stop.set()
+        self._wake_all()
         with self._contexts_lock:
-            running = list(self._contexts.values())
-        for _, ctx in running:
-            ctx.cancelled.set()
-        if running:
-            now = utcnow()
-            items = [
-                Transition(job, Enqueued(enqueued_at=now, queue=job.queue,
-                                         reason="released: server stopped before it finished"))
-                for job, _ in running
-            ]
-            self._store(items)
-            log.warning("released %d unfinished job(s) back to their queues", len(items))
+            running = [job for job, _ in self._contexts.values() if job.id not in self._released]
+            for _, ctx in self._contexts.values():
+                ctx.cancelled.set()
+            self._released.update(job.id for job in running)
+        released = self._release(running, "released: server stopped before it finished")
+        released += self._release_unstarted()
+        if released:
+            log.warning("released %d unfinished job(s) back to their queues", released)
         for thread in self._threads:
             thread.join(0.5)
+
+    def _release_unstarted(self) -> int:
+        """Release held jobs that no worker has started; return how many."""
+        with self._contexts_lock:
+            idle = [
+                job for job_id, job in self._held.items()
+                if job_id not in self._contexts and job_id not in self._released
+            ]
+            self._released.update(job.id for job in idle)
+        return self._release(idle, "released unstarted: server stopping")
+
+    def _release(self, jobs: list[Job], reason: str) -> int:
+        if not jobs:
+            return 0
+        now = utcnow()
+        self._store([Transition(j, Enqueued(enqueued_at=now, queue=j.queue, reason=reason))
+                     for j in jobs])
+        return len(jobs)
 
     def _finish(self) -> None:
         if self._watchdog is not None:
@@ -484,26 +514,37 @@ class Server:
     def _run_batch(
         self, jobs: list[Job], worker_id: str, server_name: str, loop: asyncio.AbstractEventLoop
     ) -> None:
-        outcomes: list[Transition] = []
-        for index, job in enumerate(jobs):
-            if self._stopping.is_set():
-                now = utcnow()
-                outcomes.extend(
-                    Transition(j, Enqueued(enqueued_at=now, queue=j.queue,
-                                           reason="released unstarted: server stopping"))
-                    for j in jobs[index:]
-                )
-                break
-            outcomes.append(self._run_one(job, worker_id, server_name, loop))
-        self._store(outcomes)
-
-    def _run_one(
-        self, job: Job, worker_id: str, server_name: str, loop: asyncio.AbstractEventLoop
-    ) -> Transition:
-        ctx = JobContext(job=job, worker_id=worker_id, server_name=server_name,
-                         stopping=self._stopping)
         with self._contexts_lock:
-            self._contexts[job.id] = (job, ctx)
+            for job in jobs:
+                self._held[job.id] = job
+        outcomes: list[Transition] = []
+        try:
+            for job in jobs:
+                with self._contexts_lock:
+                    if job.id in self._released:  # stop() or abort() gave it back already
+                        self._released.discard(job.id)
+                        self._held.pop(job.id, None)
+                        continue
+                    if self._stopping.is_set():
+                        self._released.add(job.id)
+                        release = True
+                    else:
+                        release = False
+                        ctx = JobContext(job=job, worker_id=worker_id, server_name=server_name,
+                                         stopping=self._stopping)
+                        self._contexts[job.id] = (job, ctx)
+                if release:
+                    self._release([job], "released unstarted: server stopping")
+                    continue
+                outcomes.append(self._run_one(job, ctx, loop))
+        finally:
+            self._store(outcomes)
+            with self._contexts_lock:
+                for job in jobs:
+                    self._held.pop(job.id, None)
+                    self._released.discard(job.id)
+
+    def _run_one(self, job: Job, ctx: JobContext, loop: asyncio.AbstractEventLoop) -> Transition:
         timeout = self.processor.timeout_for(job)
         if timeout is not None and self._watchdog is not None:
             self._watchdog.watch(ctx, timeout)
@@ -535,7 +576,7 @@ class Server:
         changes = []
         for item, result in zip(outcomes, results):
             if isinstance(result, StaleClaim):
-                log.warning("outcome of job %s (attempt %d) discarded: %s",
+                log.log(logging.INFO if self._hard_stop.is_set() else logging.WARNING,"outcome of job %s (attempt %d) discarded: %s",
                             item.job.id, item.token, result)
             else:
                 changes.append(StateChange(result, item.job.state))

@@ -1,4 +1,4 @@
-"""Storage: the contract (:mod:`qmlkit.storage.base`) and the built-in backends."""
+"""Storage: the contract (`qmlkit.storage.base`) and the built-in backends."""
 
 from __future__ import annotations
 

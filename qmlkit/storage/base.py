@@ -9,9 +9,9 @@ Conventions for every method:
 
 * Times are aware UTC ``datetime`` objects; durations are ``timedelta``.
 * ``now`` arguments are passed in by the caller so tests can move the clock.
-* A backend that cannot be reached raises :class:`~qmlkit.errors.StorageUnavailable`
+* A backend that cannot be reached raises `qmlkit.errors.StorageUnavailable`
   (chained to the driver's error) and has changed nothing.
-* Methods are thread-safe once :meth:`Storage.open` has returned; several processes may
+* Methods are thread-safe once `Storage.open` has returned; several processes may
   share one store where the backend says so.
 """
 
@@ -200,7 +200,7 @@ class Storage(abc.ABC):
             offset: Skip this many first (pagination).
 
         Returns:
-            Up to ``limit`` jobs; undecodable rows appear as in :meth:`get`.
+            Up to ``limit`` jobs; undecodable rows appear as in `get`.
         """
 
     @abc.abstractmethod
@@ -288,7 +288,7 @@ class Storage(abc.ABC):
         """
 
     def transition(self, item: Transition) -> Job:
-        """Apply one fenced transition; see :meth:`transition_many`.
+        """Apply one fenced transition; see `transition_many`.
 
         Returns:
             The stored job after the change.

@@ -83,7 +83,7 @@ class MemoryStorage(Storage):
     # --- enqueue and read ----------------------------------------------------------
 
     def enqueue_many(self, jobs: Sequence[Job]) -> list[Job]:
-        """See :meth:`Storage.enqueue_many`."""
+        """See `Storage.enqueue_many`."""
         stored = []
         for job in jobs:
             check_transition(job.id, None, job.state.name)
@@ -99,7 +99,7 @@ class MemoryStorage(Storage):
         return stored
 
     def get(self, job_id: str) -> Job | None:
-        """See :meth:`Storage.get`."""
+        """See `Storage.get`."""
         return self._jobs.get(job_id)
 
     def list_jobs(
@@ -111,7 +111,7 @@ class MemoryStorage(Storage):
         limit: int = 100,
         offset: int = 0,
     ) -> list[Job]:
-        """See :meth:`Storage.list_jobs`."""
+        """See `Storage.list_jobs`."""
         with self._lock:
             found = [
                 j
@@ -124,7 +124,7 @@ class MemoryStorage(Storage):
         return found[offset : offset + limit]
 
     def count_jobs(self) -> dict[tuple[str, str], int]:
-        """See :meth:`Storage.count_jobs`."""
+        """See `Storage.count_jobs`."""
         counts: dict[tuple[str, str], int] = {}
         with self._lock:
             for job in self._jobs.values():
@@ -140,7 +140,7 @@ class MemoryStorage(Storage):
         expected: Sequence[str] = (),
         expires_at: datetime | None = None,
     ) -> StateChange:
-        """See :meth:`Storage.change_state`."""
+        """See `Storage.change_state`."""
         with self._lock:
             job = self._jobs.get(job_id)
             if job is None:
@@ -162,7 +162,7 @@ class MemoryStorage(Storage):
         limit: int,
         now: datetime,
     ) -> list[Job]:
-        """See :meth:`Storage.claim`."""
+        """See `Storage.claim`."""
         limit = max(1, min(limit, MAX_CLAIM))
         processing = Processing(started_at=now, worker_id=worker_id, server_name=server_name)
         claimed: list[Job] = []
@@ -183,7 +183,7 @@ class MemoryStorage(Storage):
         return claimed
 
     def transition_many(self, items: Sequence[Transition]) -> list[Job | StaleClaim]:
-        """See :meth:`Storage.transition_many`."""
+        """See `Storage.transition_many`."""
         out: list[Job | StaleClaim] = []
         with self._lock:
             for item in items:
@@ -206,7 +206,7 @@ class MemoryStorage(Storage):
         return getattr(job.state, "enqueue_at", None) or getattr(job.state, "retry_at", None)
 
     def promote_due(self, *, now: datetime, limit: int = 1000) -> list[StateChange]:
-        """See :meth:`Storage.promote_due`."""
+        """See `Storage.promote_due`."""
         changes = []
         with self._lock:
             for job in list(self._jobs.values()):
@@ -220,7 +220,7 @@ class MemoryStorage(Storage):
         return changes
 
     def next_due_at(self) -> datetime | None:
-        """See :meth:`Storage.next_due_at`."""
+        """See `Storage.next_due_at`."""
         with self._lock:
             dues = [d for d in map(self._due_at, self._jobs.values()) if d is not None]
         return min(dues, default=None)
@@ -235,12 +235,12 @@ class MemoryStorage(Storage):
         return changes
 
     def requeue_stranded(self, *, started_before: datetime, now: datetime) -> list[StateChange]:
-        """See :meth:`Storage.requeue_stranded`."""
+        """See `Storage.requeue_stranded`."""
         with self._lock:
             return self._requeue_where(now, "stranded", lambda s: s.started_at < started_before)
 
     def delete_expired(self, *, now: datetime, limit: int = 1000) -> int:
-        """See :meth:`Storage.delete_expired`."""
+        """See `Storage.delete_expired`."""
         with self._lock:
             doomed = [
                 j.id
@@ -254,12 +254,12 @@ class MemoryStorage(Storage):
     # --- server registry ---------------------------------------------------------------
 
     def register_server(self, info: ServerInfo) -> None:
-        """See :meth:`Storage.register_server`."""
+        """See `Storage.register_server`."""
         with self._lock:
             self._servers[info.id] = info
 
     def heartbeat(self, server_id: str, *, now: datetime) -> bool:
-        """See :meth:`Storage.heartbeat`."""
+        """See `Storage.heartbeat`."""
         with self._lock:
             info = self._servers.get(server_id)
             if info is None:
@@ -268,19 +268,19 @@ class MemoryStorage(Storage):
             return True
 
     def deregister_server(self, server_id: str) -> None:
-        """See :meth:`Storage.deregister_server`."""
+        """See `Storage.deregister_server`."""
         with self._lock:
             self._servers.pop(server_id, None)
 
     def list_servers(self) -> list[ServerInfo]:
-        """See :meth:`Storage.list_servers`."""
+        """See `Storage.list_servers`."""
         with self._lock:
             return sorted(self._servers.values(), key=lambda s: s.started_at)
 
     def reclaim_dead_servers(
         self, *, heartbeat_before: datetime, now: datetime
     ) -> list[StateChange]:
-        """See :meth:`Storage.reclaim_dead_servers`."""
+        """See `Storage.reclaim_dead_servers`."""
         with self._lock:
             dead = {s.id for s in self._servers.values() if s.last_heartbeat < heartbeat_before}
             for server_id in dead:

@@ -247,7 +247,7 @@ class SQLStorage(Storage):
         return self._engine
 
     def open(self) -> None:
-        """See :meth:`Storage.open`. Creates the tables and indexes if missing."""
+        """See `Storage.open`. Creates the tables and indexes if missing."""
         with self._open_lock:
             if self._engine is not None:
                 return
@@ -272,7 +272,7 @@ class SQLStorage(Storage):
             self._engine = engine
 
     def close(self) -> None:
-        """See :meth:`Storage.close`."""
+        """See `Storage.close`."""
         with self._open_lock:
             if self._engine is not None:
                 self._engine.dispose()
@@ -405,7 +405,7 @@ class SQLStorage(Storage):
     # --- enqueue and read --------------------------------------------------------------------
 
     def enqueue_many(self, jobs: Sequence[Job]) -> list[Job]:
-        """See :meth:`Storage.enqueue_many`."""
+        """See `Storage.enqueue_many`."""
         if not jobs:
             return []
         rows = []
@@ -424,7 +424,7 @@ class SQLStorage(Storage):
         return list(jobs)
 
     def get(self, job_id: str) -> Job | None:
-        """See :meth:`Storage.get`."""
+        """See `Storage.get`."""
         def read() -> sa.Row[Any] | None:
             with self._read() as conn:
                 return conn.execute(self.jobs.select().where(self.jobs.c.id == job_id)).first()
@@ -441,7 +441,7 @@ class SQLStorage(Storage):
         limit: int = 100,
         offset: int = 0,
     ) -> list[Job]:
-        """See :meth:`Storage.list_jobs`."""
+        """See `Storage.list_jobs`."""
         c = self.jobs.c
         query = self.jobs.select().order_by(c.created_at.desc(), c.id).limit(limit).offset(offset)
         for column, value in ((c.state, state), (c.queue, queue), (c.method, method)):
@@ -455,7 +455,7 @@ class SQLStorage(Storage):
         return [self._decode(row)[0] for row in self._retry(read)]
 
     def count_jobs(self) -> dict[tuple[str, str], int]:
-        """See :meth:`Storage.count_jobs`."""
+        """See `Storage.count_jobs`."""
         c = self.jobs.c
         query = sa.select(c.queue, c.state, sa.func.count()).group_by(c.queue, c.state)
 
@@ -473,7 +473,7 @@ class SQLStorage(Storage):
         expected: Sequence[str] = (),
         expires_at: datetime | None = None,
     ) -> StateChange:
-        """See :meth:`Storage.change_state`."""
+        """See `Storage.change_state`."""
         c = self.jobs.c
 
         def change(conn: Connection) -> StateChange:
@@ -569,7 +569,7 @@ class SQLStorage(Storage):
         limit: int,
         now: datetime,
     ) -> list[Job]:
-        """See :meth:`Storage.claim`."""
+        """See `Storage.claim`."""
         limit = max(1, min(limit, MAX_CLAIM))
         c = self.jobs.c
         processing = Processing(started_at=now, worker_id=worker_id, server_name=server_name)
@@ -626,7 +626,7 @@ class SQLStorage(Storage):
         return self._write(claim)
 
     def transition_many(self, items: Sequence[Transition]) -> list[Job | StaleClaim]:
-        """See :meth:`Storage.transition_many`."""
+        """See `Storage.transition_many`."""
         if not items:
             return []
         c = self.jobs.c
@@ -703,7 +703,7 @@ class SQLStorage(Storage):
         return changes
 
     def promote_due(self, *, now: datetime, limit: int = 1000) -> list[StateChange]:
-        """See :meth:`Storage.promote_due`."""
+        """See `Storage.promote_due`."""
         c = self.jobs.c
         where = state_is(c.state, "Scheduled", "AwaitingRetry") & (c.due_at <= now)
         return self._write(
@@ -713,7 +713,7 @@ class SQLStorage(Storage):
         )
 
     def next_due_at(self) -> datetime | None:
-        """See :meth:`Storage.next_due_at`."""
+        """See `Storage.next_due_at`."""
         c = self.jobs.c
         query = sa.select(sa.func.min(c.due_at)).where(state_is(c.state, "Scheduled", "AwaitingRetry"))
 
@@ -725,7 +725,7 @@ class SQLStorage(Storage):
         return self._retry(read)
 
     def requeue_stranded(self, *, started_before: datetime, now: datetime) -> list[StateChange]:
-        """See :meth:`Storage.requeue_stranded`."""
+        """See `Storage.requeue_stranded`."""
         c = self.jobs.c
         where = state_is(c.state, "Processing") & (c.started_at < started_before)
         return self._write(
@@ -735,7 +735,7 @@ class SQLStorage(Storage):
         )
 
     def delete_expired(self, *, now: datetime, limit: int = 1000) -> int:
-        """See :meth:`Storage.delete_expired`."""
+        """See `Storage.delete_expired`."""
         c = self.jobs.c
         doomed = (
             sa.select(c.id)
@@ -751,7 +751,7 @@ class SQLStorage(Storage):
     # --- server registry --------------------------------------------------------------------
 
     def register_server(self, info: ServerInfo) -> None:
-        """See :meth:`Storage.register_server`."""
+        """See `Storage.register_server`."""
         s = self.servers
 
         def write(conn: Connection) -> None:
@@ -762,18 +762,18 @@ class SQLStorage(Storage):
         self._write(write)
 
     def heartbeat(self, server_id: str, *, now: datetime) -> bool:
-        """See :meth:`Storage.heartbeat`."""
+        """See `Storage.heartbeat`."""
         s = self.servers
         stmt = s.update().where(s.c.id == server_id).values(last_heartbeat=now)
         return bool(self._write(lambda conn: conn.execute(stmt).rowcount))
 
     def deregister_server(self, server_id: str) -> None:
-        """See :meth:`Storage.deregister_server`."""
+        """See `Storage.deregister_server`."""
         s = self.servers
         self._write(lambda conn: conn.execute(s.delete().where(s.c.id == server_id)))
 
     def list_servers(self) -> list[ServerInfo]:
-        """See :meth:`Storage.list_servers`."""
+        """See `Storage.list_servers`."""
         s = self.servers
 
         def read() -> list[ServerInfo]:
@@ -790,7 +790,7 @@ class SQLStorage(Storage):
     def reclaim_dead_servers(
         self, *, heartbeat_before: datetime, now: datetime
     ) -> list[StateChange]:
-        """See :meth:`Storage.reclaim_dead_servers`."""
+        """See `Storage.reclaim_dead_servers`."""
         s, c = self.servers, self.jobs.c
 
         def write(conn: Connection) -> list[StateChange]:
