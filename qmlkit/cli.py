@@ -47,7 +47,10 @@ def load_app(spec: str) -> App:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise click.BadParameter(f"cannot import {module_name!r}: {exc}", param_hint="APP") from exc
-    app = getattr(module, attr, None)
+    if not hasattr(module, attr):
+        raise click.BadParameter(f"module {module_name!r} has no attribute {attr!r}",
+                                 param_hint="APP")
+    app = getattr(module, attr)
     if not isinstance(app, App):
         raise click.BadParameter(
             f"{module_name}.{attr} is {type(app).__name__}, not a qmlkit App", param_hint="APP"
@@ -165,11 +168,17 @@ def worker(app_spec: str, storage: str | None, queues: str, threads: int,
 @click.option("--args", "args_json", default="[]", help="Positional arguments, a JSON list.")
 @click.option("--kwargs", "kwargs_json", default="{}", help="Keyword arguments, a JSON object.")
 @click.option("--queue", default=None, help="Queue; default the job's registered queue.")
-@click.option("--priority", type=int, default=None, help="Priority; higher runs first.")
+@click.option("--priority", type=click.IntRange(-(2**31), 2**31 - 1), default=None,
+              help="Priority; higher runs first.")
+@click.option("--force", is_flag=True,
+              help="Enqueue even if APP does not register METHOD (another worker may).")
 @click.option("--delay", type=click.FloatRange(0), default=None, help="Seconds before it may run.")
 def enqueue(app_spec: str, method: str, storage: str | None, args_json: str, kwargs_json: str,
-            queue: str | None, priority: int | None, delay: float | None) -> None:
-    """Enqueue METHOD of APP with JSON arguments; print the job id."""
+            queue: str | None, priority: int | None, delay: float | None, force: bool) -> None:
+    """Enqueue METHOD of APP with JSON arguments; print the job id.
+
+    METHOD must be a job name APP registers, unless --force is given.
+    """
     try:
         args = json.loads(args_json)
         kwargs = json.loads(kwargs_json)
@@ -180,6 +189,11 @@ def enqueue(app_spec: str, method: str, storage: str | None, args_json: str, kwa
     if not isinstance(kwargs, dict):
         raise click.BadParameter("--kwargs must be a JSON object", param_hint="--kwargs")
     app = load_app(app_spec)
+    if method not in app.registry and not force:
+        raise click.BadParameter(
+            f"{app_spec} registers no job named {method!r}; registered: "
+            f"{', '.join(sorted(app.registry)) or '(none)'} (use --force to enqueue anyway)",
+            param_hint="METHOD")
     if storage:
         app = _with_storage(app, storage)
     try:

@@ -268,7 +268,7 @@ class Job(BaseModel):
     args: list[Any] = Field(default_factory=list)
     kwargs: dict[str, Any] = Field(default_factory=dict)
     queue: str = Field(default="default", min_length=1)
-    priority: int = 0
+    priority: int = Field(default=0, ge=-(2**31), le=2**31 - 1)
     attempts: int = Field(default=0, ge=0)
     retry_count: int = Field(default=0, ge=0)
     max_retries: int = Field(default=3, ge=0)

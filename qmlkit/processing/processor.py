@@ -29,6 +29,15 @@ from qmlkit.storage.base import Transition
 log = logging.getLogger(__name__)
 
 
+class _Encoded:
+    """A job's result already encoded to stored JSON inside the middleware chain."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+
 class Runnable(Protocol):
     """What the registry holds for each job name: a function or a class-based worker."""
 
@@ -123,7 +132,7 @@ class JobProcessor:
             result = self._call(runnable, job, context, loop)
             if context.timed_out:
                 raise JobTimeout(self.timeout_for(job) or 0.0)
-            stored = self._encode_result(result)
+            stored = result.value if isinstance(result, _Encoded) else self._encode_result(result)
         except BaseException as exc:  # noqa: BLE001 - every failure of a job is recorded
             if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 raise
@@ -148,13 +157,20 @@ class JobProcessor:
         token = set_current(context)
         try:
 
+            encoded: list[Any] = []
+
             def invoke() -> Any:
                 result = runnable.execute(job, context)
                 if asyncio.iscoroutine(result):
                     result = self._await(result, job, context, loop)
+                # Encode inside the chain, so middleware sees an unstorable result fail.
+                encoded.append((result, self._encode_result(result)))
                 return result
 
-            return compose(self.middleware, job, context, invoke)
+            result = compose(self.middleware, job, context, invoke)
+            if encoded and encoded[0][0] is result:
+                return _Encoded(encoded[0][1])
+            return result  # a middleware's own result: encoded by the caller
         finally:
             reset_current(token)
 

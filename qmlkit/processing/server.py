@@ -320,6 +320,8 @@ class Server:
             if stranded:
                 log.info("requeued %d stranded Processing job(s) on start", len(stranded))
                 self._notify(stranded)
+            if not cfg.enable_heartbeat:
+                self._warn_recent_processing()
             self._stopping = threading.Event()
             self._hard_stop = threading.Event()
             stamped = cfg.server_name
@@ -437,6 +439,20 @@ class Server:
             self.server_id = None
         self.app._detach(self)
         log.info("server stopped")
+
+    def _warn_recent_processing(self) -> None:
+        """Say so when jobs sit in Processing that only heartbeats could reclaim now."""
+        try:
+            held = sum(n for (_, state), n in self.storage.count_jobs().items()
+                       if state == "Processing")
+        except Exception:  # a warning is not worth failing start over
+            return
+        if held:
+            log.warning(
+                "%d job(s) are Processing, claimed less than %s ago; if their worker died, "
+                "they are requeued by a server started after that, or at once by heartbeat "
+                "reclaim (enable_heartbeat / qmlkit worker --heartbeat)",
+                held, self.config.stale_processing_after)
 
     def wake(self, queue: str | None = None) -> None:
         """Wake idle workers now (after an enqueue in this process)."""
