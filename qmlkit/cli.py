@@ -27,6 +27,8 @@ from qmlkit.job import STATE_NAMES, Job
 from qmlkit.storage.base import Storage
 
 console = Console(highlight=False)
+if not console.is_terminal:  # piped or captured: never cut ids or names to 80 columns
+    console = Console(highlight=False, width=400)
 
 
 def load_app(spec: str) -> App:
@@ -179,11 +181,13 @@ def enqueue(app_spec: str, method: str, storage: str | None, args_json: str, kwa
 
     METHOD must be a job name APP registers, unless --force is given.
     """
-    try:
-        args = json.loads(args_json)
-        kwargs = json.loads(kwargs_json)
-    except json.JSONDecodeError as exc:
-        raise click.BadParameter(f"not JSON: {exc}") from exc
+    parsed = []
+    for hint, text in (("--args", args_json), ("--kwargs", kwargs_json)):
+        try:
+            parsed.append(json.loads(text))
+        except json.JSONDecodeError as exc:
+            raise click.BadParameter(f"not JSON: {exc}", param_hint=hint) from exc
+    args, kwargs = parsed
     if not isinstance(args, list):
         raise click.BadParameter("--args must be a JSON list", param_hint="--args")
     if not isinstance(kwargs, dict):

@@ -134,8 +134,8 @@ class JobProcessor:
                 raise JobTimeout(self.timeout_for(job) or 0.0)
             stored = result.value if isinstance(result, _Encoded) else self._encode_result(result)
         except BaseException as exc:  # noqa: BLE001 - every failure of a job is recorded
-            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-                raise
+            # Even SystemExit or KeyboardInterrupt raised by job code fails only that job:
+            # on a worker thread, it would otherwise end the thread and strand the batch.
             if context.timed_out and not isinstance(exc, JobTimeout):
                 exc = JobTimeout(self.timeout_for(job) or 0.0)
             return self._failure(job, exc, runnable)
@@ -206,11 +206,16 @@ class JobProcessor:
         retryable = policy.should_retry(exc, job.retry_count, job.max_retries)
         if retryable:
             retry_number = job.retry_count + 1
-            delay = (
-                timedelta(seconds=exc.delay)
-                if isinstance(exc, Retry) and exc.delay is not None
-                else policy.backoff(retry_number)
-            )
+            delay = policy.backoff(retry_number)
+            if isinstance(exc, Retry) and exc.delay is not None:
+                try:  # a usable delay from the job; NaN, negative or huge ones are ignored
+                    asked = timedelta(seconds=float(exc.delay))
+                    if asked >= timedelta(0):
+                        now + asked  # noqa: B018 - raises OverflowError past year 9999
+                        delay = asked
+                except (TypeError, ValueError, OverflowError):
+                    log.warning("job %s: Retry(delay=%r) is unusable; using the policy's backoff",
+                                job.id, exc.delay)
             return Transition(
                 job,
                 AwaitingRetry(retry_at=now + delay, retry_count=retry_number,

@@ -569,8 +569,9 @@ class Server:
         finally:
             if timeout is not None and self._watchdog is not None:
                 self._watchdog.done(ctx)
-            with self._contexts_lock:
+            with self._contexts_lock:  # finished: its outcome is stored with the batch
                 self._contexts.pop(job.id, None)
+                self._held.pop(job.id, None)
 
     def _store(self, outcomes: list[Transition]) -> None:
         """Store a batch of outcomes in one transaction, retrying while storage is down."""
