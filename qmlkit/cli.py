@@ -134,33 +134,41 @@ def worker(app_spec: str, storage: str | None, queues: str, threads: int,
         fields["server_name"] = server_name
     try:
         server = app.server(**fields)
-        server.start()
     except QmlError as exc:
         raise click.ClickException(str(exc)) from exc
 
+    # Handlers go in before the server claims anything, so no signal can end the
+    # process without a drain. They only record; this thread acts on them.
     signals = {"count": 0}
     first = threading.Event()
+    cli_log = logging.getLogger("qmlkit.cli")
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         signals["count"] += 1
         if signals["count"] == 1:
-            logging.getLogger("qmlkit.cli").info(
-                "%s: draining (send again to stop at once)", signal.Signals(signum).name)
+            cli_log.info("%s: draining (send again to stop at once)", signal.Signals(signum).name)
             first.set()
         else:
-            logging.getLogger("qmlkit.cli").warning("second signal: releasing unfinished jobs")
-            server.abort()
+            cli_log.warning("second signal: releasing unfinished jobs")
+            if server.is_running:
+                threading.Thread(target=server.abort, name="qmlkit-abort").start()
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    try:
+        server.start()
+    except QmlError as exc:
+        raise click.ClickException(str(exc)) from exc
     while not first.wait(0.5):
         pass
+    if signals["count"] > 1:  # both signals came while the server was starting
+        server.abort()
     stopper = threading.Thread(target=server.stop, name="qmlkit-stop")
     stopper.start()
     while stopper.is_alive():
         stopper.join(0.2)
     app.close()
-    sys.exit(1 if server._hard_stop.is_set() else 0)
+    sys.exit(1 if server.aborted else 0)
 
 
 @main.command()

@@ -218,6 +218,8 @@ class Server:
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._hard_stop = threading.Event()
+        self._abort_lock = threading.Lock()
+        self._abort_done = False
         self._wake = threading.Condition()
         self._wake_seq = 0
         self._scheduler_nudge = threading.Event()
@@ -293,6 +295,11 @@ class Server:
     # --- lifecycle --------------------------------------------------------------------
 
     @property
+    def aborted(self) -> bool:
+        """Whether the last stop had to release unfinished jobs (``abort()`` ran)."""
+        return self._hard_stop.is_set()
+
+    @property
     def is_running(self) -> bool:
         """Whether ``start()`` has run and ``stop()`` has not."""
         return self._running
@@ -324,6 +331,7 @@ class Server:
                 self._warn_recent_processing()
             self._stopping = threading.Event()
             self._hard_stop = threading.Event()
+            self._abort_done = False
             stamped = cfg.server_name
             if cfg.enable_heartbeat:
                 self.server_id = f"{cfg.server_name}#{uuid.uuid4()}"
@@ -394,9 +402,14 @@ class Server:
         Idempotent.
         """
         self._stopping.set()
-        if self._hard_stop.is_set():
-            return
-        self._hard_stop.set()
+        self._hard_stop.set()  # stop() stops waiting for threads at once
+        with self._abort_lock:  # a second caller waits until the first has released
+            if self._abort_done:
+                return
+            self._abort_done = True
+            self._abort()
+
+    def _abort(self) -> None:
         self._wake_all()
         with self._contexts_lock:
             running = [job for job, _ in self._contexts.values() if job.id not in self._released]
@@ -407,8 +420,9 @@ class Server:
         released += self._release_unstarted()
         if released:
             log.warning("released %d unfinished job(s) back to their queues", released)
+        deadline = time.monotonic() + 0.5  # let threads that can end quickly do so
         for thread in self._threads:
-            thread.join(0.5)
+            thread.join(max(0.0, deadline - time.monotonic()))
 
     def _release_unstarted(self) -> int:
         """Release held jobs that no worker has started; return how many."""
