@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextvars
 import logging
 import threading
-from dataclasses import dataclass, field
 
 from qmlkit.job import Job
 
@@ -14,7 +13,9 @@ _current: contextvars.ContextVar[JobContext | None] = contextvars.ContextVar(
 )
 
 
-@dataclass
+_EVENT_LOCK = threading.Lock()
+
+
 class JobContext:
     """The context of one attempt, passed to middleware and class-based workers.
 
@@ -26,18 +27,46 @@ class JobContext:
         server_name: The server it runs on.
         stopping: Set when the server begins a graceful stop: finish soon, or checkpoint.
             The attempt is still allowed to complete.
-        cancelled: Set when the attempt must end now: its timeout passed, or the
-            server's shutdown grace period ran out. Cooperative: long jobs should check
-            `is_cancelled` (or wait on it) and return or raise.
         timed_out: Whether ``cancelled`` was set because the timeout passed.
     """
 
-    job: Job
-    worker_id: str
-    server_name: str
-    stopping: threading.Event = field(default_factory=threading.Event)
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    timed_out: bool = False
+    __slots__ = ("_cancelled", "job", "server_name", "stopping", "timed_out", "worker_id")
+
+    def __init__(
+        self,
+        job: Job,
+        worker_id: str,
+        server_name: str,
+        stopping: threading.Event | None = None,
+    ) -> None:
+        """Make the context of one attempt.
+
+        Args:
+            job: The claimed job.
+            worker_id: The worker running it.
+            server_name: Its server.
+            stopping: The server's stopping event; a fresh one if ``None``.
+        """
+        self.job = job
+        self.worker_id = worker_id
+        self.server_name = server_name
+        self.stopping = stopping if stopping is not None else threading.Event()
+        self.timed_out = False
+        self._cancelled: threading.Event | None = None
+
+    @property
+    def cancelled(self) -> threading.Event:
+        """Set when the attempt must end now: its timeout passed, or the server's grace
+        period ran out. Cooperative: long jobs should check `is_cancelled` (or wait on
+        this event) and return or raise. Made on first use: most attempts never look.
+        """
+        event = self._cancelled
+        if event is None:
+            with _EVENT_LOCK:
+                if self._cancelled is None:
+                    self._cancelled = threading.Event()
+                event = self._cancelled
+        return event
 
     @property
     def logger(self) -> logging.LoggerAdapter[logging.Logger]:
@@ -53,7 +82,7 @@ class JobContext:
 
     def is_cancelled(self) -> bool:
         """Return whether the attempt has been asked to end now (timeout or hard stop)."""
-        return self.cancelled.is_set()
+        return self._cancelled is not None and self._cancelled.is_set()
 
 
 def current_context() -> JobContext:

@@ -20,7 +20,16 @@ from datetime import timedelta
 from typing import Any, Protocol
 
 from qmlkit.errors import JobTimeout, PayloadError, Retry, UnknownJobName
-from qmlkit.job import AwaitingRetry, Failed, Job, Succeeded, cap_text, encode_json, utcnow
+from qmlkit.job import (
+    AwaitingRetry,
+    Failed,
+    Job,
+    Succeeded,
+    cap_text,
+    encode_json,
+    trusted,
+    utcnow,
+)
 from qmlkit.processing.context import JobContext, reset_current, set_current
 from qmlkit.processing.middleware import Middleware, compose
 from qmlkit.processing.retry import RetryPolicy, _qualname
@@ -143,7 +152,9 @@ class JobProcessor:
         now = utcnow()
         return Transition(
             job,
-            Succeeded(succeeded_at=now, duration_ms=round(duration_ms, 3), result=stored),
+            # Built unvalidated: every field is of a known type, and this is per attempt.
+            trusted(Succeeded, {"succeeded_at": now, "duration_ms": round(duration_ms, 3),
+                                "result": stored}),
             expires_at=now + self.succeeded_ttl if self.succeeded_ttl else None,
         )
 

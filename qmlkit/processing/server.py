@@ -156,14 +156,15 @@ class _Watchdog:
 
     def watch(self, context: JobContext, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
-        with self._cond:
-            self._running[id(context)] = (deadline, context)
-            if deadline < self._next_wake:
+        # Single dict operations are atomic under the GIL; the lock is needed only to
+        # wake the thread for a deadline earlier than the one it sleeps towards.
+        self._running[id(context)] = (deadline, context)
+        if deadline < self._next_wake:
+            with self._cond:
                 self._cond.notify()
 
     def done(self, context: JobContext) -> None:
-        with self._cond:
-            self._running.pop(id(context), None)
+        self._running.pop(id(context), None)
 
     def _run(self) -> None:
         with self._cond:
@@ -607,9 +608,10 @@ class Server:
         changes = []
         for item, result in zip(outcomes, results):
             if isinstance(result, StaleClaim):
-                log.log(logging.INFO if self._hard_stop.is_set() else logging.WARNING,"outcome of job %s (attempt %d) discarded: %s",
-                            item.job.id, item.token, result)
-            else:
+                level = logging.INFO if self._hard_stop.is_set() else logging.WARNING
+                log.log(level, "outcome of job %s (attempt %d) discarded: %s",
+                        item.job.id, item.token, result)
+            elif self._observed:
                 changes.append(StateChange(result, item.job.state))
         self._notify(changes)
 

@@ -23,7 +23,16 @@ from qmlkit.errors import (
     JobNotFound,
     StaleClaim,
 )
-from qmlkit.job import Enqueued, Job, JobState, Processing, check_transition, encode_payload
+from qmlkit.job import (
+    AwaitingRetry,
+    Enqueued,
+    Job,
+    JobState,
+    Processing,
+    Scheduled,
+    check_transition,
+    encode_payload,
+)
 from qmlkit.storage.base import MAX_CLAIM, ServerInfo, StateChange, Storage, Transition
 
 #: Names of the states ``delete_expired`` may remove.
@@ -47,6 +56,7 @@ class MemoryStorage(Storage):
         self._heaps: dict[str, list[tuple[int, float, int, str]]] = {}
         self._seq = itertools.count()
         self._servers: dict[str, ServerInfo] = {}
+        self._waiting: dict[str, datetime] = {}  # Scheduled/AwaitingRetry job id -> due time
 
     @classmethod
     def from_url(cls, url: str, options: Mapping[str, Any]) -> MemoryStorage:
@@ -77,8 +87,15 @@ class MemoryStorage(Storage):
 
     def _store(self, job: Job) -> None:
         self._jobs[job.id] = job
-        if job.state.name == "Enqueued":
+        state = job.state
+        if isinstance(state, Enqueued):
             self._push(job)
+        if isinstance(state, Scheduled):
+            self._waiting[job.id] = state.enqueue_at
+        elif isinstance(state, AwaitingRetry):
+            self._waiting[job.id] = state.retry_at
+        else:
+            self._waiting.pop(job.id, None)
 
     # --- enqueue and read ----------------------------------------------------------
 
@@ -202,28 +219,22 @@ class MemoryStorage(Storage):
 
     # --- background duties -----------------------------------------------------------
 
-    def _due_at(self, job: Job) -> datetime | None:
-        return getattr(job.state, "enqueue_at", None) or getattr(job.state, "retry_at", None)
-
     def promote_due(self, *, now: datetime, limit: int = 1000) -> list[StateChange]:
         """See `Storage.promote_due`."""
         changes = []
         with self._lock:
-            for job in list(self._jobs.values()):
-                if len(changes) >= limit:
-                    break
-                due = self._due_at(job)
-                if due is not None and due <= now:
-                    promoted = job.with_state(Enqueued(enqueued_at=now, queue=job.queue))
-                    self._store(promoted)
-                    changes.append(StateChange(promoted, job.state))
+            due = [job_id for job_id, at in self._waiting.items() if at <= now][:limit]
+            for job_id in due:
+                job = self._jobs[job_id]
+                promoted = job.with_state(Enqueued(enqueued_at=now, queue=job.queue))
+                self._store(promoted)
+                changes.append(StateChange(promoted, job.state))
         return changes
 
     def next_due_at(self) -> datetime | None:
         """See `Storage.next_due_at`."""
         with self._lock:
-            dues = [d for d in map(self._due_at, self._jobs.values()) if d is not None]
-        return min(dues, default=None)
+            return min(self._waiting.values(), default=None)
 
     def _requeue_where(self, now: datetime, reason: str, pred: Any) -> list[StateChange]:
         changes = []
