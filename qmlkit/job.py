@@ -305,7 +305,12 @@ class Job(BaseModel):
         On a worker's hot path (two copies per attempt) this is several times cheaper
         than ``model_copy``.
         """
-        return trusted(Job, {**self.__dict__, **changes})
+        return trusted(Job, {**self.__dict__, **changes},
+                       self.__pydantic_fields_set__ | changes.keys())
+
+
+#: Strict compact JSON encoding (no NaN, non-ASCII kept), made once.
+_ENCODE = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode
 
 
 def encode_json(value: Any, where: str) -> str:
@@ -322,7 +327,7 @@ def encode_json(value: Any, where: str) -> str:
         PayloadError: ``value`` (or something inside it) is not JSON-serialisable.
     """
     try:
-        return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+        return _ENCODE(value)
     except (TypeError, ValueError) as exc:
         raise PayloadError(f"{where} is not JSON-serialisable: {exc}", where=where) from exc
 
@@ -348,10 +353,7 @@ def encode_payload(
             ``max_bytes``.
     """
     try:
-        text = json.dumps(
-            {"args": list(args), "kwargs": kwargs},
-            ensure_ascii=False, allow_nan=False, separators=(",", ":"),
-        )
+        text = _ENCODE({"args": list(args), "kwargs": kwargs})
     except (TypeError, ValueError):
         for i, arg in enumerate(args):
             encode_json(arg, f"args[{i}]")
@@ -375,7 +377,7 @@ _M = TypeVar("_M", bound=BaseModel)
 _DEFAULTS: dict[type[BaseModel], dict[str, Any]] = {}
 
 
-def trusted(cls: type[_M], values: dict[str, Any]) -> _M:
+def trusted(cls: type[_M], values: dict[str, Any], fields_set: set[str] | None = None) -> _M:
     """Build a model from values already known to be valid, skipping validation.
 
     For qmlkit's own hot paths only (a claimed job, an attempt's outcome state), where
@@ -386,6 +388,7 @@ def trusted(cls: type[_M], values: dict[str, Any]) -> _M:
     Args:
         cls: A pydantic model class of this module.
         values: Field values; ``name`` may be left out for states.
+        fields_set: The names to record as explicitly set (default: ``values``' keys).
 
     Returns:
         The model instance.
@@ -397,8 +400,9 @@ def trusted(cls: type[_M], values: dict[str, Any]) -> _M:
             if f.default_factory is None and not f.is_required()
         }
     obj = cls.__new__(cls)
-    object.__setattr__(obj, "__dict__", {**defaults, **values})
-    object.__setattr__(obj, "__pydantic_fields_set__", set(values))
+    object.__setattr__(obj, "__dict__", {**defaults, **values} if defaults else values)
+    object.__setattr__(obj, "__pydantic_fields_set__",
+                       set(values) if fields_set is None else fields_set)
     object.__setattr__(obj, "__pydantic_extra__", None)
     object.__setattr__(obj, "__pydantic_private__", None)
     return obj

@@ -221,6 +221,7 @@ class SQLStorage(Storage):
         self._engine: Engine | None = None
         self._open_lock = threading.Lock()
         self._sql_cache: dict[tuple[Any, ...], tuple[str, Any, dict[str, Any]]] = {}
+        self._positions_cache: dict[str, list[str]] = {}
 
     @classmethod
     def from_url(cls, url: str, options: Mapping[str, Any]) -> SQLStorage:
@@ -360,42 +361,64 @@ class SQLStorage(Storage):
 
     # --- row <-> job -------------------------------------------------------------------------
 
-    def _row_values(self, job: Job, state_cache: dict[int, dict[str, Any]]) -> dict[str, Any]:
-        state = job.state
-        columns = state_cache.get(id(state))
-        if columns is None:  # jobs of one bulk enqueue share one state object
-            columns = state_cache[id(state)] = self._state_columns(state)
-        return {
-            "id": job.id,
-            "method": job.method,
-            "queue": job.queue,
-            "priority": job.priority,
-            "attempts": job.attempts,
-            "retry_count": job.retry_count,
-            "max_retries": job.max_retries,
-            "timeout_s": job.timeout_s,
-            "created_at": job.created_at,
-            "expires_at": job.expires_at,
-            "payload": encode_payload(job.args, job.kwargs, self.max_payload_bytes),
-            "job_metadata": encode_json(job.metadata, "metadata") if job.metadata else "{}",
-            **columns,
-        }
+    #: Column order of inserted rows (the table's order).
+    _INSERT_COLUMNS = (
+        "id", "method", "queue", "priority", "state", "attempts", "retry_count", "max_retries",
+        "timeout_s", "created_at", "enqueued_at", "due_at", "started_at", "server_name",
+        "expires_at", "payload", "job_metadata", "state_data",
+    )
 
-    def _insert_jobs(self, cursor: Any, rows: list[dict[str, Any]]) -> None:
-        """Insert rows with one driver-level ``executemany``.
+    def _insert_rows(self, jobs: Sequence[Job]) -> list[tuple[Any, ...]]:
+        """Encode jobs as insert rows (tuples in ``_INSERT_COLUMNS`` order), checking each.
 
-        Bypasses SQLAlchemy's per-value type processing, which costs more than SQLite's
-        own insert; the only type that needs converting, timestamps, is converted here.
+        Raises:
+            PayloadError: A job's arguments or metadata are not JSON or too large.
+            InvalidTransition: A job is not Enqueued or Scheduled.
         """
-        ts = UTCTimestamp()
-        dialect = self.engine.dialect
-        for row in rows:
-            for key in ("created_at", "expires_at", "enqueued_at", "due_at", "started_at"):
-                if row[key] is not None:
-                    row[key] = ts.process_bind_param(row[key], dialect)
-        keys = list(rows[0])
-        self._run(cursor, ("insert", *keys), lambda: self.jobs.insert().values(
-            {k: sa.bindparam(k) for k in keys}), rows, many=True)
+        ts = self._bind_ts
+        limit = self.max_payload_bytes
+        states: dict[int, tuple[Any, ...]] = {}  # jobs of one bulk enqueue share a state
+        rows = []
+        for job in jobs:
+            state = job.state
+            cols = states.get(id(state))
+            if cols is None:
+                check_transition(job.id, None, state.name)
+                c = self._state_columns(state)
+                cols = states[id(state)] = (
+                    c["state"], ts(c["enqueued_at"]), ts(c["due_at"]), ts(c["started_at"]),
+                    c["server_name"], c["state_data"],
+                )
+            rows.append((
+                job.id, job.method, job.queue, job.priority, cols[0], job.attempts,
+                job.retry_count, job.max_retries, job.timeout_s, ts(job.created_at),
+                cols[1], cols[2], cols[3], cols[4], ts(job.expires_at),
+                encode_payload(job.args, job.kwargs, limit),
+                encode_json(job.metadata, "metadata") if job.metadata else "{}",
+                cols[5],
+            ))
+        return rows
+
+    def _insert_jobs(self, cursor: Any, rows: list[tuple[Any, ...]]) -> None:
+        """Insert encoded rows with one driver-level ``executemany``."""
+        cols = self._INSERT_COLUMNS
+        sql, order, _ = self._compiled(("insert",), lambda: self.jobs.insert().values(
+            {k: sa.bindparam(k) for k in cols}))
+        if order is not None and tuple(self._positions("insert")) == cols:
+            cursor.executemany(sql, rows)  # the compiled order is the table order
+        elif order is not None:
+            cursor.executemany(sql, [_as_tuple(order(dict(zip(cols, r)))) for r in rows])
+        else:
+            cursor.executemany(sql, [dict(zip(cols, r)) for r in rows])
+
+    def _positions(self, name: str) -> list[str]:
+        compiled = self._positions_cache.get(name)
+        if compiled is None:
+            built = self.jobs.insert().values(
+                {k: sa.bindparam(k) for k in self._INSERT_COLUMNS}
+            ).compile(dialect=self.engine.dialect)
+            compiled = self._positions_cache[name] = list(built.positiontup or [])
+        return compiled
 
     @staticmethod
     def _state_columns(state: JobState) -> dict[str, Any]:
@@ -446,11 +469,7 @@ class SQLStorage(Storage):
         """See `Storage.enqueue_many`."""
         if not jobs:
             return []
-        rows = []
-        cache: dict[int, dict[str, Any]] = {}
-        for job in jobs:
-            check_transition(job.id, None, job.state.name)
-            rows.append(self._row_values(job, cache))
+        rows = self._insert_rows(jobs)
 
         def insert(cursor: Any) -> None:
             self._insert_jobs(cursor, rows)
