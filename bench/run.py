@@ -3,8 +3,9 @@
 Prints, for ``memory://`` and a SQLite file: enqueue jobs/s one by one and in bulk
 (1,000 per call), drain jobs/s of 10,000 no-op jobs with 1 and 8 worker threads, and the
 enqueue-to-start latency (p50/p99) of an idle in-process worker. Each figure is the
-median of ``--repeat`` runs. Ratios are against the figures other queues reached on this
-kind of machine (shared/reference/peer-figures.md; not re-measured in this run).
+median of ``--repeat`` runs. Huey, measured in the same run on the same kind of storage
+(``bench/peers.py``; ``pip install huey``), gives the ratios; without Huey installed only
+qmlkit's figures are printed.
 
     python bench/run.py [--repeat 3] [--jobs 10000]
 """
@@ -21,11 +22,6 @@ from pathlib import Path
 from qmlkit import App
 from qmlkit.job import utcnow
 
-#: Best drain and enqueue figures of other Python queues on this kind of machine (jobs/s),
-#: from shared/reference/peer-figures.md (Huey 3.5 and RQ 3.0 on Redis).
-PEER_DRAIN = ("Huey 1 thread", 1781)
-PEER_BULK = ("RQ pipeline", 11854)
-PEER_SINGLE = ("Huey", 6709)
 
 
 def make_app(url: str) -> App:
@@ -118,8 +114,16 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--jobs", type=int, default=10_000)
     args = parser.parse_args()
+    try:
+        import huey  # noqa: F401
+
+        from peers import huey_drain, huey_enqueue
+    except ImportError:
+        huey_drain = huey_enqueue = None  # type: ignore[assignment]
+    n, rep = args.jobs, args.repeat
     print(f"qmlkit bench, {time.strftime('%Y-%m-%d')} ({utcnow():%H:%M} UTC), "
-          f"median of {args.repeat}, {args.jobs} jobs")
+          f"median of {rep}, {n} no-op jobs; peer: Huey in the same run")
+    median = statistics.median
     with tempfile.TemporaryDirectory() as tmp:
         for name in ("memory", "sqlite"):
             def url(tag: str, _name: str = name) -> str:
@@ -127,19 +131,23 @@ def main() -> None:
                     return "memory://"
                 return f"sqlite:///{Path(tmp) / f'{tag}-{time.perf_counter_ns()}.db'}"
 
-            singles, bulks = zip(*(bench_enqueue(url("enq"), 2000, args.jobs)
-                                   for _ in range(args.repeat)))
-            drain1 = [bench_drain(url("d1"), args.jobs, 1) for _ in range(args.repeat)]
-            drain8 = [bench_drain(url("d8"), args.jobs, 8) for _ in range(args.repeat)]
+            singles, bulks = zip(*(bench_enqueue(url("enq"), 2000, n) for _ in range(rep)))
+            rows = [
+                ("enqueue one by one", median(singles),
+                 huey_enqueue and median(huey_enqueue(name, 2000) for _ in range(rep))),
+                ("enqueue bulk (1,000 per call)", median(bulks), None),
+            ]
+            for threads in (1, 8):
+                ours = median(bench_drain(url("d"), n, threads) for _ in range(rep))
+                theirs = huey_drain and median(huey_drain(name, n, threads) for _ in range(rep))
+                rows.append((f"drain, {threads} thread{'s' if threads > 1 else ''}", ours, theirs))
             p50, p99 = bench_latency(url("lat"))
-            single, bulk = statistics.median(singles), statistics.median(bulks)
-            d1, d8 = statistics.median(drain1), statistics.median(drain8)
-            print(f"\n{name}")
-            print(f"  enqueue one by one  {single:>9,.0f} jobs/s  ({single / PEER_SINGLE[1]:.1f}x {PEER_SINGLE[0]})")
-            print(f"  enqueue bulk (1000) {bulk:>9,.0f} jobs/s  ({bulk / PEER_BULK[1]:.1f}x {PEER_BULK[0]})")
-            print(f"  drain, 1 thread     {d1:>9,.0f} jobs/s  ({d1 / PEER_DRAIN[1]:.1f}x {PEER_DRAIN[0]})")
-            print(f"  drain, 8 threads    {d8:>9,.0f} jobs/s  ({d8 / PEER_DRAIN[1]:.1f}x {PEER_DRAIN[0]})")
-            print(f"  latency, idle worker, in-process enqueue  p50 {p50:.2f} ms  p99 {p99:.2f} ms")
+            print(f"\n{name:<32}{'qmlkit':>12}{'Huey':>12}{'ratio':>8}")
+            for label, ours, theirs in rows:
+                peer = f"{theirs:>12,.0f}{ours / theirs:>7.1f}x" if theirs else f"{'-':>12}{'':>8}"
+                print(f"  {label:<30}{ours:>12,.0f}{peer}")
+            print(f"  {'idle latency p50 / p99 (ms)':<30}{p50:>7.2f} / {p99:.2f}"
+                  "   (in-process enqueue)")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Protocol, TypeVar
 import pluggy
 
 from qmlkit.errors import ConfigurationError
-from qmlkit.job import Deleted, Enqueued, Job, Scheduled, new_job_id, utcnow
+from qmlkit.job import Deleted, Enqueued, Job, Scheduled, new_job_id, trusted, utcnow
 from qmlkit.plugins import (
     has_observers,
     make_plugin_manager,
@@ -77,6 +77,8 @@ class JobOptions:
     ) -> None:
         if not queue:
             raise ConfigurationError("queue name must not be empty")
+        if not -(2**31) <= priority < 2**31:
+            raise ConfigurationError(f"priority must fit in 32 bits, got {priority}")
         self.queue = queue
         self.priority = priority
         self.retry = retry
@@ -359,8 +361,23 @@ class App:
             ConfigurationError: A naive ``at``, both ``at`` and ``delay``, or a bad option.
         """
         entry = self.registry.get(method)
-        opts = entry.options if entry is not None else JobOptions()
         now = utcnow()
+        if (entry is not None and at is None and delay is None and queue is None
+                and priority is None and metadata is None and job_id is None
+                and max_retries is None and timeout is None):
+            # The common case: only the arguments are new, and they are checked when the
+            # storage encodes them; every other field comes from validated options.
+            opts = entry.options
+            return trusted(Job, {
+                "id": new_job_id(), "method": method, "args": list(args),
+                "kwargs": dict(kwargs or {}), "queue": opts.queue, "priority": opts.priority,
+                "attempts": 0, "retry_count": 0, "max_retries": opts.max_retries,
+                "timeout_s": opts.timeout_s, "metadata": {}, "created_at": now,
+                "expires_at": None,
+                "state": trusted(Enqueued, {"enqueued_at": now, "queue": opts.queue,
+                                            "reason": None}),
+            })
+        opts = entry.options if entry is not None else JobOptions()
         run_at = _run_at(now, at, delay)
         q = queue or opts.queue
         state: Enqueued | Scheduled
@@ -407,9 +424,9 @@ class App:
         return [j.id for j in stored]
 
     def _after_change(self, jobs: Iterable[Job]) -> None:
-        servers = list(self._servers)
-        if not servers:
+        if not self._servers:
             return
+        servers = list(self._servers)
         queues = {j.queue for j in jobs if j.state.name == "Enqueued"}
         scheduled = any(j.state.name == "Scheduled" for j in jobs)
         for server in servers:

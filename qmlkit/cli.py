@@ -141,6 +141,7 @@ def worker(app_spec: str, storage: str | None, queues: str, threads: int,
     # process without a drain. They only record; this thread acts on them.
     signals = {"count": 0}
     first = threading.Event()
+    started = threading.Event()
     cli_log = logging.getLogger("qmlkit.cli")
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -150,7 +151,7 @@ def worker(app_spec: str, storage: str | None, queues: str, threads: int,
             first.set()
         else:
             cli_log.warning("second signal: releasing unfinished jobs")
-            if server.is_running:
+            if started.is_set():  # else the main thread aborts once start() returns
                 threading.Thread(target=server.abort, name="qmlkit-abort").start()
 
     signal.signal(signal.SIGINT, on_signal)
@@ -159,6 +160,7 @@ def worker(app_spec: str, storage: str | None, queues: str, threads: int,
         server.start()
     except QmlError as exc:
         raise click.ClickException(str(exc)) from exc
+    started.set()
     while not first.wait(0.5):
         pass
     if signals["count"] > 1:  # both signals came while the server was starting

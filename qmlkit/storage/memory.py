@@ -105,7 +105,7 @@ class MemoryStorage(Storage):
         for job in jobs:
             check_transition(job.id, None, job.state.name)
             payload = json.loads(encode_payload(job.args, job.kwargs, self.max_payload_bytes))
-            stored.append(job.model_copy(update=payload))
+            stored.append(job._replace(**payload))  # JSON-normalised, as other backends
         with self._lock:
             ids = [job.id for job in stored]
             taken = [i for i in ids if i in self._jobs]
