@@ -8,6 +8,7 @@ Huey has no bulk enqueue; its bulk figure is a loop of single enqueues, as in
 
 from __future__ import annotations
 
+import gc
 import logging
 import tempfile
 import threading
@@ -27,6 +28,7 @@ def _huey(kind: str, tmp: str) -> Any:
 
 def huey_enqueue(kind: str, n: int) -> float:
     """Single enqueues per second into a fresh Huey of ``kind``."""
+    gc.collect()
     with tempfile.TemporaryDirectory() as tmp:
         huey = _huey(kind, tmp)
 
@@ -42,6 +44,7 @@ def huey_enqueue(kind: str, n: int) -> float:
 
 def huey_drain(kind: str, n: int, threads: int) -> float:
     """Jobs per second a Huey consumer with ``threads`` worker threads drains."""
+    gc.collect()
     logging.getLogger("huey").setLevel(logging.WARNING)
     with tempfile.TemporaryDirectory() as tmp:
         huey = _huey(kind, tmp)

@@ -13,6 +13,7 @@ qmlkit's figures are printed.
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import tempfile
 import threading
@@ -35,6 +36,7 @@ def make_app(url: str) -> App:
 
 
 def bench_enqueue(url: str, n_single: int, n_bulk: int) -> tuple[float, float]:
+    gc.collect()  # earlier measurements' garbage must not tax this one
     app = make_app(url)
     noop = app.registry["noop"]
     start = time.perf_counter()
@@ -50,6 +52,7 @@ def bench_enqueue(url: str, n_single: int, n_bulk: int) -> tuple[float, float]:
 
 
 def bench_drain(url: str, n: int, threads: int) -> float:
+    gc.collect()  # earlier measurements' garbage must not tax this one
     app = make_app(url)
     noop = app.registry["noop"]
     for k in range(0, n, 1000):
@@ -83,6 +86,7 @@ def bench_drain(url: str, n: int, threads: int) -> float:
 
 
 def bench_latency(url: str, n: int = 200) -> tuple[float, float]:
+    gc.collect()  # earlier measurements' garbage must not tax this one
     app = make_app(url)
     started: dict[str, float] = {}
     ready = threading.Event()
