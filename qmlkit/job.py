@@ -20,7 +20,6 @@ State machine (a new job is born Enqueued or Scheduled; ``TRANSITIONS`` is the t
 from __future__ import annotations
 
 import json
-import os
 import random
 import time
 from datetime import datetime, timezone
