@@ -221,7 +221,7 @@ class SQLStorage(Storage):
         self._engine: Engine | None = None
         self._open_lock = threading.Lock()
         self._sql_cache: dict[tuple[Any, ...], tuple[str, Any, dict[str, Any]]] = {}
-        self._positions_cache: dict[str, list[str]] = {}
+        self._multi_sql: dict[int, str] = {}
 
     @classmethod
     def from_url(cls, url: str, options: Mapping[str, Any]) -> SQLStorage:
@@ -368,6 +368,9 @@ class SQLStorage(Storage):
         "expires_at", "payload", "job_metadata", "state_data",
     )
 
+    #: Rows per multi-row INSERT (18 parameters each; SQLite allows 32,766 per statement).
+    _ROWS_PER_INSERT = 500
+
     def _insert_rows(self, jobs: Sequence[Job]) -> list[tuple[Any, ...]]:
         """Encode jobs as insert rows (tuples in ``_INSERT_COLUMNS`` order), checking each.
 
@@ -400,25 +403,30 @@ class SQLStorage(Storage):
         return rows
 
     def _insert_jobs(self, cursor: Any, rows: list[tuple[Any, ...]]) -> None:
-        """Insert encoded rows with one driver-level ``executemany``."""
+        """Insert encoded rows at driver level.
+
+        With ``qmark`` parameters (SQLite) rows go in multi-row ``INSERT … VALUES`` of up
+        to ``_ROWS_PER_INSERT`` rows, measured faster than ``executemany`` here; other
+        drivers get one ``executemany``.
+        """
         cols = self._INSERT_COLUMNS
         sql, order, _ = self._compiled(("insert",), lambda: self.jobs.insert().values(
             {k: sa.bindparam(k) for k in cols}))
-        if order is not None and tuple(self._positions("insert")) == cols:
-            cursor.executemany(sql, rows)  # the compiled order is the table order
+        if self.engine.dialect.paramstyle == "qmark" and sql.count("?") == len(cols):
+            head, _, group = sql.partition(" VALUES ")
+            for start in range(0, len(rows), self._ROWS_PER_INSERT):
+                chunk = rows[start:start + self._ROWS_PER_INSERT]
+                if len(chunk) == 1:
+                    cursor.execute(sql, chunk[0])
+                    continue
+                many = self._multi_sql.get(len(chunk))
+                if many is None:
+                    many = self._multi_sql[len(chunk)] = f"{head} VALUES {','.join([group] * len(chunk))}"
+                cursor.execute(many, [value for row in chunk for value in row])
         elif order is not None:
             cursor.executemany(sql, [_as_tuple(order(dict(zip(cols, r)))) for r in rows])
         else:
             cursor.executemany(sql, [dict(zip(cols, r)) for r in rows])
-
-    def _positions(self, name: str) -> list[str]:
-        compiled = self._positions_cache.get(name)
-        if compiled is None:
-            built = self.jobs.insert().values(
-                {k: sa.bindparam(k) for k in self._INSERT_COLUMNS}
-            ).compile(dialect=self.engine.dialect)
-            compiled = self._positions_cache[name] = list(built.positiontup or [])
-        return compiled
 
     @staticmethod
     def _state_columns(state: JobState) -> dict[str, Any]:
