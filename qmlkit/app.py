@@ -33,6 +33,7 @@ from qmlkit.plugins import (
     resolve_storage,
 )
 from qmlkit.processing.context import JobContext
+from qmlkit.processing.middleware import EnqueueMiddleware, compose_enqueue
 from qmlkit.processing.retry import RetryPolicy
 from qmlkit.storage.base import StateChange, Storage
 
@@ -230,6 +231,7 @@ class App:
         self._storage: Storage | None = None
         self._lock = threading.Lock()
         self._servers: weakref.WeakSet[Server] = weakref.WeakSet()
+        self._enqueue_mw: list[EnqueueMiddleware] | None = None
 
     # --- registration ------------------------------------------------------------------
 
@@ -417,11 +419,33 @@ class App:
         Returns:
             Their ids, in order.
         """
-        stored = self.storage.enqueue_many(jobs)
+        chain = self._enqueue_chain()
+        if chain:
+            by_id: dict[str, Job] = {}
+
+            def store(final: list[Job]) -> list[str]:
+                for job in self.storage.enqueue_many(final):
+                    by_id[job.id] = job
+                return [job.id for job in final]
+
+            ids = compose_enqueue(chain, list(jobs), store)
+            stored = [by_id[i] for i in ids if i in by_id]
+        else:
+            stored = self.storage.enqueue_many(jobs)
         if has_observers(self.plugin_manager):
             notify_state_changed(self.plugin_manager, [StateChange(j, None) for j in stored])
         self._after_change(stored)
         return [j.id for j in stored]
+
+    def _enqueue_chain(self) -> list[EnqueueMiddleware]:
+        """The enqueue middleware from ``qmlkit_enqueue_middleware``, built on first use."""
+        if self._enqueue_mw is None:
+            chain: list[EnqueueMiddleware] = []
+            config = {"name": self.name, "storage": str(self._storage_spec)}
+            for provided in self.plugin_manager.hook.qmlkit_enqueue_middleware(config=config):
+                chain.extend(provided or ())
+            self._enqueue_mw = chain
+        return self._enqueue_mw
 
     def _after_change(self, jobs: Iterable[Job]) -> None:
         if not self._servers:

@@ -332,5 +332,37 @@ def stats(app_spec: str | None, storage: str | None, as_json: bool) -> None:
     console.print(table)
 
 
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def plugins(as_json: bool) -> None:
+    """List every registered plugin, the hooks it implements, and the storage schemes.
+
+    Built-ins come first, then entry-point plugins (groups qmlkit.storage,
+    qmlkit.middleware, qmlkit.observers) with their distribution and version. Plugins
+    named in QMLKIT_DISABLE_PLUGINS are left out.
+    """
+    from qmlkit.plugins import describe_plugins, known_schemes, make_plugin_manager
+    from qmlkit.processing.middleware import describe
+
+    try:
+        pm = make_plugin_manager()
+    except QmlError as exc:
+        raise click.ClickException(str(exc)) from exc
+    found = describe_plugins(pm)
+    schemes = known_schemes(pm)
+    chain = [describe(m) for provided in pm.hook.qmlkit_middleware(config={})
+             for m in (provided or ())]
+    if as_json:
+        click.echo(json.dumps({"plugins": found, "schemes": schemes, "middleware": chain}))
+        return
+    table = Table("plugin", "group", "distribution", "version", "hooks")
+    for info in found:
+        table.add_row(info["name"], info["group"], info["distribution"] or "-",
+                      info["version"] or "-", ", ".join(info["hooks"]))
+    console.print(table)
+    console.print(f"storage schemes: {', '.join(schemes)}")
+    console.print(f"middleware chain (outermost first): {', '.join(chain) or '(none)'}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

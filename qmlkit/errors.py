@@ -84,6 +84,39 @@ class PluginLoadError(PluginError):
         )
 
 
+class MiddlewareError(PluginError):
+    """A middleware broke its contract: it returned nothing without calling ``call_next``.
+
+    Attributes:
+        middleware: The offending middleware, as ``module.QualName``.
+    """
+
+    def __init__(self, middleware: str) -> None:
+        self.middleware = middleware
+        super().__init__(
+            f"middleware {middleware} returned None without calling call_next(); "
+            "return call_next() to run the job, or return a result of your own"
+        )
+
+
+class DuplicateStorageScheme(PluginError):
+    """Two installed plugins claim the same storage URL scheme.
+
+    Attributes:
+        scheme: The contested scheme.
+        plugins: The plugins claiming it (distribution and entry-point names).
+    """
+
+    def __init__(self, scheme: str, plugins: Iterable[str]) -> None:
+        self.scheme = scheme
+        self.plugins = sorted(plugins)
+        super().__init__(
+            f"storage scheme {scheme!r} is claimed by several plugins: "
+            f"{', '.join(self.plugins)}; uninstall one, or disable one with "
+            "QMLKIT_DISABLE_PLUGINS=<name>"
+        )
+
+
 # --- storage -----------------------------------------------------------------------
 
 

@@ -15,7 +15,7 @@ import pluggy
 
 if TYPE_CHECKING:
     from qmlkit.job import Job, JobState
-    from qmlkit.processing.middleware import Middleware
+    from qmlkit.processing.middleware import EnqueueMiddleware, Middleware
     from qmlkit.processing.server import Server
     from qmlkit.storage.base import Storage
 
@@ -76,12 +76,32 @@ def qmlkit_middleware(config: Mapping[str, Any]) -> Sequence[Middleware] | None:
 
 
 @hookspec
+def qmlkit_enqueue_middleware(config: Mapping[str, Any]) -> Sequence[EnqueueMiddleware] | None:
+    """Return client-side middleware to wrap every enqueue of an ``App``.
+
+    Called once when an app first enqueues. An enqueue middleware is called as
+    ``middleware(jobs, call_next)`` with the list of jobs about to be stored; it returns
+    ``call_next(jobs)`` (the stored jobs' ids), usually after replacing some jobs, e.g.
+    ``job.model_copy(update={"metadata": {**job.metadata, "tenant": "acme"}})`` to stamp
+    metadata that execution middleware reads back from ``job.metadata``. It may raise to
+    refuse the enqueue (nothing is stored). Chained in pluggy's call order, first
+    outermost.
+
+    Args:
+        config: The app's settings, as a plain mapping (``name``, ``storage``).
+
+    Returns:
+        Enqueue middleware objects, or ``None`` for none.
+    """
+
+
+@hookspec
 def qmlkit_job_state_changed(job: Job, previous: JobState | None, current: JobState) -> None:
     """Observe one committed state change. ``previous`` is ``None`` for a new job.
 
     Fired after the storage write commits, never before, for changes made by workers,
-    the scheduler and clients (enqueue, delete, retry). The claim itself
-    (Enqueued -> Processing) is not reported in this release. Runs on the thread that made the
+    the scheduler and clients (enqueue, delete, retry), claims (Enqueued -> Processing)
+    included. Within one server, the changes of one transaction are reported in order. Runs on the thread that made the
     change, so keep it under about a millisecond. The return value is ignored; a raise is
     logged with the plugin's name and reaches neither the job nor other observers.
     """

@@ -19,15 +19,23 @@ import pluggy
 
 from qmlkit import hookspecs
 from qmlkit.config import url_scheme
-from qmlkit.errors import PluginLoadError, UnknownStorageScheme
+from qmlkit.errors import (
+    DuplicateStorageScheme,
+    PluginError,
+    PluginLoadError,
+    UnknownStorageScheme,
+)
 
 log = logging.getLogger(__name__)
 
 #: Entry-point groups searched for third-party plugins.
 ENTRY_POINT_GROUPS = ("qmlkit.storage", "qmlkit.middleware", "qmlkit.observers")
 
-#: Modules registered as plugins before any entry point is loaded.
-BUILTIN_PLUGINS = ("qmlkit.storage.builtin",)
+#: Built-in plugins, registered before any entry point, under these names.
+BUILTIN_PLUGINS = {
+    "qmlkit.storage": "qmlkit.storage.builtin",
+    "qmlkit.logging": "qmlkit.processing.builtin",
+}
 
 
 def make_plugin_manager(
@@ -42,24 +50,25 @@ def make_plugin_manager(
         autoload: Load entry-point plugins (off also when
             ``QMLKIT_DISABLE_PLUGIN_AUTOLOAD`` is set).
         extra: Plugin objects (modules or instances with hookimpls) to register last.
-        disable: Entry-point or distribution names not to load, added to those in
-            ``QMLKIT_DISABLE_PLUGINS`` (comma-separated).
+        disable: Plugin names not to load: an entry-point name, a distribution name,
+            or a built-in's name (``qmlkit.storage``, ``qmlkit.logging``); added to those
+            in ``QMLKIT_DISABLE_PLUGINS`` (comma-separated), in the spirit of
+            ``pytest -p no:NAME``.
 
     Returns:
         The manager, with every hookimpl validated against its hookspec.
 
     Raises:
         PluginLoadError: An entry point failed to import (names it and its distribution).
-        pluggy.PluginValidationError: A plugin implements an unknown hook or takes
-            arguments its hook does not have.
+        PluginError: A plugin implements an unknown hook (a misspelt ``qmlkit_*`` name)
+            or takes arguments its hook does not have; pluggy's message is included.
     """
     pm = pluggy.PluginManager("qmlkit")
     pm.add_hookspecs(hookspecs)
-    for modname in BUILTIN_PLUGINS:
-        pm.register(importlib.import_module(modname), name=f"qmlkit:{modname}")
-    skip = set(disable) | {
-        n.strip() for n in os.environ.get("QMLKIT_DISABLE_PLUGINS", "").split(",") if n.strip()
-    }
+    skip = set(disable) | disabled_from_env()
+    for name, modname in BUILTIN_PLUGINS.items():
+        if name not in skip:
+            _register(pm, importlib.import_module(modname), name)
     if autoload and not os.environ.get("QMLKIT_DISABLE_PLUGIN_AUTOLOAD"):
         for group in ENTRY_POINT_GROUPS:
             for ep in importlib.metadata.entry_points(group=group):
@@ -71,12 +80,72 @@ def make_plugin_manager(
                 except Exception as exc:
                     raise PluginLoadError(f"{group}:{ep.name} = {ep.value}", dist, exc) from exc
                 if not pm.is_registered(plugin):
-                    pm.register(plugin, name=f"{dist}:{ep.name}")
+                    _register(pm, plugin, f"{dist}:{ep.name}")
+                    _ORIGINS[id(plugin)] = (group, ep.name, dist, _version(ep))
     for plugin in extra:
         if not pm.is_registered(plugin):
-            pm.register(plugin)
-    pm.check_pending()
+            _register(pm, plugin, None)
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        raise PluginError(f"plugin {exc.plugin!r} implements no known hook: {exc}") from exc
     return pm
+
+
+#: Where entry-point plugins came from: id(plugin) -> (group, name, distribution, version).
+_ORIGINS: dict[int, tuple[str, str, str | None, str | None]] = {}
+
+
+def _version(ep: importlib.metadata.EntryPoint) -> str | None:
+    return ep.dist.version if ep.dist is not None else None
+
+
+def _register(pm: pluggy.PluginManager, plugin: object, name: str | None) -> None:
+    """Register one plugin, turning pluggy's validation error into a clear PluginError."""
+    try:
+        pm.register(plugin, name=name)
+    except pluggy.PluginValidationError as exc:
+        raise PluginError(
+            f"plugin {name or plugin!r} does not match qmlkit's hooks: {exc}. Check the "
+            "hook names (qmlkit_*) and that each takes only arguments its hookspec has."
+        ) from exc
+
+
+def disabled_from_env() -> set[str]:
+    """Plugin names listed in ``QMLKIT_DISABLE_PLUGINS`` (comma-separated)."""
+    return {n.strip() for n in os.environ.get("QMLKIT_DISABLE_PLUGINS", "").split(",")
+            if n.strip()}
+
+
+def describe_plugins(pm: pluggy.PluginManager) -> list[dict[str, Any]]:
+    """Describe every registered plugin, for ``qmlkit plugins``.
+
+    Returns:
+        One mapping per plugin: ``name``, ``group`` (entry-point group, or ``builtin`` /
+        ``extra``), ``distribution``, ``version``, ``hooks`` (names it implements) and
+        ``schemes`` (storage URL schemes it declares).
+    """
+    import qmlkit
+
+    out = []
+    for name, plugin in pm.list_name_plugin():
+        if plugin is None:
+            continue
+        hooks = sorted(c.name for c in pm.get_hookcallers(plugin) or ())
+        origin = _ORIGINS.get(id(plugin))
+        if name in BUILTIN_PLUGINS:
+            group, dist, version = "builtin", "qmlkit", qmlkit.__version__
+        elif origin is not None:
+            group, _, dist, version = origin
+        else:
+            group, dist, version = "extra", None, None
+        schemes: list[str] = []
+        impl = getattr(plugin, "qmlkit_storage_schemes", None)
+        if impl is not None and "qmlkit_storage_schemes" in hooks:
+            schemes = list(impl())
+        out.append({"name": name, "group": group, "distribution": dist, "version": version,
+                    "hooks": hooks, "schemes": schemes})
+    return out
 
 
 def known_schemes(pm: pluggy.PluginManager) -> list[str]:
@@ -99,9 +168,18 @@ def resolve_storage(
 
     Raises:
         UnknownStorageScheme: No plugin understands the URL's scheme (lists the known).
+        DuplicateStorageScheme: Two installed plugins declare the scheme (an installed
+            plugin does take precedence over a built-in one).
         ConfigurationError: The URL has no scheme, or the backend rejected it or an option.
     """
     scheme = url_scheme(url)
+    claimants = [
+        pm.get_name(impl.plugin) or repr(impl.plugin)
+        for impl in pm.hook.qmlkit_storage_schemes.get_hookimpls()
+        if pm.get_name(impl.plugin) not in BUILTIN_PLUGINS and scheme in impl.function()
+    ]
+    if len(claimants) > 1:  # an installed plugin may override a built-in, not another plugin
+        raise DuplicateStorageScheme(scheme, claimants)
     storage = pm.hook.qmlkit_storage(url=url, options=dict(options or {}))
     if storage is None:
         raise UnknownStorageScheme(scheme, known_schemes(pm))

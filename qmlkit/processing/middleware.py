@@ -14,10 +14,18 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
+from qmlkit.errors import MiddlewareError
 from qmlkit.job import Job
 from qmlkit.processing.context import JobContext
 
 log = logging.getLogger("qmlkit.attempt")
+
+
+class EnqueueMiddleware(Protocol):
+    """The client-side (enqueue) middleware call signature; see ``qmlkit_enqueue_middleware``."""
+
+    def __call__(self, jobs: list[Job], call_next: Callable[[list[Job]], list[str]]) -> list[str]:
+        """Wrap one enqueue of ``jobs``; return the stored ids (usually ``call_next``'s)."""
 
 
 class Middleware(Protocol):
@@ -60,6 +68,11 @@ def compose(
     """Run ``run`` inside ``middleware`` (first = outermost) and return the result.
 
     Any exception the chain raises propagates unchanged.
+
+    Raises:
+        MiddlewareError: A middleware neither called ``call_next`` nor returned a result
+            (it returned ``None`` without running the job): almost always a forgotten
+            ``return call_next()``. The message names the middleware.
     """
     if not middleware:
         return run()
@@ -67,6 +80,44 @@ def compose(
     def step(i: int) -> Any:
         if i == len(middleware):
             return run()
-        return middleware[i](job, context, lambda: step(i + 1))
+        called = False
+
+        def call_next() -> Any:
+            nonlocal called
+            called = True
+            return step(i + 1)
+
+        result = middleware[i](job, context, call_next)
+        if result is None and not called:
+            raise MiddlewareError(describe(middleware[i]))
+        return result
 
     return step(0)
+
+
+def compose_enqueue(
+    middleware: Sequence[EnqueueMiddleware],
+    jobs: list[Job],
+    store: Callable[[list[Job]], list[str]],
+) -> list[str]:
+    """Run ``store(jobs)`` inside the enqueue middleware (first = outermost).
+
+    Raises:
+        MiddlewareError: A middleware returned ``None`` instead of the stored ids.
+    """
+
+    def step(i: int, current: list[Job]) -> list[str]:
+        if i == len(middleware):
+            return store(current)
+        result = middleware[i](current, lambda js: step(i + 1, list(js)))
+        if result is None:
+            raise MiddlewareError(describe(middleware[i]))
+        return result
+
+    return step(0, jobs)
+
+
+def describe(obj: object) -> str:
+    """Name a middleware for messages: ``module.QualName``."""
+    target = obj if callable(obj) and hasattr(obj, "__qualname__") else type(obj)
+    return f"{getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', repr(obj))}"

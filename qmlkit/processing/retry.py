@@ -16,7 +16,7 @@ from datetime import timedelta
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from qmlkit.errors import PayloadError, Retry, UnknownJobName
+from qmlkit.errors import MiddlewareError, PayloadError, Retry, UnknownJobName
 
 
 def _qualname(exc_type: type[BaseException]) -> str:
@@ -37,7 +37,7 @@ class RetryPolicy(BaseModel):
         retry_on: Exception type names (``"ValueError"``, ``"mymod.MyError"``) that retry;
             empty means every exception except those in ``never_retry``.
         never_retry: Exception type names that never retry. By default: unknown job
-            names, unstorable payloads and results.
+            names, unstorable payloads and results, and broken middleware.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -48,7 +48,9 @@ class RetryPolicy(BaseModel):
     max_delay: timedelta = timedelta(hours=1)
     jitter: float = Field(default=0.25, ge=0.0, le=1.0)
     retry_on: tuple[str, ...] = ()
-    never_retry: tuple[str, ...] = (_qualname(UnknownJobName), _qualname(PayloadError))
+    never_retry: tuple[str, ...] = (
+        _qualname(UnknownJobName), _qualname(PayloadError), _qualname(MiddlewareError),
+    )
 
     @field_validator("base_delay", "max_delay")
     @classmethod

@@ -36,7 +36,8 @@ from qmlkit.errors import ConfigurationError, QmlError, StaleClaim
 from qmlkit.job import DEFAULT_MAX_PAYLOAD_BYTES, Enqueued, Job, utcnow
 from qmlkit.plugins import call_safely, make_plugin_manager, notify_state_changed, resolve_storage
 from qmlkit.processing.context import JobContext
-from qmlkit.processing.middleware import LoggingMiddleware, Middleware
+from qmlkit.hookspecs import hookimpl
+from qmlkit.processing.middleware import Middleware
 from qmlkit.processing.processor import JobProcessor
 from qmlkit.processing.retry import RetryPolicy
 from qmlkit.storage.base import ServerInfo, StateChange, Storage, Transition
@@ -82,7 +83,8 @@ class ServerConfig(BaseModel):
             jitter and which exceptions retry. How many retries a job gets is fixed when it
             is enqueued (``Job.max_retries``, from its registration, default 3).
         max_result_bytes: Largest stored job result, in bytes of UTF-8 JSON.
-        log_attempts: Install the built-in ``LoggingMiddleware``.
+        log_attempts: Let the built-in ``qmlkit.logging`` plugin add its
+            ``LoggingMiddleware``.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -136,6 +138,17 @@ class ServerConfig(BaseModel):
 
         fields = {**self.__dict__, "storage_url": mask_url(self.storage_url)}
         return f"ServerConfig({', '.join(f'{k}={v!r}' for k, v in fields.items())})"
+
+
+class _CallableObserver:
+    """Adapts a plain callable to the ``qmlkit_job_state_changed`` hook."""
+
+    def __init__(self, fn: Callable[[Job, Any, Any], None]) -> None:
+        self.fn = fn
+
+    @hookimpl
+    def qmlkit_job_state_changed(self, job: Job, previous: Any, current: Any) -> None:
+        self.fn(job, previous, current)
 
 
 class _Watchdog:
@@ -252,10 +265,16 @@ class Server:
         config: ServerConfig | Mapping[str, Any] | None = None,
         plugins: Iterable[object] = (),
         middleware: Sequence[Middleware] = (),
+        observers: Sequence[Callable[[Job, Any, Any], None]] = (),
         plugin_manager: pluggy.PluginManager | None = None,
         autoload: bool = True,
     ) -> Server:
         """Build a ready server: plugins loaded, storage resolved, middleware composed.
+
+        Middleware order, outermost first: the ``qmlkit_middleware`` results in pluggy's
+        call order (``tryfirst`` implementations first, the built-in logging middleware
+        among them; then the others, the most recently registered first; ``trylast``
+        ones last), then ``middleware`` as given.
 
         Args:
             app: The application with the registered jobs.
@@ -263,6 +282,8 @@ class Server:
             config: A ``ServerConfig`` or a mapping of its fields.
             plugins: Extra plugin objects to register.
             middleware: Middleware added after the plugins' (innermost last).
+            observers: Callables ``(job, previous, current)`` called like
+                ``qmlkit_job_state_changed`` observers (registered as plugins).
             plugin_manager: Use this manager instead of building one.
             autoload: Load entry-point plugins when building a manager.
 
@@ -287,10 +308,12 @@ class Server:
             store: Storage = resolve_storage(pm, config.storage_url, config.storage_options)
         else:
             store = storage
-        chain: list[Middleware] = [LoggingMiddleware()] if config.log_attempts else []
+        chain: list[Middleware] = []
         for provided in pm.hook.qmlkit_middleware(config=config.model_dump()):
             chain.extend(provided or ())
         chain.extend(middleware)
+        for observer in observers:
+            pm.register(_CallableObserver(observer))
         return cls(app, store, config, plugin_manager=pm, middleware=chain)
 
     # --- lifecycle --------------------------------------------------------------------
@@ -518,8 +541,15 @@ class Server:
                 with self._wake:
                     seen = self._wake_seq
                 try:
-                    jobs = self.storage.claim(worker_id=worker_id, server_name=server_name,
-                                              queues=queues, limit=limit, now=utcnow())
+                    if self._observed:
+                        changes = self.storage.claim_changes(
+                            worker_id=worker_id, server_name=server_name, queues=queues,
+                            limit=limit, now=utcnow())
+                        self._notify(changes)
+                        jobs = [change.job for change in changes]
+                    else:
+                        jobs = self.storage.claim(worker_id=worker_id, server_name=server_name,
+                                                  queues=queues, limit=limit, now=utcnow())
                     backoff = 0.0
                 except Exception as exc:  # the loop must outlive any storage failure
                     backoff = min(max(backoff * 2, 0.1), 5.0)

@@ -244,6 +244,25 @@ class Storage(abc.ABC):
     # --- claim and fenced transitions ---------------------------------------------
 
     @abc.abstractmethod
+    def claim_changes(
+        self,
+        *,
+        worker_id: str,
+        server_name: str,
+        queues: Sequence[str],
+        limit: int,
+        now: datetime,
+    ) -> list[StateChange]:
+        """Claim exactly as `claim` does, returning each job with its previous state.
+
+        The server calls this instead of `claim` when state-change observers are
+        registered, so they see every claim (Enqueued -> Processing).
+
+        Returns:
+            One change per claimed job, in claim order; ``previous`` is the job's
+            Enqueued state as it was stored.
+        """
+
     def claim(
         self,
         *,
@@ -254,6 +273,9 @@ class Storage(abc.ABC):
         now: datetime,
     ) -> list[Job]:
         """Atomically move up to ``limit`` Enqueued jobs to Processing for one worker.
+
+        A backend implements `claim_changes`; this default returns its jobs, and a
+        backend may override it with a path that skips decoding previous states.
 
         Higher ``priority`` first, then older ``enqueued_at`` (FIFO). Concurrent callers,
         in this process or another, never get the same job. Each claimed job's
@@ -270,6 +292,9 @@ class Storage(abc.ABC):
         Returns:
             Between 0 and ``limit`` jobs in Processing, in claim order.
         """
+        changes = self.claim_changes(worker_id=worker_id, server_name=server_name,
+                                     queues=queues, limit=limit, now=now)
+        return [change.job for change in changes]
 
     @abc.abstractmethod
     def transition_many(self, items: Sequence[Transition]) -> list[Job | StaleClaim]:

@@ -170,7 +170,7 @@ class MemoryStorage(Storage):
 
     # --- claim and fenced transitions ------------------------------------------------
 
-    def claim(
+    def claim_changes(
         self,
         *,
         worker_id: str,
@@ -178,11 +178,11 @@ class MemoryStorage(Storage):
         queues: Sequence[str],
         limit: int,
         now: datetime,
-    ) -> list[Job]:
-        """See `Storage.claim`."""
+    ) -> list[StateChange]:
+        """See `Storage.claim_changes`."""
         limit = max(1, min(limit, MAX_CLAIM))
         processing = Processing(started_at=now, worker_id=worker_id, server_name=server_name)
-        claimed: list[Job] = []
+        claimed: list[StateChange] = []
         with self._lock:
             names = list(queues) if queues else list(self._heaps)
             heaps = [self._heaps[q] for q in names if self._heaps.get(q)]
@@ -194,9 +194,9 @@ class MemoryStorage(Storage):
                 job = self._jobs.get(job_id)
                 if job is None or job.state.name != "Enqueued":
                     continue  # a stale heap entry: the job moved on since it was pushed
-                job = job.with_state(processing, attempts=job.attempts + 1)
-                self._jobs[job_id] = job
-                claimed.append(job)
+                taken = job.with_state(processing, attempts=job.attempts + 1)
+                self._jobs[job_id] = taken
+                claimed.append(StateChange(taken, job.state))
         return claimed
 
     def transition_many(self, items: Sequence[Transition]) -> list[Job | StaleClaim]:

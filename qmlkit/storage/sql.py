@@ -639,7 +639,31 @@ class SQLStorage(Storage):
         limit: int,
         now: datetime,
     ) -> list[Job]:
-        """See `Storage.claim`."""
+        """See `Storage.claim`; this path never decodes the previous states."""
+        return [job for job, _ in self._claim(worker_id, server_name, queues, limit, now, False)]
+
+    def claim_changes(
+        self,
+        *,
+        worker_id: str,
+        server_name: str,
+        queues: Sequence[str],
+        limit: int,
+        now: datetime,
+    ) -> list[StateChange]:
+        """See `Storage.claim_changes`."""
+        return [StateChange(job, previous)
+                for job, previous in self._claim(worker_id, server_name, queues, limit, now, True)]
+
+    def _claim(
+        self,
+        worker_id: str,
+        server_name: str,
+        queues: Sequence[str],
+        limit: int,
+        now: datetime,
+        with_previous: bool,
+    ) -> list[tuple[Job, JobState | None]]:
         limit = max(1, min(limit, MAX_CLAIM))
         c = self.jobs.c
         processing = Processing(started_at=now, worker_id=worker_id, server_name=server_name)
@@ -657,7 +681,7 @@ class SQLStorage(Storage):
                         attempts=c.attempts + 1)
             )
 
-        def claim(cursor: Any) -> list[Job]:
+        def claim(cursor: Any) -> list[tuple[Job, JobState | None]]:
             rows = self._claim_rows(cursor, queues, limit)
             if not rows:
                 return []
@@ -682,15 +706,18 @@ class SQLStorage(Storage):
                             "created_at": row["created_at"], "expires_at": row["expires_at"],
                             "state": processing,
                         })
+                        previous = (_STATE.validate_json(row["state_data"])
+                                    if with_previous else None)
                     except (ValueError, TypeError, KeyError, ValidationError):
                         pass  # decoded again below, for the reason
                     else:
-                        claimed.append(job)
+                        claimed.append((job, previous))
                         updates.append({**columns, "started_at": started, "b_id": job.id})
                         continue
                 stand_in, reason = self._decode(row)
                 if reason is None:  # valid after all (an unusual encoding of the state)
-                    claimed.append(stand_in.with_state(processing, attempts=stand_in.attempts + 1))
+                    claimed.append((stand_in.with_state(processing, attempts=stand_in.attempts + 1),
+                                    stand_in.state))
                     updates.append({**columns, "started_at": started, "b_id": stand_in.id})
                     continue
                 log.error("job %s quarantined: %s", stand_in.id, reason)

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from qmlkit.plugins import make_plugin_manager, resolve_storage
+from qmlkit import App, Server
 from qmlkit.storage.base import Storage
 
 BACKENDS = [pytest.param("memory"), pytest.param("sqlite")]
@@ -24,8 +24,13 @@ def storage_url(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 def storage(storage_url: str) -> Iterator[Storage]:
-    """An opened storage for each backend, resolved the way a server resolves it."""
-    store = resolve_storage(make_plugin_manager(autoload=False), storage_url, {})
+    """An opened storage for each backend, obtained through ``Server.from_plugins``.
+
+    Entry-point plugins load too, so a backend shipped as a plugin package is found the
+    way users find it.
+    """
+    server = Server.from_plugins(app=App("contract", autoload=False), storage=storage_url)
+    store = server.storage
     store.open()
     yield store
     store.close()

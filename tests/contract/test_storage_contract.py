@@ -310,3 +310,12 @@ def test_json_round_trip_of_stored_job_is_lossless(storage: Storage) -> None:
     (job,) = claim(storage)
     assert Job.model_validate_json(job.model_dump_json()) == job
     assert json.loads(job.model_dump_json())["state"]["name"] == "Processing"
+
+
+def test_claim_changes_report_the_previous_enqueued_state(storage: Storage) -> None:
+    job = storage.enqueue(make_job(queue="q"))
+    (change,) = storage.claim_changes(worker_id="w", server_name="s", queues=(), limit=5,
+                                      now=utcnow())
+    assert change.previous == job.state
+    assert change.job.state.name == "Processing" and change.job.attempts == 1
+    assert storage.get(job.id) == change.job

@@ -338,8 +338,7 @@ def test_observers_see_every_committed_transition(backend_url: str) -> None:
     finally:
         server.stop()
     mine = [(p, c) for i, p, c in seen if i == job_id]
-    # Claims (Enqueued -> Processing) are not reported yet; every other change is.
-    assert mine == [(None, "Enqueued"), ("Processing", "Succeeded")]
+    assert mine == [(None, "Enqueued"), ("Enqueued", "Processing"), ("Processing", "Succeeded")]
     app.delete(job_id)
     assert seen[-1] == (job_id, "Succeeded", "Deleted")
     app.close()
