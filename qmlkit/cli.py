@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from qmlkit.app import App
-from qmlkit.errors import ConfigurationError, QmlError
+from qmlkit.errors import QmlError
 from qmlkit.job import STATE_NAMES, Job
 from qmlkit.storage.base import Storage
 

@@ -17,8 +17,6 @@ another one claimed ahead of it (field case C18).
 from __future__ import annotations
 
 import asyncio
-import heapq
-import itertools
 import logging
 import random
 import socket
@@ -636,7 +634,7 @@ class Server:
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
         changes = []
-        for item, result in zip(outcomes, results):
+        for item, result in zip(outcomes, results, strict=True):
             if isinstance(result, StaleClaim):
                 level = logging.INFO if self._hard_stop.is_set() else logging.WARNING
                 log.log(level, "outcome of job %s (attempt %d) discarded: %s",
