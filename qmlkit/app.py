@@ -24,8 +24,17 @@ from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Protocol, TypeVar
 
 import pluggy
 
-from qmlkit.errors import ConfigurationError
-from qmlkit.job import Deleted, Enqueued, Job, Scheduled, new_job_id, trusted, utcnow
+from qmlkit.errors import ConfigurationError, JobNotFound, QmlError
+from qmlkit.job import (
+    Deleted,
+    Enqueued,
+    Job,
+    Scheduled,
+    encode_payload,
+    new_job_id,
+    trusted,
+    utcnow,
+)
 from qmlkit.plugins import (
     has_observers,
     make_plugin_manager,
@@ -35,6 +44,7 @@ from qmlkit.plugins import (
 from qmlkit.processing.context import JobContext
 from qmlkit.processing.middleware import EnqueueMiddleware, compose_enqueue
 from qmlkit.processing.retry import RetryPolicy
+from qmlkit.recurring import RecurringJob
 from qmlkit.storage.base import StateChange, Storage
 
 if TYPE_CHECKING:
@@ -499,6 +509,114 @@ class App:
         )
         notify_state_changed(self.plugin_manager, [change])
         return change.job
+
+    # --- recurring jobs ------------------------------------------------------------------
+
+    def schedule_recurring(
+        self,
+        template_id: str,
+        cron: str,
+        method: str | JobFunction[Any, Any],
+        *,
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        queue: str | None = None,
+        priority: int | None = None,
+        timezone: str = "UTC",
+        enabled: bool = True,
+        misfire: str = "fire_once",
+        storage: Storage | None = None,
+    ) -> RecurringJob:
+        """Register (or replace) a recurring job template (qml-rs ``schedule_recurring``).
+
+        Re-registering a template with the same cron and time zone keeps its schedule
+        (so every server may register its templates at start); a changed cron or zone
+        starts a new schedule from now.
+
+        Args:
+            template_id: Unique id of the template.
+            cron: 5 fields (minute-first) or 6 fields (seconds-first); see
+                `qmlkit.recurring`.
+            method: A job name or a registered job function.
+            args: Arguments of every materialised job (JSON).
+            kwargs: Keyword arguments of every materialised job (JSON).
+            queue: Queue; default the job's registered queue.
+            priority: Priority; default the job's registered priority.
+            timezone: IANA zone the cron is read in.
+            enabled: Whether ticks are materialised.
+            misfire: ``"fire_once"`` or ``"skip"``.
+            storage: The storage to use (default the app's).
+
+        Returns:
+            The stored template, ``next_run_at`` set.
+
+        Raises:
+            InvalidCron: The expression is refused (the field is named).
+            ConfigurationError: An unknown time zone or another bad option.
+            PayloadError: ``args``/``kwargs`` are not JSON.
+        """
+        name = method if isinstance(method, str) else method.name
+        entry = self.registry.get(name)
+        opts = entry.options if entry is not None else JobOptions()
+        store = storage or self.storage
+        encode_payload(list(args), dict(kwargs or {}))
+        try:
+            template = RecurringJob(
+                id=template_id, cron=cron, method=name, args=list(args), kwargs=dict(kwargs or {}),
+                queue=queue or opts.queue, priority=opts.priority if priority is None else priority,
+                timezone=timezone, enabled=enabled, misfire=misfire,
+            )
+        except ValueError as exc:
+            if isinstance(exc.__cause__, QmlError):
+                raise exc.__cause__ from None
+            raise ConfigurationError(f"recurring job {template_id!r}: {exc}") from exc
+        existing = store.get_recurring(template_id)
+        if (existing is not None and existing.cron == template.cron
+                and existing.timezone == template.timezone):
+            template = template.model_copy(update={"next_run_at": existing.next_run_at,
+                                                   "last_run_at": existing.last_run_at})
+        store.upsert_recurring(template)
+        for server in list(self._servers):
+            server.nudge_recurring()
+        return template
+
+    def remove_recurring(self, template_id: str, *, storage: Storage | None = None) -> bool:
+        """Remove a template; return whether it existed. Jobs already made are kept."""
+        return (storage or self.storage).remove_recurring(template_id)
+
+    def list_recurring(self, *, storage: Storage | None = None) -> list[RecurringJob]:
+        """Return every recurring template, ordered by id."""
+        return (storage or self.storage).list_recurring()
+
+    def trigger_recurring(self, template_id: str, *, storage: Storage | None = None) -> str:
+        """Enqueue one job from a template now, leaving its schedule as it is.
+
+        Returns:
+            The new job's id.
+
+        Raises:
+            JobNotFound: No template with that id (the error names the id).
+        """
+        store = storage or self.storage
+        template = store.get_recurring(template_id)
+        if template is None:
+            raise JobNotFound(template_id)
+        job = self.make_job(template.method, args=template.args, kwargs=template.kwargs,
+                            queue=template.queue, priority=template.priority,
+                            metadata={"recurring_id": template.id, "triggered": True})
+        stored = store.enqueue(job)
+        if has_observers(self.plugin_manager):
+            notify_state_changed(self.plugin_manager, [StateChange(stored, None)])
+        self._after_change([stored])
+        return stored.id
+
+    def tick_job(self, template: RecurringJob, tick: datetime) -> Job:
+        """Build the job that materialises ``tick`` of ``template`` (id derived from both)."""
+        return self.make_job(template.method, args=template.args, kwargs=template.kwargs,
+                             queue=template.queue, priority=template.priority,
+                             metadata={"recurring_id": template.id,
+                                       "tick": tick.isoformat()},
+                             job_id=template.tick_job_id(tick))
 
     # --- servers ---------------------------------------------------------------------------
 

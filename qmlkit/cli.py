@@ -111,9 +111,21 @@ def main(log_level: str) -> None:
               help="Server name; default the host name. [env: QMLKIT_SERVER_NAME]")
 @click.option("--heartbeat/--no-heartbeat", envvar="QMLKIT_HEARTBEAT", default=False,
               help="Register, heartbeat, and reclaim dead servers' jobs. [env: QMLKIT_HEARTBEAT]")
+@click.option("--heartbeat-interval", envvar="QMLKIT_HEARTBEAT_INTERVAL",
+              type=click.FloatRange(0.001), default=10.0, show_default=True,
+              help="Seconds between heartbeats. [env: QMLKIT_HEARTBEAT_INTERVAL]")
+@click.option("--dead-server-timeout", envvar="QMLKIT_DEAD_SERVER_TIMEOUT",
+              type=click.FloatRange(0.001), default=60.0, show_default=True,
+              help="Seconds without a heartbeat before a server's jobs are reclaimed. "
+              "[env: QMLKIT_DEAD_SERVER_TIMEOUT]")
+@click.option("--recurring-poll-interval", envvar="QMLKIT_RECURRING_POLL_INTERVAL",
+              type=click.FloatRange(0.001), default=5.0, show_default=True,
+              help="Longest wait between looks at recurring templates. "
+              "[env: QMLKIT_RECURRING_POLL_INTERVAL]")
 def worker(app_spec: str, storage: str | None, queues: str, threads: int,
            polling_interval: float, shutdown_timeout: float, server_name: str | None,
-           heartbeat: bool) -> None:
+           heartbeat: bool, heartbeat_interval: float, dead_server_timeout: float,
+           recurring_poll_interval: float) -> None:
     """Run a worker for APP (module:attribute) until SIGINT or SIGTERM.
 
     The first signal stops claiming and lets running jobs finish within the shutdown
@@ -127,6 +139,9 @@ def worker(app_spec: str, storage: str | None, queues: str, threads: int,
         "shutdown_timeout": timedelta(seconds=shutdown_timeout),
         "queues": () if queues.strip() == "*" else tuple(q.strip() for q in queues.split(",") if q.strip()),
         "enable_heartbeat": heartbeat,
+        "heartbeat_interval": timedelta(seconds=heartbeat_interval),
+        "dead_server_timeout": timedelta(seconds=dead_server_timeout),
+        "recurring_poll_interval": timedelta(seconds=recurring_poll_interval),
     }
     if storage:
         fields["storage_url"] = storage
@@ -191,17 +206,7 @@ def enqueue(app_spec: str, method: str, storage: str | None, args_json: str, kwa
 
     METHOD must be a job name APP registers, unless --force is given.
     """
-    parsed = []
-    for hint, text in (("--args", args_json), ("--kwargs", kwargs_json)):
-        try:
-            parsed.append(json.loads(text))
-        except json.JSONDecodeError as exc:
-            raise click.BadParameter(f"not JSON: {exc}", param_hint=hint) from exc
-    args, kwargs = parsed
-    if not isinstance(args, list):
-        raise click.BadParameter("--args must be a JSON list", param_hint="--args")
-    if not isinstance(kwargs, dict):
-        raise click.BadParameter("--kwargs must be a JSON object", param_hint="--kwargs")
+    args, kwargs = _json_args(args_json, kwargs_json)
     app = load_app(app_spec)
     if method not in app.registry and not force:
         raise click.BadParameter(
@@ -216,6 +221,22 @@ def enqueue(app_spec: str, method: str, storage: str | None, args_json: str, kwa
     except QmlError as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(job_id)
+
+
+def _json_args(args_json: str, kwargs_json: str) -> tuple[list[Any], dict[str, Any]]:
+    """Parse ``--args`` and ``--kwargs``, naming the bad option on error."""
+    parsed = []
+    for hint, text in (("--args", args_json), ("--kwargs", kwargs_json)):
+        try:
+            parsed.append(json.loads(text))
+        except json.JSONDecodeError as exc:
+            raise click.BadParameter(f"not JSON: {exc}", param_hint=hint) from exc
+    args, kwargs = parsed
+    if not isinstance(args, list):
+        raise click.BadParameter("--args must be a JSON list", param_hint="--args")
+    if not isinstance(kwargs, dict):
+        raise click.BadParameter("--kwargs must be a JSON object", param_hint="--kwargs")
+    return args, kwargs
 
 
 def _with_storage(app: App, storage: str) -> App:
@@ -329,6 +350,113 @@ def stats(app_spec: str | None, storage: str | None, as_json: bool) -> None:
         table.add_row(queue, *map(str, row), str(sum(row)))
     totals = [sum(counts.get((q, s), 0) for q in queues) for s in STATE_NAMES]
     table.add_row("[b]all[/b]", *map(str, totals), str(sum(totals)))
+    console.print(table)
+
+
+@main.group()
+def recurring() -> None:
+    """List, add, remove and trigger recurring (cron) jobs."""
+
+
+@recurring.command("list")
+@app_option
+@storage_option
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+def recurring_list(app_spec: str | None, storage: str | None, as_json: bool) -> None:
+    """List recurring templates with their next and last runs (UTC)."""
+    app, _ = _open_storage(app_spec, storage)
+    templates = app.list_recurring()
+    if as_json:
+        for t in templates:
+            click.echo(t.model_dump_json())
+        return
+    table = Table("id", "cron", "time zone", "method", "queue", "enabled", "next run (UTC)",
+                  "last run (UTC)")
+    for t in templates:
+        table.add_row(t.id, t.cron, t.timezone, t.method, t.queue, "yes" if t.enabled else "no",
+                      f"{t.next_run_at:%Y-%m-%d %H:%M:%S}" if t.next_run_at else "-",
+                      f"{t.last_run_at:%Y-%m-%d %H:%M:%S}" if t.last_run_at else "-")
+    console.print(table)
+
+
+@recurring.command("add")
+@click.argument("template_id")
+@click.argument("cron")
+@click.argument("method")
+@app_option
+@storage_option
+@click.option("--args", "args_json", default="[]", help="Positional arguments, a JSON list.")
+@click.option("--kwargs", "kwargs_json", default="{}", help="Keyword arguments, a JSON object.")
+@click.option("--queue", default=None, help="Queue; default the job's registered queue.")
+@click.option("--timezone", "tz", default="UTC", show_default=True, help="IANA time zone.")
+@click.option("--misfire", type=click.Choice(["fire_once", "skip"]), default="fire_once",
+              show_default=True, help="What missed ticks do after downtime.")
+@click.option("--disabled", is_flag=True, help="Register it disabled.")
+def recurring_add(template_id: str, cron: str, method: str, app_spec: str | None,
+                  storage: str | None, args_json: str, kwargs_json: str, queue: str | None,
+                  tz: str, misfire: str, disabled: bool) -> None:
+    """Add or replace TEMPLATE_ID running METHOD on CRON (5 fields, or 6 seconds-first)."""
+    args, kwargs = _json_args(args_json, kwargs_json)
+    app, _ = _open_storage(app_spec, storage)
+    try:
+        t = app.schedule_recurring(template_id, cron, method, args=args, kwargs=kwargs,
+                                   queue=queue, timezone=tz, misfire=misfire,
+                                   enabled=not disabled)
+    except QmlError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"{t.id}: next run {t.next_run_at:%Y-%m-%d %H:%M:%S} UTC")
+
+
+@recurring.command("remove")
+@click.argument("template_id")
+@app_option
+@storage_option
+def recurring_remove(template_id: str, app_spec: str | None, storage: str | None) -> None:
+    """Remove a recurring template (jobs it already made are kept)."""
+    app, _ = _open_storage(app_spec, storage)
+    if not app.remove_recurring(template_id):
+        raise click.ClickException(f"no recurring job {template_id!r}")
+    click.echo(f"{template_id} removed")
+
+
+@recurring.command("trigger")
+@click.argument("template_id")
+@app_option
+@storage_option
+def recurring_trigger(template_id: str, app_spec: str | None, storage: str | None) -> None:
+    """Enqueue one job from a template now; its schedule is unchanged. Prints the job id."""
+    app, _ = _open_storage(app_spec, storage)
+    try:
+        click.echo(app.trigger_recurring(template_id))
+    except QmlError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@main.command()
+@app_option
+@storage_option
+@click.option("--dead-after", type=click.FloatRange(0.001), default=60.0, show_default=True,
+              help="Seconds without a heartbeat after which a server counts as dead.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+def servers(app_spec: str | None, storage: str | None, dead_after: float, as_json: bool) -> None:
+    """List registered servers (those run with heartbeats), live and dead."""
+    from qmlkit.job import utcnow
+
+    _, store = _open_storage(app_spec, storage)
+    now = utcnow()
+    rows = []
+    for info in store.list_servers():
+        age = (now - info.last_heartbeat).total_seconds()
+        rows.append((info, age, "dead" if age > dead_after else "live"))
+    if as_json:
+        for info, age, status in rows:
+            click.echo(json.dumps({**info.model_dump(mode="json"), "heartbeat_age_s": round(age, 3),
+                                   "status": status}))
+        return
+    table = Table("server", "status", "heartbeat age (s)", "workers", "queues", "started (UTC)")
+    for info, age, status in rows:
+        table.add_row(info.id, status, f"{age:.1f}", str(info.worker_count),
+                      ",".join(info.queues) or "all", f"{info.started_at:%Y-%m-%d %H:%M:%S}")
     console.print(table)
 
 

@@ -42,6 +42,21 @@ class UnknownStorageScheme(ConfigurationError):
         )
 
 
+class InvalidCron(ConfigurationError):
+    """A cron expression qmlkit refuses, with the field to blame.
+
+    Attributes:
+        expression: The expression as given.
+        reason: What is wrong, naming the field (e.g. ``"the hour field '25' ..."``).
+    """
+
+    def __init__(self, expression: str, reason: str) -> None:
+        self.expression = expression
+        self.reason = reason
+        super().__init__(f"cron expression {expression!r}: {reason}. Five fields are read "
+                         "minute-first; six fields are read seconds-first")
+
+
 class InvalidTransition(QmlError):
     """A job state change that the state machine does not allow.
 

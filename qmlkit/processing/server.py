@@ -24,7 +24,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import pluggy
@@ -70,6 +70,9 @@ class ServerConfig(BaseModel):
         shutdown_timeout: Grace period for running attempts on ``stop()``.
         stale_processing_after: On start, Processing jobs claimed longer ago than this
             are requeued as stranded.
+        enable_recurring: Materialise due ticks of recurring templates.
+        recurring_poll_interval: Longest wait between looks at the templates (qml-rs:
+            5 s); the poller also wakes for the earliest known ``next_run_at``.
         enable_cleanup: Delete jobs whose ``expires_at`` has passed.
         cleanup_interval: Between cleanup sweeps.
         succeeded_ttl: ``expires_at`` offset for Succeeded jobs; ``None`` keeps them.
@@ -101,6 +104,8 @@ class ServerConfig(BaseModel):
     scheduler_poll_interval: timedelta = timedelta(seconds=1)
     shutdown_timeout: timedelta = timedelta(seconds=30)
     stale_processing_after: timedelta = timedelta(minutes=5)
+    enable_recurring: bool = True
+    recurring_poll_interval: timedelta = timedelta(seconds=5)
     enable_cleanup: bool = True
     cleanup_interval: timedelta = timedelta(minutes=1)
     succeeded_ttl: timedelta | None = timedelta(hours=24)
@@ -115,6 +120,7 @@ class ServerConfig(BaseModel):
     @field_validator(
         "polling_interval", "shutdown_timeout", "scheduler_poll_interval", "cleanup_interval",
         "heartbeat_interval", "dead_server_timeout", "stale_processing_after",
+        "recurring_poll_interval",
     )
     @classmethod
     def _positive(cls, value: timedelta) -> timedelta:
@@ -235,6 +241,7 @@ class Server:
         self._wake = threading.Condition()
         self._wake_seq = 0
         self._scheduler_nudge = threading.Event()
+        self._recurring_nudge = threading.Event()
         # Jobs this server has claimed and not yet stored an outcome for ("held"), the
         # ones running now, and held ones released by stop()/abort() before they started.
         self._held: dict[str, Job] = {}
@@ -340,8 +347,13 @@ class Server:
             self.storage.open()
             now = utcnow()
             try:
+                # Registered servers' jobs are left to heartbeat reclaim, which knows
+                # whether they are alive: a long job of a live server is never taken.
+                registered = ([s.id for s in self.storage.list_servers()]
+                              if cfg.enable_heartbeat else [])
                 stranded = self.storage.requeue_stranded(
-                    started_before=now - cfg.stale_processing_after, now=now
+                    started_before=now - cfg.stale_processing_after, now=now,
+                    exclude_servers=registered,
                 )
             except QmlError as exc:
                 log.warning("could not requeue stranded jobs on start: %s", exc)
@@ -363,6 +375,8 @@ class Server:
             self._threads = []
             if cfg.enable_scheduler:
                 self._spawn("scheduler", self._scheduler_loop)
+            if cfg.enable_recurring:
+                self._spawn("recurring", self._recurring_loop)
             if cfg.enable_cleanup:
                 self._spawn("cleanup", self._periodic(cfg.cleanup_interval, self._cleanup_once))
             if cfg.enable_heartbeat:
@@ -400,6 +414,7 @@ class Server:
         self._stopping.set()  # also each running attempt's context.stopping
         self._wake_all()
         self._scheduler_nudge.set()
+        self._recurring_nudge.set()
         self._release_unstarted()
         deadline = time.monotonic() + grace_s
         while any(t.is_alive() for t in self._threads) and not self._hard_stop.is_set():
@@ -679,6 +694,74 @@ class Server:
                 self._wake_all()
             if len(changes) < 1000:
                 return total
+
+    def nudge_recurring(self) -> None:
+        """Make the recurring poller look at the templates now."""
+        self._recurring_nudge.set()
+
+    def _recurring_loop(self) -> None:
+        poll = self.config.recurring_poll_interval.total_seconds()
+        while not self._stopping.is_set():
+            wait = poll
+            try:
+                upcoming = self.fire_due_recurring()
+                if upcoming is not None:
+                    wait = min(poll, max(0.0, (upcoming - utcnow()).total_seconds()))
+            except Exception as exc:  # the poller must outlive any failure
+                log.warning("recurring poll failed: %s: %s", type(exc).__name__, exc)
+            self._recurring_nudge.wait(wait)
+            self._recurring_nudge.clear()
+
+    def fire_due_recurring(self) -> datetime | None:
+        """Materialise every due tick this server wins; return the earliest next tick.
+
+        Each due template is advanced with one compare-and-set (`Storage.fire_recurring`),
+        so with several servers polling, each tick becomes exactly one job.
+        """
+        now = utcnow()
+        earliest: datetime | None = None
+        for template in self.storage.list_recurring():
+            if not template.enabled or template.next_run_at is None:
+                continue
+            if template.next_run_at <= now:
+                tick, following = template.plan(now)
+                job = self.app.tick_job(template, tick) if tick is not None else None
+                try:
+                    won = self.storage.fire_recurring(
+                        template.id, expected_next_run_at=template.next_run_at,
+                        next_run_at=following, job=job)
+                except QmlError as exc:  # a bad template must not block the others
+                    log.error("recurring job %s: could not fire: %s", template.id, exc)
+                    continue
+                if won and job is not None:
+                    self._notify([StateChange(job, None)])
+                    self.wake(job.queue)
+                elif won:
+                    log.warning("recurring job %s: missed tick %s skipped (misfire=skip)",
+                                template.id, template.next_run_at.isoformat())
+                upcoming = following
+            else:
+                upcoming = template.next_run_at
+            if earliest is None or upcoming < earliest:
+                earliest = upcoming
+        return earliest
+
+    # --- recurring API (on this server's storage) ---------------------------------------
+
+    def schedule_recurring(self, template_id: str, cron: str, method: Any, **options: Any) -> Any:
+        """Register a recurring template on this server's storage; see `App.schedule_recurring`."""
+        template = self.app.schedule_recurring(template_id, cron, method, storage=self.storage,
+                                               **options)
+        self.nudge_recurring()
+        return template
+
+    def remove_recurring(self, template_id: str) -> bool:
+        """Remove a template from this server's storage; see `App.remove_recurring`."""
+        return self.app.remove_recurring(template_id, storage=self.storage)
+
+    def list_recurring(self) -> list[Any]:
+        """List the templates in this server's storage."""
+        return self.app.list_recurring(storage=self.storage)
 
     def _cleanup_once(self) -> None:
         while self.storage.delete_expired(now=utcnow(), limit=1000) == 1000:

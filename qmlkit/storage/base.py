@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from qmlkit.errors import StaleClaim
 from qmlkit.job import DEFAULT_MAX_PAYLOAD_BYTES, Job, JobState, UtcDateTime
+from qmlkit.recurring import RecurringJob
 
 #: Most jobs one ``claim`` call may return.
 MAX_CLAIM = 1000
@@ -348,11 +349,19 @@ class Storage(abc.ABC):
         """Return the earliest ``enqueue_at``/``retry_at`` of a waiting job, or ``None``."""
 
     @abc.abstractmethod
-    def requeue_stranded(self, *, started_before: datetime, now: datetime) -> list[StateChange]:
+    def requeue_stranded(
+        self,
+        *,
+        started_before: datetime,
+        now: datetime,
+        exclude_servers: Sequence[str] = (),
+    ) -> list[StateChange]:
         """Requeue Processing jobs whose claim started before ``started_before`` (qml-rs).
 
-        Used at server start for jobs a crashed process left behind. Each requeued job's
-        old claim becomes stale.
+        Used at server start for jobs a crashed process left behind. Jobs whose
+        ``server_name`` is in ``exclude_servers`` (registered servers, which heartbeat
+        reclaim looks after) are left alone, so a long job of a live server is never
+        taken from it (field case C03). Each requeued job's old claim becomes stale.
 
         Returns:
             The changes made (Processing -> Enqueued, reason ``"stranded"``).
@@ -367,6 +376,55 @@ class Storage(abc.ABC):
 
         Returns:
             How many were removed.
+        """
+
+    # --- recurring templates ---------------------------------------------------------
+
+    @abc.abstractmethod
+    def upsert_recurring(self, template: RecurringJob) -> None:
+        """Insert or replace the template ``template.id``, its ``next_run_at`` included."""
+
+    @abc.abstractmethod
+    def get_recurring(self, template_id: str) -> RecurringJob | None:
+        """Return the template, or ``None``."""
+
+    @abc.abstractmethod
+    def list_recurring(self) -> list[RecurringJob]:
+        """Return every template, ordered by id."""
+
+    @abc.abstractmethod
+    def remove_recurring(self, template_id: str) -> bool:
+        """Delete the template; return whether it existed. Jobs it made are kept."""
+
+    @abc.abstractmethod
+    def fire_recurring(
+        self,
+        template_id: str,
+        *,
+        expected_next_run_at: datetime,
+        next_run_at: datetime,
+        job: Job | None,
+    ) -> bool:
+        """Advance a template by one tick and store that tick's job, atomically.
+
+        Compare-and-set: only when the stored ``next_run_at`` still equals
+        ``expected_next_run_at`` does it set ``next_run_at`` (and ``last_run_at`` to the
+        expected tick when ``job`` is given) and store ``job`` (Enqueued), in one
+        transaction. With any number of servers polling, each tick is materialised by
+        exactly one of them.
+
+        Args:
+            template_id: The template.
+            expected_next_run_at: The tick the caller saw as due.
+            next_run_at: The template's next tick.
+            job: The job for the tick, or ``None`` to skip the tick (misfire policy).
+
+        Returns:
+            ``True`` if this call advanced the template (and stored the job); ``False``
+            if another caller did first, or the template is gone.
+
+        Raises:
+            PayloadError, DuplicateJob: As ``enqueue``; nothing was changed.
         """
 
     # --- server registry (heartbeats) -----------------------------------------------

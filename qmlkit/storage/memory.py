@@ -33,6 +33,7 @@ from qmlkit.job import (
     check_transition,
     encode_payload,
 )
+from qmlkit.recurring import RecurringJob
 from qmlkit.storage.base import MAX_CLAIM, ServerInfo, StateChange, Storage, Transition
 
 #: Names of the states ``delete_expired`` may remove.
@@ -56,6 +57,7 @@ class MemoryStorage(Storage):
         self._heaps: dict[str, list[tuple[int, float, int, str]]] = {}
         self._seq = itertools.count()
         self._servers: dict[str, ServerInfo] = {}
+        self._recurring: dict[str, RecurringJob] = {}
         self._waiting: dict[str, datetime] = {}  # Scheduled/AwaitingRetry job id -> due time
 
     @classmethod
@@ -245,10 +247,19 @@ class MemoryStorage(Storage):
                 changes.append(StateChange(requeued, job.state))
         return changes
 
-    def requeue_stranded(self, *, started_before: datetime, now: datetime) -> list[StateChange]:
+    def requeue_stranded(
+        self,
+        *,
+        started_before: datetime,
+        now: datetime,
+        exclude_servers: Sequence[str] = (),
+    ) -> list[StateChange]:
         """See `Storage.requeue_stranded`."""
+        excluded = set(exclude_servers)
         with self._lock:
-            return self._requeue_where(now, "stranded", lambda s: s.started_at < started_before)
+            return self._requeue_where(
+                now, "stranded",
+                lambda s: s.started_at < started_before and s.server_name not in excluded)
 
     def delete_expired(self, *, now: datetime, limit: int = 1000) -> int:
         """See `Storage.delete_expired`."""
@@ -261,6 +272,54 @@ class MemoryStorage(Storage):
             for job_id in doomed:
                 del self._jobs[job_id]
         return len(doomed)
+
+    # --- recurring templates -------------------------------------------------------------
+
+    def upsert_recurring(self, template: RecurringJob) -> None:
+        """See `Storage.upsert_recurring`."""
+        with self._lock:
+            self._recurring[template.id] = template
+
+    def get_recurring(self, template_id: str) -> RecurringJob | None:
+        """See `Storage.get_recurring`."""
+        return self._recurring.get(template_id)
+
+    def list_recurring(self) -> list[RecurringJob]:
+        """See `Storage.list_recurring`."""
+        with self._lock:
+            return sorted(self._recurring.values(), key=lambda t: t.id)
+
+    def remove_recurring(self, template_id: str) -> bool:
+        """See `Storage.remove_recurring`."""
+        with self._lock:
+            return self._recurring.pop(template_id, None) is not None
+
+    def fire_recurring(
+        self,
+        template_id: str,
+        *,
+        expected_next_run_at: datetime,
+        next_run_at: datetime,
+        job: Job | None,
+    ) -> bool:
+        """See `Storage.fire_recurring`."""
+        stored = None
+        if job is not None:
+            check_transition(job.id, None, job.state.name)
+            payload = json.loads(encode_payload(job.args, job.kwargs, self.max_payload_bytes))
+            stored = job._replace(**payload)
+        with self._lock:
+            template = self._recurring.get(template_id)
+            if template is None or template.next_run_at != expected_next_run_at:
+                return False
+            if stored is not None and stored.id in self._jobs:
+                raise DuplicateJob(stored.id)
+            changes: dict[str, Any] = {"next_run_at": next_run_at}
+            if stored is not None:
+                changes["last_run_at"] = expected_next_run_at
+                self._store(stored)
+            self._recurring[template_id] = template.model_copy(update=changes)
+        return True
 
     # --- server registry ---------------------------------------------------------------
 

@@ -55,6 +55,7 @@ from qmlkit.job import (
     encode_payload,
     trusted,
 )
+from qmlkit.recurring import RecurringJob
 from qmlkit.storage.base import MAX_CLAIM, ServerInfo, StateChange, Storage, Transition
 
 log = logging.getLogger(__name__)
@@ -116,7 +117,7 @@ def build_metadata(schema: str | None = None, prefix: str = "qmlkit_") -> sa.Met
         prefix: Table name prefix.
 
     Returns:
-        Metadata holding ``{prefix}jobs`` and ``{prefix}servers``.
+        Metadata holding ``{prefix}jobs``, ``{prefix}recurring`` and ``{prefix}servers``.
     """
     md = sa.MetaData(schema=schema)
     jobs = sa.Table(
@@ -153,6 +154,14 @@ def build_metadata(schema: str | None = None, prefix: str = "qmlkit_") -> sa.Met
     partial(f"{prefix}jobs_processing", c.server_name, c.started_at,
             where=state_is(c.state, "Processing"))
     sa.Index(f"{prefix}jobs_created", c.created_at)
+    sa.Table(
+        f"{prefix}recurring",
+        md,
+        sa.Column("id", sa.String(255), primary_key=True),
+        sa.Column("definition", sa.Text, nullable=False),
+        sa.Column("next_run_at", UTCTimestamp, nullable=True),
+        sa.Column("last_run_at", UTCTimestamp, nullable=True),
+    )
     sa.Table(
         f"{prefix}servers",
         md,
@@ -218,6 +227,7 @@ class SQLStorage(Storage):
         self._md = build_metadata(schema)
         self.jobs = self._md.tables[f"{schema + '.' if schema else ''}qmlkit_jobs"]
         self.servers = self._md.tables[f"{schema + '.' if schema else ''}qmlkit_servers"]
+        self.recurring = self._md.tables[f"{schema + '.' if schema else ''}qmlkit_recurring"]
         self._engine: Engine | None = None
         self._open_lock = threading.Lock()
         self._sql_cache: dict[tuple[Any, ...], tuple[str, Any, dict[str, Any]]] = {}
@@ -826,10 +836,18 @@ class SQLStorage(Storage):
 
         return self._retry(read)
 
-    def requeue_stranded(self, *, started_before: datetime, now: datetime) -> list[StateChange]:
+    def requeue_stranded(
+        self,
+        *,
+        started_before: datetime,
+        now: datetime,
+        exclude_servers: Sequence[str] = (),
+    ) -> list[StateChange]:
         """See `Storage.requeue_stranded`."""
         c = self.jobs.c
         where = state_is(c.state, "Processing") & (c.started_at < started_before)
+        if exclude_servers:
+            where = where & c.server_name.not_in(list(exclude_servers))
         return self._write(
             lambda conn: self._move(
                 conn, where, lambda j: Enqueued(enqueued_at=now, queue=j.queue, reason="stranded")
@@ -849,6 +867,85 @@ class SQLStorage(Storage):
         return self._write(
             lambda conn: conn.execute(self.jobs.delete().where(c.id.in_(doomed))).rowcount
         )
+
+    # --- recurring templates -------------------------------------------------------------
+
+    def _template(self, definition: str, next_run_at: Any, last_run_at: Any) -> RecurringJob:
+        template = RecurringJob.model_validate_json(definition)
+        return template.model_copy(update={
+            "next_run_at": self._result_ts(next_run_at), "last_run_at": self._result_ts(last_run_at)
+        })
+
+    def upsert_recurring(self, template: RecurringJob) -> None:
+        """See `Storage.upsert_recurring`."""
+        r = self.recurring
+
+        def write(conn: Connection) -> None:
+            conn.execute(r.delete().where(r.c.id == template.id))
+            conn.execute(r.insert().values(
+                id=template.id, definition=template.model_dump_json(),
+                next_run_at=template.next_run_at, last_run_at=template.last_run_at))
+
+        self._write(write)
+
+    def get_recurring(self, template_id: str) -> RecurringJob | None:
+        """See `Storage.get_recurring`."""
+        r = self.recurring
+        query = sa.select(r.c.definition, r.c.next_run_at, r.c.last_run_at).where(
+            r.c.id == template_id)
+
+        def read() -> RecurringJob | None:
+            with self._read() as conn:
+                row = conn.execute(query).first()
+            return None if row is None else self._template(*row)
+
+        return self._retry(read)
+
+    def list_recurring(self) -> list[RecurringJob]:
+        """See `Storage.list_recurring`."""
+        r = self.recurring
+        query = sa.select(r.c.definition, r.c.next_run_at, r.c.last_run_at).order_by(r.c.id)
+
+        def read() -> list[RecurringJob]:
+            with self._read() as conn:
+                return [self._template(*row) for row in conn.execute(query)]
+
+        return self._retry(read)
+
+    def remove_recurring(self, template_id: str) -> bool:
+        """See `Storage.remove_recurring`."""
+        r = self.recurring
+        stmt = r.delete().where(r.c.id == template_id)
+        return bool(self._write(lambda conn: conn.execute(stmt).rowcount))
+
+    def fire_recurring(
+        self,
+        template_id: str,
+        *,
+        expected_next_run_at: datetime,
+        next_run_at: datetime,
+        job: Job | None,
+    ) -> bool:
+        """See `Storage.fire_recurring`."""
+        r = self.recurring
+        rows = self._insert_rows([job]) if job is not None else []
+        values: dict[str, Any] = {"next_run_at": next_run_at}
+        if job is not None:
+            values["last_run_at"] = expected_next_run_at
+        stmt = (r.update().where(r.c.id == template_id)
+                .where(r.c.next_run_at == expected_next_run_at).values(values))
+
+        def write(conn: Connection) -> bool:
+            if conn.execute(stmt).rowcount != 1:
+                return False  # another server advanced it first
+            if rows:
+                self._insert_jobs(conn.connection.driver_connection.cursor(), rows)
+            return True
+
+        try:
+            return self._write(write)
+        except IntegrityError as exc:
+            raise DuplicateJob(job.id if job is not None else template_id) from exc
 
     # --- server registry --------------------------------------------------------------------
 

@@ -319,3 +319,82 @@ def test_claim_changes_report_the_previous_enqueued_state(storage: Storage) -> N
     assert change.previous == job.state
     assert change.job.state.name == "Processing" and change.job.attempts == 1
     assert storage.get(job.id) == change.job
+
+
+# --- recurring templates ------------------------------------------------------------------
+
+
+def template(**fields: object) -> "RecurringJob":
+    from qmlkit.recurring import RecurringJob
+
+    base = {"id": "nightly", "cron": "0 3 * * *", "method": "m.report", "args": [1]}
+    return RecurringJob(**{**base, **fields})
+
+
+def test_recurring_templates_upsert_get_list_remove(storage: Storage) -> None:
+    first = template()
+    storage.upsert_recurring(first)
+    storage.upsert_recurring(template(id="another", cron="*/5 * * * *"))
+    assert storage.get_recurring("nightly") == first
+    assert [t.id for t in storage.list_recurring()] == ["another", "nightly"]
+    replaced = template(args=[2])
+    storage.upsert_recurring(replaced)
+    assert storage.get_recurring("nightly").args == [2]
+    assert storage.remove_recurring("nightly") is True
+    assert storage.remove_recurring("nightly") is False
+    assert storage.get_recurring("nightly") is None
+
+
+def test_fire_recurring_is_a_compare_and_set_with_the_tick_job(storage: Storage) -> None:
+    t = template()
+    storage.upsert_recurring(t)
+    tick, following = t.next_run_at, t.next_after(t.next_run_at)
+    job = make_job("m.report", id=t.tick_job_id(tick))
+    assert storage.fire_recurring("nightly", expected_next_run_at=tick, next_run_at=following,
+                                  job=job)
+    # A second server that saw the same tick loses, and stores nothing.
+    assert not storage.fire_recurring("nightly", expected_next_run_at=tick,
+                                      next_run_at=following, job=make_job("m.report"))
+    stored = storage.get_recurring("nightly")
+    assert (stored.next_run_at, stored.last_run_at) == (following, tick)
+    assert [j.id for j in storage.list_jobs()] == [job.id]
+    assert not storage.fire_recurring("gone", expected_next_run_at=tick, next_run_at=following,
+                                      job=None)
+
+
+def test_fire_recurring_without_a_job_skips_the_tick(storage: Storage) -> None:
+    t = template()
+    storage.upsert_recurring(t)
+    following = t.next_after(t.next_run_at)
+    assert storage.fire_recurring("nightly", expected_next_run_at=t.next_run_at,
+                                  next_run_at=following, job=None)
+    assert storage.get_recurring("nightly").next_run_at == following
+    assert storage.get_recurring("nightly").last_run_at is None
+    assert storage.count_jobs() == {}
+
+
+def test_fire_recurring_exactly_once_under_8_threads(storage: Storage) -> None:
+    t = template(cron="* * * * * *")
+    storage.upsert_recurring(t)
+    tick = t.next_run_at
+    following = t.next_after(tick)
+
+    def fire(n: int) -> bool:
+        return storage.fire_recurring("nightly", expected_next_run_at=tick,
+                                      next_run_at=following,
+                                      job=make_job("m.report", id=t.tick_job_id(tick)))
+
+    with ThreadPoolExecutor(8) as pool:
+        wins = list(pool.map(fire, range(8)))
+    assert wins.count(True) == 1
+    assert len(storage.list_jobs()) == 1
+
+
+def test_requeue_stranded_leaves_registered_servers_jobs_alone(storage: Storage) -> None:
+    storage.enqueue_many([make_job() for _ in range(2)])
+    (live,) = claim(storage, limit=1, server="live#1")
+    (gone,) = claim(storage, limit=1, server="gone")
+    changes = storage.requeue_stranded(started_before=utcnow() + timedelta(seconds=1),
+                                       now=utcnow(), exclude_servers=["live#1"])
+    assert [c.job.id for c in changes] == [gone.id]
+    assert storage.get(live.id).state.name == "Processing"
