@@ -45,6 +45,7 @@ from qmlkit.processing.context import JobContext
 from qmlkit.processing.middleware import EnqueueMiddleware, compose_enqueue
 from qmlkit.processing.retry import RetryPolicy
 from qmlkit.recurring import RecurringJob
+from qmlkit.wakeup import WakeupPublisher, connection_for
 from qmlkit.storage.base import StateChange, Storage
 
 if TYPE_CHECKING:
@@ -217,6 +218,10 @@ class App:
         plugins: Extra plugin objects for this app's plugin manager.
         autoload: Load entry-point plugins.
         max_payload_bytes: Override the storage's argument size limit, in bytes.
+        wakeup_url: A kombu URL: after each commit that makes jobs runnable, a wake-up
+            names their queues so idle servers start them at once (`qmlkit.wakeup`).
+            Servers built with `server()` listen on it too. ``None``: servers poll.
+        wakeup_exchange: The fanout exchange's name on that broker.
     """
 
     def __init__(
@@ -228,8 +233,15 @@ class App:
         plugins: Iterable[object] = (),
         autoload: bool = True,
         max_payload_bytes: int | None = None,
+        wakeup_url: str | None = None,
+        wakeup_exchange: str = "qmlkit.wakeup",
     ) -> None:
         self.name = name
+        self.wakeup_url = wakeup_url
+        self.wakeup_exchange = wakeup_exchange
+        self._publisher: WakeupPublisher | None = None
+        if wakeup_url:
+            connection_for(wakeup_url)  # a bad URL fails here, naming it
         self.registry: dict[str, JobFunction[Any, Any] | _RegisteredWorker] = {}
         self._storage_spec = storage
         self.storage_options = dict(storage_options or {})
@@ -341,8 +353,11 @@ class App:
         return self._storage
 
     def close(self) -> None:
-        """Close the storage (it reopens on next use)."""
+        """Close the storage (it reopens on next use) and the wake-up publisher."""
         with self._lock:
+            if self._publisher is not None:
+                self._publisher.close()
+                self._publisher = None
             if self._storage is not None:
                 self._storage.close()
                 self._storage = None
@@ -447,6 +462,13 @@ class App:
         self._after_change(stored)
         return [j.id for j in stored]
 
+    def _wakeup_publisher(self) -> WakeupPublisher:
+        with self._lock:
+            if self._publisher is None:
+                assert self.wakeup_url is not None
+                self._publisher = WakeupPublisher(self.wakeup_url, self.wakeup_exchange)
+            return self._publisher
+
     def _enqueue_chain(self) -> list[EnqueueMiddleware]:
         """The enqueue middleware from ``qmlkit_enqueue_middleware``, built on first use."""
         if self._enqueue_mw is None:
@@ -458,6 +480,11 @@ class App:
         return self._enqueue_mw
 
     def _after_change(self, jobs: Iterable[Job]) -> None:
+        jobs = list(jobs)
+        if self.wakeup_url:
+            runnable = {j.queue for j in jobs if j.state.name == "Enqueued"}
+            if runnable:
+                self._wakeup_publisher().publish(runnable)
         if not self._servers:
             return
         servers = list(self._servers)
@@ -645,6 +672,9 @@ class App:
             storage = self.storage  # share the app's opened storage
         elif not isinstance(storage, Storage):
             raise ConfigurationError(f"unusable storage {storage!r}")
+        if self.wakeup_url and "wakeup_url" not in base:
+            base["wakeup_url"] = self.wakeup_url
+            base.setdefault("wakeup_exchange", self.wakeup_exchange)
         if isinstance(self._storage_spec, str) and "storage_url" not in base:
             base["storage_url"] = self._storage_spec
             base.setdefault("storage_options", self.storage_options)

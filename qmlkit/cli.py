@@ -118,6 +118,9 @@ def main(log_level: str) -> None:
               type=click.FloatRange(0.001), default=60.0, show_default=True,
               help="Seconds without a heartbeat before a server's jobs are reclaimed. "
               "[env: QMLKIT_DEAD_SERVER_TIMEOUT]")
+@click.option("--wakeup", "wakeup_url", envvar="QMLKIT_WAKEUP_URL", default=None,
+              metavar="URL", help="kombu URL for wake-ups (redis://, amqp://, "
+              "filesystem:///dir); default the app's, else poll only. [env: QMLKIT_WAKEUP_URL]")
 @click.option("--recurring-poll-interval", envvar="QMLKIT_RECURRING_POLL_INTERVAL",
               type=click.FloatRange(0.001), default=5.0, show_default=True,
               help="Longest wait between looks at recurring templates. "
@@ -125,7 +128,7 @@ def main(log_level: str) -> None:
 def worker(app_spec: str, storage: str | None, queues: str, threads: int,
            polling_interval: float, shutdown_timeout: float, server_name: str | None,
            heartbeat: bool, heartbeat_interval: float, dead_server_timeout: float,
-           recurring_poll_interval: float) -> None:
+           wakeup_url: str | None, recurring_poll_interval: float) -> None:
     """Run a worker for APP (module:attribute) until SIGINT or SIGTERM.
 
     The first signal stops claiming and lets running jobs finish within the shutdown
@@ -145,6 +148,8 @@ def worker(app_spec: str, storage: str | None, queues: str, threads: int,
     }
     if storage:
         fields["storage_url"] = storage
+    if wakeup_url:
+        fields["wakeup_url"] = wakeup_url
     if server_name:
         fields["server_name"] = server_name
     try:
@@ -197,11 +202,14 @@ def worker(app_spec: str, storage: str | None, queues: str, threads: int,
 @click.option("--queue", default=None, help="Queue; default the job's registered queue.")
 @click.option("--priority", type=click.IntRange(-(2**31), 2**31 - 1), default=None,
               help="Priority; higher runs first.")
+@click.option("--wakeup", "wakeup_url", envvar="QMLKIT_WAKEUP_URL", default=None, metavar="URL",
+              help="kombu URL to send the wake-up on; default the app's. [env: QMLKIT_WAKEUP_URL]")
 @click.option("--force", is_flag=True,
               help="Enqueue even if APP does not register METHOD (another worker may).")
 @click.option("--delay", type=click.FloatRange(0), default=None, help="Seconds before it may run.")
 def enqueue(app_spec: str, method: str, storage: str | None, args_json: str, kwargs_json: str,
-            queue: str | None, priority: int | None, delay: float | None, force: bool) -> None:
+            queue: str | None, priority: int | None, delay: float | None, wakeup_url: str | None,
+            force: bool) -> None:
     """Enqueue METHOD of APP with JSON arguments; print the job id.
 
     METHOD must be a job name APP registers, unless --force is given.
@@ -213,13 +221,15 @@ def enqueue(app_spec: str, method: str, storage: str | None, args_json: str, kwa
             f"{app_spec} registers no job named {method!r}; registered: "
             f"{', '.join(sorted(app.registry)) or '(none)'} (use --force to enqueue anyway)",
             param_hint="METHOD")
-    if storage:
-        app = _with_storage(app, storage)
+    if storage or wakeup_url:
+        app = _with_storage(app, storage or app._storage_spec, wakeup_url or app.wakeup_url)
     try:
         job_id = app.enqueue(method, args=args, kwargs=kwargs, queue=queue, priority=priority,
                              delay=delay)
     except QmlError as exc:
         raise click.ClickException(str(exc)) from exc
+    finally:
+        app.close()  # sends a pending wake-up
     click.echo(job_id)
 
 
@@ -239,8 +249,9 @@ def _json_args(args_json: str, kwargs_json: str) -> tuple[list[Any], dict[str, A
     return args, kwargs
 
 
-def _with_storage(app: App, storage: str) -> App:
-    clone = App(app.name, storage=storage)
+def _with_storage(app: App, storage: Any, wakeup_url: str | None = None) -> App:
+    clone = App(app.name, storage=storage, wakeup_url=wakeup_url,
+                wakeup_exchange=app.wakeup_exchange)
     clone.registry = app.registry
     return clone
 

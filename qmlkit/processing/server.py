@@ -39,6 +39,7 @@ from qmlkit.processing.middleware import Middleware
 from qmlkit.processing.processor import JobProcessor
 from qmlkit.processing.retry import RetryPolicy
 from qmlkit.storage.base import ServerInfo, StateChange, Storage, Transition
+from qmlkit.wakeup import WakeupListener, WakeupPublisher, connection_for
 
 if TYPE_CHECKING:
     from qmlkit.app import App
@@ -52,8 +53,9 @@ class ServerConfig(BaseModel):
     Attributes:
         storage_url: Storage URL, resolved through the ``qmlkit_storage`` hook.
         storage_options: Backend options passed to that hook.
-        wakeup_url: A kombu URL for wake-up messages. Not supported yet: setting it is a
-            configuration error; workers poll.
+        wakeup_url: A kombu URL for wake-up messages (`qmlkit.wakeup`), or ``None`` to
+            poll only. With it, ``polling_interval`` can be long without delaying jobs.
+        wakeup_exchange: The fanout exchange's name; apps sharing a broker use their own.
         server_name: Name of this server; default the host name (qml-rs: "qml-server").
         worker_count: Worker threads.
         polling_interval: How long an idle worker waits before polling again.
@@ -93,6 +95,7 @@ class ServerConfig(BaseModel):
     storage_url: str = "sqlite:///qmlkit.db"
     storage_options: dict[str, Any] = Field(default_factory=dict)
     wakeup_url: str | None = None
+    wakeup_exchange: str = Field(default="qmlkit.wakeup", min_length=1)
     server_name: str = Field(default_factory=socket.gethostname, min_length=1)
     worker_count: int = Field(default=5, ge=1, le=1024)
     polling_interval: timedelta = timedelta(seconds=1)
@@ -128,19 +131,12 @@ class ServerConfig(BaseModel):
             raise ValueError("must be a positive duration")
         return value
 
-    @field_validator("wakeup_url")
-    @classmethod
-    def _no_wakeups_yet(cls, value: str | None) -> str | None:
-        if value:
-            raise ValueError("wake-ups over kombu are not available in this release; "
-                             "leave wakeup_url unset (workers poll)")
-        return value
-
     def __repr__(self) -> str:
         """Show every field, with secrets in URLs masked."""
         from qmlkit.config import mask_url
 
-        fields = {**self.__dict__, "storage_url": mask_url(self.storage_url)}
+        fields = {**self.__dict__, "storage_url": mask_url(self.storage_url),
+                  "wakeup_url": mask_url(self.wakeup_url) if self.wakeup_url else None}
         return f"ServerConfig({', '.join(f'{k}={v!r}' for k, v in fields.items())})"
 
 
@@ -250,6 +246,10 @@ class Server:
         self._contexts_lock = threading.Lock()
         self._watchdog: _Watchdog | None = None
         self._observed = bool(self.pm.hook.qmlkit_job_state_changed.get_hookimpls())
+        self._publisher: WakeupPublisher | None = None
+        self._listener: WakeupListener | None = None
+        if config.wakeup_url:
+            connection_for(config.wakeup_url)  # a bad URL fails now, naming it
         self.processor = JobProcessor(
             lookup=app.registry.get,
             registered=lambda: list(app.registry),
@@ -373,6 +373,11 @@ class Server:
                 stamped = self.server_id
             self._watchdog = _Watchdog()
             self._threads = []
+            if cfg.wakeup_url:
+                self._publisher = WakeupPublisher(cfg.wakeup_url, cfg.wakeup_exchange)
+                self._listener = WakeupListener(cfg.wakeup_url, self.wake, cfg.wakeup_exchange,
+                                                name=self.server_id or cfg.server_name)
+                self._listener.start()
             if cfg.enable_scheduler:
                 self._spawn("scheduler", self._scheduler_loop)
             if cfg.enable_recurring:
@@ -482,6 +487,12 @@ class Server:
     def _finish(self) -> None:
         if self._watchdog is not None:
             self._watchdog.close()
+        if self._listener is not None:
+            self._listener.stop()
+            self._listener = None
+        if self._publisher is not None:
+            self._publisher.close()
+            self._publisher = None
         if self.server_id is not None:
             try:
                 self.storage.deregister_server(self.server_id)
@@ -531,6 +542,16 @@ class Server:
         return ServerInfo(id=self.server_id, name=self.config.server_name,
                           worker_count=self.config.worker_count, queues=list(self.config.queues),
                           started_at=now, last_heartbeat=now)
+
+    def _runnable(self, changes: Sequence[StateChange]) -> None:
+        """After a commit that made jobs Enqueued: wake local workers and, over the
+        broker, every other server serving their queues."""
+        queues = {c.job.queue for c in changes if c.job.state.name == "Enqueued"}
+        if not queues:
+            return
+        self._wake_all()
+        if self._publisher is not None:
+            self._publisher.publish(queues)
 
     def _notify(self, changes: Sequence[StateChange]) -> None:
         if self._observed and changes:
@@ -654,9 +675,11 @@ class Server:
                 level = logging.INFO if self._hard_stop.is_set() else logging.WARNING
                 log.log(level, "outcome of job %s (attempt %d) discarded: %s",
                         item.job.id, item.token, result)
-            elif self._observed:
+            elif self._observed or result.state.name == "Enqueued":
                 changes.append(StateChange(result, item.job.state))
         self._notify(changes)
+        if self._publisher is not None:  # released jobs: let other servers take them
+            self._runnable(changes)
 
     # --- background duties ----------------------------------------------------------------
 
@@ -690,8 +713,7 @@ class Server:
             changes = self.storage.promote_due(now=utcnow(), limit=1000)
             total += len(changes)
             self._notify(changes)
-            if changes:
-                self._wake_all()
+            self._runnable(changes)
             if len(changes) < 1000:
                 return total
 
@@ -735,7 +757,7 @@ class Server:
                     continue
                 if won and job is not None:
                     self._notify([StateChange(job, None)])
-                    self.wake(job.queue)
+                    self._runnable([StateChange(job, None)])
                 elif won:
                     log.warning("recurring job %s: missed tick %s skipped (misfire=skip)",
                                 template.id, template.next_run_at.isoformat())
@@ -781,4 +803,4 @@ class Server:
         if changes:
             log.warning("reclaimed %d job(s) from dead servers", len(changes))
             self._notify(changes)
-            self._wake_all()
+            self._runnable(changes)

@@ -365,8 +365,8 @@ def test_server_config_names_the_bad_field() -> None:
         ServerConfig(worker_count=0)
     with pytest.raises(ValueError, match="extra|bogus"):
         ServerConfig(bogus=1)
-    with pytest.raises(ValueError, match="wakeup_url"):
-        ServerConfig(wakeup_url="redis://127.0.0.1")
+    with pytest.raises(ConfigurationError, match="nosuchtransport"):
+        App("x", storage="memory://", autoload=False, wakeup_url="nosuchtransport://x")
     assert "***" in repr(ServerConfig(storage_url="sqlite:///x.db").model_copy(
         update={"storage_url": "postgresql://u:secret@h/db"}))
 

@@ -1,0 +1,235 @@
+"""Wake-ups over kombu: tiny messages that start idle workers at once.
+
+Storage stays the only source of truth; a wake-up only says "queue Q has runnable jobs,
+look now". A lost or duplicated wake-up costs latency, never a job: a worker that hears
+nothing still finds the job at its next poll. This is what lets the polling interval be
+long (little storage load while idle) without making jobs wait.
+
+* `WakeupPublisher` publishes, after the commit that made jobs runnable (enqueue, bulk
+  enqueue, promotion of due jobs, manual retry, reclaim), one small message naming the
+  queues to a kombu **fanout** exchange. Bursts are coalesced: the first message after
+  a quiet spell goes out at once, later ones at most every ``COALESCE_S`` (5 ms), each
+  naming every queue gathered meanwhile; a loop of thousands of enqueues sends a few
+  hundred messages a second at most.
+* `WakeupListener` runs in each server: its own auto-deleted queue bound to the
+  exchange, a consumer thread that wakes the idle workers of the named queues (a
+  server serving other queues ignores the message), and reconnection with capped
+  backoff when the broker goes away, logging each change. Meanwhile workers poll.
+
+Any kombu URL works: ``redis://``, ``amqp://`` (RabbitMQ), ``memory://`` (one
+process), or ``filesystem:///path/to/folder`` (processes on one machine, no server to
+install; the folder is created).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from kombu import Connection, Exchange, Queue
+
+from qmlkit.errors import ConfigurationError
+
+log = logging.getLogger(__name__)
+
+#: Default exchange name; several apps on one broker use their own ``exchange``.
+DEFAULT_EXCHANGE = "qmlkit.wakeup"
+#: Cap of the reconnect backoff, in seconds.
+MAX_BACKOFF_S = 5.0
+#: Least time between two wake-up messages of one publisher, in seconds. The first
+#: message after a quiet spell goes out at once; a burst is gathered into at most
+#: 1 / COALESCE_S messages a second.
+COALESCE_S = 0.005
+
+
+def connection_for(url: str) -> Connection:
+    """Return a kombu connection for a wake-up URL, checking it first.
+
+    ``filesystem:///folder`` becomes kombu's filesystem transport with its data and
+    control folders inside ``folder`` (default ``./qmlkit-wakeup``).
+
+    Raises:
+        ConfigurationError: The URL's transport is unknown to kombu, or a
+            ``filesystem`` folder cannot be created; the message names the URL.
+    """
+    scheme = url.partition("://")[0].lower()
+    options: dict[str, Any] = {}
+    if scheme == "filesystem":
+        folder = Path(urlsplit(url).path or "qmlkit-wakeup").expanduser()
+        try:
+            for sub in ("data", "control"):
+                (folder / sub).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigurationError(f"wake-up URL {url!r}: cannot use folder {folder}: {exc}") from exc
+        # The filesystem transport finds messages by listing its folder: every 5 ms
+        # (kombu's default is 1 s, which would make wake-ups slower than polling).
+        options = {"data_folder_in": str(folder / "data"), "data_folder_out": str(folder / "data"),
+                   "control_folder": str(folder / "control"), "polling_interval": 0.005}  # noqa: E501
+        url = "filesystem://"
+    try:
+        conn = Connection(url, transport_options=options, connect_timeout=2)
+        conn.transport_cls  # noqa: B018 - resolves the transport: unknown ones fail here
+        _ = conn.transport
+    except (KeyError, ImportError, ValueError) as exc:
+        raise ConfigurationError(f"wake-up URL {url!r} names no usable kombu transport: "
+                                 f"{exc}") from exc
+    return conn
+
+
+def _exchange(name: str) -> Exchange:
+    return Exchange(name, type="fanout", durable=False, auto_delete=False)
+
+
+class WakeupPublisher:
+    """Publishes coalesced wake-up messages; never raises into the caller.
+
+    Args:
+        url: A kombu URL.
+        exchange: The fanout exchange's name.
+
+    Raises:
+        ConfigurationError: The URL is unusable (see `connection_for`).
+    """
+
+    def __init__(self, url: str, exchange: str = DEFAULT_EXCHANGE) -> None:
+        self.url = url
+        self._conn = connection_for(url)
+        self._exchange = _exchange(exchange)
+        self._pending: set[str] = set()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._producer: Any = None
+        self.sent = 0  #: messages published so far (for tests and benchmarks)
+        self._thread = threading.Thread(target=self._run, name="qmlkit-wakeup-pub", daemon=True)
+        self._thread.start()
+
+    def publish(self, queues: Iterable[str]) -> None:
+        """Ask for a wake-up of ``queues``; returns at once (the send is asynchronous)."""
+        with self._cond:
+            before = len(self._pending)
+            self._pending.update(queues)
+            if len(self._pending) != before:
+                self._cond.notify()
+
+    def _run(self) -> None:
+        backoff = 0.0
+        last = 0.0
+        while True:
+            with self._cond:
+                while not self._pending and not self._closed:
+                    self._cond.wait()
+                if self._closed and not self._pending:
+                    return
+                pause = last + COALESCE_S - time.monotonic()
+                if pause > 0 and not self._closed:  # gather the rest of a burst
+                    self._cond.wait(pause)
+                queues, self._pending = sorted(self._pending), set()
+            last = time.monotonic()
+            try:
+                self._send(queues)
+                backoff = 0.0
+            except Exception as exc:  # the broker is optional: log, drop, retry later
+                self._producer = None
+                backoff = min(max(backoff * 2, 0.1), MAX_BACKOFF_S)
+                log.warning("wake-up for %s not sent (%s: %s); workers will poll",
+                            queues, type(exc).__name__, exc)
+                with self._cond:
+                    self._cond.wait(backoff * (0.5 + random.random()))  # noqa: S311
+
+    def _send(self, queues: list[str]) -> None:
+        if self._producer is None:
+            self._conn.ensure_connection(max_retries=1)
+            self._producer = self._conn.Producer(serializer="json")
+        self._producer.publish({"queues": queues}, exchange=self._exchange, declare=[self._exchange],
+                               retry=False)
+        self.sent += 1
+
+    def close(self) -> None:
+        """Send what is pending (best effort, 1 s at most), then release the connection."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join(1.0)
+        self._conn.release()
+
+
+class WakeupListener:
+    """A server's consumer of wake-ups: calls ``on_wakeup(queue)`` for each named queue.
+
+    Args:
+        url: A kombu URL.
+        on_wakeup: Called on the listener thread with each queue name; must be quick.
+        exchange: The fanout exchange's name.
+        name: A label for the queue and the logs (e.g. the server's id).
+
+    Raises:
+        ConfigurationError: The URL is unusable (see `connection_for`).
+    """
+
+    def __init__(self, url: str, on_wakeup: Callable[[str], None],
+                 exchange: str = DEFAULT_EXCHANGE, name: str = "server") -> None:
+        self.url = url
+        self._conn = connection_for(url)
+        self._on_wakeup = on_wakeup
+        self._exchange = _exchange(exchange)
+        self._queue = Queue(f"{exchange}.{name}.{uuid.uuid4().hex[:8]}", exchange=self._exchange,
+                            durable=False, auto_delete=True, exclusive=False)
+        self._stop = threading.Event()
+        self.connected = threading.Event()  #: set while consuming (tests, liveness checks)
+        self.received = 0  #: messages handled so far
+        self._thread = threading.Thread(target=self._run, name="qmlkit-wakeup-listen", daemon=True)
+
+    def start(self) -> None:
+        """Start the consumer thread."""
+        self._thread.start()
+
+    def _handle(self, body: Any, message: Any) -> None:
+        try:
+            payload = json.loads(body) if isinstance(body, (str, bytes)) else body
+            queues = payload.get("queues", []) if isinstance(payload, dict) else []
+            for queue in queues:
+                if isinstance(queue, str):
+                    self._on_wakeup(queue)
+            self.received += 1
+        finally:
+            message.ack()
+
+    def _run(self) -> None:
+        backoff = 0.0
+        while not self._stop.is_set():
+            try:
+                with self._conn.clone() as conn:
+                    conn.ensure_connection(max_retries=1)
+                    with conn.Consumer([self._queue], callbacks=[self._handle], accept=["json"]):
+                        self.connected.set()
+                        log.info("wake-up listener consuming from %s", conn.as_uri())
+                        backoff = 0.0
+                        while not self._stop.is_set():
+                            try:
+                                conn.drain_events(timeout=0.5)
+                            except TimeoutError:
+                                conn.heartbeat_check()
+            except Exception as exc:  # reconnect with backoff; workers poll meanwhile
+                was_connected = self.connected.is_set()
+                self.connected.clear()
+                if self._stop.is_set():
+                    break
+                backoff = min(max(backoff * 2, 0.2), MAX_BACKOFF_S)
+                log.warning("wake-up listener %s (%s: %s); reconnecting in %.1f s, workers "
+                            "poll meanwhile", "lost its broker" if was_connected else "cannot connect",
+                            type(exc).__name__, exc, backoff)
+                self._stop.wait(backoff * (0.5 + random.random()))  # noqa: S311
+        self.connected.clear()
+
+    def stop(self) -> None:
+        """Stop consuming and join the thread (the auto-deleted queue goes away)."""
+        self._stop.set()
+        self._thread.join(3.0)

@@ -1,0 +1,244 @@
+"""Wake-ups over kombu against real brokers on loopback (field cases C09, C16)."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from qmlkit import App
+from qmlkit.testing import wait_until
+from qmlkit.wakeup import WakeupListener, WakeupPublisher
+from tests.conftest import RUN_ID, require_service
+
+QUIET = {"log_attempts": False, "scheduler_poll_interval": timedelta(seconds=30)}
+
+
+@pytest.fixture
+def exchange() -> str:
+    """A fanout exchange of this test's own on the shared broker."""
+    return f"qmlkit.test.{RUN_ID}.{uuid.uuid4().hex[:6]}"
+
+
+@pytest.fixture(params=[
+    pytest.param("filesystem"),
+    pytest.param("redis", marks=pytest.mark.redis),
+    pytest.param("amqp", marks=pytest.mark.rabbitmq),
+])
+def wakeup_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "redis":
+        require_service("Redis", "127.0.0.1", 6379)
+        return "redis://127.0.0.1:6379/0"
+    if request.param == "amqp":
+        require_service("RabbitMQ", "127.0.0.1", 5672)
+        return "amqp://guest:guest@127.0.0.1:5672//"
+    return f"filesystem://{tmp_path / 'wakeups'}"
+
+
+def start_times(app: App) -> list[float]:
+    started: list[float] = []
+
+    @app.job(name="ping")
+    def ping() -> None:
+        started.append(time.monotonic())
+
+    return started
+
+
+def test_idle_worker_polling_every_30_s_starts_a_job_within_a_second(
+    wakeup_url: str, exchange: str, sqlite_url: str
+) -> None:
+    worker_app = App("worker", storage=sqlite_url, autoload=False, wakeup_url=wakeup_url,
+                     wakeup_exchange=exchange)
+    started = start_times(worker_app)
+    server = worker_app.server(**QUIET, polling_interval=timedelta(seconds=30))
+    # A client in another App (as another process would be): no in-process shortcut.
+    client = App("client", storage=sqlite_url, autoload=False, wakeup_url=wakeup_url,
+                 wakeup_exchange=exchange)
+    server.start()
+    try:
+        wait_until(lambda: server._listener.connected.is_set(), timeout=15)
+        wait_until(lambda: not started, timeout=1)  # the first poll has passed
+        latencies = []
+        for _ in range(5):
+            before = len(started)
+            sent = time.monotonic()
+            client.enqueue("ping")
+            wait_until(lambda before=before: len(started) > before, timeout=1.0)
+            latencies.append(started[-1] - sent)
+    finally:
+        server.stop()
+        client.close()
+        worker_app.close()
+    assert max(latencies) < 1.0, latencies
+
+
+def test_wakeup_for_a_queue_the_server_does_not_serve_wakes_nobody(
+    wakeup_url: str, exchange: str, sqlite_url: str
+) -> None:
+    app = App("only-a", storage=sqlite_url, autoload=False, wakeup_url=wakeup_url,
+              wakeup_exchange=exchange)
+    server = app.server(**QUIET, queues=("a",), polling_interval=timedelta(seconds=30))
+    server.start()
+    publisher = WakeupPublisher(wakeup_url, exchange)
+    try:
+        wait_until(lambda: server._listener.connected.is_set(), timeout=15)
+        seen = server._wake_seq
+        received = server._listener.received
+        publisher.publish(["b"])
+        wait_until(lambda: server._listener.received > received, timeout=5)
+        assert server._wake_seq == seen  # heard, and ignored
+        publisher.publish(["a"])
+        wait_until(lambda: server._wake_seq > seen, timeout=5)
+    finally:
+        publisher.close()
+        server.stop()
+        app.close()
+
+
+def test_a_burst_of_enqueues_sends_few_messages(tmp_path: Path, sqlite_url: str) -> None:
+    app = App("burst", storage=sqlite_url, autoload=False,
+              wakeup_url=f"filesystem://{tmp_path / 'wk'}")
+    app.job(name="noop")(lambda: None)
+    for _ in range(2000):
+        app.enqueue("noop")
+    publisher = app._publisher
+    assert publisher is not None
+    wait_until(lambda: not publisher._pending, timeout=10)
+    assert 1 <= publisher.sent < 200, publisher.sent
+    app.close()
+
+
+def test_bad_wakeup_url_fails_at_configuration_naming_it() -> None:
+    from qmlkit.errors import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match="gopher://x"):
+        App("bad", storage="memory://", autoload=False, wakeup_url="gopher://x")
+
+
+# --- a broker the test owns: stopped and restarted mid-run (C09, C16) ------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class OwnRedis:
+    def __init__(self, tmp: Path) -> None:
+        self.port = free_port()
+        self.tmp = tmp
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
+             "--appendonly", "no", "--dir", str(self.tmp)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until(self._up, timeout=15)
+
+    def _up(self) -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+            return True
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[OwnRedis]:
+    if shutil.which("redis-server") is None:
+        require_service("redis-server binary", "127.0.0.1", 1)  # skips locally, fails in CI
+    broker = OwnRedis(tmp_path)
+    broker.start()
+    yield broker
+    broker.stop()
+
+
+@pytest.mark.redis
+def test_broker_restarts_cost_no_job_and_the_listener_comes_back(
+    own_redis: OwnRedis, sqlite_url: str, exchange: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="qmlkit.wakeup")
+    url = f"redis://127.0.0.1:{own_redis.port}/0"
+    app = App("restarts", storage=sqlite_url, autoload=False, wakeup_url=url,
+              wakeup_exchange=exchange)
+    runs: Counter[int] = Counter()
+
+    @app.job(name="count")
+    def count(i: int) -> None:
+        runs[i] += 1
+
+    server = app.server(**QUIET, polling_interval=timedelta(seconds=2))
+    client = App("client", storage=sqlite_url, autoload=False, wakeup_url=url,
+                 wakeup_exchange=exchange)
+    server.start()
+    n = 0
+    try:
+        wait_until(lambda: server._listener.connected.is_set(), timeout=15)
+        for gap in (5.0, 0.5, 2.0):  # three restarts, two of them close together
+            for _ in range(5):
+                client.enqueue("count", args=[n])
+                n += 1
+            own_redis.stop()
+            wait_until(lambda: not server._listener.connected.is_set(), timeout=10)
+            for _ in range(5):  # enqueued while the broker is down: found by polling
+                client.enqueue("count", args=[n])
+                n += 1
+            # Time passing with the broker down is what is under test.
+            time.sleep(gap)
+            own_redis.start()
+            wait_until(lambda: server._listener.connected.is_set(), timeout=15)
+        wait_until(lambda: sum(runs.values()) == n, timeout=20)
+        # With the broker back, a wake-up starts a job well before the 2 s poll.
+        wait_until(lambda: len(client._publisher._pending) == 0, timeout=5)
+        before = sum(runs.values())
+        sent = time.monotonic()
+        client.enqueue("count", args=[n])
+        wait_until(lambda: sum(runs.values()) > before, timeout=5)
+        assert time.monotonic() - sent < 1.9
+    finally:
+        server.stop()
+        client.close()
+        app.close()
+    assert sorted(runs) == list(range(n + 1)) and set(runs.values()) == {1}
+    messages = [r.getMessage() for r in caplog.records if r.name == "qmlkit.wakeup"]
+    assert sum("lost its broker" in m for m in messages) >= 3
+    assert sum("consuming from" in m for m in messages) >= 4
+
+
+def test_publisher_memory_stays_bounded_while_the_broker_is_down(tmp_path: Path) -> None:
+    # C16: nothing accumulates per enqueue while wake-ups cannot be sent
+    port = free_port()  # nothing listens there
+    publisher = WakeupPublisher(f"redis://127.0.0.1:{port}/0", "qmlkit.test.down")
+    try:
+        for i in range(20_000):
+            publisher.publish([f"q{i % 3}"])
+        assert len(publisher._pending) <= 3
+        assert publisher.sent == 0
+    finally:
+        publisher.close()
+    listener = WakeupListener(f"redis://127.0.0.1:{port}/0", lambda q: None, "qmlkit.test.down")
+    listener.start()
+    try:
+        wait_until(lambda: not listener.connected.is_set(), timeout=2)
+        assert listener._thread.is_alive()  # retrying with backoff, not dead
+    finally:
+        listener.stop()
+    assert not listener._thread.is_alive()
