@@ -45,7 +45,7 @@ from qmlkit.processing.context import JobContext
 from qmlkit.processing.middleware import EnqueueMiddleware, compose_enqueue
 from qmlkit.processing.retry import RetryPolicy
 from qmlkit.recurring import RecurringJob
-from qmlkit.wakeup import WakeupPublisher, connection_for
+from qmlkit.wakeup import RECURRING, SCHEDULED, WakeupPublisher, connection_for
 from qmlkit.storage.base import StateChange, Storage
 
 if TYPE_CHECKING:
@@ -482,9 +482,9 @@ class App:
     def _after_change(self, jobs: Iterable[Job]) -> None:
         jobs = list(jobs)
         if self.wakeup_url:
-            runnable = {j.queue for j in jobs if j.state.name == "Enqueued"}
-            if runnable:
-                self._wakeup_publisher().publish(runnable)
+            names = {j.queue if j.state.name == "Enqueued" else SCHEDULED for j in jobs}
+            if names:
+                self._wakeup_publisher().publish(names)
         if not self._servers:
             return
         servers = list(self._servers)
@@ -605,6 +605,8 @@ class App:
         store.upsert_recurring(template)
         for server in list(self._servers):
             server.nudge_recurring()
+        if self.wakeup_url:
+            self._wakeup_publisher().publish([RECURRING])
         return template
 
     def remove_recurring(self, template_id: str, *, storage: Storage | None = None) -> bool:

@@ -40,6 +40,11 @@ from qmlkit.errors import ConfigurationError
 
 log = logging.getLogger(__name__)
 
+#: Reserved wake-up names: not queues, but "a job was scheduled" and "a recurring
+#: template changed"; they nudge a server's scheduler and recurring poller.
+SCHEDULED = "qmlkit:scheduled"
+RECURRING = "qmlkit:recurring"
+
 #: Default exchange name; several apps on one broker use their own ``exchange``.
 DEFAULT_EXCHANGE = "qmlkit.wakeup"
 #: Cap of the reconnect backoff, in seconds.

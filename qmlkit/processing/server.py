@@ -39,7 +39,13 @@ from qmlkit.processing.middleware import Middleware
 from qmlkit.processing.processor import JobProcessor
 from qmlkit.processing.retry import RetryPolicy
 from qmlkit.storage.base import ServerInfo, StateChange, Storage, Transition
-from qmlkit.wakeup import WakeupListener, WakeupPublisher, connection_for
+from qmlkit.wakeup import (
+    RECURRING,
+    SCHEDULED,
+    WakeupListener,
+    WakeupPublisher,
+    connection_for,
+)
 
 if TYPE_CHECKING:
     from qmlkit.app import App
@@ -236,6 +242,7 @@ class Server:
         self._abort_done = False
         self._wake = threading.Condition()
         self._wake_seq = 0
+        self._idle_poller = False
         self._scheduler_nudge = threading.Event()
         self._recurring_nudge = threading.Event()
         # Jobs this server has claimed and not yet stored an outcome for ("held"), the
@@ -517,10 +524,33 @@ class Server:
                 held, self.config.stale_processing_after)
 
     def wake(self, queue: str | None = None) -> None:
-        """Wake idle workers now (after an enqueue in this process)."""
+        """Wake idle workers of ``queue`` now (``None``: all of them).
+
+        The reserved names `qmlkit.wakeup.SCHEDULED` and `qmlkit.wakeup.RECURRING`
+        nudge the scheduler and the recurring poller instead.
+        """
+        if queue == SCHEDULED:
+            self._scheduler_nudge.set()
+            return
+        if queue == RECURRING:
+            self._recurring_nudge.set()
+            return
         if self.config.queues and queue is not None and queue not in self.config.queues:
             return
         self._wake_all()
+
+    @property
+    def _wakeups_live(self) -> bool:
+        """Whether wake-ups are arriving now (so the duties may poll less)."""
+        return self._listener is not None and self._listener.connected.is_set()
+
+    def _cap(self, interval: timedelta) -> float:
+        """A duty's longest sleep: its interval, or the polling interval if longer while
+        wake-ups arrive (schedules and template changes are announced over them)."""
+        seconds = interval.total_seconds()
+        if self._wakeups_live:
+            seconds = max(seconds, self.config.polling_interval.total_seconds())
+        return seconds
 
     def nudge_scheduler(self) -> None:
         """Make the scheduler look for due jobs now (after a schedule in this process)."""
@@ -602,9 +632,25 @@ class Server:
             loop.close()
 
     def _idle_wait(self, seen: int) -> None:
+        """Wait for a wake-up or the next poll.
+
+        While wake-ups arrive, one idle worker at a time polls and the others wait for
+        a wake (with a long safety timeout), so an idle server costs the storage one
+        query per polling interval instead of one per worker. Without wake-ups (or while
+        the broker is away) every idle worker polls on its own.
+        """
+        interval = self.config.polling_interval.total_seconds()
         with self._wake:
-            if self._wake_seq == seen and not self._stopping.is_set():
-                self._wake.wait(self.config.polling_interval.total_seconds())
+            if self._wake_seq != seen or self._stopping.is_set():
+                return
+            if self._wakeups_live and self._idle_poller:
+                self._wake.wait(interval * 10)  # someone polls already
+                return
+            self._idle_poller = True
+            try:
+                self._wake.wait(interval)
+            finally:
+                self._idle_poller = False
 
     def _run_batch(
         self, jobs: list[Job], worker_id: str, server_name: str, loop: asyncio.AbstractEventLoop
@@ -680,6 +726,8 @@ class Server:
         self._notify(changes)
         if self._publisher is not None:  # released jobs: let other servers take them
             self._runnable(changes)
+        if any(item.state.name == "AwaitingRetry" for item in outcomes):
+            self._scheduler_nudge.set()  # it may sleep past the retry time otherwise
 
     # --- background duties ----------------------------------------------------------------
 
@@ -693,12 +741,13 @@ class Server:
         return loop
 
     def _scheduler_loop(self) -> None:
-        poll = self.config.scheduler_poll_interval.total_seconds()
         while not self._stopping.is_set():
-            wait = poll
+            poll = wait = self._cap(self.config.scheduler_poll_interval)
             try:
-                self.promote_due()
-                next_due = self.storage.next_due_at()
+                next_due = self.storage.next_due_at()  # one indexed query while idle
+                if next_due is not None and next_due <= utcnow():
+                    self.promote_due()
+                    next_due = self.storage.next_due_at()
                 if next_due is not None:
                     wait = min(poll, max(0.0, (next_due - utcnow()).total_seconds()))
             except Exception as exc:  # the scheduler must outlive any failure
@@ -722,9 +771,8 @@ class Server:
         self._recurring_nudge.set()
 
     def _recurring_loop(self) -> None:
-        poll = self.config.recurring_poll_interval.total_seconds()
         while not self._stopping.is_set():
-            wait = poll
+            poll = wait = self._cap(self.config.recurring_poll_interval)
             try:
                 upcoming = self.fire_due_recurring()
                 if upcoming is not None:
