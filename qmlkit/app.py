@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Protocol, TypeVar
 
 import pluggy
 
-from qmlkit.errors import ConfigurationError, JobNotFound, QmlError
+from qmlkit.errors import ConfigurationError, JobNotFound, MiddlewareError, QmlError
 from qmlkit.job import (
     Deleted,
     Enqueued,
@@ -42,7 +42,7 @@ from qmlkit.plugins import (
     resolve_storage,
 )
 from qmlkit.processing.context import JobContext
-from qmlkit.processing.middleware import EnqueueMiddleware, compose_enqueue
+from qmlkit.processing.middleware import EnqueueMiddleware, compose_enqueue, describe
 from qmlkit.processing.retry import RetryPolicy
 from qmlkit.recurring import RecurringJob
 from qmlkit.wakeup import RECURRING, SCHEDULED, WakeupPublisher, connection_for
@@ -436,7 +436,13 @@ class App:
             DuplicateJob: ``job_id`` given and taken.
             StorageError: The storage failed; nothing stored.
         """
-        return self.enqueue_jobs([self.make_job(method, **options)])[0]
+        ids = self.enqueue_jobs([self.make_job(method, **options)])
+        if not ids:
+            raise MiddlewareError(
+                ", ".join(describe(m) for m in self._enqueue_chain()),
+                "stored nothing for this enqueue: an enqueue middleware must call "
+                "call_next(jobs), or raise to refuse the job")
+        return ids[0]
 
     def enqueue_jobs(self, jobs: Sequence[Job]) -> list[str]:
         """Store built jobs in one transaction, wake local servers, notify observers.
@@ -453,8 +459,9 @@ class App:
                     by_id[job.id] = job
                 return [job.id for job in final]
 
-            ids = compose_enqueue(chain, list(jobs), store)
-            stored = [by_id[i] for i in ids if i in by_id]
+            compose_enqueue(chain, list(jobs), store)
+            # What was stored counts, whatever ids a middleware chose to return.
+            stored = list(by_id.values())
         else:
             stored = self.storage.enqueue_many(jobs)
         if has_observers(self.plugin_manager):
@@ -598,11 +605,13 @@ class App:
                 raise exc.__cause__ from None
             raise ConfigurationError(f"recurring job {template_id!r}: {exc}") from exc
         existing = store.get_recurring(template_id)
-        if (existing is not None and existing.cron == template.cron
-                and existing.timezone == template.timezone):
-            template = template.model_copy(update={"next_run_at": existing.next_run_at,
-                                                   "last_run_at": existing.last_run_at})
-        store.upsert_recurring(template)
+        keep = (existing is not None and existing.cron == template.cron
+                and existing.timezone == template.timezone)
+        # Keeping the schedule happens in storage, atomically: servers may be advancing
+        # next_run_at right now, and a stale copy written back would repeat a tick.
+        store.upsert_recurring(template, keep_schedule=keep)
+        if keep:
+            template = store.get_recurring(template_id) or template
         for server in list(self._servers):
             server.nudge_recurring()
         if self.wakeup_url:
@@ -633,19 +642,37 @@ class App:
         job = self.make_job(template.method, args=template.args, kwargs=template.kwargs,
                             queue=template.queue, priority=template.priority,
                             metadata={"recurring_id": template.id, "triggered": True})
+        if storage is None:
+            return self.enqueue_jobs([job])[0]
         stored = store.enqueue(job)
         if has_observers(self.plugin_manager):
             notify_state_changed(self.plugin_manager, [StateChange(stored, None)])
         self._after_change([stored])
         return stored.id
 
-    def tick_job(self, template: RecurringJob, tick: datetime) -> Job:
-        """Build the job that materialises ``tick`` of ``template`` (id derived from both)."""
-        return self.make_job(template.method, args=template.args, kwargs=template.kwargs,
-                             queue=template.queue, priority=template.priority,
-                             metadata={"recurring_id": template.id,
-                                       "tick": tick.isoformat()},
-                             job_id=template.tick_job_id(tick))
+    def tick_job(self, template: RecurringJob, tick: datetime) -> Job | None:
+        """Build the job that materialises ``tick`` of ``template`` (id derived from both).
+
+        The enqueue middleware sees it as it sees every enqueue (it may stamp metadata);
+        its ``call_next`` returns the id at once, and the server stores the job with the
+        template's atomic advance. ``None`` if a middleware dropped it: the tick is
+        skipped.
+        """
+        job = self.make_job(template.method, args=template.args, kwargs=template.kwargs,
+                            queue=template.queue, priority=template.priority,
+                            metadata={"recurring_id": template.id, "tick": tick.isoformat()},
+                            job_id=template.tick_job_id(tick))
+        chain = self._enqueue_chain()
+        if not chain:
+            return job
+        final: list[Job] = []
+
+        def capture(jobs: list[Job]) -> list[str]:
+            final[:] = jobs
+            return [j.id for j in jobs]
+
+        compose_enqueue(chain, [job], capture)
+        return final[0] if final else None
 
     # --- servers ---------------------------------------------------------------------------
 

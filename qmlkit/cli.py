@@ -64,7 +64,7 @@ def _open_storage(app_spec: str | None, storage: str | None) -> tuple[App, Stora
     if app_spec:
         app = load_app(app_spec)
         if storage:
-            app = App(app.name, storage=storage)
+            app = _with_storage(app, storage)
     elif storage:
         app = App("qmlkit-cli", storage=storage)
     else:
@@ -403,12 +403,22 @@ def recurring_list(app_spec: str | None, storage: str | None, as_json: bool) -> 
 @click.option("--misfire", type=click.Choice(["fire_once", "skip"]), default="fire_once",
               show_default=True, help="What missed ticks do after downtime.")
 @click.option("--disabled", is_flag=True, help="Register it disabled.")
+@click.option("--force", is_flag=True,
+              help="Accept a METHOD that --app does not register (another worker may).")
 def recurring_add(template_id: str, cron: str, method: str, app_spec: str | None,
                   storage: str | None, args_json: str, kwargs_json: str, queue: str | None,
-                  tz: str, misfire: str, disabled: bool) -> None:
-    """Add or replace TEMPLATE_ID running METHOD on CRON (5 fields, or 6 seconds-first)."""
+                  tz: str, misfire: str, disabled: bool, force: bool) -> None:
+    """Add or replace TEMPLATE_ID running METHOD on CRON (5 fields, or 6 seconds-first).
+
+    With --app, METHOD must be a job name the app registers, unless --force is given.
+    """
     args, kwargs = _json_args(args_json, kwargs_json)
     app, _ = _open_storage(app_spec, storage)
+    if app_spec and method not in app.registry and not force:
+        raise click.BadParameter(
+            f"{app_spec} registers no job named {method!r}; registered: "
+            f"{', '.join(sorted(app.registry)) or '(none)'} (use --force to add it anyway)",
+            param_hint="METHOD")
     try:
         t = app.schedule_recurring(template_id, cron, method, args=args, kwargs=kwargs,
                                    queue=queue, timezone=tz, misfire=misfire,

@@ -36,7 +36,8 @@ class UnknownStorageScheme(ConfigurationError):
         self.scheme = scheme
         self.known = sorted(set(known))
         super().__init__(
-            f"no storage plugin understands the URL scheme {scheme!r}; known schemes: "
+            f"no storage plugin understands the URL scheme {scheme!r} (check "
+            f"QMLKIT_DISABLE_PLUGINS if it should be built in); known schemes: "
             f"{', '.join(self.known) or '(none)'}. If a plugin exists for it, install it, "
             f"e.g. `pip install qmlkit-{_PACKAGES.get(scheme.split('+')[0], scheme.split('+')[0])}`."
         )
@@ -95,23 +96,29 @@ class PluginLoadError(PluginError):
             f"plugin entry point {entry_point!r} from distribution "
             f"{distribution or '(unknown)'} failed to load: {type(cause).__name__}: {cause}. "
             "Reinstall or uninstall that distribution, or disable it with "
-            "QMLKIT_DISABLE_PLUGINS=<name>."
+            f"QMLKIT_DISABLE_PLUGINS={distribution or entry_point.split(' = ')[0]}."
         )
 
 
 class MiddlewareError(PluginError):
-    """A middleware broke its contract: it returned nothing without calling ``call_next``.
+    """A middleware broke its contract.
+
+    Raised when an execution middleware returns ``None`` without calling ``call_next``,
+    and when the enqueue middleware chain stores nothing for a single ``enqueue``.
 
     Attributes:
-        middleware: The offending middleware, as ``module.QualName``.
+        middleware: The offending middleware, as ``module.QualName`` (several, comma
+            separated, when the chain as a whole is to blame).
     """
 
-    def __init__(self, middleware: str) -> None:
+    def __init__(
+        self,
+        middleware: str,
+        problem: str = "returned None without calling call_next(); return call_next() "
+        "to go on, or return a result of your own",
+    ) -> None:
         self.middleware = middleware
-        super().__init__(
-            f"middleware {middleware} returned None without calling call_next(); "
-            "return call_next() to run the job, or return a result of your own"
-        )
+        super().__init__(f"middleware {middleware} {problem}")
 
 
 class DuplicateStorageScheme(PluginError):

@@ -65,15 +65,20 @@ def make_plugin_manager(
     """
     pm = pluggy.PluginManager("qmlkit")
     pm.add_hookspecs(hookspecs)
-    skip = set(disable) | disabled_from_env()
+    skip = {n.lower() for n in disable} | disabled_from_env()
     for name, modname in BUILTIN_PLUGINS.items():
         if name not in skip:
             _register(pm, importlib.import_module(modname), name)
-    if autoload and not os.environ.get("QMLKIT_DISABLE_PLUGIN_AUTOLOAD"):
+    seen: set[str] = set(BUILTIN_PLUGINS)
+    if autoload and not _env_flag("QMLKIT_DISABLE_PLUGIN_AUTOLOAD"):
         for group in ENTRY_POINT_GROUPS:
             for ep in importlib.metadata.entry_points(group=group):
                 dist = ep.dist.name if ep.dist is not None else None
-                if ep.name in skip or (dist and dist in skip):
+                names = {ep.name.lower(), f"{dist}:{ep.name}".lower()}
+                if dist:
+                    names.add(dist.lower())
+                seen |= names
+                if names & skip:
                     continue
                 try:
                     plugin = ep.load()
@@ -82,6 +87,11 @@ def make_plugin_manager(
                 if not pm.is_registered(plugin):
                     _register(pm, plugin, f"{dist}:{ep.name}")
                     _ORIGINS[id(plugin)] = (group, ep.name, dist, _version(ep))
+    unknown = skip - {n.lower() for n in seen}
+    if unknown and autoload:
+        log.warning("QMLKIT_DISABLE_PLUGINS names no installed plugin: %s (names are "
+                    "entry-point, distribution, 'distribution:entry-point' or built-in "
+                    "names, as `qmlkit plugins` shows them)", ", ".join(sorted(unknown)))
     for plugin in extra:
         if not pm.is_registered(plugin):
             _register(pm, plugin, None)
@@ -112,9 +122,14 @@ def _register(pm: pluggy.PluginManager, plugin: object, name: str | None) -> Non
 
 
 def disabled_from_env() -> set[str]:
-    """Plugin names listed in ``QMLKIT_DISABLE_PLUGINS`` (comma-separated)."""
-    return {n.strip() for n in os.environ.get("QMLKIT_DISABLE_PLUGINS", "").split(",")
+    """Plugin names listed in ``QMLKIT_DISABLE_PLUGINS`` (comma-separated), lower-cased."""
+    return {n.strip().lower() for n in os.environ.get("QMLKIT_DISABLE_PLUGINS", "").split(",")
             if n.strip()}
+
+
+def _env_flag(name: str) -> bool:
+    """A boolean environment variable: unset, empty, 0, false, no and off mean false."""
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no", "off")
 
 
 def describe_plugins(pm: pluggy.PluginManager) -> list[dict[str, Any]]:

@@ -35,7 +35,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from croniter import croniter
+from croniter import CroniterBadDateError, croniter
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from qmlkit.errors import ConfigurationError, InvalidCron
@@ -140,7 +140,7 @@ class RecurringJob(BaseModel):
     args: list[Any] = Field(default_factory=list)
     kwargs: dict[str, Any] = Field(default_factory=dict)
     queue: str = Field(default="default", min_length=1)
-    priority: int = 0
+    priority: int = Field(default=0, ge=-(2**31), le=2**31 - 1)
     timezone: str = "UTC"
     enabled: bool = True
     misfire: Literal["fire_once", "skip"] = "fire_once"
@@ -163,7 +163,11 @@ class RecurringJob(BaseModel):
     @model_validator(mode="after")
     def _first_run(self) -> RecurringJob:
         if self.next_run_at is None:
-            object.__setattr__(self, "next_run_at", self.next_after(datetime.now(timezone.utc)))
+            try:
+                first = self.next_after(datetime.now(timezone.utc))
+            except CroniterBadDateError as exc:
+                raise InvalidCron(self.cron, "it matches no date (e.g. 31 February)") from exc
+            object.__setattr__(self, "next_run_at", first)
         return self
 
     def next_after(self, after: datetime) -> datetime:

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from qmlkit.errors import ConfigurationError, QmlError, StaleClaim
+from qmlkit.errors import ConfigurationError, DuplicateJob, QmlError, StaleClaim
 from qmlkit.job import DEFAULT_MAX_PAYLOAD_BYTES, Enqueued, Job, utcnow
 from qmlkit.plugins import call_safely, make_plugin_manager, notify_state_changed, resolve_storage
 from qmlkit.processing.context import JobContext
@@ -793,28 +793,41 @@ class Server:
         for template in self.storage.list_recurring():
             if not template.enabled or template.next_run_at is None:
                 continue
+            upcoming = template.next_run_at
             if template.next_run_at <= now:
-                tick, following = template.plan(now)
-                job = self.app.tick_job(template, tick) if tick is not None else None
-                try:
-                    won = self.storage.fire_recurring(
-                        template.id, expected_next_run_at=template.next_run_at,
-                        next_run_at=following, job=job)
-                except QmlError as exc:  # a bad template must not block the others
-                    log.error("recurring job %s: could not fire: %s", template.id, exc)
+                try:  # one broken template must never hold up the others
+                    upcoming = self._fire(template, now)
+                except Exception as exc:
+                    log.error("recurring job %s: tick %s not fired: %s: %s", template.id,
+                              template.next_run_at.isoformat(), type(exc).__name__, exc)
                     continue
-                if won and job is not None:
-                    self._notify([StateChange(job, None)])
-                    self._runnable([StateChange(job, None)])
-                elif won:
-                    log.warning("recurring job %s: missed tick %s skipped (misfire=skip)",
-                                template.id, template.next_run_at.isoformat())
-                upcoming = following
-            else:
-                upcoming = template.next_run_at
             if earliest is None or upcoming < earliest:
                 earliest = upcoming
         return earliest
+
+    def _fire(self, template: Any, now: datetime) -> datetime:
+        """Materialise one due template's tick (if this server wins it); return its next."""
+        tick, following = template.plan(now)
+        job = self.app.tick_job(template, tick) if tick is not None else None
+        if tick is not None and job is None:
+            log.warning("recurring job %s: an enqueue middleware dropped tick %s",
+                        template.id, tick.isoformat())
+        try:
+            won = self.storage.fire_recurring(template.id, expected_next_run_at=template.next_run_at,
+                                              next_run_at=following, job=job)
+        except DuplicateJob:
+            # The tick's job exists already (its schedule was rolled back under us):
+            # advance the schedule without storing it twice.
+            won = self.storage.fire_recurring(template.id, expected_next_run_at=template.next_run_at,
+                                              next_run_at=following, job=None)
+            job = None
+        if won and job is not None:
+            self._notify([StateChange(job, None)])
+            self._runnable([StateChange(job, None)])
+        elif won and tick is None:
+            log.warning("recurring job %s: missed tick %s skipped (misfire=skip)",
+                        template.id, template.next_run_at.isoformat())
+        return following
 
     # --- recurring API (on this server's storage) ---------------------------------------
 

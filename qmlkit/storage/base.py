@@ -381,8 +381,15 @@ class Storage(abc.ABC):
     # --- recurring templates ---------------------------------------------------------
 
     @abc.abstractmethod
-    def upsert_recurring(self, template: RecurringJob) -> None:
-        """Insert or replace the template ``template.id``, its ``next_run_at`` included."""
+    def upsert_recurring(self, template: RecurringJob, *, keep_schedule: bool = False) -> None:
+        """Insert or replace the template ``template.id``, atomically.
+
+        Args:
+            template: The template.
+            keep_schedule: If the template exists, keep its stored ``next_run_at`` and
+                ``last_run_at`` (servers may be advancing them right now) and replace
+                only the definition; if it does not exist, insert ``template`` whole.
+        """
 
     @abc.abstractmethod
     def get_recurring(self, template_id: str) -> RecurringJob | None:

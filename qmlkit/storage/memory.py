@@ -275,9 +275,13 @@ class MemoryStorage(Storage):
 
     # --- recurring templates -------------------------------------------------------------
 
-    def upsert_recurring(self, template: RecurringJob) -> None:
+    def upsert_recurring(self, template: RecurringJob, *, keep_schedule: bool = False) -> None:
         """See `Storage.upsert_recurring`."""
         with self._lock:
+            existing = self._recurring.get(template.id)
+            if keep_schedule and existing is not None:
+                template = template.model_copy(update={"next_run_at": existing.next_run_at,
+                                                       "last_run_at": existing.last_run_at})
             self._recurring[template.id] = template
 
     def get_recurring(self, template_id: str) -> RecurringJob | None:

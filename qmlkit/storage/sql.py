@@ -876,15 +876,19 @@ class SQLStorage(Storage):
             "next_run_at": self._result_ts(next_run_at), "last_run_at": self._result_ts(last_run_at)
         })
 
-    def upsert_recurring(self, template: RecurringJob) -> None:
+    def upsert_recurring(self, template: RecurringJob, *, keep_schedule: bool = False) -> None:
         """See `Storage.upsert_recurring`."""
         r = self.recurring
+        values: dict[str, Any] = {"definition": template.model_dump_json()}
+        if not keep_schedule:
+            values.update(next_run_at=template.next_run_at, last_run_at=template.last_run_at)
 
         def write(conn: Connection) -> None:
-            conn.execute(r.delete().where(r.c.id == template.id))
-            conn.execute(r.insert().values(
-                id=template.id, definition=template.model_dump_json(),
-                next_run_at=template.next_run_at, last_run_at=template.last_run_at))
+            updated = conn.execute(r.update().where(r.c.id == template.id).values(values))
+            if updated.rowcount == 0:
+                conn.execute(r.insert().values(
+                    id=template.id, definition=template.model_dump_json(),
+                    next_run_at=template.next_run_at, last_run_at=template.last_run_at))
 
         self._write(write)
 
@@ -942,9 +946,10 @@ class SQLStorage(Storage):
                 self._insert_jobs(conn.connection.driver_connection.cursor(), rows)
             return True
 
+        dbapi_integrity = self.engine.dialect.loaded_dbapi.IntegrityError
         try:
             return self._write(write)
-        except IntegrityError as exc:
+        except (IntegrityError, dbapi_integrity) as exc:
             raise DuplicateJob(job.id if job is not None else template_id) from exc
 
     # --- server registry --------------------------------------------------------------------

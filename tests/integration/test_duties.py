@@ -348,3 +348,72 @@ def test_servers_command_lists_live_and_dead_servers(tmp_path: Path) -> None:
     assert rows["alive#1"]["status"] == "live" and rows["dead#2"]["status"] == "dead"
     assert rows["alive#1"]["worker_count"] == 3
     app.close()
+
+
+def test_reregistering_while_servers_fire_never_freezes_the_schedule(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'q.db'}"
+    apps = [App(f"r{i}", storage=url, autoload=False) for i in range(3)]
+    for app in apps:
+        app.job(name="tick")(lambda: None)
+    apps[0].schedule_recurring("every", "* * * * * *", "tick")
+    servers = [apps[i].server(**FAST, server_name=f"r{i}", worker_count=1,
+                              recurring_poll_interval=timedelta(milliseconds=50))
+               for i in range(2)]
+    for server in servers:
+        server.start()
+    stop = threading.Event()
+
+    def churn() -> None:  # the same schedule, registered again and again meanwhile
+        while not stop.is_set():
+            apps[2].schedule_recurring("every", "* * * * * *", "tick")
+
+    churner = threading.Thread(target=churn)
+    churner.start()
+    try:
+        wait_until(lambda: len(apps[0].storage.list_jobs(limit=1000)) >= 4, timeout=20)
+    finally:
+        stop.set()
+        churner.join(10)
+    try:
+        # The schedule keeps moving once the churn stops: no tick is stuck.
+        later = utcnow() + timedelta(seconds=2)
+        wait_until(lambda: apps[0].storage.get_recurring("every").next_run_at > later, timeout=10)
+    finally:
+        for server in servers:
+            server.stop()
+    ticks = sorted(j.metadata["tick"] for j in apps[0].storage.list_jobs(limit=1000))
+    assert len(ticks) == len(set(ticks))
+    for app in apps:
+        app.close()
+
+
+def test_a_broken_template_does_not_hold_up_the_others(backend_url: str) -> None:
+    from qmlkit import hookimpl
+
+    class Gate:
+        """Refuses jobs of method 'bad'; stamps the others, recurring ticks included."""
+
+        @hookimpl
+        def qmlkit_enqueue_middleware(self, config: dict[str, object]) -> list[object]:
+            def gate(jobs, call_next):  # noqa: ANN001, ANN202
+                if any(j.method == "bad" for j in jobs):
+                    raise RuntimeError("refused")
+                return call_next([j.model_copy(update={"metadata": {**j.metadata, "gate": 1}})
+                                  for j in jobs])
+
+            return [gate]
+
+    app = App("iso", storage=backend_url, autoload=False, plugins=[Gate()])
+    app.job(name="bad")(lambda: None)
+    app.job(name="good")(lambda: None)
+    app.schedule_recurring("aaa-bad", "* * * * * *", "bad")
+    app.schedule_recurring("zzz-good", "* * * * * *", "good")
+    server = app.server(**FAST, recurring_poll_interval=timedelta(milliseconds=100))
+    server.start()
+    try:
+        wait_until(lambda: len(app.storage.list_jobs(method="good")) >= 2, timeout=10)
+    finally:
+        server.stop()
+    assert app.storage.list_jobs(method="bad") == []
+    assert all(j.metadata.get("gate") == 1 for j in app.storage.list_jobs(method="good"))
+    app.close()

@@ -18,6 +18,7 @@ import pytest
 from qmlkit import App, Server, hookimpl
 from qmlkit.errors import (
     DuplicateStorageScheme,
+    MiddlewareError,
     PluginError,
     PluginLoadError,
     UnknownStorageScheme,
@@ -441,3 +442,32 @@ def test_server_from_plugins_accepts_plain_callable_observers() -> None:
     finally:
         server.stop()
     assert seen == [("Enqueued", "Processing"), ("Processing", "Succeeded")]
+
+
+def test_plugins_are_disabled_by_the_name_qmlkit_plugins_shows(
+    installed: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    for name in ("qmlkit-example:example", "QMLKIT-EXAMPLE"):
+        monkeypatch.setenv("QMLKIT_DISABLE_PLUGINS", name)
+        assert "qmlkit-example:example" not in {
+            p["name"] for p in describe_plugins(make_plugin_manager())}
+    monkeypatch.setenv("QMLKIT_DISABLE_PLUGINS", "no-such-plugin")
+    with caplog.at_level("WARNING", logger="qmlkit.plugins"):
+        make_plugin_manager()
+    assert "no-such-plugin" in caplog.text
+    monkeypatch.setenv("QMLKIT_DISABLE_PLUGINS", "")
+    monkeypatch.setenv("QMLKIT_DISABLE_PLUGIN_AUTOLOAD", "0")  # "0" does not disable
+    assert "qmlkit-example:example" in {p["name"] for p in describe_plugins(make_plugin_manager())}
+
+
+def test_enqueue_middleware_that_stores_nothing_is_a_clear_error() -> None:
+    class Drop:
+        @hookimpl
+        def qmlkit_enqueue_middleware(self, config: dict[str, object]) -> list[object]:
+            return [lambda jobs, call_next: []]
+
+    app = App("drop", storage="memory://", autoload=False, plugins=[Drop()])
+    app.job(name="f")(lambda: None)
+    with pytest.raises(MiddlewareError, match="stored nothing"):
+        app.enqueue("f")
+    assert app.storage.count_jobs() == {}

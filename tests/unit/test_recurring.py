@@ -123,3 +123,13 @@ def test_reregistering_the_same_schedule_keeps_it(tmp_path) -> None:  # noqa: AN
         app.schedule_recurring("bad", "0 24 * * *", "m")
     assert app.remove_recurring("daily") and app.list_recurring() == []
     app.close()
+
+
+def test_a_cron_that_matches_no_date_is_refused() -> None:
+    with pytest.raises(InvalidCron, match="matches no date"):
+        rj("0 0 31 2 *")
+
+
+def test_priority_out_of_range_is_refused_at_registration() -> None:
+    with pytest.raises(ValueError, match="priority"):
+        rj("* * * * *", priority=2**40)
