@@ -19,6 +19,7 @@ from qmlkit.job import (
     Succeeded,
     utcnow,
 )
+from qmlkit.recurring import RecurringJob
 from qmlkit.storage.base import ServerInfo, Storage, Transition
 from qmlkit.testing import make_job
 
@@ -324,9 +325,7 @@ def test_claim_changes_report_the_previous_enqueued_state(storage: Storage) -> N
 # --- recurring templates ------------------------------------------------------------------
 
 
-def template(**fields: object) -> "RecurringJob":
-    from qmlkit.recurring import RecurringJob
-
+def template(**fields: object) -> RecurringJob:
     base = {"id": "nightly", "cron": "0 3 * * *", "method": "m.report", "args": [1]}
     return RecurringJob(**{**base, **fields})
 
