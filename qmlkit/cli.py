@@ -281,6 +281,9 @@ def jobs_list(app_spec: str | None, storage: str | None, state: str | None, queu
         for job in found:
             click.echo(job.model_dump_json())
         return
+    if not found:
+        console.print("no jobs match" if (state or queue or method or offset) else "no jobs")
+        return
     table = Table("id", "method", "queue", "state", "attempts", "created (UTC)", "detail")
     for job in found:
         table.add_row(job.id, job.method, job.queue, job.state.name, str(job.attempts),

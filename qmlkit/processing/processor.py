@@ -15,6 +15,8 @@ import json
 import logging
 import time
 import traceback
+from pathlib import Path
+from types import TracebackType
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any, Protocol
@@ -56,6 +58,21 @@ class Runnable(Protocol):
         """Run the job; return its result (a coroutine for ``async def`` jobs)."""
 
 
+_PROCESSING_DIR = str(Path(__file__).resolve().parent)
+
+
+def _user_frames(tb: TracebackType | None) -> TracebackType | None:
+    """Skip the leading frames of qmlkit's own processing machinery (processor,
+    middleware chain), so a stored traceback starts where the job's code does.
+    Frames of middleware written by users stay."""
+    first = tb
+    while tb is not None:
+        if not tb.tb_frame.f_code.co_filename.startswith(_PROCESSING_DIR):
+            return tb
+        tb = tb.tb_next
+    return first  # the error is qmlkit's own (e.g. an unknown job name): keep it all
+
+
 def describe_exception(exc: BaseException) -> tuple[str, str, str | None, str | None]:
     """Turn an exception into text that can always be stored.
 
@@ -73,7 +90,8 @@ def describe_exception(exc: BaseException) -> tuple[str, str, str | None, str | 
         message = f"<unprintable {type(exc).__name__}>"
         note = f"str() of the exception raised {type(err).__name__}: {err!r}"[:500]
     try:
-        trace: str | None = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        trace: str | None = "".join(
+            traceback.format_exception(type(exc), exc, _user_frames(exc.__traceback__)))
     except Exception as err:
         trace = None
         note = (note + "; " if note else "") + f"traceback could not be formatted: {err!r}"[:500]
