@@ -222,6 +222,11 @@ class WakeupListener:
                                 conn.drain_events(timeout=0.5)
                             except TimeoutError:
                                 conn.heartbeat_check()
+                            except ValueError as exc:
+                                # An unreadable message (kombu's filesystem transport can
+                                # read a file its writer has not filled yet): one lost
+                                # wake-up, which costs at most a poll. Keep consuming.
+                                log.debug("unreadable wake-up message skipped: %s", exc)
             except Exception as exc:  # reconnect with backoff; workers poll meanwhile
                 was_connected = self.connected.is_set()
                 self.connected.clear()
