@@ -171,7 +171,8 @@ class WakeupListener:
 
     Args:
         url: A kombu URL.
-        on_wakeup: Called on the listener thread with each queue name; must be quick.
+        on_wakeup: Called on the listener thread with each queue name, or ``None`` for
+            "wake everything" (a message that could not be read); must be quick.
         exchange: The fanout exchange's name.
         name: A label for the queue and the logs (e.g. the server's id).
 
@@ -179,7 +180,7 @@ class WakeupListener:
         ConfigurationError: The URL is unusable (see `connection_for`).
     """
 
-    def __init__(self, url: str, on_wakeup: Callable[[str], None],
+    def __init__(self, url: str, on_wakeup: Callable[[str | None], None],
                  exchange: str = DEFAULT_EXCHANGE, name: str = "server") -> None:
         self.url = url
         self._conn = connection_for(url)
@@ -224,9 +225,10 @@ class WakeupListener:
                                 conn.heartbeat_check()
                             except ValueError as exc:
                                 # An unreadable message (kombu's filesystem transport can
-                                # read a file its writer has not filled yet): one lost
-                                # wake-up, which costs at most a poll. Keep consuming.
-                                log.debug("unreadable wake-up message skipped: %s", exc)
+                                # read a file its writer has not filled yet) was still a
+                                # wake-up: wake everything rather than lose it.
+                                log.debug("unreadable wake-up message: %s; waking all", exc)
+                                self._on_wakeup(None)
             except Exception as exc:  # reconnect with backoff; workers poll meanwhile
                 was_connected = self.connected.is_set()
                 self.connected.clear()

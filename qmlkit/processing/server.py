@@ -529,6 +529,9 @@ class Server:
         The reserved names `qmlkit.wakeup.SCHEDULED` and `qmlkit.wakeup.RECURRING`
         nudge the scheduler and the recurring poller instead.
         """
+        if queue is None:
+            self._scheduler_nudge.set()
+            self._recurring_nudge.set()
         if queue == SCHEDULED:
             self._scheduler_nudge.set()
             return
