@@ -74,10 +74,10 @@ def connection_for(url: str) -> Connection:
                 (folder / sub).mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ConfigurationError(f"wake-up URL {url!r}: cannot use folder {folder}: {exc}") from exc
-        # The filesystem transport finds messages by listing its folder: every 5 ms
+        # The filesystem transport finds messages by listing its folder: every 2 ms
         # (kombu's default is 1 s, which would make wake-ups slower than polling).
         options = {"data_folder_in": str(folder / "data"), "data_folder_out": str(folder / "data"),
-                   "control_folder": str(folder / "control"), "polling_interval": 0.005}  # noqa: E501
+                   "control_folder": str(folder / "control"), "polling_interval": 0.002}  # noqa: E501
         url = "filesystem://"
     try:
         conn = Connection(url, transport_options=options, connect_timeout=2)
