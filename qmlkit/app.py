@@ -194,7 +194,8 @@ class JobFunction(Generic[P, R]):
                 template = self.app.make_job(self.name, args=args, kwargs=kwargs)
                 jobs.append(template)
             else:  # same options and timestamps: copy the validated first job
-                jobs.append(template._replace(id=new_job_id(), args=args, kwargs=kwargs))
+                jobs.append(template._replace(id=new_job_id(), args=args, kwargs=kwargs,
+                                              metadata=dict(template.metadata)))
         return self.app.enqueue_jobs(jobs) if jobs else []
 
 
