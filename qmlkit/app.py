@@ -704,7 +704,7 @@ class App:
             raise ConfigurationError(f"unusable storage {storage!r}")
         if self.wakeup_url and "wakeup_url" not in base:
             base["wakeup_url"] = self.wakeup_url
-            base.setdefault("wakeup_exchange", self.wakeup_exchange)
+        base.setdefault("wakeup_exchange", self.wakeup_exchange)  # whatever the URL's source
         if isinstance(self._storage_spec, str) and "storage_url" not in base:
             base["storage_url"] = self._storage_spec
             base.setdefault("storage_options", self.storage_options)

@@ -68,7 +68,13 @@ def connection_for(url: str) -> Connection:
     scheme = url.partition("://")[0].lower()
     options: dict[str, Any] = {}
     if scheme == "filesystem":
-        folder = Path(urlsplit(url).path or "qmlkit-wakeup").expanduser()
+        parts = urlsplit(url)
+        if parts.netloc or parts.path == "/":
+            raise ConfigurationError(
+                f"wake-up URL {url!r}: give the folder as an absolute path after three "
+                "slashes, e.g. 'filesystem:///var/run/myapp/wakeups' (or 'filesystem://' "
+                "for ./qmlkit-wakeup)")
+        folder = Path(parts.path or "qmlkit-wakeup").expanduser()
         try:
             for sub in ("data", "control"):
                 (folder / sub).mkdir(parents=True, exist_ok=True)
@@ -87,6 +93,46 @@ def connection_for(url: str) -> Connection:
         raise ConfigurationError(f"wake-up URL {url!r} names no usable kombu transport: "
                                  f"{exc}") from exc
     return conn
+
+
+#: Wake-up files older than this are useless (a poll has found their jobs since).
+STALE_S = 60.0
+
+
+def prune_filesystem(data: Path, control: Path) -> int:
+    """Remove what crashed listeners left in a filesystem wake-up folder.
+
+    kombu's filesystem transport keeps a binding per listener queue and writes every
+    message once per binding; a listener that died without deleting its queue leaves a
+    binding that collects files forever. Messages older than ``STALE_S`` are deleted,
+    and the bindings of queues that had such stale messages (no one consumes them) are
+    dropped.
+
+    Returns:
+        How many stale message files were removed.
+    """
+    cutoff = time.time() - STALE_S
+    dead: set[str] = set()
+    removed = 0
+    for path in data.glob("*.msg"):
+        try:
+            if path.stat().st_mtime < cutoff:
+                dead.add(path.name.partition(".")[2].removesuffix(".msg"))
+                path.unlink()
+                removed += 1
+        except OSError:
+            continue  # consumed meanwhile
+    for table in control.glob("*.exchange"):
+        try:
+            bindings = json.loads(table.read_text() or "[]")
+            kept = [b for b in bindings if not (isinstance(b, list) and b and b[-1] in dead)]
+            if len(kept) != len(bindings):
+                table.write_text(json.dumps(kept))
+        except (OSError, ValueError):
+            continue
+    if removed:
+        log.info("removed %d stale wake-up file(s) from %s", removed, data)
+    return removed
 
 
 def _exchange(name: str) -> Exchange:
@@ -194,19 +240,36 @@ class WakeupListener:
         self._thread = threading.Thread(target=self._run, name="qmlkit-wakeup-listen", daemon=True)
 
     def start(self) -> None:
-        """Start the consumer thread."""
+        """Start the consumer thread (pruning a filesystem folder's stale leftovers)."""
+        options = self._conn.transport_options or {}
+        if "control_folder" in options:
+            prune_filesystem(Path(options["data_folder_in"]), Path(options["control_folder"]))
         self._thread.start()
 
     def _handle(self, body: Any, message: Any) -> None:
         try:
             payload = json.loads(body) if isinstance(body, (str, bytes)) else body
-            queues = payload.get("queues", []) if isinstance(payload, dict) else []
-            for queue in queues:
-                if isinstance(queue, str):
-                    self._on_wakeup(queue)
+            queues = payload.get("queues") if isinstance(payload, dict) else None
+            if isinstance(queues, list):
+                for queue in queues:
+                    if isinstance(queue, str):
+                        self._on_wakeup(queue)
+            else:
+                log.debug("wake-up message of an unknown shape: waking all")
+                self._on_wakeup(None)
             self.received += 1
+        except Exception:  # never let one message tear the consumer down
+            log.exception("wake-up message could not be handled")
         finally:
             message.ack()
+
+    def _undecodable(self, message: Any, exc: Exception) -> None:
+        """A message kombu cannot decode: drop it (once) and wake everything."""
+        log.warning("undecodable wake-up message dropped (%s: %s)", type(exc).__name__, exc)
+        try:
+            message.ack()
+        finally:
+            self._on_wakeup(None)
 
     def _run(self) -> None:
         backoff = 0.0
@@ -214,10 +277,13 @@ class WakeupListener:
             try:
                 with self._conn.clone() as conn:
                     conn.ensure_connection(max_retries=1)
-                    with conn.Consumer([self._queue], callbacks=[self._handle], accept=["json"]):
+                    with conn.Consumer([self._queue], callbacks=[self._handle], accept=["json"],
+                                       on_decode_error=self._undecodable):
                         self.connected.set()
                         log.info("wake-up listener consuming from %s", conn.as_uri())
                         backoff = 0.0
+                        # Wake-ups sent while this listener was away were lost: look now.
+                        self._on_wakeup(None)
                         while not self._stop.is_set():
                             try:
                                 conn.drain_events(timeout=0.5)
@@ -242,6 +308,15 @@ class WakeupListener:
         self.connected.clear()
 
     def stop(self) -> None:
-        """Stop consuming and join the thread (the auto-deleted queue goes away)."""
+        """Stop consuming, join the thread, and remove this listener's queue.
+
+        Brokers delete an auto-delete queue themselves; kombu's filesystem transport
+        does not, so the queue is deleted here (its binding and messages too).
+        """
         self._stop.set()
         self._thread.join(3.0)
+        try:
+            with self._conn.clone() as conn:
+                self._queue.bind(conn.default_channel).delete()
+        except Exception as exc:  # best effort: the broker may be gone
+            log.debug("could not delete wake-up queue %s: %s", self._queue.name, exc)

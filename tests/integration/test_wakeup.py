@@ -242,3 +242,81 @@ def test_publisher_memory_stays_bounded_while_the_broker_is_down(tmp_path: Path)
     finally:
         listener.stop()
     assert not listener._thread.is_alive()
+
+
+def test_malformed_messages_are_dropped_without_losing_the_broker(
+    wakeup_url: str, exchange: str, sqlite_url: str
+) -> None:
+    from kombu import Exchange
+
+    from qmlkit.wakeup import connection_for
+
+    app = App("mal", storage=sqlite_url, autoload=False, wakeup_url=wakeup_url,
+              wakeup_exchange=exchange)
+    server = app.server(**QUIET, polling_interval=timedelta(seconds=30))
+    server.start()
+    try:
+        wait_until(lambda: server._listener.connected.is_set(), timeout=15)
+        with connection_for(wakeup_url) as conn:
+            producer = conn.Producer()
+            fanout = Exchange(exchange, type="fanout", durable=False)
+            for body, kind in (("plain text", "text/plain"), ("{not json", "application/json"),
+                               ('{"queues": null}', "application/json"),
+                               ('{"queues": 5}', "application/json")):
+                producer.publish(body, exchange=fanout, declare=[fanout],
+                                 content_type=kind, content_encoding="utf-8")
+        seen = server._wake_seq
+        wait_until(lambda: server._wake_seq > seen, timeout=5)  # each "wakes all"
+        # Still connected, and a real wake-up still works.
+        publisher = WakeupPublisher(wakeup_url, exchange)
+        before = server._wake_seq
+        publisher.publish(["default"])
+        wait_until(lambda: server._wake_seq > before, timeout=5)
+        publisher.close()
+        assert server._listener.connected.is_set()
+    finally:
+        server.stop()
+        app.close()
+
+
+def test_servers_use_the_apps_exchange_whatever_gives_the_url(sqlite_url: str,
+                                                             tmp_path: Path) -> None:
+    app = App("ex", storage=sqlite_url, autoload=False, wakeup_exchange="ex.wakeup")
+    server = app.server(wakeup_url=f"filesystem://{tmp_path / 'wk'}")
+    assert server.config.wakeup_exchange == "ex.wakeup"
+    app.close()
+
+
+@pytest.mark.parametrize("url", ["filesystem:///", "filesystem://wk", "filesystem://tmp/x"])
+def test_filesystem_urls_must_name_an_absolute_folder(url: str) -> None:
+    from qmlkit.errors import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match="three"):
+        App("fs", storage="memory://", autoload=False, wakeup_url=url)
+
+
+def test_filesystem_listener_cleans_up_its_queue_and_stale_leftovers(tmp_path: Path) -> None:
+    import json as _json
+    import os
+
+    url = f"filesystem://{tmp_path / 'wk'}"
+    first = WakeupListener(url, lambda q: None, "fs.x", name="first")
+    first.start()
+    wait_until(lambda: first.connected.is_set(), timeout=10)
+    first.stop()  # a clean stop removes its binding
+    table = tmp_path / "wk" / "control" / "fs.x.exchange"
+    assert all("first" not in b[-1] for b in _json.loads(table.read_text() or "[]"))
+    # A crashed listener's binding collects files; the next listener prunes stale ones.
+    table.write_text(_json.dumps([["", "", "fs.x.dead.1234"]]))
+    stale = tmp_path / "wk" / "data" / "1_abc.fs.x.dead.1234.msg"
+    stale.write_text("{}")
+    old = time.time() - 3600
+    os.utime(stale, (old, old))
+    second = WakeupListener(url, lambda q: None, "fs.x", name="second")
+    second.start()
+    try:
+        assert not stale.exists()
+        wait_until(lambda: second.connected.is_set(), timeout=10)
+        assert all(b[-1] != "fs.x.dead.1234" for b in _json.loads(table.read_text()))
+    finally:
+        second.stop()
