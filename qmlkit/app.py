@@ -445,26 +445,34 @@ class App:
                 "call_next(jobs), or raise to refuse the job")
         return ids[0]
 
-    def enqueue_jobs(self, jobs: Sequence[Job]) -> list[str]:
+    def enqueue_jobs(self, jobs: Sequence[Job], *, storage: Storage | None = None) -> list[str]:
         """Store built jobs in one transaction, wake local servers, notify observers.
 
+        The jobs pass through the enqueue middleware first.
+
+        Args:
+            jobs: Built jobs (see `make_job`).
+            storage: Where to store them (default the app's).
+
         Returns:
-            Their ids, in order.
+            The ids of the jobs stored, in order (fewer than given if a middleware
+            dropped some).
         """
+        store = storage or self.storage
         chain = self._enqueue_chain()
         if chain:
             by_id: dict[str, Job] = {}
 
-            def store(final: list[Job]) -> list[str]:
-                for job in self.storage.enqueue_many(final):
+            def store_all(final: list[Job]) -> list[str]:
+                for job in store.enqueue_many(final):
                     by_id[job.id] = job
                 return [job.id for job in final]
 
-            compose_enqueue(chain, list(jobs), store)
+            compose_enqueue(chain, list(jobs), store_all)
             # What was stored counts, whatever ids a middleware chose to return.
             stored = list(by_id.values())
         else:
-            stored = self.storage.enqueue_many(jobs)
+            stored = store.enqueue_many(jobs)
         if has_observers(self.plugin_manager):
             notify_state_changed(self.plugin_manager, [StateChange(j, None) for j in stored])
         self._after_change(stored)
@@ -488,17 +496,18 @@ class App:
         return self._enqueue_mw
 
     def _after_change(self, jobs: Iterable[Job]) -> None:
-        jobs = list(jobs)
-        if self.wakeup_url:
-            names = {j.queue if j.state.name == "Enqueued" else SCHEDULED for j in jobs}
-            if names:
-                self._wakeup_publisher().publish(names)
-        if not self._servers:
+        if not self.wakeup_url and not self._servers:
             return
-        servers = list(self._servers)
-        queues = {j.queue for j in jobs if j.state.name == "Enqueued"}
-        scheduled = any(j.state.name == "Scheduled" for j in jobs)
-        for server in servers:
+        queues: set[str] = set()
+        scheduled = False
+        for job in jobs:
+            if job.state.name == "Enqueued":
+                queues.add(job.queue)
+            else:
+                scheduled = True
+        if self.wakeup_url and (queues or scheduled):
+            self._wakeup_publisher().publish(queues | ({SCHEDULED} if scheduled else set()))
+        for server in list(self._servers):
             for queue in queues:
                 server.wake(queue)
             if scheduled:
@@ -643,13 +652,11 @@ class App:
         job = self.make_job(template.method, args=template.args, kwargs=template.kwargs,
                             queue=template.queue, priority=template.priority,
                             metadata={"recurring_id": template.id, "triggered": True})
-        if storage is None:
-            return self.enqueue_jobs([job])[0]
-        stored = store.enqueue(job)
-        if has_observers(self.plugin_manager):
-            notify_state_changed(self.plugin_manager, [StateChange(stored, None)])
-        self._after_change([stored])
-        return stored.id
+        ids = self.enqueue_jobs([job], storage=store)
+        if not ids:
+            raise MiddlewareError(", ".join(describe(m) for m in self._enqueue_chain()),
+                                  "stored nothing for this trigger")
+        return ids[0]
 
     def tick_job(self, template: RecurringJob, tick: datetime) -> Job | None:
         """Build the job that materialises ``tick`` of ``template`` (id derived from both).

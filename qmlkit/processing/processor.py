@@ -207,14 +207,18 @@ class JobProcessor:
         self, coro: Any, job: Job, context: JobContext, loop: asyncio.AbstractEventLoop | None
     ) -> Any:
         timeout = self.timeout_for(job)
-        if loop is None:
-            loop = asyncio.new_event_loop()
+        own = loop is None  # no loop of the worker's: one for this attempt, closed after
+        run_on = asyncio.new_event_loop() if own else loop
+        assert run_on is not None
         try:
-            return loop.run_until_complete(asyncio.wait_for(coro, timeout))
+            return run_on.run_until_complete(asyncio.wait_for(coro, timeout))
         except (asyncio.TimeoutError, TimeoutError) as exc:
             context.timed_out = True
             context.cancelled.set()
             raise JobTimeout(timeout or 0.0) from exc
+        finally:
+            if own:
+                run_on.close()
 
     def _encode_result(self, result: Any) -> Any:
         if result is None:

@@ -943,7 +943,11 @@ class SQLStorage(Storage):
             if conn.execute(stmt).rowcount != 1:
                 return False  # another server advanced it first
             if rows:
-                self._insert_jobs(conn.connection.driver_connection.cursor(), rows)
+                cursor = conn.connection.driver_connection.cursor()
+                try:
+                    self._insert_jobs(cursor, rows)
+                finally:
+                    cursor.close()
             return True
 
         dbapi_integrity = self.engine.dialect.loaded_dbapi.IntegrityError
