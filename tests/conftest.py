@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import socket
+import importlib.util
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,21 +10,12 @@ from pathlib import Path
 import pytest
 
 from qmlkit import App
+from qmlkit.testing import require_service
+
+__all__ = ["RUN_ID", "require_service"]
 
 #: One id per test session: prefixes, schemas and database names derive from it.
 RUN_ID = uuid.uuid4().hex[:8]
-
-
-def require_service(name: str, host: str, port: int) -> None:
-    """Skip the test if ``host:port`` does not accept a connection; fail instead under CI=true."""
-    try:
-        with socket.create_connection((host, port), timeout=1.0):
-            return
-    except OSError as exc:
-        message = f"{name} is not reachable on {host}:{port}: {exc}"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(message + " (CI=true: a missing service fails the run)")
-        pytest.skip(message)
 
 
 @pytest.fixture
@@ -44,6 +34,47 @@ def sqlite_url(tmp_path: Path) -> str:
 def memory_url() -> str:
     """In-process storage."""
     return "memory://"
+
+
+def require_plugin(module: str, distribution: str) -> None:
+    """Skip unless the plugin package is installed (the README's test command installs it)."""
+    if importlib.util.find_spec(module) is None:
+        pytest.skip(f"{distribution} is not installed: pip install -e plugins/{distribution}")
+
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    """The shared Redis on loopback under a key prefix of this test's own, emptied afterwards."""
+    require_plugin("qmlkit_redis", "qmlkit-redis")
+    require_service("Redis", "127.0.0.1", 6379)
+    prefix = f"qmlkit-test:{RUN_ID}:{uuid.uuid4().hex[:6]}:"
+    yield f"redis://127.0.0.1:6379/0?prefix={prefix}"
+    import redis
+
+    client = redis.Redis(host="127.0.0.1", port=6379, db=0)
+    try:
+        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+        for start in range(0, len(keys), 500):
+            client.delete(*keys[start:start + 500])
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """The shared PostgreSQL database ``test`` in a schema of this test's own, dropped afterwards."""
+    require_plugin("qmlkit_postgres", "qmlkit-postgres")
+    require_service("PostgreSQL", "127.0.0.1", 5432)
+    schema = f"qmlkit_test_{RUN_ID}_{uuid.uuid4().hex[:6]}"
+    yield f"postgresql+psycopg://127.0.0.1:5432/test?schema={schema}"
+    import sqlalchemy as sa
+
+    engine = sa.create_engine("postgresql+psycopg://127.0.0.1:5432/test")
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+    finally:
+        engine.dispose()
 
 
 @pytest.fixture(params=["memory", "sqlite"])

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import socket
+import subprocess
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 from qmlkit.job import Enqueued, Job, utcnow
@@ -44,3 +49,98 @@ def make_job(method: str = "tests.noop", **fields: Any) -> Job:
     queue = fields.get("queue", "default")
     fields.setdefault("state", Enqueued(enqueued_at=fields.pop("enqueued_at", now), queue=queue))
     return Job(method=method, **fields)
+
+
+def require_service(name: str, host: str, port: int) -> None:
+    """Skip the calling test unless ``host:port`` accepts a TCP connection.
+
+    Under ``CI=true`` an unreachable service fails the test instead of skipping it, so a
+    CI run never passes by skipping what it was meant to check.
+
+    Args:
+        name: The service's name, for the message (e.g. ``"Redis"``).
+        host: Host to connect to (loopback in qmlkit's own tests).
+        port: TCP port.
+
+    Raises:
+        pytest.skip.Exception / pytest.fail.Exception: Through ``pytest.skip`` or
+            ``pytest.fail`` when the service is down.
+    """
+    import pytest
+
+    try:
+        with socket.create_connection((host, port), timeout=1.0):
+            return
+    except OSError as exc:
+        message = f"{name} is not reachable on {host}:{port}: {exc}"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message + " (CI=true: a missing service fails the run)")
+        pytest.skip(message)
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that was free a moment ago (for a test's own server)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class RedisProcess:
+    """A ``redis-server`` of a test's own on a free loopback port, to stop and restart.
+
+    Args:
+        directory: Where Redis keeps its files (a temporary directory).
+        appendonly: Keep an append-only file (``appendfsync always``) so data survives a
+            restart, as a production Redis would; ``False`` for a broker-only Redis.
+
+    Attributes:
+        port: The TCP port, fixed across restarts.
+        url: ``redis://127.0.0.1:<port>/0``.
+    """
+
+    def __init__(self, directory: Path, *, appendonly: bool = False) -> None:
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.directory = directory
+        self.appendonly = appendonly
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @staticmethod
+    def available() -> bool:
+        """Whether a ``redis-server`` binary is on ``PATH``."""
+        return shutil.which("redis-server") is not None
+
+    def start(self, timeout: float = 15.0) -> None:
+        """Start the server and wait until it accepts connections.
+
+        Raises:
+            TimeoutError: It did not come up within ``timeout`` seconds.
+        """
+        args = ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
+                "--dir", str(self.directory)]
+        if self.appendonly:
+            args += ["--appendonly", "yes", "--appendfsync", "always"]
+        else:
+            args += ["--appendonly", "no"]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until(self.is_up, timeout=timeout, message=f"redis-server on port {self.port}")
+
+    def is_up(self) -> bool:
+        """Whether the port accepts a connection now."""
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+            return True
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        """Stop the server (SIGTERM, as a service manager would) and wait for it to exit."""
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None
+
+    def restart(self) -> None:
+        """Stop, then start again on the same port and directory."""
+        self.stop()
+        self.start()

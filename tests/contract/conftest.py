@@ -1,6 +1,7 @@
 """The storage contract suite's fixture: one ``storage`` per backend, resolved by URL.
 
-A new backend adds one ``pytest.param`` here and one ``<name>_url`` fixture, and is done
+A new backend adds one ``pytest.param`` here and one ``<name>_url`` fixture (in
+``tests/conftest.py``), and is done
 when the whole suite passes against the real service.
 """
 
@@ -13,7 +14,12 @@ import pytest
 from qmlkit import App, Server
 from qmlkit.storage.base import Storage
 
-BACKENDS = [pytest.param("memory"), pytest.param("sqlite")]
+BACKENDS = [
+    pytest.param("memory"),
+    pytest.param("sqlite"),
+    pytest.param("redis", marks=pytest.mark.redis),
+    pytest.param("postgres", marks=pytest.mark.postgres),
+]
 
 
 @pytest.fixture(params=BACKENDS)

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import logging
-import shutil
-import socket
-import subprocess
 import time
 import uuid
 from collections import Counter
@@ -16,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from qmlkit import App
-from qmlkit.testing import wait_until
+from qmlkit.testing import RedisProcess, free_port, require_service, wait_until
 from qmlkit.wakeup import WakeupListener, WakeupPublisher
-from tests.conftest import RUN_ID, require_service
+from tests.conftest import RUN_ID
 
 QUIET = {"log_attempts": False, "scheduler_poll_interval": timedelta(seconds=30)}
 
@@ -128,44 +125,11 @@ def test_bad_wakeup_url_fails_at_configuration_naming_it() -> None:
 # --- a broker the test owns: stopped and restarted mid-run (C09, C16) ------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class OwnRedis:
-    def __init__(self, tmp: Path) -> None:
-        self.port = free_port()
-        self.tmp = tmp
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
-             "--appendonly", "no", "--dir", str(self.tmp)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_until(self._up, timeout=15)
-
-    def _up(self) -> bool:
-        try:
-            socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-            return True
-        except OSError:
-            return False
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(10)
-            self.proc = None
-
-
 @pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[OwnRedis]:
-    if shutil.which("redis-server") is None:
+def own_redis(tmp_path: Path) -> Iterator[RedisProcess]:
+    if not RedisProcess.available():
         require_service("redis-server binary", "127.0.0.1", 1)  # skips locally, fails in CI
-    broker = OwnRedis(tmp_path)
+    broker = RedisProcess(tmp_path)
     broker.start()
     yield broker
     broker.stop()
@@ -173,7 +137,7 @@ def own_redis(tmp_path: Path) -> Iterator[OwnRedis]:
 
 @pytest.mark.redis
 def test_broker_restarts_cost_no_job_and_the_listener_comes_back(
-    own_redis: OwnRedis, sqlite_url: str, exchange: str, caplog: pytest.LogCaptureFixture
+    own_redis: RedisProcess, sqlite_url: str, exchange: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="qmlkit.wakeup")
     url = f"redis://127.0.0.1:{own_redis.port}/0"
