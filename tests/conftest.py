@@ -12,7 +12,7 @@ import pytest
 from qmlkit import App
 from qmlkit.testing import require_service
 
-__all__ = ["RUN_ID", "require_service"]
+__all__ = ["RUN_ID", "backend_plugins", "require_service"]
 
 #: One id per test session: prefixes, schemas and database names derive from it.
 RUN_ID = uuid.uuid4().hex[:8]
@@ -34,6 +34,19 @@ def sqlite_url(tmp_path: Path) -> str:
 def memory_url() -> str:
     """In-process storage."""
     return "memory://"
+
+
+def backend_plugins(url: str) -> list[object]:
+    """The plugin modules an app with ``autoload=False`` needs for ``url``'s backend."""
+    if url.startswith("postgres"):
+        import qmlkit_postgres.plugin
+
+        return [qmlkit_postgres.plugin]
+    if url.startswith(("redis", "rediss", "unix")):
+        import qmlkit_redis.plugin
+
+        return [qmlkit_redis.plugin]
+    return []
 
 
 def require_plugin(module: str, distribution: str) -> None:
@@ -77,15 +90,20 @@ def postgres_url() -> Iterator[str]:
         engine.dispose()
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=[
+    pytest.param("memory"),
+    pytest.param("sqlite"),
+    pytest.param("postgres", marks=pytest.mark.postgres),
+])
 def backend_url(request: pytest.FixtureRequest) -> str:
-    """The URL of each built-in backend in turn (contract-style tests of whole apps)."""
+    """The URL of each SQL-or-memory backend in turn (contract-style tests of whole apps)."""
     return request.getfixturevalue(f"{request.param}_url")
 
 
 @pytest.fixture
 def app(backend_url: str) -> Iterator[App]:
     """An empty app on each built-in backend, closed afterwards."""
-    application = App("test", storage=backend_url, autoload=False)
+    application = App("test", storage=backend_url, autoload=False,
+                      plugins=backend_plugins(backend_url))
     yield application
     application.close()

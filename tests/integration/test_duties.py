@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import backend_plugins
 from qmlkit import App, Server, Succeeded
 from qmlkit.errors import StaleClaim
 from qmlkit.job import utcnow
@@ -66,7 +67,8 @@ def test_three_servers_materialise_each_tick_exactly_once(tmp_path: Path) -> Non
 
 
 def test_missed_ticks_after_downtime_fire_once(backend_url: str) -> None:
-    app = App("down", storage=backend_url, autoload=False)
+    app = App("down", storage=backend_url, autoload=False,
+              plugins=backend_plugins(backend_url))
     app.job(name="tick")(lambda: None)
     template = app.schedule_recurring("minutely", "* * * * *", "tick")
     # The servers were down for ten minutes: the stored schedule is ten ticks behind.
@@ -83,7 +85,8 @@ def test_missed_ticks_after_downtime_fire_once(backend_url: str) -> None:
 
 
 def test_trigger_enqueues_now_and_keeps_the_schedule(backend_url: str) -> None:
-    app = App("trig", storage=backend_url, autoload=False)
+    app = App("trig", storage=backend_url, autoload=False,
+              plugins=backend_plugins(backend_url))
     app.job(name="tick")(lambda: "ran")
     template = app.schedule_recurring("nightly", "0 3 * * *", "tick", args=[])
     job_id = app.trigger_recurring("nightly")
@@ -96,7 +99,8 @@ def test_trigger_enqueues_now_and_keeps_the_schedule(backend_url: str) -> None:
 
 
 def test_cleanup_removes_exactly_the_expired_rows(backend_url: str) -> None:
-    app = App("ttl", storage=backend_url, autoload=False)
+    app = App("ttl", storage=backend_url, autoload=False,
+              plugins=backend_plugins(backend_url))
 
     @app.job(name="ok")
     def ok() -> None: ...
@@ -142,7 +146,8 @@ def test_cleanup_removes_exactly_the_expired_rows(backend_url: str) -> None:
 
 
 def test_deleted_jobs_expire_by_their_ttl(backend_url: str) -> None:
-    app = App("del", storage=backend_url, autoload=False)
+    app = App("del", storage=backend_url, autoload=False,
+              plugins=backend_plugins(backend_url))
     app.job(name="x")(lambda: None)
     gone, kept = app.enqueue("x"), app.enqueue("x")
     app.delete(gone, ttl=timedelta(seconds=30))
@@ -307,7 +312,8 @@ def test_long_job_of_a_live_server_runs_once(tmp_path: Path) -> None:
 def test_not_yet_due_job_runs_once_with_two_servers(backend_url: str) -> None:
     # C02: a delayed job is not held under any lease before it is due
     ran: list[str] = []
-    app = App("c02", storage=backend_url, autoload=False)
+    app = App("c02", storage=backend_url, autoload=False,
+              plugins=backend_plugins(backend_url))
 
     @app.job(name="later")
     def later() -> None:
@@ -403,7 +409,8 @@ def test_a_broken_template_does_not_hold_up_the_others(backend_url: str) -> None
 
             return [gate]
 
-    app = App("iso", storage=backend_url, autoload=False, plugins=[Gate()])
+    app = App("iso", storage=backend_url, autoload=False,
+              plugins=[Gate(), *backend_plugins(backend_url)])
     app.job(name="bad")(lambda: None)
     app.job(name="good")(lambda: None)
     app.schedule_recurring("aaa-bad", "* * * * * *", "bad")

@@ -27,6 +27,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
+from tests.conftest import backend_plugins
 from qmlkit import (
     App,
     ConfigurationError,
@@ -380,7 +381,8 @@ def test_backoff_stays_between_cap_and_cap_plus_jitter_for_huge_retry_numbers() 
 def test_retries_of_jobs_failing_together_are_spread(backend_url: str) -> None:
     # Given 50 jobs that each fail once, with a 1 s backoff and 100 % jitter
     observer = StateLog()
-    app = App("c08", storage=backend_url, autoload=False, plugins=[observer])
+    app = App("c08", storage=backend_url, autoload=False,
+              plugins=[observer, *backend_plugins(backend_url)])
     failed_at: dict[int, float] = {}
     lock = threading.Lock()
 
@@ -546,7 +548,8 @@ def test_worker_releases_running_jobs_when_the_grace_period_runs_out(
 
 def test_stop_releases_claimed_but_unstarted_jobs(backend_url: str) -> None:
     # Given one worker that claims up to 10 jobs at a time (a large prefetch window)
-    app = App("c10", storage=backend_url, autoload=False)
+    app = App("c10", storage=backend_url, autoload=False,
+              plugins=backend_plugins(backend_url))
     ran: list[int] = []
 
     @app.job(name="c10.quick")
@@ -586,7 +589,8 @@ def test_stop_releases_jobs_prefetched_behind_a_job_that_outlives_the_grace_peri
     backend_url: str,
 ) -> None:
     # Given one worker holding a batch of 10 jobs whose first blocks and ignores cancellation
-    app = App("c10", storage=backend_url, autoload=False)
+    app = App("c10", storage=backend_url, autoload=False,
+              plugins=backend_plugins(backend_url))
     unblock = threading.Event()
     ran: list[int] = []
 

@@ -9,6 +9,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
+from tests.conftest import backend_plugins
 from qmlkit import (
     App,
     ConfigurationError,
@@ -325,7 +326,8 @@ def test_observers_see_every_committed_transition(backend_url: str) -> None:
                 seen.append((job.id, previous.name if previous else None, current.name))
             raise RuntimeError("observers are isolated")
 
-    app = App("obs", storage=backend_url, autoload=False, plugins=[Observer()])
+    app = App("obs", storage=backend_url, autoload=False,
+              plugins=[Observer(), *backend_plugins(backend_url)])
 
     @app.job(max_retries=0)
     def ok() -> None: ...

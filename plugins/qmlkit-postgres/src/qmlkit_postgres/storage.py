@@ -1,0 +1,536 @@
+"""``PostgresStorage``: qmlkit jobs in PostgreSQL, on SQLAlchemy 2 with psycopg 3.
+
+It builds on the core ``SQLStorage`` (same tables, row encoding, decoding and reads) and
+replaces the hot and the bulk paths with PostgreSQL statements that do each step in one
+round trip:
+
+* claim: ``WITH picked AS (SELECT … FOR UPDATE SKIP LOCKED LIMIT n) UPDATE … RETURNING``,
+  so concurrent workers never wait on each other's rows and never claim one twice
+  (the technique of Que, GoodJob and procrastinate);
+* acknowledge: one ``UPDATE … FROM unnest(…)`` per batch, fenced by the attempt number;
+* enqueue: one ``INSERT … SELECT FROM unnest(…)`` per batch, also inside a caller's own
+  transaction (`PostgresStorage.enqueue_many` with ``connection=``);
+* promotion, stranded requeue and dead-server reclaim: one ``UPDATE`` each.
+
+Lost replies are made harmless: a claim retried after a dropped connection first picks
+up the rows its first attempt may have committed, and an acknowledgement retried after a
+dropped connection recognises its own already-applied change.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timezone
+from typing import Any
+
+import sqlalchemy as sa
+from pydantic import ValidationError
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import IntegrityError, OperationalError
+
+from qmlkit.errors import ConfigurationError, DuplicateJob, StaleClaim, StorageUnavailable
+from qmlkit.job import Job, JobState, Processing, trusted
+from qmlkit.storage.base import MAX_CLAIM, StateChange, Transition
+from qmlkit.storage.sql import _STATE, SQLStorage
+
+from qmlkit_postgres import migrations
+
+log = logging.getLogger(__name__)
+
+#: Columns returned by claims and moves, in this order.
+_RETURNED = (
+    "id", "method", "queue", "priority", "state", "attempts", "retry_count", "max_retries",
+    "timeout_s", "created_at", "enqueued_at", "due_at", "started_at", "server_name",
+    "expires_at", "payload", "job_metadata", "state_data",
+)
+
+#: Array types of the inserted columns, in ``SQLStorage._INSERT_COLUMNS`` order.
+_INSERT_TYPES = (
+    "text", "text", "text", "int", "text", "int", "int", "int", "float8", "timestamptz",
+    "timestamptz", "timestamptz", "timestamptz", "text", "timestamptz", "text", "text", "text",
+)
+
+
+def describe(url: sa.URL) -> str:
+    """``host:port/database`` of a URL, never its password."""
+    return f"{url.host or 'localhost'}:{url.port or 5432}/{url.database or ''}"
+
+
+class PostgresStorage(SQLStorage):
+    """Storage in a PostgreSQL schema. See the module docstring.
+
+    Args:
+        url: ``postgresql://user@host:port/database`` (``postgresql+psycopg://`` and
+            ``postgres://`` too). Query parameters ``schema=NAME`` and ``migrate=false``
+            are read here and removed; the rest go to psycopg (e.g. ``sslmode``).
+        schema: Schema holding the tables (default ``public``), so several apps can
+            share one database. Overrides the URL's ``schema``.
+        auto_migrate: Apply pending migrations on `open` (default ``True``). With
+            ``False``, `open` refuses a schema that is not at the current version and
+            names ``qmlkit migrate``.
+        connect_timeout_s: How long `open` keeps trying to reach the server, in seconds.
+        busy_timeout_s: How long an operation retries a dropped connection, in seconds,
+            before ``StorageUnavailable``.
+        pool_size: Connections kept open (one per worker thread plus a few).
+        max_payload_bytes: Largest encoded arguments accepted, in bytes.
+        engine_options: Extra keyword arguments for ``sqlalchemy.create_engine``.
+
+    Raises:
+        ConfigurationError: The URL cannot be parsed or an option is unknown.
+    """
+
+    #: `qmlkit.App.transaction` may pass a caller's connection to `enqueue_many`.
+    supports_transactional_enqueue = True
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        schema: str | None = None,
+        auto_migrate: bool | None = None,
+        connect_timeout_s: float = 10.0,
+        busy_timeout_s: float = 60.0,
+        pool_size: int = 12,
+        max_payload_bytes: int | None = None,
+        engine_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        try:
+            parsed = sa.engine.make_url(url)
+        except sa.exc.ArgumentError as exc:
+            raise ConfigurationError(f"cannot parse PostgreSQL URL: {exc}") from exc
+        if parsed.get_backend_name() not in ("postgresql", "postgres"):
+            raise ConfigurationError(f"not a PostgreSQL URL: {parsed.render_as_string()}")
+        query = dict(parsed.query)
+        schema = schema or _single(query.pop("schema", None)) or "public"
+        migrate_flag = _single(query.pop("migrate", None))
+        if auto_migrate is None:
+            auto_migrate = (migrate_flag or "true").lower() not in ("false", "0", "no", "off")
+        parsed = parsed.set(drivername="postgresql+psycopg", query=query)
+        super().__init__(
+            parsed.render_as_string(hide_password=False),
+            busy_timeout_s=busy_timeout_s, pool_size=pool_size,
+            max_payload_bytes=max_payload_bytes, schema=schema, engine_options=engine_options,
+        )
+        self._sa_url = parsed
+        self.url = parsed.render_as_string(hide_password=True)
+        self.schema = schema
+        self.auto_migrate = auto_migrate
+        self.connect_timeout_s = connect_timeout_s
+        self._q = '"' + schema.replace('"', '""') + '"'
+        self._jobs_sql = f"{self._q}.qmlkit_jobs"
+
+    @classmethod
+    def from_url(cls, url: str, options: Mapping[str, Any]) -> PostgresStorage:
+        """Build from a URL and the storage options (the keyword arguments above).
+
+        Raises:
+            ConfigurationError: An unknown option, named, or a bad URL.
+        """
+        known = {"schema", "auto_migrate", "connect_timeout_s", "busy_timeout_s", "pool_size",
+                 "max_payload_bytes", "engine_options"}
+        unknown = set(options) - known
+        if unknown:
+            raise ConfigurationError(
+                f"PostgreSQL storage: unknown option(s) {sorted(unknown)}; known: {sorted(known)}"
+            )
+        return cls(url, **options)
+
+    def __repr__(self) -> str:
+        return f"PostgresStorage({describe(self._sa_url)}, schema={self.schema!r})"
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Connect, then migrate the schema (or check it is current).
+
+        Raises:
+            ConfigurationError: The server refused the credentials or the database does
+                not exist (naming host, port and database, never the password).
+            StorageUnavailable: The server could not be reached within
+                ``connect_timeout_s``.
+            SchemaVersionError: The schema is newer than this package, or not current
+                while ``auto_migrate`` is off.
+        """
+        with self._open_lock:
+            if self._engine is not None:
+                return
+            options: dict[str, Any] = {
+                "pool_pre_ping": True, "pool_size": self._pool_size, "max_overflow": 4,
+                "connect_args": {"connect_timeout": max(1, int(min(self.connect_timeout_s, 10)))},
+            }
+            options.update(self._engine_options)
+            try:
+                engine = sa.create_engine(self._sa_url, **options)
+            except (ImportError, sa.exc.ArgumentError) as exc:
+                raise ConfigurationError(f"cannot create an engine for {self!r}: {exc}") from exc
+            try:
+                self._connect_and_migrate(engine)
+            except BaseException:
+                engine.dispose()
+                raise
+            self._engine = engine
+
+    def _connect_and_migrate(self, engine: sa.Engine) -> None:
+        where = describe(self._sa_url)
+        deadline = time.monotonic() + self.connect_timeout_s
+        delay = 0.1
+        while True:
+            try:
+                with engine.begin() as conn:
+                    if self.auto_migrate:
+                        for migration in migrations.migrate(conn, self.schema):
+                            log.info("%r: applied migration %d (%s)", self, migration.version,
+                                     migration.name)
+                    else:
+                        version = migrations.applied_version(conn, self.schema)
+                        migrations.check_not_newer(version, self.schema)
+                        if version < migrations.LATEST:
+                            raise migrations.SchemaVersionError(
+                                f"PostgreSQL schema {self.schema!r} at {where} is at "
+                                f"qmlkit-postgres schema version {version}, this package "
+                                f"needs {migrations.LATEST}, and automatic migration is off: "
+                                "run 'qmlkit migrate --storage URL' first"
+                            )
+                return
+            except OperationalError as exc:
+                text = _first_line(exc.orig)
+                if _is_config_error(text):
+                    raise ConfigurationError(
+                        f"PostgreSQL at {where} refused the connection: {text}"
+                    ) from None
+                if time.monotonic() >= deadline:
+                    raise StorageUnavailable(
+                        f"PostgreSQL at {where} is unreachable after "
+                        f"{self.connect_timeout_s:g} s: {text}"
+                    ) from None
+            time.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+    def migrate(self) -> list[str]:
+        """Apply pending schema migrations now (what ``qmlkit migrate`` runs).
+
+        Returns:
+            ``"<version>: <name>"`` for each migration applied, oldest first.
+
+        Raises:
+            SchemaVersionError: The schema is newer than this package knows.
+            StorageUnavailable: The server cannot be reached.
+        """
+        engine = self._engine
+        if engine is None:
+            engine = sa.create_engine(self._sa_url, pool_pre_ping=True)
+        try:
+            with engine.begin() as conn:
+                done = migrations.migrate(conn, self.schema)
+        except OperationalError as exc:
+            raise StorageUnavailable(
+                f"PostgreSQL at {describe(self._sa_url)}: {_first_line(exc.orig)}"
+            ) from None
+        finally:
+            if engine is not self._engine:
+                engine.dispose()
+        return [f"{m.version}: {m.name}" for m in done]
+
+    # --- enqueue ------------------------------------------------------------------------
+
+    def _insert_sql(self) -> str:
+        cols = ", ".join(self._INSERT_COLUMNS)
+        arrays = ", ".join(f"%s::{t}[]" for t in _INSERT_TYPES)
+        return f"INSERT INTO {self._jobs_sql} ({cols}) SELECT * FROM unnest({arrays})"
+
+    def _insert_jobs(self, cursor: Any, rows: list[tuple[Any, ...]]) -> None:
+        """Insert encoded rows with one ``INSERT … SELECT FROM unnest(arrays)`` statement."""
+        for start in range(0, len(rows), 5000):
+            chunk = rows[start:start + 5000]
+            cursor.execute(self._insert_sql(), [list(col) for col in zip(*chunk)])
+
+    def enqueue_many(self, jobs: Sequence[Job], *, connection: Any = None) -> list[Job]:
+        """Store new jobs in one statement; optionally inside the caller's transaction.
+
+        Args:
+            jobs: Enqueued or Scheduled jobs.
+            connection: A SQLAlchemy ``Connection`` or ``Session`` on this database whose
+                transaction the caller controls, or ``None`` for a transaction of this
+                storage's own. With a connection the jobs exist only if, and once, the
+                caller commits; a rollback leaves no trace.
+
+        Returns:
+            The stored jobs, as given.
+
+        Raises:
+            DuplicateJob: An id is already taken (with a caller's connection, its
+                transaction is then aborted, as for any failed statement).
+            PayloadError: A job's arguments are not JSON or are too large.
+            ConfigurationError: ``connection`` is not a SQLAlchemy connection or session
+                on PostgreSQL.
+        """
+        if connection is None:
+            return super().enqueue_many(jobs)
+        if not jobs:
+            return []
+        rows = self._insert_rows(jobs)
+        conn = _connection_of(connection)
+        params = tuple(list(col) for col in zip(*rows))
+        try:
+            conn.exec_driver_sql(self._insert_sql(), params)
+        except IntegrityError as exc:
+            raise DuplicateJob(str(jobs[0].id) if len(jobs) == 1 else
+                               f"one of {len(jobs)} jobs ({exc.orig})") from exc
+        return list(jobs)
+
+    # --- claim and fenced acknowledgements ------------------------------------------------
+
+    def _claim(
+        self,
+        worker_id: str,
+        server_name: str,
+        queues: Sequence[str],
+        limit: int,
+        now: datetime,
+        with_previous: bool,
+    ) -> list[tuple[Job, JobState | None]]:
+        limit = max(1, min(limit, MAX_CLAIM))
+        processing = Processing(started_at=now, worker_id=worker_id, server_name=server_name)
+        state_data = processing.model_dump_json()
+        queues = list(queues)
+        if len(queues) == 1:
+            where, qparams = "AND queue = %(queue)s", {"queue": queues[0]}
+        elif queues:
+            where, qparams = "AND queue = ANY(%(queues)s)", {"queues": queues}
+        else:
+            where, qparams = "", {}
+        returning = ", ".join(f"j.{c}" for c in _RETURNED)
+        claim_sql = (
+            f"WITH picked AS (SELECT id, state_data AS prev, enqueued_at AS prev_enqueued "
+            f"FROM {self._jobs_sql} WHERE state = 'Enqueued' {where} "
+            f"ORDER BY priority DESC, enqueued_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED) "
+            f"UPDATE {self._jobs_sql} AS j SET state = 'Processing', state_data = %(data)s, "
+            f"enqueued_at = NULL, due_at = NULL, started_at = %(now)s, "
+            f"server_name = %(server)s, attempts = j.attempts + 1 "
+            f"FROM picked WHERE j.id = picked.id "
+            f"RETURNING {returning}, picked.prev, picked.prev_enqueued"
+        )
+        # A retry after a dropped connection first collects what the lost attempt may
+        # have committed: rows Processing under this server since exactly ``now``.
+        recover_sql = (
+            f"SELECT {', '.join(_RETURNED)}, NULL, NULL FROM {self._jobs_sql} "
+            f"WHERE state = 'Processing' AND server_name = %(server)s "
+            f"AND started_at = %(now)s AND state_data = %(data)s"
+        )
+        params = {"limit": limit, "data": state_data, "now": now, "server": server_name, **qparams}
+        attempt = [0]
+
+        def claim(cursor: Any) -> list[tuple[Any, ...]]:
+            attempt[0] += 1
+            if attempt[0] > 1:
+                cursor.execute(recover_sql, params)
+                found = cursor.fetchall()
+                if found:
+                    log.warning("recovered %d job(s) claimed before a dropped connection",
+                                len(found))
+                    return found
+            cursor.execute(claim_sql, params)
+            return cursor.fetchall()
+
+        rows = self._write_raw(claim)
+        if not rows:
+            return []
+        rows.sort(key=lambda r: (-r[3], r[-1] or now))
+        claimed: list[tuple[Job, JobState | None]] = []
+        corrupt: list[tuple[str, str]] = []
+        for raw in rows:
+            row = dict(zip(_RETURNED, raw))
+            try:
+                payload = json.loads(row["payload"])
+                metadata = json.loads(row["job_metadata"])
+                if not (isinstance(payload["args"], list) and isinstance(payload["kwargs"], dict)
+                        and isinstance(metadata, dict)):
+                    raise TypeError("args, kwargs or metadata of the wrong JSON type")
+                job = trusted(Job, {
+                    "id": row["id"], "method": row["method"], "args": payload["args"],
+                    "kwargs": payload["kwargs"], "queue": row["queue"],
+                    "priority": row["priority"], "attempts": row["attempts"],
+                    "retry_count": row["retry_count"], "max_retries": row["max_retries"],
+                    "timeout_s": row["timeout_s"], "metadata": metadata,
+                    "created_at": row["created_at"].astimezone(timezone.utc),
+                    "expires_at": (row["expires_at"].astimezone(timezone.utc)
+                                   if row["expires_at"] is not None else None),
+                    "state": processing,
+                })
+                previous = None
+                if with_previous and raw[-2] is not None:
+                    previous = _STATE.validate_json(raw[-2])
+            except (ValueError, TypeError, KeyError, ValidationError) as exc:
+                reason = f"stored row cannot be decoded: {type(exc).__name__}: {exc}"[:2000]
+                corrupt.append((row["id"], reason))
+                continue
+            claimed.append((job, previous))
+        if corrupt:
+            self._quarantine(corrupt, now)
+        return claimed
+
+    def _quarantine(self, corrupt: list[tuple[str, str]], now: datetime) -> None:
+        """Move rows that will not decode to Failed with the reason; the worker goes on."""
+        from qmlkit.job import Failed
+
+        sql = (f"UPDATE {self._jobs_sql} SET state = 'Failed', state_data = %s, "
+               "started_at = NULL, server_name = NULL WHERE id = %s")
+        values = []
+        for job_id, reason in corrupt:
+            log.error("job %s quarantined: %s", job_id, reason)
+            failed = Failed(failed_at=now, exception_type="qmlkit.errors.PayloadError",
+                            message=reason)
+            values.append((failed.model_dump_json(), job_id))
+        self._write_raw(lambda cursor: cursor.executemany(sql, values))
+
+    def transition_many(self, items: Sequence[Transition]) -> list[Job | StaleClaim]:
+        """See `Storage.transition_many`: one ``UPDATE … FROM unnest(…)`` per batch.
+
+        A change retried after a lost reply finds its own result already stored (same
+        attempt, same state data) and counts as applied, not as stale.
+        """
+        if not items:
+            return []
+        applied = [item.applied() for item in items]
+        cols: list[list[Any]] = [[] for _ in range(10)]
+        cache: dict[int, dict[str, Any]] = {}
+        for item, job in zip(items, applied):
+            c = cache.get(id(job.state))
+            if c is None:
+                c = cache[id(job.state)] = self._state_columns(job.state)
+            for i, value in enumerate((
+                item.job.id, item.token, c["state"], c["state_data"], c["enqueued_at"],
+                c["due_at"], c["started_at"], c["server_name"], job.retry_count, job.expires_at,
+            )):
+                cols[i].append(value)
+        sql = (
+            f"UPDATE {self._jobs_sql} AS j SET state = v.state, state_data = v.state_data, "
+            "enqueued_at = v.enqueued_at, due_at = v.due_at, started_at = v.started_at, "
+            "server_name = v.server_name, retry_count = v.retry_count, expires_at = v.expires_at "
+            "FROM unnest(%s::text[], %s::int[], %s::text[], %s::text[], %s::timestamptz[], "
+            "%s::timestamptz[], %s::timestamptz[], %s::text[], %s::int[], %s::timestamptz[]) "
+            "AS v(id, token, state, state_data, enqueued_at, due_at, started_at, server_name, "
+            "retry_count, expires_at) "
+            "WHERE j.id = v.id AND j.attempts = v.token "
+            "AND (j.state = 'Processing' OR (j.state = v.state AND j.state_data = v.state_data)) "
+            "RETURNING j.id"
+        )
+
+        def write(cursor: Any) -> set[str]:
+            cursor.execute(sql, cols)
+            return {r[0] for r in cursor.fetchall()}
+
+        done = self._write_raw(write)
+        return [
+            job if item.job.id in done else StaleClaim(item.job.id, item.token)
+            for item, job in zip(items, applied)
+        ]
+
+    # --- background duties: one statement each -------------------------------------------
+
+    def _requeue(
+        self, cursor: Any, condition: str, params: dict[str, Any], now: datetime,
+        reason: str | None, limit: int | None, order: str = "id", prefix: str = "",
+    ) -> list[StateChange]:
+        """Move rows matching ``condition`` to Enqueued in one statement; return the changes."""
+        returning = ", ".join(f"j.{c}" for c in _RETURNED)
+        sql = (
+            f"{prefix}{', ' if prefix else 'WITH '}picked AS (SELECT id, state_data AS prev "
+            f"FROM {self._jobs_sql} WHERE {condition} ORDER BY {order} "
+            f"{'LIMIT %(limit)s ' if limit is not None else ''}FOR UPDATE SKIP LOCKED) "
+            f"UPDATE {self._jobs_sql} AS j SET state = 'Enqueued', enqueued_at = %(now)s, "
+            "due_at = NULL, started_at = NULL, server_name = NULL, "
+            "state_data = json_build_object('name', 'Enqueued', 'enqueued_at', %(now_iso)s::text, "
+            "'queue', j.queue, 'reason', %(reason)s::text)::text "
+            f"FROM picked WHERE j.id = picked.id RETURNING {returning}, picked.prev"
+        )
+        cursor.execute(sql, {**params, "now": now, "reason": reason, "limit": limit,
+                             "now_iso": now.isoformat().replace("+00:00", "Z")})
+        changes = []
+        for raw in cursor.fetchall():
+            row = dict(zip(_RETURNED, raw))
+            job, problem = self._decode(row)
+            try:
+                previous = _STATE.validate_json(raw[-1])
+            except ValidationError:
+                problem = problem or "previous state cannot be decoded"
+            if problem:
+                log.error("job %s requeued but cannot be decoded: %s", row["id"], problem)
+                continue
+            changes.append(StateChange(job, previous))
+        return changes
+
+    def promote_due(self, *, now: datetime, limit: int = 1000) -> list[StateChange]:
+        """See `Storage.promote_due`: one ``UPDATE`` over the due index."""
+        return self._write_raw(lambda cursor: self._requeue(
+            cursor, "state IN ('Scheduled', 'AwaitingRetry') AND due_at <= %(now)s", {},
+            now, None, limit, order="due_at"))
+
+    def requeue_stranded(
+        self,
+        *,
+        started_before: datetime,
+        now: datetime,
+        exclude_servers: Sequence[str] = (),
+    ) -> list[StateChange]:
+        """See `Storage.requeue_stranded`: one ``UPDATE``."""
+        condition = "state = 'Processing' AND started_at < %(before)s"
+        if exclude_servers:
+            condition += " AND NOT (server_name = ANY(%(excluded)s))"
+        params = {"before": started_before, "excluded": list(exclude_servers)}
+        return self._write_raw(lambda cursor: self._requeue(
+            cursor, condition, params, now, "stranded", None))
+
+    def reclaim_dead_servers(
+        self, *, heartbeat_before: datetime, now: datetime
+    ) -> list[StateChange]:
+        """See `Storage.reclaim_dead_servers`: deregister and requeue in one statement."""
+        prefix = (f"WITH dead AS (DELETE FROM {self._q}.qmlkit_servers "
+                  "WHERE last_heartbeat < %(before)s RETURNING id)")
+        condition = "state = 'Processing' AND server_name IN (SELECT id FROM dead)"
+        return self._write_raw(lambda cursor: self._requeue(
+            cursor, condition, {"before": heartbeat_before}, now, "reclaimed", None,
+            prefix=prefix))
+
+
+def _single(value: Any) -> str | None:
+    """A URL query value (a string, or a tuple when repeated) as one string."""
+    if isinstance(value, tuple):
+        return str(value[-1]) if value else None
+    return None if value is None else str(value)
+
+
+def _first_line(error: Any) -> str:
+    return (str(error).strip().splitlines() or ["connection failed"])[0]
+
+
+def _is_config_error(text: str) -> bool:
+    """Errors that waiting will not fix: credentials, missing database or role."""
+    text = text.lower()
+    return ("password authentication failed" in text or "does not exist" in text
+            or "no password supplied" in text or "authentication failed" in text)
+
+
+def _connection_of(connection: Any) -> Connection:
+    """The SQLAlchemy ``Connection`` of a ``Connection`` or ``Session``.
+
+    Raises:
+        ConfigurationError: Something else, or not on PostgreSQL.
+    """
+    conn = connection
+    if not isinstance(conn, Connection):
+        getter = getattr(connection, "connection", None)
+        if getter is None or not callable(getter):
+            raise ConfigurationError(
+                f"transactional enqueue needs a SQLAlchemy Connection or Session, "
+                f"not {type(connection).__name__}"
+            )
+        conn = getter()
+    if conn.dialect.name != "postgresql":
+        raise ConfigurationError(
+            f"transactional enqueue needs a connection to PostgreSQL, not {conn.dialect.name}"
+        )
+    return conn
