@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import functools
 import threading
+from contextlib import contextmanager
+from contextvars import ContextVar
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
@@ -445,10 +447,87 @@ class App:
                 "call_next(jobs), or raise to refuse the job")
         return ids[0]
 
+    @contextmanager
+    def transaction(self, connection: Any) -> Iterator[None]:
+        """Enqueue inside the caller's own database transaction (transactional enqueue).
+
+        Every enqueue of this app made in the ``with`` block (``fn.enqueue``,
+        ``fn.schedule``, ``fn.enqueue_many``, ``app.enqueue``, in this thread or task)
+        writes through ``connection``: the jobs exist only if the caller's transaction
+        commits, and a rollback leaves no trace — the pattern of Rails' GoodJob and of
+        procrastinate, which Celery and RQ cannot offer. State-change observers and
+        wake-ups run after the commit, and never after a rollback.
+
+        Example::
+
+            with Session(engine) as session, session.begin():
+                session.add(order)
+                with app.transaction(session):
+                    send_receipt.enqueue(order.id)
+
+        Args:
+            connection: A SQLAlchemy ``Session`` or ``Connection`` on the same database
+                as the app's storage, inside a transaction the caller commits.
+
+        Raises:
+            ConfigurationError: On entry, when the app's storage cannot take part in a
+                caller's transaction (only SQL storages in a plugin that says so can:
+                qmlkit-postgres does).
+        """
+        if not getattr(self.storage, "supports_transactional_enqueue", False):
+            raise ConfigurationError(
+                f"{self.storage!r} cannot enqueue inside a caller's transaction; "
+                "transactional enqueue needs the PostgreSQL storage (pip install qmlkit-postgres)"
+            )
+        token = _TRANSACTION.set((self, connection))
+        try:
+            yield
+        finally:
+            _TRANSACTION.reset(token)
+
+    def _announce_after_commit(self, connection: Any, stored: list[Job]) -> None:
+        """Run observers and wake-ups for ``stored`` when ``connection`` commits; drop them
+        if it rolls back.
+
+        Pending announcements live in the connection's ``info`` dict; one pair of event
+        listeners per connection or session drains them, so a long-lived session
+        gathers no listeners.
+        """
+        from sqlalchemy import event
+        from sqlalchemy.orm import Session
+
+        pending: list[tuple[App, list[Job]]] = connection.info.setdefault("qmlkit_pending", [])
+        pending.append((self, stored))
+        if connection.info.get("qmlkit_listening"):
+            return
+        connection.info["qmlkit_listening"] = True
+        if isinstance(connection, Session):
+            commit_event, rollback_event = "after_commit", "after_rollback"
+        else:
+            commit_event, rollback_event = "commit", "rollback"
+
+        def on_commit(*_: Any) -> None:
+            waiting = list(connection.info.get("qmlkit_pending", ()))
+            connection.info["qmlkit_pending"] = []
+            for app, jobs in waiting:
+                app._announce(jobs)
+
+        def on_rollback(*_: Any) -> None:
+            connection.info["qmlkit_pending"] = []
+
+        event.listen(connection, commit_event, on_commit)
+        event.listen(connection, rollback_event, on_rollback)
+
+    def _announce(self, stored: list[Job]) -> None:
+        if has_observers(self.plugin_manager):
+            notify_state_changed(self.plugin_manager, [StateChange(j, None) for j in stored])
+        self._after_change(stored)
+
     def enqueue_jobs(self, jobs: Sequence[Job], *, storage: Storage | None = None) -> list[str]:
         """Store built jobs in one transaction, wake local servers, notify observers.
 
-        The jobs pass through the enqueue middleware first.
+        The jobs pass through the enqueue middleware first. Inside `transaction` they
+        are written through the caller's connection and announced after its commit.
 
         Args:
             jobs: Built jobs (see `make_job`).
@@ -459,12 +538,19 @@ class App:
             dropped some).
         """
         store = storage or self.storage
+        active = _TRANSACTION.get()
+        connection = active[1] if active is not None and active[0] is self else None
+        if connection is not None:
+            def insert(batch: Sequence[Job]) -> list[Job]:
+                return store.enqueue_many(batch, connection=connection)  # type: ignore[call-arg]
+        else:
+            insert = store.enqueue_many
         chain = self._enqueue_chain()
         if chain:
             by_id: dict[str, Job] = {}
 
             def store_all(final: list[Job]) -> list[str]:
-                for job in store.enqueue_many(final):
+                for job in insert(final):
                     by_id[job.id] = job
                 return [job.id for job in final]
 
@@ -472,10 +558,11 @@ class App:
             # What was stored counts, whatever ids a middleware chose to return.
             stored = list(by_id.values())
         else:
-            stored = store.enqueue_many(jobs)
-        if has_observers(self.plugin_manager):
-            notify_state_changed(self.plugin_manager, [StateChange(j, None) for j in stored])
-        self._after_change(stored)
+            stored = insert(jobs)
+        if connection is not None:
+            self._announce_after_commit(connection, stored)
+        else:
+            self._announce(stored)
         return [j.id for j in stored]
 
     def _wakeup_publisher(self) -> WakeupPublisher:
@@ -735,6 +822,10 @@ class App:
     def __repr__(self) -> str:
         """Name and storage."""
         return f"App({self.name!r}, storage={self._storage_spec!r})"
+
+
+#: The (app, connection) of the innermost `App.transaction` block, if any.
+_TRANSACTION: ContextVar[tuple[App, Any] | None] = ContextVar("qmlkit_transaction", default=None)
 
 
 def _run_at(now: datetime, at: datetime | None, delay: timedelta | float | None) -> datetime | None:

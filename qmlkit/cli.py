@@ -60,7 +60,7 @@ def load_app(spec: str) -> App:
     return app
 
 
-def _open_storage(app_spec: str | None, storage: str | None) -> tuple[App, Storage]:
+def _app_for(app_spec: str | None, storage: str | None) -> App:
     if app_spec:
         app = load_app(app_spec)
         if storage:
@@ -69,6 +69,11 @@ def _open_storage(app_spec: str | None, storage: str | None) -> tuple[App, Stora
         app = App("qmlkit-cli", storage=storage)
     else:
         app = App("qmlkit-cli")
+    return app
+
+
+def _open_storage(app_spec: str | None, storage: str | None) -> tuple[App, Storage]:
+    app = _app_for(app_spec, storage)
     try:
         return app, app.storage
     except QmlError as exc:
@@ -365,6 +370,31 @@ def stats(app_spec: str | None, storage: str | None, as_json: bool) -> None:
     totals = [sum(counts.get((q, s), 0) for q in queues) for s in STATE_NAMES]
     table.add_row("[b]all[/b]", *map(str, totals), str(sum(totals)))
     console.print(table)
+
+
+@main.command()
+@app_option
+@storage_option
+def migrate(app_spec: str | None, storage: str | None) -> None:
+    """Apply pending storage schema migrations (qmlkit-postgres); safe to repeat.
+
+    Run it once per deploy before starting workers when they are configured with
+    automatic migration off (``?migrate=false``). Backends without versioned schemas
+    (memory, SQLite) have nothing to do.
+    """
+    from qmlkit.plugins import resolve_storage
+
+    app = _app_for(app_spec, storage)
+    spec = app._storage_spec
+    try:
+        store = (spec if isinstance(spec, Storage)
+                 else resolve_storage(app.plugin_manager, spec, app.storage_options))
+        applied = store.migrate()
+    except QmlError as exc:
+        raise click.ClickException(str(exc)) from exc
+    for line in applied:
+        click.echo(f"applied migration {line}")
+    click.echo(f"{store!r}: schema is current" + ("" if applied else " (nothing to apply)"))
 
 
 @main.group()

@@ -129,6 +129,22 @@ class Storage(abc.ABC):
     def close(self) -> None:
         """Release connections. Idempotent; the storage may be opened again."""
 
+    def migrate(self) -> list[str]:
+        """Apply pending schema migrations now, without opening for jobs (``qmlkit migrate``).
+
+        Backends with versioned schemas (qmlkit-postgres) override this; the default
+        does nothing, for backends that create what they need in `open`.
+
+        Returns:
+            A line per migration applied, oldest first (``"<version>: <name>"``); empty
+            when the schema was current or the backend has no migrations.
+
+        Raises:
+            ConfigurationError: The schema is newer than this code knows.
+            StorageUnavailable: The backend cannot be reached.
+        """
+        return []
+
     def __enter__(self) -> Storage:
         """Open the storage and return it."""
         self.open()

@@ -298,19 +298,38 @@ class SQLStorage(Storage):
         delay = 0.005
         while True:
             try:
-                return fn()
+                result = fn()
             except OperationalError as exc:
                 transient = self._is_transient(exc)
                 if not transient or time.monotonic() >= deadline:
                     raise StorageUnavailable(f"{self!r}: {exc.orig}") from exc
+                self._note_connection_lost(exc)
                 log.debug("storage busy (%s); retrying in %.3f s", exc.orig, delay)
             except IntegrityError:
                 raise
             except DBAPIError as exc:
                 if not exc.connection_invalidated or time.monotonic() >= deadline:
                     raise StorageError(f"{self!r}: {exc.orig}") from exc
+                self._note_connection_lost(exc)
+            else:
+                if self._connection_lost:
+                    self._connection_lost = False
+                    log.warning("%r: connection restored", self)
+                return result
             time.sleep(delay * (0.5 + random.random()))  # noqa: S311 - jitter, not crypto
             delay = min(delay * 2, 0.5)
+
+    #: Whether the last storage call saw a dropped connection (for logging state changes).
+    _connection_lost = False
+
+    def _note_connection_lost(self, exc: DBAPIError) -> None:
+        """Log, once per outage, that the database connection dropped (not lock contention)."""
+        text = str(exc.orig).lower()
+        if "locked" in text or "busy" in text or self._connection_lost:
+            return
+        self._connection_lost = True
+        log.warning("%r: connection lost (%s); retrying with backoff",
+                    self, str(exc.orig).strip().splitlines()[0] if str(exc.orig).strip() else exc)
 
     def _is_transient(self, exc: OperationalError) -> bool:
         if exc.connection_invalidated:

@@ -361,8 +361,9 @@ class PostgresStorage(SQLStorage):
                     "state": processing,
                 })
                 previous = None
-                if with_previous and raw[-2] is not None:
-                    previous = _STATE.validate_json(raw[-2])
+                prev = raw[-2]
+                if prev is not None and (with_previous or not prev.startswith('{"name":"Enqueued"')):
+                    previous = _STATE.validate_json(prev)  # a row that lies is quarantined
             except (ValueError, TypeError, KeyError, ValidationError) as exc:
                 reason = f"stored row cannot be decoded: {type(exc).__name__}: {exc}"[:2000]
                 corrupt.append((row["id"], reason))

@@ -1,0 +1,332 @@
+"""qmlkit-postgres against the real PostgreSQL on 127.0.0.1:5432 (database ``test``).
+
+The storage contract itself runs in ``tests/contract``; here is what is particular to
+PostgreSQL: migrations, transactional enqueue, bad configuration, hand-edited rows and
+connections dropped in the middle of a drain (field case C09).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections import Counter
+from datetime import timedelta
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+import qmlkit_postgres.plugin
+from qmlkit import App, Job
+from qmlkit.errors import ConfigurationError, StorageUnavailable
+from qmlkit.testing import free_port, wait_until
+from qmlkit_postgres import LATEST, PostgresStorage, SchemaVersionError
+
+pytestmark = pytest.mark.postgres
+
+FAST = {"polling_interval": timedelta(milliseconds=50), "log_attempts": False,
+        "scheduler_poll_interval": timedelta(milliseconds=200)}
+
+
+def make_app(url: str, name: str = "pg", **options: object) -> App:
+    return App(name, storage=url, autoload=False, plugins=[qmlkit_postgres.plugin], **options)
+
+
+def schema_of(url: str) -> str:
+    return sa.engine.make_url(url).query["schema"]
+
+
+@pytest.fixture
+def engine() -> sa.Engine:
+    """A plain engine on the test database (the caller's own, for transactional enqueue)."""
+    eng = sa.create_engine("postgresql+psycopg://127.0.0.1:5432/test")
+    yield eng
+    eng.dispose()
+
+
+# --- migrations ------------------------------------------------------------------------
+
+
+def test_first_open_migrates_and_records_the_version(postgres_url: str, engine: sa.Engine) -> None:
+    store = PostgresStorage(postgres_url)
+    store.open()
+    store.close()
+    with engine.connect() as conn:
+        versions = conn.execute(sa.text(
+            f'SELECT version FROM "{schema_of(postgres_url)}".qmlkit_migrations')).scalars().all()
+    assert versions == list(range(1, LATEST + 1))
+    assert PostgresStorage(postgres_url).migrate() == []  # idempotent
+
+
+def test_concurrent_first_opens_migrate_once(postgres_url: str, engine: sa.Engine) -> None:
+    errors: list[BaseException] = []
+
+    def open_one() -> None:
+        try:
+            store = PostgresStorage(postgres_url)
+            store.open()
+            store.close()
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_one) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    with engine.connect() as conn:
+        count = conn.execute(sa.text(
+            f'SELECT count(*) FROM "{schema_of(postgres_url)}".qmlkit_migrations')).scalar()
+    assert count == LATEST
+
+
+def test_with_auto_migrate_off_open_names_qmlkit_migrate(postgres_url: str) -> None:
+    with pytest.raises(SchemaVersionError, match="qmlkit migrate"):
+        PostgresStorage(postgres_url + "&migrate=false").open()
+    assert PostgresStorage(postgres_url).migrate() == [
+        f"{m.version}: {m.name}" for m in __import__("qmlkit_postgres.migrations").migrations.MIGRATIONS]
+    store = PostgresStorage(postgres_url + "&migrate=false")
+    store.open()  # current now
+    store.close()
+
+
+def test_qmlkit_migrate_command(postgres_url: str) -> None:
+    from click.testing import CliRunner
+
+    from qmlkit.cli import main
+
+    first = CliRunner().invoke(main, ["migrate", "--storage", postgres_url])
+    assert first.exit_code == 0, first.output
+    assert "applied migration 1:" in first.output
+    again = CliRunner().invoke(main, ["migrate", "--storage", postgres_url])
+    assert again.exit_code == 0 and "nothing to apply" in again.output
+
+
+def test_a_schema_from_a_newer_version_is_refused_naming_both(
+    postgres_url: str, engine: sa.Engine
+) -> None:
+    PostgresStorage(postgres_url).migrate()
+    with engine.begin() as conn:
+        conn.execute(sa.text(
+            f'INSERT INTO "{schema_of(postgres_url)}".qmlkit_migrations (version, name) '
+            f"VALUES ({LATEST + 7}, 'from the future')"))
+    with pytest.raises(SchemaVersionError) as info:
+        PostgresStorage(postgres_url).open()
+    message = str(info.value)
+    assert f"version {LATEST + 7}" in message and f"up to {LATEST}" in message
+
+
+# --- bad configuration -----------------------------------------------------------------
+
+
+def test_unknown_role_fails_at_start_naming_host_port_database_not_password() -> None:
+    url = "postgresql://nobody_qmlkit:s3cret-pw@127.0.0.1:5432/test"
+    with pytest.raises(ConfigurationError) as info:
+        PostgresStorage(url, connect_timeout_s=5).open()
+    message = str(info.value)
+    assert "127.0.0.1:5432/test" in message and "nobody_qmlkit" in message
+    assert "s3cret-pw" not in message and "s3cret-pw" not in repr(info.value.__cause__)
+
+
+def test_missing_database_fails_at_start_naming_it() -> None:
+    with pytest.raises(ConfigurationError, match="127.0.0.1:5432/no_such_db_qmlkit"):
+        PostgresStorage("postgresql://127.0.0.1:5432/no_such_db_qmlkit").open()
+
+
+def test_unreachable_server_fails_at_start_naming_host_and_port() -> None:
+    port = free_port()
+    started = time.monotonic()
+    with pytest.raises(StorageUnavailable, match=f"127.0.0.1:{port}/test"):
+        PostgresStorage(f"postgresql://u:pw-x@127.0.0.1:{port}/test", connect_timeout_s=1).open()
+    assert time.monotonic() - started < 30  # gave up after connect_timeout_s, did not hang
+
+
+def test_unknown_option_is_named() -> None:
+    with pytest.raises(ConfigurationError, match="colour"):
+        PostgresStorage.from_url("postgresql://127.0.0.1/test", {"colour": "red"})
+
+
+# --- transactional enqueue -------------------------------------------------------------
+
+
+class Seen:
+    """A state-change observer recording job ids."""
+
+    def __init__(self) -> None:
+        self.ids: list[str] = []
+
+    @qmlkit_postgres.plugin.hookimpl
+    def qmlkit_job_state_changed(self, job: Job, previous: object, current: object) -> None:
+        if previous is None:
+            self.ids.append(job.id)
+
+
+@pytest.mark.parametrize("kind", ["session", "connection"])
+def test_transactional_enqueue_commit_makes_the_job_visible_and_runnable(
+    postgres_url: str, engine: sa.Engine, kind: str
+) -> None:
+    seen = Seen()
+    app = App("tx", storage=postgres_url, autoload=False,
+              plugins=[qmlkit_postgres.plugin, seen])
+    ran: list[int] = []
+
+    @app.job(name="receipt")
+    def receipt(order: int) -> None:
+        ran.append(order)
+
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE IF NOT EXISTS public.qmlkit_test_orders (id int)"))
+    try:
+        if kind == "session":
+            with Session(engine) as session, session.begin():
+                session.execute(sa.text("INSERT INTO public.qmlkit_test_orders VALUES (1)"))
+                with app.transaction(session):
+                    job_id = receipt.enqueue(1)
+                assert app.storage.get(job_id) is None  # not visible before the commit
+                assert seen.ids == []  # nor announced
+        else:
+            with engine.connect() as conn, conn.begin():
+                conn.execute(sa.text("INSERT INTO public.qmlkit_test_orders VALUES (1)"))
+                with app.transaction(conn):
+                    job_id = receipt.enqueue(1)
+                assert app.storage.get(job_id) is None
+        stored = app.storage.get(job_id)
+        assert stored is not None and stored.state.name == "Enqueued"
+        assert seen.ids == [job_id]
+        server = app.server(**FAST, worker_count=1)
+        server.start()
+        try:
+            wait_until(lambda: app.storage.get(job_id).state.name == "Succeeded", timeout=15)
+        finally:
+            server.stop()
+        assert ran == [1]
+    finally:
+        with engine.begin() as conn:
+            conn.execute(sa.text("DROP TABLE IF EXISTS public.qmlkit_test_orders"))
+        app.close()
+
+
+@pytest.mark.parametrize("kind", ["session", "connection"])
+def test_transactional_enqueue_rollback_leaves_no_trace(
+    postgres_url: str, engine: sa.Engine, kind: str
+) -> None:
+    seen = Seen()
+    app = App("tx", storage=postgres_url, autoload=False,
+              plugins=[qmlkit_postgres.plugin, seen])
+
+    @app.job(name="receipt")
+    def receipt(order: int) -> None: ...
+
+    class Boom(Exception):
+        pass
+
+    with pytest.raises(Boom):
+        if kind == "session":
+            with Session(engine) as session, session.begin():
+                with app.transaction(session):
+                    receipt.enqueue(1)
+                    receipt.enqueue_many([(2,), (3,)])
+                raise Boom
+        else:
+            with engine.connect() as conn, conn.begin():
+                with app.transaction(conn):
+                    receipt.enqueue(1)
+                raise Boom
+    assert app.storage.count_jobs() == {}
+    assert seen.ids == []
+    # Outside the block, enqueue uses the storage's own transaction again.
+    job_id = receipt.enqueue(4)
+    assert app.storage.get(job_id) is not None and seen.ids == [job_id]
+    app.close()
+
+
+def test_transactional_enqueue_needs_a_storage_that_can(tmp_path: object) -> None:
+    app = App("tx", storage="memory://", autoload=False)
+    with pytest.raises(ConfigurationError, match="qmlkit-postgres"):
+        with app.transaction(object()):
+            pass
+
+
+# --- rows edited by hand -----------------------------------------------------------------
+
+
+def test_a_row_edited_into_an_invalid_state_fails_that_job_not_the_worker(
+    postgres_url: str, engine: sa.Engine
+) -> None:
+    app = make_app(postgres_url)
+    done: list[int] = []
+
+    @app.job(name="work")
+    def work(i: int) -> None:
+        done.append(i)
+
+    ids = work.enqueue_many([(i,) for i in range(5)])
+    table = f'"{schema_of(postgres_url)}".qmlkit_jobs'
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"UPDATE {table} SET payload = 'not json{{' WHERE id = :id"),
+                     {"id": ids[1]})
+        conn.execute(sa.text(f"UPDATE {table} SET state_data = '{{\"name\": \"Bogus\"}}' "
+                             "WHERE id = :id"), {"id": ids[3]})
+    server = app.server(**FAST, worker_count=2)
+    server.start()
+    try:
+        wait_until(lambda: sorted(done) == [0, 2, 4], timeout=20)
+        wait_until(lambda: app.storage.get(ids[1]).state.name == "Failed", timeout=10)
+    finally:
+        server.stop()
+    broken = app.storage.get(ids[1])
+    assert "cannot be decoded" in broken.state.message
+    assert "cannot be decoded" in app.storage.get(ids[3]).state.message
+    assert [j.id for j in app.storage.list_jobs(limit=10)]  # listing still works
+    app.close()
+
+
+# --- dropped connections mid-drain (C09) ---------------------------------------------------
+
+
+def test_connections_killed_mid_drain_cost_no_job_and_run_none_twice(
+    postgres_url: str, engine: sa.Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="qmlkit.storage.sql")
+    name = f"qmlkit-outage-{uuid.uuid4().hex[:8]}"
+    url = f"{postgres_url}&application_name={name}"
+    app = make_app(url, storage_options={"busy_timeout_s": 120.0})
+    runs: Counter[int] = Counter()
+    lock = threading.Lock()
+
+    @app.job(name="count")
+    def count(i: int) -> None:
+        with lock:
+            runs[i] += 1
+
+    total = 5000
+    count.enqueue_many([(i,) for i in range(total)])
+    server = app.server(**FAST, worker_count=4)
+
+    def kill_all() -> int:
+        with engine.connect() as conn:
+            return conn.execute(sa.text(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE application_name = :name"), {"name": name}).scalar()
+
+    server.start()
+    try:
+        # Terminate every connection of the app three times mid-drain, the last two
+        # within a second of each other.
+        for threshold in (1000, 2500):
+            wait_until(lambda: sum(runs.values()) >= threshold, timeout=60)
+            assert kill_all() >= 1
+        wait_until(kill_all, timeout=10)  # again, as soon as the app has reconnected
+        wait_until(lambda: app.storage.count_jobs().get(("default", "Succeeded")) == total,
+                   timeout=120, interval=0.2)
+    finally:
+        server.stop()
+    assert len(runs) == total and set(runs.values()) == {1}
+    assert app.storage.count_jobs() == {("default", "Succeeded"): total}
+    app.close()
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("connection lost" in m for m in messages) >= 2  # each outage is logged
+    assert sum("connection restored" in m for m in messages) >= 2
