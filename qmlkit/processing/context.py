@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import math
 import threading
+from collections.abc import Callable, Mapping
+from typing import Any
 
-from qmlkit.job import Job
+from qmlkit.job import Job, cap_text, utcnow
+
+#: ``(job_id, token, progress) -> stored?``: how a context stores progress (the
+#: storage's ``report_progress``).
+ProgressSink = Callable[..., bool]
 
 _current: contextvars.ContextVar[JobContext | None] = contextvars.ContextVar(
     "qmlkit_job_context", default=None
@@ -30,7 +37,8 @@ class JobContext:
         timed_out: Whether ``cancelled`` was set because the timeout passed.
     """
 
-    __slots__ = ("_cancelled", "job", "server_name", "stopping", "timed_out", "worker_id")
+    __slots__ = ("_cancelled", "_progress_sink", "job", "server_name", "stopping", "timed_out",
+                 "worker_id")
 
     def __init__(
         self,
@@ -38,6 +46,7 @@ class JobContext:
         worker_id: str,
         server_name: str,
         stopping: threading.Event | None = None,
+        progress_sink: ProgressSink | None = None,
     ) -> None:
         """Make the context of one attempt.
 
@@ -46,7 +55,10 @@ class JobContext:
             worker_id: The worker running it.
             server_name: Its server.
             stopping: The server's stopping event; a fresh one if ``None``.
+            progress_sink: Where `report_progress` stores progress (the server passes
+                its storage's ``report_progress``); ``None`` keeps reports in memory only.
         """
+        self._progress_sink = progress_sink
         self.job = job
         self.worker_id = worker_id
         self.server_name = server_name
@@ -79,6 +91,37 @@ class JobContext:
     def attempt(self) -> int:
         """This attempt's number, 1 for the first claim: also its fencing token."""
         return self.job.attempts
+
+    def report_progress(self, fraction: float, message: str | None = None) -> bool:
+        """Record how far the attempt has got; the dashboard shows it as a progress bar.
+
+        Stored under the job's ``metadata["progress"]`` as ``{"fraction", "message",
+        "at"}``, fenced by this attempt's token (a report from an attempt that lost its
+        claim is dropped). Each call is one storage write: report a few times per second
+        at most. Like Celery's ``update_state(state="PROGRESS", meta=...)``.
+
+        Args:
+            fraction: Done so far, from 0.0 to 1.0.
+            message: A short human note (capped at 500 characters), e.g. ``"row 40/100"``.
+
+        Returns:
+            Whether the report was stored.
+
+        Raises:
+            ValueError: ``fraction`` is not a number from 0 to 1 (the value is named).
+        """
+        if (isinstance(fraction, bool) or not isinstance(fraction, (int, float))
+                or math.isnan(fraction) or not 0.0 <= fraction <= 1.0):
+            raise ValueError(f"progress fraction must be a number from 0 to 1, not {fraction!r}")
+        progress: Mapping[str, Any] = {
+            "fraction": float(fraction),
+            "message": None if message is None else cap_text(str(message), 500),
+            "at": utcnow().isoformat().replace("+00:00", "Z"),
+        }
+        if self._progress_sink is None:
+            self.job = self.job._replace(metadata={**self.job.metadata, "progress": progress})
+            return True
+        return bool(self._progress_sink(self.job.id, token=self.job.attempts, progress=progress))
 
     def is_cancelled(self) -> bool:
         """Return whether the attempt has been asked to end now (timeout or hard stop)."""

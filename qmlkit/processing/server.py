@@ -675,7 +675,8 @@ class Server:
                     else:
                         release = False
                         ctx = JobContext(job=job, worker_id=worker_id, server_name=server_name,
-                                         stopping=self._stopping)
+                                         stopping=self._stopping,
+                                         progress_sink=self.storage.report_progress)
                         self._contexts[job.id] = (job, ctx)
                 if release:
                     self._release([job], "released unstarted: server stopping")

@@ -18,7 +18,7 @@ Conventions for every method:
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -342,6 +342,30 @@ class Storage(abc.ABC):
         if isinstance(outcome, StaleClaim):
             raise outcome
         return outcome
+
+    def report_progress(
+        self, job_id: str, *, token: int, progress: Mapping[str, Any]
+    ) -> bool:
+        """Store a running attempt's progress under ``metadata["progress"]``, fenced.
+
+        Written only while the job is Processing under ``token``; a report from an
+        attempt that lost its claim changes nothing. Not a state change: observers are
+        not told. Follows Hangfire.Console's progress bars and Celery's ``update_state``
+        with ``PROGRESS`` meta.
+
+        Args:
+            job_id: The job.
+            token: The fencing token (attempt number) of the reporting attempt.
+            progress: ``{"fraction": float in [0, 1], "message": str | None, "at": ISO
+                8601 UTC}``, as built by `qmlkit.processing.context.JobContext.report_progress`.
+
+        Returns:
+            Whether it was stored (``False``: the claim is stale or the job is gone).
+
+        Raises:
+            StorageUnavailable: The backend cannot be reached.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not store job progress")
 
     # --- background duties ----------------------------------------------------------
 

@@ -215,9 +215,24 @@ class MemoryStorage(Storage):
                     out.append(StaleClaim(item.job.id, item.token))
                     continue
                 job = item.applied()
+                progress = current.metadata.get("progress")
+                if progress is not None and job.metadata.get("progress") is not progress:
+                    # Reported while running: kept, as the SQL backends keep the column.
+                    job = job._replace(metadata={**job.metadata, "progress": progress})
                 self._store(job)
                 out.append(job)
         return out
+
+    def report_progress(self, job_id: str, *, token: int, progress: Mapping[str, Any]) -> bool:
+        """See `Storage.report_progress`."""
+        with self._lock:
+            current = self._jobs.get(job_id)
+            if (current is None or current.state.name != "Processing"
+                    or current.attempts != token):
+                return False
+            self._jobs[job_id] = current._replace(
+                metadata={**current.metadata, "progress": dict(progress)})
+            return True
 
     # --- background duties -----------------------------------------------------------
 

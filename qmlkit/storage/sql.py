@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
+import sqlalchemy.dialects.postgresql
 from pydantic import TypeAdapter, ValidationError
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
@@ -803,6 +804,27 @@ class SQLStorage(Storage):
             job if item.job.id in done else StaleClaim(item.job.id, item.token)
             for item, job in zip(items, applied)
         ]
+
+    def report_progress(self, job_id: str, *, token: int, progress: Mapping[str, Any]) -> bool:
+        """See `Storage.report_progress`: one fenced ``UPDATE`` with the database's JSON
+        functions, so a concurrent change to other metadata keys is never overwritten."""
+        c = self.jobs.c
+        entry = json.dumps(dict(progress), separators=(",", ":"))
+        if self.is_sqlite:
+            merged = sa.func.json_set(c.job_metadata, "$.progress", sa.func.json(entry))
+        else:
+            merged = sa.cast(
+                sa.cast(c.job_metadata, sa.dialects.postgresql.JSONB).op("||")(
+                    sa.func.jsonb_build_object("progress", sa.cast(
+                        sa.bindparam("progress_entry", entry, type_=sa.Text),
+                        sa.dialects.postgresql.JSONB))
+                ),
+                sa.Text,
+            )
+        stmt = (self.jobs.update()
+                .where(c.id == job_id).where(state_is(c.state, "Processing"))
+                .where(c.attempts == token).values(job_metadata=merged))
+        return bool(self._write(lambda conn: conn.execute(stmt).rowcount))
 
     # --- background duties ------------------------------------------------------------
 

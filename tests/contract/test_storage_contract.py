@@ -196,6 +196,24 @@ def test_transition_many_reports_stale_items_and_applies_the_rest(storage: Stora
     assert storage.get(b.id).state.name == "Deleted"
 
 
+def test_report_progress_is_fenced_and_keeps_other_metadata(storage: Storage) -> None:
+    storage.enqueue(make_job(metadata={"tenant": "acme"}))
+    (job,) = claim(storage)
+    progress = {"fraction": 0.25, "message": "row 25/100", "at": "2026-11-29T10:00:00Z"}
+    assert storage.report_progress(job.id, token=job.attempts, progress=progress) is True
+    stored = storage.get(job.id)
+    assert stored.metadata == {"tenant": "acme", "progress": progress}
+    assert stored.state.name == "Processing"
+    later = {**progress, "fraction": 0.5}
+    assert storage.report_progress(job.id, token=job.attempts + 1, progress=later) is False
+    assert storage.get(job.id).metadata["progress"]["fraction"] == 0.25
+    storage.transition(succeed(job))
+    assert storage.report_progress(job.id, token=job.attempts, progress=later) is False
+    assert storage.report_progress("no-such-job", token=1, progress=later) is False
+    done = storage.get(job.id)
+    assert done.state.name == "Succeeded" and done.metadata["progress"]["fraction"] == 0.25
+
+
 def test_transition_to_awaiting_retry_records_retry_count(storage: Storage) -> None:
     storage.enqueue(make_job())
     (job,) = claim(storage)

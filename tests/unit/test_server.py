@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 import time
 from datetime import datetime, timedelta, timezone
@@ -22,7 +23,7 @@ from qmlkit import (
     hookimpl,
 )
 from qmlkit.job import Job
-from qmlkit.testing import wait_until
+from qmlkit.testing import make_job, wait_until
 
 
 def fast(app: App, **fields: object):  # noqa: ANN201 - a server tuned for tests
@@ -84,6 +85,41 @@ def test_class_based_worker_gets_job_and_context(app: App) -> None:
     finally:
         server.stop()
     assert app.storage.get(job_id).state.result == "hello ada (attempt 1)"
+
+
+def test_progress_reported_by_a_running_job_is_visible_while_it_runs(app: App) -> None:
+    halfway = threading.Event()
+    release = threading.Event()
+
+    @app.job
+    def crunch() -> None:
+        current_context().report_progress(0.5, "half way")
+        halfway.set()
+        release.wait(10)
+        current_context().report_progress(1.0)
+
+    job_id = crunch.enqueue()
+    server = fast(app, worker_count=1)
+    server.start()
+    try:
+        assert halfway.wait(10)
+        running = app.storage.get(job_id)
+        assert running.state.name == "Processing"
+        assert running.metadata["progress"]["fraction"] == 0.5
+        assert running.metadata["progress"]["message"] == "half way"
+        release.set()
+        wait_until(lambda: state_of(app, job_id) == "Succeeded")
+    finally:
+        release.set()
+        server.stop()
+    assert app.storage.get(job_id).metadata["progress"]["fraction"] == 1.0
+
+
+@pytest.mark.parametrize("bad", [1.5, -0.1, float("nan"), "half", True])
+def test_report_progress_refuses_a_bad_fraction_naming_it(bad: object) -> None:
+    ctx = JobContext(make_job(), worker_id="w", server_name="s")
+    with pytest.raises(ValueError, match=re.escape(repr(bad))):
+        ctx.report_progress(bad)  # type: ignore[arg-type]
 
 
 def test_stop_waits_for_inflight_job_to_complete(app: App) -> None:
