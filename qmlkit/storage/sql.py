@@ -337,7 +337,7 @@ class SQLStorage(Storage):
             else:
                 if self._connection_lost:
                     self._connection_lost = False
-                    log.warning("%r: connection restored", self)
+                    log.info("%r: connection restored", self)
                 return result
             time.sleep(delay * (0.5 + random.random()))  # noqa: S311 - jitter, not crypto
             delay = min(delay * 2, 0.5)
@@ -386,7 +386,12 @@ class SQLStorage(Storage):
         dbapi = engine.dialect.loaded_dbapi
 
         def attempt() -> T:
-            raw = engine.raw_connection()
+            try:  # the pool's connect errors are the driver's own: wrap them too
+                raw = engine.raw_connection()
+            except dbapi.Error as exc:
+                raise sa.exc.DBAPIError.instance(
+                    None, None, exc, dbapi.Error, dialect=engine.dialect
+                ) from exc
             try:
                 cursor = raw.cursor()
                 try:
