@@ -377,3 +377,9 @@ def test_worker_keeps_going_across_postgres_restarts(
     messages = [r.getMessage() for r in caplog.records]
     assert sum("connection lost" in m for m in messages) >= 2
     assert sum("connection restored" in m for m in messages) >= 2
+
+
+def test_unparsable_url_is_refused_without_echoing_the_password() -> None:
+    with pytest.raises(ConfigurationError) as info:
+        PostgresStorage("postgresql://user:pw-secret@host:notaport/db")
+    assert "pw-secret" not in str(info.value) and "postgresql://user" in str(info.value)

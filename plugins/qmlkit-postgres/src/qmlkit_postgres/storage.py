@@ -105,8 +105,12 @@ class PostgresStorage(SQLStorage):
     ) -> None:
         try:
             parsed = sa.engine.make_url(url)
-        except sa.exc.ArgumentError as exc:
-            raise ConfigurationError(f"cannot parse PostgreSQL URL: {exc}") from exc
+        except (sa.exc.ArgumentError, ValueError):
+            # SQLAlchemy's message quotes the whole URL, password included: not repeated.
+            raise ConfigurationError(
+                "cannot parse the PostgreSQL URL; expected "
+                "postgresql://user[:password]@host[:port]/database[?schema=NAME]"
+            ) from None
         if parsed.get_backend_name() not in ("postgresql", "postgres"):
             raise ConfigurationError(f"not a PostgreSQL URL: {parsed.render_as_string()}")
         query = dict(parsed.query)
