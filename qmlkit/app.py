@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import functools
 import threading
-from contextlib import contextmanager
-from contextvars import ContextVar
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Protocol, TypeVar
 
