@@ -160,7 +160,7 @@ def build_metadata(schema: str | None = None, prefix: str = "qmlkit_") -> sa.Met
         sa.Index(name, *cols, sqlite_where=where, postgresql_where=where)
 
     c = jobs.c
-    partial(f"{prefix}jobs_claim", c.queue, c.priority.desc(), c.enqueued_at,
+    partial(f"{prefix}jobs_claim", c.queue, c.priority.desc(), c.enqueued_at, c.id,
             where=state_is(c.state, "Enqueued"))
     partial(f"{prefix}jobs_due", c.due_at, where=state_is(c.state, "Scheduled", "AwaitingRetry"))
     partial(f"{prefix}jobs_expires", c.expires_at, where=c.expires_at.isnot(None))
@@ -755,7 +755,7 @@ class SQLStorage(Storage):
             query = (
                 sa.select(*claimed_columns)
                 .where(state_is(c.state, "Enqueued"))
-                .order_by(c.priority.desc(), c.enqueued_at)
+                .order_by(c.priority.desc(), c.enqueued_at, c.id)  # id: FIFO within a batch
                 .limit(sa.bindparam("limit", type_=sa.Integer, literal_execute=False))
             )
             if names:

@@ -113,6 +113,18 @@ def test_claim_takes_priority_then_fifo(storage: Storage) -> None:
     assert order == [high.id, low[0].id, low[1].id, low[2].id]
 
 
+def test_a_bulk_enqueue_is_claimed_in_its_order(storage: Storage) -> None:
+    # one enqueue_many shares one enqueued_at: the (time-ordered) id keeps FIFO
+    now = utcnow()
+    state = Enqueued(enqueued_at=now)
+    jobs = [make_job(args=[i], state=state) for i in range(300)]
+    storage.enqueue_many(jobs)
+    order = []
+    while batch := claim(storage, limit=50):
+        order.extend(job.args[0] for job in batch)
+    assert order == list(range(300))
+
+
 def test_claim_sets_processing_and_a_fresh_fencing_token(storage: Storage) -> None:
     job = storage.enqueue(make_job())
     (claimed,) = claim(storage, worker="w9", server="srv")

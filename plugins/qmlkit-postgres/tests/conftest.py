@@ -92,3 +92,91 @@ def own_postgres() -> Iterator[PostgresProcess]:
     server.start()
     yield server
     server.destroy()
+
+
+class CuttableProxy:
+    """A TCP proxy on a free loopback port to PostgreSQL that can drop every connection.
+
+    ``cut()`` closes the client side of every proxied connection at once and the server
+    side ``server_delay`` seconds later, as a network failure would: the client sees its
+    connection fail while the server may still be running (and committing) a statement.
+    """
+
+    def __init__(self, target_port: int = 5432, server_delay: float = 0.2) -> None:
+        import socket
+        import threading
+
+        self.target_port = target_port
+        self.server_delay = server_delay
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._pairs: list[tuple[socket.socket, socket.socket]] = []
+        self._lock = threading.Lock()
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        while not self._closed:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            try:
+                server = socket.create_connection(("127.0.0.1", self.target_port))
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._pairs.append((client, server))
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: object, sink: object) -> None:
+        try:
+            while data := source.recv(65536):  # type: ignore[attr-defined]
+                sink.sendall(data)  # type: ignore[attr-defined]
+        except OSError:
+            pass
+
+    def cut(self) -> int:
+        """Drop every proxied connection; return how many."""
+        import socket
+        import threading
+
+        with self._lock:
+            pairs, self._pairs = self._pairs, []
+        for client, _ in pairs:
+            try:
+                client.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            client.close()
+
+        def close_servers() -> None:
+            for _, server in pairs:
+                try:
+                    server.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                server.close()
+
+        threading.Timer(self.server_delay, close_servers).start()
+        return len(pairs)
+
+    def close(self) -> None:
+        """Stop accepting and drop what is open."""
+        self._closed = True
+        self._listener.close()
+        self.cut()
+
+
+@pytest.fixture
+def proxy() -> Iterator[CuttableProxy]:
+    """A cuttable TCP proxy to the shared PostgreSQL."""
+    p = CuttableProxy()
+    yield p
+    p.close()

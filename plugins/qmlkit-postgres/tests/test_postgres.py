@@ -21,7 +21,8 @@ from sqlalchemy.orm import Session
 import qmlkit_postgres.plugin
 from qmlkit import App, Job
 from qmlkit.errors import ConfigurationError, StorageUnavailable
-from qmlkit.testing import free_port, wait_until
+from qmlkit.job import utcnow
+from qmlkit.testing import free_port, make_job, wait_until
 from qmlkit_postgres import LATEST, PostgresStorage, SchemaVersionError
 
 pytestmark = pytest.mark.postgres
@@ -416,3 +417,47 @@ def test_unparsable_url_is_refused_without_echoing_the_password() -> None:
     with pytest.raises(ConfigurationError) as info:
         PostgresStorage("postgresql://user:pw-secret@host:notaport/db")
     assert "pw-secret" not in str(info.value) and "postgresql://user" in str(info.value)
+
+
+def test_a_claim_cut_off_while_still_running_on_the_server_strands_no_job(
+    postgres_url: str, proxy: object, engine: sa.Engine
+) -> None:
+    # The connection drops while the claim statement is still running on the server
+    # (made slow by a trigger). The retry must not pass the job by (SKIP LOCKED) while
+    # the lost attempt later commits it to Processing for nobody.
+    schema = schema_of(postgres_url)
+    url = postgres_url.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}")
+    store = PostgresStorage(url)
+    store.open()
+    job = make_job(args=["slow-one"])
+    store.enqueue(job)
+    with engine.begin() as conn:
+        conn.execute(sa.text(
+            f'CREATE FUNCTION "{schema}".slow() RETURNS trigger LANGUAGE plpgsql AS $$ '
+            "BEGIN PERFORM pg_sleep(1.5); RETURN NEW; END $$"))
+        conn.execute(sa.text(
+            f'CREATE TRIGGER slow BEFORE UPDATE ON "{schema}".qmlkit_jobs FOR EACH ROW '
+            "WHEN (OLD.state = 'Enqueued' AND NEW.state = 'Processing') "
+            f'EXECUTE FUNCTION "{schema}".slow()'))
+    result: dict[str, list] = {}
+
+    def claimer() -> None:
+        result["claimed"] = store.claim(worker_id="w", server_name="srv", queues=[], limit=1,
+                                        now=utcnow())
+
+    thread = threading.Thread(target=claimer)
+    thread.start()
+
+    def claim_running() -> bool:
+        with engine.connect() as conn:
+            return bool(conn.execute(sa.text(
+                "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%picked%' "
+                "AND state = 'active' AND wait_event = 'PgSleep'")).scalar())
+
+    wait_until(claim_running, timeout=10)
+    assert proxy.cut() >= 1
+    thread.join(30)
+    claimed = result["claimed"] + store.claim(worker_id="w2", server_name="srv", queues=[],
+                                              limit=1, now=utcnow())
+    assert [j.id for j in claimed] == [job.id]  # handed out, exactly once
+    store.close()

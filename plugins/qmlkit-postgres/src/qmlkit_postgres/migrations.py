@@ -93,6 +93,14 @@ MIGRATIONS: tuple[Migration, ...] = (
             PRIMARY KEY (minute, state)
         )""",
     )),
+    Migration(3, "claim indexes end in the job id (FIFO within a bulk enqueue)", (
+        "DROP INDEX {schema}.qmlkit_jobs_claim",
+        "DROP INDEX {schema}.qmlkit_jobs_claim_any",
+        """CREATE INDEX qmlkit_jobs_claim ON {schema}.qmlkit_jobs
+            (queue, priority DESC, enqueued_at, id) WHERE state = 'Enqueued'""",
+        """CREATE INDEX qmlkit_jobs_claim_any ON {schema}.qmlkit_jobs
+            (priority DESC, enqueued_at, id) WHERE state = 'Enqueued'""",
+    )),
 )
 
 #: The newest schema version this package writes.

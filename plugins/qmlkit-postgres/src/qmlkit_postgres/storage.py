@@ -403,7 +403,7 @@ class PostgresStorage(SQLStorage):
         claim_sql = (
             f"WITH picked AS (SELECT id, state_data AS prev, enqueued_at AS prev_enqueued "
             f"FROM {self._jobs_sql} WHERE state = 'Enqueued' {where} "
-            f"ORDER BY priority DESC, enqueued_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED) "
+            f"ORDER BY priority DESC, enqueued_at, id LIMIT %(limit)s FOR UPDATE SKIP LOCKED) "
             f"UPDATE {self._jobs_sql} AS j SET state = 'Processing', state_data = %(data)s, "
             f"enqueued_at = NULL, due_at = NULL, started_at = %(now)s, "
             f"server_name = %(server)s, attempts = j.attempts + 1, {_HISTORY} "
@@ -420,22 +420,29 @@ class PostgresStorage(SQLStorage):
         params = {"limit": limit, "data": state_data, "now": now, "server": server_name, **qparams}
         attempt = [0]
 
+        backends: list[int] = []
+
         def claim(cursor: Any) -> list[tuple[Any, ...]]:
             attempt[0] += 1
             if attempt[0] > 1:
+                # The lost attempt may still be running on the server, holding its rows
+                # (SKIP LOCKED would pass them by) and committing them later for nobody:
+                # end it first, then collect whatever it committed.
+                _end_backends(cursor, backends)
                 cursor.execute(recover_sql, params)
                 found = cursor.fetchall()
                 if found:
                     log.warning("recovered %d job(s) claimed before a dropped connection",
                                 len(found))
                     return found
+            backends.append(cursor.connection.info.backend_pid)
             cursor.execute(claim_sql, params)
             return cursor.fetchall()
 
         rows = self._write_one(claim)
         if not rows:
             return []
-        rows.sort(key=lambda r: (-r[3], r[-1] or now))
+        rows.sort(key=lambda r: (-r[3], r[-1] or now, r[0]))
         claimed: list[tuple[Job, JobState | None]] = []
         corrupt: list[tuple[str, str]] = []
         for raw in rows:
@@ -461,6 +468,9 @@ class PostgresStorage(SQLStorage):
                 prev = raw[-2]
                 if prev is not None and (with_previous or not prev.startswith('{"name":"Enqueued"')):
                     previous = _STATE.validate_json(prev)  # a row that lies is quarantined
+                    if previous.name != "Enqueued":
+                        raise ValueError(
+                            f"state column 'Enqueued' disagrees with state data {previous.name!r}")
             except (ValueError, TypeError, KeyError, ValidationError) as exc:
                 reason = f"stored row cannot be decoded: {type(exc).__name__}: {exc}"[:2000]
                 corrupt.append((row["id"], reason))
@@ -596,6 +606,32 @@ class PostgresStorage(SQLStorage):
         return self._write_one(lambda cursor: self._requeue(
             cursor, condition, {"before": heartbeat_before}, now, "reclaimed", None,
             prefix=prefix))
+
+
+def _end_backends(cursor: Any, pids: list[int]) -> None:
+    """Terminate those of ``pids`` still running a statement, and wait until they are gone.
+
+    Used before a claim is retried: a statement whose connection dropped keeps running
+    on the server until it notices. Terminating it rolls it back unless it has already
+    committed; either way the retry then sees the final state of its rows.
+    """
+    if not pids:
+        return
+    if cursor.connection.info.server_version >= 140000:  # waits for the exit itself
+        cursor.execute(
+            "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity "
+            "WHERE pid = ANY(%s) AND state <> 'idle' AND pid <> pg_backend_pid()", (pids,))
+        cursor.fetchall()
+        return
+    cursor.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+        "WHERE pid = ANY(%s) AND state <> 'idle' AND pid <> pg_backend_pid()", (pids,))
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline:
+        cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(%s)", (pids,))
+        if cursor.fetchone()[0] == 0:
+            return
+        time.sleep(0.02)
 
 
 def _single(value: Any) -> str | None:
