@@ -495,9 +495,9 @@ class App:
         """Run observers and wake-ups for ``stored`` once ``connection`` commits; drop them
         if it rolls back.
 
-        Pending announcements live in the connection's ``info`` dict; one set of event
-        listeners per connection or session drains them, so a long-lived session gathers
-        no listeners. A ``Session`` reports the end of its commit (``after_commit``); a
+        Pending announcements are kept per connection or session object; one set of
+        event listeners per object drains them, so a long-lived session gathers no
+        listeners. A ``Session`` reports the end of its commit (``after_commit``); a
         ``Connection`` only the moment before it (``commit``), so its jobs are handed to
         a background thread that announces them as soon as the commit is visible.
         Either way only jobs that exist after the commit are announced: a savepoint
@@ -506,16 +506,18 @@ class App:
         from sqlalchemy import event
         from sqlalchemy.orm import Session
 
-        pending: list[tuple[App, list[Job]]] = connection.info.setdefault("qmlkit_pending", [])
+        # Keyed by the Connection/Session object itself: a Connection's ``info`` belongs
+        # to the pooled DBAPI connection and outlives it.
+        known = connection in _PENDING
+        pending = _PENDING.setdefault(connection, [])
         pending.append((self, stored))
-        if connection.info.get("qmlkit_listening"):
+        if known:
             return
-        connection.info["qmlkit_listening"] = True
         is_session = isinstance(connection, Session)
 
         def take() -> list[tuple[App, list[Job]]]:
-            waiting = list(connection.info.get("qmlkit_pending", ()))
-            connection.info["qmlkit_pending"] = []
+            waiting = list(_PENDING.get(connection, ()))
+            _PENDING[connection] = []
             return waiting
 
         def on_commit(*_: Any) -> None:
@@ -893,6 +895,9 @@ class _AfterCommit:
                 logging.getLogger(__name__).exception("announcing committed jobs failed")
             del app
 
+
+#: Jobs enqueued through a caller's Connection or Session, awaiting its commit.
+_PENDING: weakref.WeakKeyDictionary[Any, list[tuple[App, list[Job]]]] = weakref.WeakKeyDictionary()
 
 #: The (app, connection) of the innermost `App.transaction` block, if any.
 _TRANSACTION: ContextVar[tuple[App, Any] | None] = ContextVar("qmlkit_transaction", default=None)

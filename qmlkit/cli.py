@@ -73,8 +73,22 @@ def _app_for(app_spec: str | None, storage: str | None) -> App:
 
 
 def _open_storage(app_spec: str | None, storage: str | None) -> tuple[App, Storage]:
+    """The app and its opened storage, for inspection and management commands.
+
+    These commands never change a storage's schema: a backend with versioned migrations
+    (``auto_migrate``) is opened with them off, so a mistyped schema name is reported
+    instead of created, and schemas change only through ``worker`` or ``migrate``.
+    """
+    from qmlkit.plugins import resolve_storage
+
     app = _app_for(app_spec, storage)
     try:
+        spec = app._storage_spec
+        if isinstance(spec, str):
+            store = resolve_storage(app.plugin_manager, spec, app.storage_options)
+            if hasattr(store, "auto_migrate"):
+                store.auto_migrate = False
+            app._storage_spec = store
         return app, app.storage
     except QmlError as exc:
         raise click.ClickException(str(exc)) from exc

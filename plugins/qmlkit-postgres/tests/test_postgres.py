@@ -277,6 +277,27 @@ def test_a_rolled_back_savepoint_takes_its_jobs_and_their_announcements(
     app.close()
 
 
+def test_each_connection_from_one_pooled_dbapi_connection_announces_its_own_jobs(
+    postgres_url: str
+) -> None:
+    seen = Seen()
+    app = App("tx", storage=postgres_url, autoload=False,
+              plugins=[qmlkit_postgres.plugin, seen])
+
+    @app.job(name="receipt")
+    def receipt(order: int) -> None: ...
+
+    single = sa.create_engine("postgresql+psycopg://127.0.0.1:5432/test", pool_size=1,
+                              max_overflow=0)
+    ids = []
+    for i in range(3):  # the same DBAPI connection each time, a new Connection object
+        with single.begin() as conn, app.transaction(conn):
+            ids.append(receipt.enqueue(i))
+    wait_until(lambda: sorted(seen.ids) == sorted(ids), timeout=10)
+    single.dispose()
+    app.close()
+
+
 def test_transactional_enqueue_needs_a_storage_that_can(tmp_path: object) -> None:
     app = App("tx", storage="memory://", autoload=False)
     with pytest.raises(ConfigurationError, match="qmlkit-postgres"):
@@ -460,4 +481,60 @@ def test_a_claim_cut_off_while_still_running_on_the_server_strands_no_job(
     claimed = result["claimed"] + store.claim(worker_id="w2", server_name="srv", queues=[],
                                               limit=1, now=utcnow())
     assert [j.id for j in claimed] == [job.id]  # handed out, exactly once
+    store.close()
+
+
+def test_inspection_commands_never_create_a_schema(postgres_url: str, engine: sa.Engine) -> None:
+    from click.testing import CliRunner
+
+    from qmlkit.cli import main
+
+    for args in (["stats"], ["jobs", "list"]):
+        result = CliRunner().invoke(main, [*args, "--storage", postgres_url])
+        assert result.exit_code == 1 and "qmlkit migrate" in result.output, result.output
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT to_regnamespace(:s)"),
+                            {"s": schema_of(postgres_url)}).scalar() is None
+    assert CliRunner().invoke(main, ["migrate", "--storage", postgres_url]).exit_code == 0
+    result = CliRunner().invoke(main, ["stats", "--storage", postgres_url])
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize(("url", "options", "named"), [
+    ("postgresql://127.0.0.1/test?migrate=flase", {}, "migrate='flase'"),
+    ("postgresql://u:s3cr@tpw@127.0.0.1/test", {}, "percent-encode"),
+    ("postgresql://127.0.0.1/test?schema=a%25b", {}, "schema name"),
+    ("postgresql://127.0.0.1/test?schema=" + "x" * 64, {}, "63 bytes"),
+    ("postgresql://127.0.0.1/test", {"pool_size": 0}, "pool_size=0"),
+    ("postgresql://127.0.0.1/test", {"busy_timeout_s": -1}, "busy_timeout_s=-1"),
+])
+def test_bad_configuration_is_refused_naming_the_part(
+    url: str, options: dict, named: str
+) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        PostgresStorage.from_url(url, options)
+    assert named in str(info.value) and "tpw" not in str(info.value)
+
+
+def test_an_unknown_connection_option_fails_at_start_as_configuration() -> None:
+    with pytest.raises(ConfigurationError, match="bogusparam"):
+        PostgresStorage("postgresql://127.0.0.1/test?bogusparam=1", connect_timeout_s=2).open()
+
+
+def test_an_acknowledgement_stored_twice_counts_and_records_once(postgres_url: str) -> None:
+    # the server retries storing outcomes after a storage error; the second store must
+    # be recognised as applied, and add no second history entry or throughput count
+    from qmlkit.job import Succeeded
+    from qmlkit.storage.base import Transition
+
+    store = PostgresStorage(postgres_url)
+    store.open()
+    store.enqueue(make_job())
+    (job,) = store.claim(worker_id="w", server_name="s", queues=[], limit=1, now=utcnow())
+    outcome = Transition(job, Succeeded(succeeded_at=utcnow(), duration_ms=1.0, result=1))
+    first, again = store.transition_many([outcome]), store.transition_many([outcome])
+    assert first[0].state.name == again[0].state.name == "Succeeded"
+    assert [s.name for s in store.job_history(job.id)] == ["Enqueued", "Processing", "Succeeded"]
+    buckets = store.throughput(since=utcnow() - timedelta(minutes=2), until=utcnow())
+    assert sum(ok for _, ok, _ in buckets) == 1
     store.close()

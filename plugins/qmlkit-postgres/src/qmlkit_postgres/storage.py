@@ -33,7 +33,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 
 from qmlkit.errors import ConfigurationError, DuplicateJob, StaleClaim, StorageUnavailable
 from qmlkit.job import Job, JobState, Processing, trusted
-from qmlkit.storage.base import MAX_CLAIM, StateChange, Transition
+from qmlkit.storage.base import MAX_CLAIM, StateChange, Transition, minute_of
 from qmlkit.storage.sql import _STATE, SQLStorage, _duplicate_id
 
 from qmlkit_postgres import migrations
@@ -113,11 +113,25 @@ class PostgresStorage(SQLStorage):
             ) from None
         if parsed.get_backend_name() not in ("postgresql", "postgres"):
             raise ConfigurationError(f"not a PostgreSQL URL: {parsed.render_as_string()}")
+        if parsed.host and "@" in parsed.host:
+            raise ConfigurationError(
+                "the PostgreSQL URL's host part contains '@': percent-encode special "
+                "characters of the password (@ as %40, : as %3A, / as %2F)"
+            )
         query = dict(parsed.query)
         schema = schema or _single(query.pop("schema", None)) or "public"
+        _check_schema_name(schema)
         migrate_flag = _single(query.pop("migrate", None))
         if auto_migrate is None:
-            auto_migrate = (migrate_flag or "true").lower() not in ("false", "0", "no", "off")
+            auto_migrate = _flag("migrate", migrate_flag, default=True)
+        for name, value, low in (("connect_timeout_s", connect_timeout_s, 0.0),
+                                 ("busy_timeout_s", busy_timeout_s, 0.0),
+                                 ("pool_size", pool_size, 1)):
+            if not isinstance(value, (int, float)) or value < low or (low == 0.0 and value == 0):
+                raise ConfigurationError(
+                    f"PostgreSQL storage option {name}={value!r}: must be "
+                    + ("a whole number of at least 1" if name == "pool_size"
+                       else "a number of seconds above 0"))
         parsed = parsed.set(drivername="postgresql+psycopg", query=query)
         super().__init__(
             parsed.render_as_string(hide_password=False),
@@ -222,6 +236,12 @@ class PostgresStorage(SQLStorage):
                                 "run 'qmlkit migrate --storage URL' first"
                             )
                 return
+            except sa.exc.ProgrammingError as exc:
+                # e.g. an unknown connection option in the URL's query, or tables in the
+                # schema that no qmlkit-postgres migration made
+                raise ConfigurationError(
+                    f"PostgreSQL at {where}, schema {self.schema!r}: {_first_line(exc.orig)}"
+                ) from None
             except OperationalError as exc:
                 text = _first_line(exc.orig)
                 if _is_config_error(text):
@@ -503,37 +523,52 @@ class PostgresStorage(SQLStorage):
         if not items:
             return []
         applied = [item.applied() for item in items]
-        cols: list[list[Any]] = [[] for _ in range(10)]
-        cache: dict[int, dict[str, Any]] = {}
+        cols: list[list[Any]] = [[] for _ in range(11)]
+        cache: dict[int, tuple[dict[str, Any], datetime | None]] = {}
         for item, job in zip(items, applied):
-            c = cache.get(id(job.state))
-            if c is None:
-                c = cache[id(job.state)] = self._state_columns(job.state)
+            found = cache.get(id(job.state))
+            if found is None:
+                state = job.state
+                at = getattr(state, "succeeded_at", None) or getattr(state, "failed_at", None)
+                found = cache[id(state)] = (self._state_columns(state),
+                                            minute_of(at) if at is not None else None)
+            c, minute = found
             for i, value in enumerate((
                 item.job.id, item.token, c["state"], c["state_data"], c["enqueued_at"],
                 c["due_at"], c["started_at"], c["server_name"], job.retry_count, job.expires_at,
+                minute,
             )):
                 cols[i].append(value)
+        jobs, stats = self._jobs_sql, f"{self._q}.qmlkit_stats"
+        # One statement: ``live`` reads, from the statement's snapshot, which rows are
+        # still Processing under the token; the UPDATE also accepts a row already holding
+        # exactly this outcome (a retry after a lost reply) but appends history and
+        # counts throughput only for rows that were live.
         sql = (
-            f"UPDATE {self._jobs_sql} AS j SET state = v.state, state_data = v.state_data, "
+            "WITH v AS (SELECT * FROM unnest(%s::text[], %s::int[], %s::text[], %s::text[], "
+            "%s::timestamptz[], %s::timestamptz[], %s::timestamptz[], %s::text[], %s::int[], "
+            "%s::timestamptz[], %s::timestamptz[]) AS v(id, token, state, state_data, "
+            "enqueued_at, due_at, started_at, server_name, retry_count, expires_at, minute)), "
+            f"live AS (SELECT j.id FROM {jobs} AS j JOIN v ON j.id = v.id "
+            "WHERE j.state = 'Processing' AND j.attempts = v.token), "
+            f"upd AS (UPDATE {jobs} AS j SET state = v.state, state_data = v.state_data, "
             "enqueued_at = v.enqueued_at, due_at = v.due_at, started_at = v.started_at, "
             "server_name = v.server_name, retry_count = v.retry_count, expires_at = v.expires_at, "
-            f"{_HISTORY} "
-            "FROM unnest(%s::text[], %s::int[], %s::text[], %s::text[], %s::timestamptz[], "
-            "%s::timestamptz[], %s::timestamptz[], %s::text[], %s::int[], %s::timestamptz[]) "
-            "AS v(id, token, state, state_data, enqueued_at, due_at, started_at, server_name, "
-            "retry_count, expires_at) "
-            "WHERE j.id = v.id AND j.attempts = v.token "
+            "history = CASE WHEN j.state = 'Processing' "
+            "THEN coalesce(j.history, '') || j.state_data || chr(10) ELSE j.history END "
+            "FROM v WHERE j.id = v.id AND j.attempts = v.token "
             "AND (j.state = 'Processing' OR (j.state = v.state AND j.state_data = v.state_data)) "
-            "RETURNING j.id"
+            "RETURNING j.id, v.state, v.minute), "
+            f"counted AS (INSERT INTO {stats} (minute, state, count) "
+            "SELECT upd.minute, upd.state, count(*) FROM upd JOIN live ON live.id = upd.id "
+            "WHERE upd.minute IS NOT NULL GROUP BY upd.minute, upd.state "
+            f"ON CONFLICT (minute, state) DO UPDATE SET count = {stats}.count + excluded.count) "
+            "SELECT id FROM upd"
         )
 
         def write(cursor: Any) -> set[str]:
             cursor.execute(sql, cols)
-            done = {r[0] for r in cursor.fetchall()}
-            self._count_outcomes(cursor, [job.state for item, job in zip(items, applied)
-                                          if item.job.id in done])
-            return done
+            return {r[0] for r in cursor.fetchall()}
 
         done = self._write_one(write)
         return [
@@ -646,10 +681,43 @@ def _first_line(error: Any) -> str:
 
 
 def _is_config_error(text: str) -> bool:
-    """Errors that waiting will not fix: credentials, missing database or role."""
+    """Errors that waiting will not fix: credentials, missing database or role, bad
+    connection options, SSL refused."""
     text = text.lower()
-    return ("password authentication failed" in text or "does not exist" in text
-            or "no password supplied" in text or "authentication failed" in text)
+    return any(part in text for part in (
+        "password authentication failed", "does not exist", "no password supplied",
+        "authentication failed", "invalid connection option", "invalid sslmode",
+        "server does not support ssl", "invalid dsn", "invalid integer value",
+        "invalid value for parameter",
+    ))
+
+
+def _flag(name: str, value: str | None, *, default: bool) -> bool:
+    """A boolean URL query value.
+
+    Raises:
+        ConfigurationError: Not one of true/false/1/0/yes/no/on/off (the value named).
+    """
+    if value is None:
+        return default
+    lowered = value.strip().lower()
+    if lowered in ("true", "1", "yes", "on"):
+        return True
+    if lowered in ("false", "0", "no", "off"):
+        return False
+    raise ConfigurationError(
+        f"PostgreSQL URL: {name}={value!r} is not a boolean; use true or false")
+
+
+def _check_schema_name(schema: str) -> None:
+    """Refuse schema names PostgreSQL would cut or the driver would misread.
+
+    Raises:
+        ConfigurationError: Empty, longer than 63 bytes, or containing ``%`` or NUL.
+    """
+    if not schema or len(schema.encode()) > 63 or "%" in schema or "\x00" in schema:
+        raise ConfigurationError(
+            f"PostgreSQL schema name {schema!r}: use 1 to 63 bytes, without '%' or NUL")
 
 
 def _connection_of(connection: Any) -> Connection:
