@@ -423,6 +423,14 @@ def _chart(data: Throughput) -> dict[str, Any]:
     }
 
 
+def websocket_protocol() -> str:
+    """Return the uvicorn WebSocket implementation to use: websockets' sans-I/O one when
+    this uvicorn has it (its older one uses the deprecated ``websockets.legacy``)."""
+    from uvicorn.config import WS_PROTOCOLS
+
+    return "websockets-sansio" if "websockets-sansio" in WS_PROTOCOLS else "auto"
+
+
 def serve(app: App, config: DashboardConfig, **uvicorn_options: Any) -> None:
     """Serve the dashboard with uvicorn on ``config.host:config.port`` until interrupted.
 
@@ -438,5 +446,6 @@ def serve(app: App, config: DashboardConfig, **uvicorn_options: Any) -> None:
 
     config.check_bind()
     uvicorn_options.setdefault("log_level", "info")
+    uvicorn_options.setdefault("ws", websocket_protocol())
     uvicorn.run(create_app(app, config), host=config.host, port=config.port,
                 **uvicorn_options)

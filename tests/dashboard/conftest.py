@@ -17,6 +17,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from qmlkit import App  # noqa: E402
 from qmlkit.dashboard import DashboardConfig, create_app  # noqa: E402
+from qmlkit.dashboard.web import websocket_protocol  # noqa: E402
 from qmlkit.testing import free_port, wait_until  # noqa: E402
 from tests.integration.test_field_cases import FAST, running  # noqa: E402, F401
 
@@ -65,13 +66,15 @@ class LiveDashboard:
         self.asgi = create_app(app, DashboardConfig(port=self.port, **config))
         self.server = uvicorn.Server(uvicorn.Config(
             self.asgi, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on",
-            ws="websockets"))
+            ws=websocket_protocol()))
         self.thread = threading.Thread(target=self.server.run, name="dashboard", daemon=True)
 
     def start(self) -> None:
         """Start serving and wait until uvicorn accepts connections."""
         self.thread.start()
-        wait_until(lambda: self.server.started, timeout=15, message="uvicorn start")
+        wait_until(lambda: self.server.started or not self.thread.is_alive(), timeout=15,
+                   message="uvicorn start")
+        assert self.server.started, "uvicorn did not start (see the thread's exception)"
 
     def stop(self) -> None:
         """Ask uvicorn to exit and join its thread."""
