@@ -8,7 +8,8 @@ documents the WebSocket at ``/api/live``.
 
 Every response carries a Content-Security-Policy that allows scripts, styles and images
 from the dashboard itself only (no inline script or style), plus ``nosniff``,
-``X-Frame-Options: DENY`` and ``Referrer-Policy: no-referrer`` (field case C14). Jinja2
+``X-Frame-Options: DENY`` and ``Referrer-Policy: same-origin`` (with ``no-referrer``
+browsers send ``Origin: null`` on same-origin form posts) (field case C14). Jinja2
 autoescaping is on for every template, and the script builds DOM nodes with
 ``textContent``, never ``innerHTML``.
 """
@@ -160,7 +161,8 @@ def create_app(app: App, config: DashboardConfig) -> FastAPI:
     def page(request: Request, name: str, **context: Any) -> HTMLResponse:
         return templates.TemplateResponse(request, name, {
             "csrf": auth.csrf_token(request.cookies), "read_only": config.read_only,
-            "auth_required": auth.required, "page_size": config.page_size, **context})
+            "auth_required": auth.required, "page_size": config.page_size,
+            "logged_in": getattr(request.state, "auth_method", None) == "cookie", **context})
 
     def guard_action(request: Request) -> None:
         """Refuse an action in read-only mode (403), or without CSRF proof (403)."""
@@ -373,7 +375,7 @@ def _security_headers(host: str | None) -> dict[str, str]:
         "Content-Security-Policy": content_security_policy(host),
         "X-Content-Type-Options": "nosniff",
         "X-Frame-Options": "DENY",
-        "Referrer-Policy": "no-referrer",
+        "Referrer-Policy": "same-origin",
         "Cross-Origin-Opener-Policy": "same-origin",
     }
 
@@ -389,7 +391,7 @@ def _unauthorized(request: Request, templates: Jinja2Templates) -> Response:
                                                          'realm="qmlkit"'})
     target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
     return templates.TemplateResponse(request, "login.html", {
-        "csrf": "", "read_only": False, "auth_required": True, "nav": "",
+        "csrf": "", "read_only": False, "auth_required": True, "nav": "", "logged_in": False,
         "next": _safe_next(target), "error": None}, status_code=401)
 
 
