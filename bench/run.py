@@ -26,7 +26,8 @@ from qmlkit.job import utcnow
 
 
 def make_app(url: str) -> App:
-    app = App("bench", storage=url, autoload=False)
+    # Built-in backends need no plugins; PostgreSQL and Redis come from installed ones.
+    app = App("bench", storage=url, autoload=not url.startswith(("memory", "sqlite")))
 
     @app.job(name="noop")
     def noop(i: int) -> None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -31,6 +31,14 @@ from qmlkit.recurring import RecurringJob
 
 #: Most jobs one ``claim`` call may return.
 MAX_CLAIM = 1000
+
+#: How long per-minute throughput counters are kept.
+STATS_RETENTION = timedelta(days=7)
+
+
+def minute_of(moment: datetime) -> datetime:
+    """``moment`` rounded down to its UTC minute (the throughput bucket)."""
+    return moment.astimezone(timezone.utc).replace(second=0, microsecond=0)
 
 
 @dataclass(frozen=True)
@@ -342,6 +350,42 @@ class Storage(abc.ABC):
         if isinstance(outcome, StaleClaim):
             raise outcome
         return outcome
+
+    def job_history(self, job_id: str) -> list[JobState]:
+        """Return the states ``job_id`` has been in, oldest first, the current one last.
+
+        Every stored state change is kept with its own timestamps (enqueued, claimed,
+        failed, retried, …), as Hangfire's state history is; the history goes when the
+        job is deleted by `delete_expired`.
+
+        Returns:
+            The states; an empty list for an unknown job.
+
+        Raises:
+            StorageUnavailable: The backend cannot be reached.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not keep job history")
+
+    def throughput(self, *, since: datetime, until: datetime) -> list[tuple[datetime, int, int]]:
+        """Count jobs that reached Succeeded and Failed, per UTC minute.
+
+        Counted when a worker's outcome is stored (`transition_many`) or a state is set
+        by hand (`change_state`), into per-minute counters like Hangfire's
+        ``stats:succeeded:<minute>``; counters older than `STATS_RETENTION` are dropped
+        by `delete_expired`.
+
+        Args:
+            since: First minute wanted (UTC; rounded down to the minute).
+            until: Last moment wanted (UTC).
+
+        Returns:
+            ``(minute_start, succeeded, failed)`` for each minute that has counts, oldest
+            first; minutes with none are left out.
+
+        Raises:
+            StorageUnavailable: The backend cannot be reached.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not count throughput")
 
     def report_progress(
         self, job_id: str, *, token: int, progress: Mapping[str, Any]

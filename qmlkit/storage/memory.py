@@ -12,6 +12,7 @@ import heapq
 import itertools
 import json
 import threading
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
@@ -34,7 +35,15 @@ from qmlkit.job import (
     encode_payload,
 )
 from qmlkit.recurring import RecurringJob
-from qmlkit.storage.base import MAX_CLAIM, ServerInfo, StateChange, Storage, Transition
+from qmlkit.storage.base import (
+    MAX_CLAIM,
+    STATS_RETENTION,
+    ServerInfo,
+    StateChange,
+    Storage,
+    Transition,
+    minute_of,
+)
 
 #: Names of the states ``delete_expired`` may remove.
 _EXPIRABLE = frozenset({"Succeeded", "Failed", "Deleted"})
@@ -59,6 +68,8 @@ class MemoryStorage(Storage):
         self._servers: dict[str, ServerInfo] = {}
         self._recurring: dict[str, RecurringJob] = {}
         self._waiting: dict[str, datetime] = {}  # Scheduled/AwaitingRetry job id -> due time
+        self._history: dict[str, list[JobState]] = {}  # job id -> earlier states, oldest first
+        self._stats: Counter[tuple[datetime, str]] = Counter()  # (minute, state) -> count
 
     @classmethod
     def from_url(cls, url: str, options: Mapping[str, Any]) -> MemoryStorage:
@@ -88,6 +99,9 @@ class MemoryStorage(Storage):
         heapq.heappush(heap, key)
 
     def _store(self, job: Job) -> None:
+        old = self._jobs.get(job.id)
+        if old is not None and old.state is not job.state:
+            self._history.setdefault(job.id, []).append(old.state)
         self._jobs[job.id] = job
         state = job.state
         if isinstance(state, Enqueued):
@@ -168,6 +182,7 @@ class MemoryStorage(Storage):
                 raise InvalidTransition(job_id, job.state.name, state.name)
             changed = job.with_state(state, expires_at=expires_at)
             self._store(changed)
+            self._count(state)
         return StateChange(changed, job.state)
 
     # --- claim and fenced transitions ------------------------------------------------
@@ -197,6 +212,7 @@ class MemoryStorage(Storage):
                 if job is None or job.state.name != "Enqueued":
                     continue  # a stale heap entry: the job moved on since it was pushed
                 taken = job.with_state(processing, attempts=job.attempts + 1)
+                self._history.setdefault(job_id, []).append(job.state)
                 self._jobs[job_id] = taken
                 claimed.append(StateChange(taken, job.state))
         return claimed
@@ -220,6 +236,7 @@ class MemoryStorage(Storage):
                     # Reported while running: kept, as the SQL backends keep the column.
                     job = job._replace(metadata={**job.metadata, "progress": progress})
                 self._store(job)
+                self._count(job.state)
                 out.append(job)
         return out
 
@@ -286,7 +303,32 @@ class MemoryStorage(Storage):
             ][:limit]
             for job_id in doomed:
                 del self._jobs[job_id]
+                self._history.pop(job_id, None)
+            horizon = minute_of(now - STATS_RETENTION)
+            for key in [k for k in self._stats if k[0] < horizon]:
+                del self._stats[key]
         return len(doomed)
+
+    def job_history(self, job_id: str) -> list[JobState]:
+        """See `Storage.job_history`."""
+        with self._lock:
+            job = self._jobs.get(job_id)
+            if job is None:
+                return []
+            return [*self._history.get(job_id, ()), job.state]
+
+    def throughput(self, *, since: datetime, until: datetime) -> list[tuple[datetime, int, int]]:
+        """See `Storage.throughput`."""
+        start = minute_of(since)
+        with self._lock:
+            minutes = sorted({m for m, _ in self._stats if start <= m <= until})
+            return [(m, self._stats[(m, "Succeeded")], self._stats[(m, "Failed")])
+                    for m in minutes]
+
+    def _count(self, state: JobState) -> None:
+        if state.name in ("Succeeded", "Failed"):
+            at = state.succeeded_at if state.name == "Succeeded" else state.failed_at
+            self._stats[(minute_of(at), state.name)] += 1
 
     # --- recurring templates -------------------------------------------------------------
 

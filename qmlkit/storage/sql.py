@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 
 import sqlalchemy as sa
 import sqlalchemy.dialects.postgresql
+import sqlalchemy.dialects.sqlite
 from pydantic import TypeAdapter, ValidationError
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
@@ -57,7 +58,15 @@ from qmlkit.job import (
     trusted,
 )
 from qmlkit.recurring import RecurringJob
-from qmlkit.storage.base import MAX_CLAIM, ServerInfo, StateChange, Storage, Transition
+from qmlkit.storage.base import (
+    MAX_CLAIM,
+    STATS_RETENTION,
+    ServerInfo,
+    StateChange,
+    Storage,
+    Transition,
+    minute_of,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -118,7 +127,8 @@ def build_metadata(schema: str | None = None, prefix: str = "qmlkit_") -> sa.Met
         prefix: Table name prefix.
 
     Returns:
-        Metadata holding ``{prefix}jobs``, ``{prefix}recurring`` and ``{prefix}servers``.
+        Metadata holding ``{prefix}jobs``, ``{prefix}recurring``, ``{prefix}stats``
+        (per-minute throughput counters) and ``{prefix}servers``.
     """
     md = sa.MetaData(schema=schema)
     jobs = sa.Table(
@@ -142,6 +152,8 @@ def build_metadata(schema: str | None = None, prefix: str = "qmlkit_") -> sa.Met
         sa.Column("payload", sa.Text, nullable=False),
         sa.Column("job_metadata", sa.Text, nullable=False),
         sa.Column("state_data", sa.Text, nullable=False),
+        # Earlier states, oldest first: one JSON state object per line (Storage.job_history).
+        sa.Column("history", sa.Text, nullable=True),
     )
     def partial(name: str, *cols: Any, where: sa.ColumnElement[bool]) -> None:
         # Partial indexes: rows outside ``where`` cost nothing to insert or update.
@@ -162,6 +174,13 @@ def build_metadata(schema: str | None = None, prefix: str = "qmlkit_") -> sa.Met
         sa.Column("definition", sa.Text, nullable=False),
         sa.Column("next_run_at", UTCTimestamp, nullable=True),
         sa.Column("last_run_at", UTCTimestamp, nullable=True),
+    )
+    sa.Table(
+        f"{prefix}stats",
+        md,
+        sa.Column("minute", UTCTimestamp, primary_key=True),
+        sa.Column("state", sa.String(16), primary_key=True),
+        sa.Column("count", sa.Integer, nullable=False),
     )
     sa.Table(
         f"{prefix}servers",
@@ -229,6 +248,7 @@ class SQLStorage(Storage):
         self.jobs = self._md.tables[f"{schema + '.' if schema else ''}qmlkit_jobs"]
         self.servers = self._md.tables[f"{schema + '.' if schema else ''}qmlkit_servers"]
         self.recurring = self._md.tables[f"{schema + '.' if schema else ''}qmlkit_recurring"]
+        self.stats = self._md.tables[f"{schema + '.' if schema else ''}qmlkit_stats"]
         self._engine: Engine | None = None
         self._open_lock = threading.Lock()
         self._sql_cache: dict[tuple[Any, ...], tuple[str, Any, dict[str, Any]]] = {}
@@ -279,6 +299,8 @@ class SQLStorage(Storage):
                 _configure_sqlite(engine)
             try:
                 self._retry(lambda: self._md.create_all(engine), engine=engine)
+                if self.is_sqlite:
+                    self._retry(lambda: _add_missing_columns(engine, self.jobs), engine=engine)
             except StorageUnavailable:
                 engine.dispose()
                 raise
@@ -388,6 +410,82 @@ class SQLStorage(Storage):
                 raw.close()  # back to the pool
 
         return self._retry(attempt)
+
+    # --- history and counters ------------------------------------------------------------
+
+    @property
+    def _history_append(self) -> Any:
+        """SQL for ``history`` with the row's current state appended (SET sees old values).
+
+        One JSON state per line: text concatenation, so a row whose state data is not
+        JSON still moves (and is quarantined) instead of failing the statement.
+        """
+        newline = "char(10)" if self.is_sqlite else "chr(10)"
+        return sa.literal_column(f"coalesce(history, '') || state_data || {newline}")
+
+    def _count_outcomes(self, cursor: Any, states: Sequence[JobState]) -> None:
+        """Add Succeeded/Failed outcomes to the per-minute counters (one upsert)."""
+        counts: dict[tuple[Any, str], int] = {}
+        for state in states:
+            if state.name == "Succeeded":
+                at = state.succeeded_at  # type: ignore[union-attr]
+            elif state.name == "Failed":
+                at = state.failed_at  # type: ignore[union-attr]
+            else:
+                continue
+            key = (self._bind_ts(minute_of(at)), state.name)
+            counts[key] = counts.get(key, 0) + 1
+        if not counts:
+            return
+        st = self.stats
+
+        def build() -> Any:
+            insert = (sa.dialects.sqlite.insert if self.is_sqlite
+                      else sa.dialects.postgresql.insert)(st).values(
+                minute=sa.bindparam("m", type_=sa.Float if self.is_sqlite else None),
+                state=sa.bindparam("s"), count=sa.bindparam("n"))
+            return insert.on_conflict_do_update(
+                index_elements=[st.c.minute, st.c.state],
+                set_={"count": st.c.count + insert.excluded.count})
+
+        self._run(cursor, ("stats-upsert",), build,
+                  [{"m": m, "s": name, "n": n} for (m, name), n in counts.items()], many=True)
+
+    def job_history(self, job_id: str) -> list[JobState]:
+        """See `Storage.job_history`."""
+        c = self.jobs.c
+        query = sa.select(c.history, c.state_data).where(c.id == job_id)
+
+        def read() -> Any:
+            with self._read() as conn:
+                return conn.execute(query).first()
+
+        row = self._retry(read)
+        if row is None:
+            return []
+        states: list[JobState] = []
+        for raw in [*(row[0] or "").splitlines(), row[1]]:
+            try:
+                states.append(_STATE.validate_json(raw))
+            except ValidationError:
+                log.warning("job %s: a history entry cannot be decoded; skipped", job_id)
+        return states
+
+    def throughput(self, *, since: datetime, until: datetime) -> list[tuple[datetime, int, int]]:
+        """See `Storage.throughput`."""
+        st = self.stats
+        query = (sa.select(st.c.minute, st.c.state, st.c.count)
+                 .where(st.c.minute >= minute_of(since)).where(st.c.minute <= until))
+
+        def read() -> list[Any]:
+            with self._read() as conn:
+                return list(conn.execute(query))
+
+        buckets: dict[datetime, list[int]] = {}
+        for minute, state, count in self._retry(read):
+            bucket = buckets.setdefault(minute, [0, 0])
+            bucket[0 if state == "Succeeded" else 1] += count
+        return [(m, ok, failed) for m, (ok, failed) in sorted(buckets.items())]
 
     # --- row <-> job -------------------------------------------------------------------------
 
@@ -581,8 +679,14 @@ class SQLStorage(Storage):
             if expected and job.state.name not in expected:
                 raise InvalidTransition(job_id, job.state.name, state.name)
             changed = job if corrupt else job.with_state(state, expires_at=expires_at)
-            values = {**self._state_columns(state), "expires_at": expires_at}
+            values = {**self._state_columns(state), "expires_at": expires_at,
+                      "history": self._history_append}
             conn.execute(self.jobs.update().where(c.id == job_id).values(values))
+            cursor = conn.connection.driver_connection.cursor()
+            try:
+                self._count_outcomes(cursor, [state])
+            finally:
+                cursor.close()
             return StateChange(changed.model_copy(update={"state": state}), job.state)
 
         return self._write(change)
@@ -708,7 +812,7 @@ class SQLStorage(Storage):
                         enqueued_at=None, due_at=None,
                         started_at=sa.bindparam("started_at", type_=sa.Float),
                         server_name=sa.bindparam("server_name"),
-                        attempts=c.attempts + 1)
+                        attempts=c.attempts + 1, history=self._history_append)
             )
 
         def claim(cursor: Any) -> list[tuple[Job, JobState | None]]:
@@ -788,7 +892,7 @@ class SQLStorage(Storage):
             return (
                 self.jobs.update()
                 .where(c.id == sa.bindparam("b_id"))
-                .values({f: sa.bindparam(f) for f in fields})
+                .values({**{f: sa.bindparam(f) for f in fields}, "history": self._history_append})
             )
 
         def write(cursor: Any) -> set[str]:
@@ -797,6 +901,9 @@ class SQLStorage(Storage):
             ok = [p for p in params if (p["b_id"], p["b_token"]) in live]
             if ok:
                 self._run(cursor, ("ack-update",), build_update, ok, many=True)
+                done_ids = {p["b_id"] for p in ok}
+                self._count_outcomes(cursor, [job.state for item, job in zip(items, applied)
+                                              if item.job.id in done_ids])
             return {p["b_id"] for p in ok}
 
         done = self._write_raw(write)
@@ -850,7 +957,8 @@ class SQLStorage(Storage):
             state = make_state(job)
             moved = job.with_state(state)
             conn.execute(
-                self.jobs.update().where(c.id == job.id).values(self._state_columns(state))
+                self.jobs.update().where(c.id == job.id).values(
+                    {**self._state_columns(state), "history": self._history_append})
             )
             changes.append(StateChange(moved, job.state))
         return changes
@@ -905,9 +1013,14 @@ class SQLStorage(Storage):
             .limit(limit)
             .scalar_subquery()
         )
-        return self._write(
-            lambda conn: conn.execute(self.jobs.delete().where(c.id.in_(doomed))).rowcount
-        )
+        st = self.stats
+
+        def write(conn: Connection) -> int:
+            deleted = conn.execute(self.jobs.delete().where(c.id.in_(doomed))).rowcount
+            conn.execute(st.delete().where(st.c.minute < minute_of(now - STATS_RETENTION)))
+            return deleted
+
+        return self._write(write)
 
     # --- recurring templates -------------------------------------------------------------
 
@@ -1077,6 +1190,16 @@ def _duplicate_id(storage: SQLStorage, ids: list[str]) -> str:
     with storage._read() as conn:
         taken = conn.execute(sa.select(c.id).where(c.id.in_(ids)).limit(1)).scalar()
     return str(taken or ids[0])
+
+
+def _add_missing_columns(engine: Engine, table: sa.Table) -> None:
+    """Add columns a newer qmlkit declares to an older SQLite file's table (nullable ones)."""
+    with engine.begin() as conn:
+        have = {row[1] for row in conn.exec_driver_sql(f'PRAGMA table_info("{table.name}")')}
+        for column in table.columns:
+            if column.name not in have and column.nullable:
+                kind = column.type.compile(dialect=engine.dialect)
+                conn.exec_driver_sql(f'ALTER TABLE "{table.name}" ADD COLUMN "{column.name}" {kind}')
 
 
 def _configure_sqlite(engine: Engine) -> None:

@@ -214,6 +214,54 @@ def test_report_progress_is_fenced_and_keeps_other_metadata(storage: Storage) ->
     assert done.state.name == "Succeeded" and done.metadata["progress"]["fraction"] == 0.25
 
 
+def test_job_history_lists_every_state_oldest_first(storage: Storage) -> None:
+    job = make_job(state=Scheduled(enqueue_at=utcnow() - timedelta(seconds=1),
+                                   scheduled_at=utcnow()))
+    storage.enqueue(job)
+    storage.promote_due(now=utcnow())
+    (first,) = claim(storage)
+    retry_at = utcnow() - timedelta(seconds=1)
+    storage.transition(Transition(first, AwaitingRetry(
+        retry_at=retry_at, retry_count=1, last_exception="ValueError: boom")))
+    storage.promote_due(now=utcnow())
+    (second,) = claim(storage)
+    storage.transition(succeed(second, "ok"))
+    names = [state.name for state in storage.job_history(job.id)]
+    assert names == ["Scheduled", "Enqueued", "Processing", "AwaitingRetry", "Enqueued",
+                     "Processing", "Succeeded"]
+    history = storage.job_history(job.id)
+    assert history[3].last_exception == "ValueError: boom" and history[-1].result == "ok"
+    assert storage.job_history("no-such-job") == []
+
+
+def test_history_survives_a_row_whose_state_data_is_not_kept_by_hand(storage: Storage) -> None:
+    # change_state by hand (retry from the CLI, delete from the dashboard) is history too
+    storage.enqueue(make_job())
+    (job,) = claim(storage)
+    storage.transition(Transition(job, Failed(failed_at=utcnow(), exception_type="E",
+                                              message="m")))
+    storage.change_state(job.id, Enqueued(enqueued_at=utcnow(), reason="retried by hand"))
+    names = [state.name for state in storage.job_history(job.id)]
+    assert names == ["Enqueued", "Processing", "Failed", "Enqueued"]
+
+
+def test_throughput_counts_outcomes_per_minute(storage: Storage) -> None:
+    start = utcnow()
+    storage.enqueue_many([make_job() for _ in range(5)])
+    jobs = claim(storage, limit=5)
+    outcomes = [succeed(j) for j in jobs[:3]] + [
+        Transition(j, Failed(failed_at=utcnow(), exception_type="E", message="m"))
+        for j in jobs[3:]]
+    storage.transition_many(outcomes)
+    buckets = storage.throughput(since=start - timedelta(minutes=1), until=utcnow())
+    assert sum(ok for _, ok, _ in buckets) == 3
+    assert sum(failed for _, _, failed in buckets) == 2
+    assert all(m.second == 0 and m.microsecond == 0 and m.tzinfo is not None
+               for m, _, _ in buckets)
+    assert storage.throughput(since=utcnow() + timedelta(minutes=2),
+                              until=utcnow() + timedelta(minutes=3)) == []
+
+
 def test_transition_to_awaiting_retry_records_retry_count(storage: Storage) -> None:
     storage.enqueue(make_job())
     (job,) = claim(storage)

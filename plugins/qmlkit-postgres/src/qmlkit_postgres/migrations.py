@@ -84,6 +84,15 @@ MIGRATIONS: tuple[Migration, ...] = (
             last_heartbeat timestamptz NOT NULL
         )""",
     )),
+    Migration(2, "state history per job and per-minute throughput counters", (
+        "ALTER TABLE {schema}.qmlkit_jobs ADD COLUMN history text",
+        """CREATE TABLE {schema}.qmlkit_stats (
+            minute timestamptz NOT NULL,
+            state varchar(16) NOT NULL,
+            count integer NOT NULL,
+            PRIMARY KEY (minute, state)
+        )""",
+    )),
 )
 
 #: The newest schema version this package writes.

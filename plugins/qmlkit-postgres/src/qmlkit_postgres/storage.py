@@ -54,6 +54,11 @@ _INSERT_TYPES = (
 )
 
 
+#: SET clause appending the row's current state to its history, one JSON document per
+#: line (SET sees old values; plain text concatenation cannot fail on a corrupt row).
+_HISTORY = "history = coalesce(j.history, '') || j.state_data || chr(10)"
+
+
 def describe(url: sa.URL) -> str:
     """``host:port/database`` of a URL, never its password."""
     return f"{url.host or 'localhost'}:{url.port or 5432}/{url.database or ''}"
@@ -309,7 +314,7 @@ class PostgresStorage(SQLStorage):
             f"ORDER BY priority DESC, enqueued_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED) "
             f"UPDATE {self._jobs_sql} AS j SET state = 'Processing', state_data = %(data)s, "
             f"enqueued_at = NULL, due_at = NULL, started_at = %(now)s, "
-            f"server_name = %(server)s, attempts = j.attempts + 1 "
+            f"server_name = %(server)s, attempts = j.attempts + 1, {_HISTORY} "
             f"FROM picked WHERE j.id = picked.id "
             f"RETURNING {returning}, picked.prev, picked.prev_enqueued"
         )
@@ -377,8 +382,8 @@ class PostgresStorage(SQLStorage):
         """Move rows that will not decode to Failed with the reason; the worker goes on."""
         from qmlkit.job import Failed
 
-        sql = (f"UPDATE {self._jobs_sql} SET state = 'Failed', state_data = %s, "
-               "started_at = NULL, server_name = NULL WHERE id = %s")
+        sql = (f"UPDATE {self._jobs_sql} AS j SET state = 'Failed', state_data = %s, "
+               f"started_at = NULL, server_name = NULL, {_HISTORY} WHERE id = %s")
         values = []
         for job_id, reason in corrupt:
             log.error("job %s quarantined: %s", job_id, reason)
@@ -410,7 +415,8 @@ class PostgresStorage(SQLStorage):
         sql = (
             f"UPDATE {self._jobs_sql} AS j SET state = v.state, state_data = v.state_data, "
             "enqueued_at = v.enqueued_at, due_at = v.due_at, started_at = v.started_at, "
-            "server_name = v.server_name, retry_count = v.retry_count, expires_at = v.expires_at "
+            "server_name = v.server_name, retry_count = v.retry_count, expires_at = v.expires_at, "
+            f"{_HISTORY} "
             "FROM unnest(%s::text[], %s::int[], %s::text[], %s::text[], %s::timestamptz[], "
             "%s::timestamptz[], %s::timestamptz[], %s::text[], %s::int[], %s::timestamptz[]) "
             "AS v(id, token, state, state_data, enqueued_at, due_at, started_at, server_name, "
@@ -422,7 +428,10 @@ class PostgresStorage(SQLStorage):
 
         def write(cursor: Any) -> set[str]:
             cursor.execute(sql, cols)
-            return {r[0] for r in cursor.fetchall()}
+            done = {r[0] for r in cursor.fetchall()}
+            self._count_outcomes(cursor, [job.state for item, job in zip(items, applied)
+                                          if item.job.id in done])
+            return done
 
         done = self._write_raw(write)
         return [
@@ -443,7 +452,7 @@ class PostgresStorage(SQLStorage):
             f"FROM {self._jobs_sql} WHERE {condition} ORDER BY {order} "
             f"{'LIMIT %(limit)s ' if limit is not None else ''}FOR UPDATE SKIP LOCKED) "
             f"UPDATE {self._jobs_sql} AS j SET state = 'Enqueued', enqueued_at = %(now)s, "
-            "due_at = NULL, started_at = NULL, server_name = NULL, "
+            f"due_at = NULL, started_at = NULL, server_name = NULL, {_HISTORY}, "
             "state_data = json_build_object('name', 'Enqueued', 'enqueued_at', %(now_iso)s::text, "
             "'queue', j.queue, 'reason', %(reason)s::text)::text "
             f"FROM picked WHERE j.id = picked.id RETURNING {returning}, picked.prev"
