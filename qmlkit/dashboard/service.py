@@ -426,18 +426,24 @@ class DashboardService:
         )
 
     def history(self, job_id: str) -> list[dict[str, Any]] | None:
-        """Return the job's states oldest first as JSON objects, or ``None`` if not kept."""
-        method = getattr(self.storage, "job_history", None)
-        if method is None:
-            return None
+        """Return the job's states oldest first as JSON objects (`Storage.job_history`).
+
+        Returns:
+            One ``state.model_dump(mode="json")`` per state, the current one last; ``None``
+            when the backend keeps no history (its ``job_history`` raises
+            ``NotImplementedError``, as the contract's default does).
+        """
         try:
-            states = method(job_id)
+            states = self.storage.job_history(job_id)
         except NotImplementedError:
             return None
         return [s.model_dump(mode="json") for s in states]
 
     def throughput(self, *, minutes: int = 60, now: datetime | None = None) -> Throughput:
         """Return succeeded and failed counts per UTC minute for the last ``minutes``.
+
+        From `Storage.throughput`; ``available`` is ``False`` when the backend does not
+        count (its ``throughput`` raises ``NotImplementedError``).
 
         Args:
             minutes: How many minutes, the current one included (1 to 1440).
@@ -451,11 +457,8 @@ class DashboardService:
         now = now or utcnow()
         end = now.replace(second=0, microsecond=0)
         start = end - timedelta(minutes=minutes - 1)
-        method = getattr(self.storage, "throughput", None)
-        if method is None:
-            return Throughput(available=False, points=[])
         try:
-            found = method(since=start, until=now)
+            found = self.storage.throughput(since=start, until=now)
         except NotImplementedError:
             return Throughput(available=False, points=[])
         by_minute = {m: (s, f) for m, s, f in found}

@@ -396,29 +396,33 @@ def _unauthorized(request: Request, templates: Jinja2Templates) -> Response:
 
 
 def _chart(data: Throughput) -> dict[str, Any]:
-    """Geometry of the throughput SVG: polylines for succeeded and failed per minute.
+    """Geometry of the throughput SVG: per minute, a green bar (succeeded) and a red one
+    (failed) side by side, on a y axis from 0 to the busiest minute.
 
     Returns:
-        ``{"width", "height", "available", "succeeded" (points text), "failed",
-        "ymax", "ticks": [(y, label)], "xlabels": [(x, "HH:MM")], "total_s", "total_f"}``.
+        ``{"width", "height", "left", "top", "plot_w", "plot_h", "available", "ymax",
+        "bars": [(x, y, w, h, "ok" | "bad", tooltip)], "ticks": [(y, label)],
+        "xlabels": [(x, "HH:MM")], "total_s", "total_f"}``, lengths in SVG pixels.
     """
-    width, height, left, right, top, bottom = 720, 200, 44, 10, 12, 26
+    width, height, left, right, top, bottom = 960, 220, 44, 10, 12, 26
     points = data.points
     ymax = max([1] + [max(p.succeeded, p.failed) for p in points])
     plot_w, plot_h = width - left - right, height - top - bottom
-    step = plot_w / max(1, len(points) - 1)
-
-    def xy(i: int, value: int) -> str:
-        return f"{left + i * step:.1f},{top + plot_h - value / ymax * plot_h:.1f}"
-
-    every = max(1, len(points) // 6)
+    slot = plot_w / max(1, len(points))
+    bars = []
+    for i, p in enumerate(points):
+        for offset, value, kind in ((0.1, p.succeeded, "ok"), (0.5, p.failed, "bad")):
+            if value:
+                h = value / ymax * plot_h
+                bars.append((round(left + i * slot + offset * slot, 1), round(top + plot_h - h, 1),
+                             round(slot * 0.4, 1), round(h, 1), kind,
+                             f"{p.minute:%H:%M} {'succeeded' if kind == 'ok' else 'failed'} {value}"))
+    every = max(1, len(points) // 8)
     return {
         "width": width, "height": height, "left": left, "top": top, "plot_w": plot_w,
-        "plot_h": plot_h, "available": data.available, "ymax": ymax,
-        "succeeded": " ".join(xy(i, p.succeeded) for i, p in enumerate(points)),
-        "failed": " ".join(xy(i, p.failed) for i, p in enumerate(points)),
-        "ticks": [(top + plot_h - f * plot_h, round(ymax * f)) for f in (0, 0.5, 1)],
-        "xlabels": [(left + i * step, p.minute.strftime("%H:%M"))
+        "plot_h": plot_h, "available": data.available, "ymax": ymax, "bars": bars,
+        "ticks": [(round(top + plot_h - f * plot_h, 1), round(ymax * f)) for f in (0, 0.5, 1)],
+        "xlabels": [(round(left + (i + 0.5) * slot, 1), p.minute.strftime("%H:%M"))
                     for i, p in enumerate(points) if i % every == 0],
         "total_s": sum(p.succeeded for p in points),
         "total_f": sum(p.failed for p in points),

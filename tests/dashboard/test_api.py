@@ -150,18 +150,35 @@ def test_servers_and_recurring_are_listed(app: App, client_for: ClientFactory) -
     assert "nightly" in html and 'data-action="trigger"' in html and 'data-action="remove"' in html
 
 
-def test_throughput_chart_is_an_svg_with_one_point_per_minute(
+def test_throughput_counts_outcomes_per_minute_and_draws_them(
         app: App, client_for: ClientFactory) -> None:
+    # Given two jobs that succeed and one that fails
+    @app.job(name="t.job", max_retries=0)
+    def t(ok: bool) -> None:
+        if not ok:
+            raise ValueError("no")
+
+    ids = [t.enqueue(True), t.enqueue(True), t.enqueue(False)]
+    with running(app, worker_count=1):
+        for job_id in ids:
+            wait_for_state(app, job_id, "Succeeded", "Failed")
     client = client_for()
+    # When the throughput of the last 30 minutes is read
     data = client.get("/api/throughput?minutes=30").json()
-    if data["available"]:
-        assert len(data["points"]) == 30
-    else:
-        assert data["points"] == []
+    # Then there is one point per minute, oldest first, and the outcomes are counted
+    assert data["available"] and len(data["points"]) == 30
+    minutes = [p["minute"] for p in data["points"]]
+    assert minutes == sorted(minutes)
+    assert sum(p["succeeded"] for p in data["points"]) == 2
+    assert sum(p["failed"] for p in data["points"]) == 1
+    # and the chart is an SVG drawn from them
     chart = client.get("/charts/throughput.svg?minutes=30")
     assert chart.status_code == 200
     assert chart.headers["content-type"].startswith("image/svg+xml")
-    assert chart.text.startswith("<svg") and "<polyline" in chart.text
+    assert chart.text.startswith("<svg")
+    assert chart.text.count('<rect class="ok"') == 1 and chart.text.count('<rect class="bad"') == 1
+    assert "<title>Succeeded 2, failed 1</title>" in chart.text
+    assert 'id="throughput"' in client.get("/").text
 
 
 def test_openapi_describes_every_api_route(client_for: ClientFactory) -> None:
@@ -468,23 +485,30 @@ def test_delete_of_a_processing_job_discards_its_outcome(
     assert app.storage.get(job_id).state.name == "Deleted"
 
 
-def test_history_is_shown_when_the_storage_keeps_it(app: App, client_for: ClientFactory) -> None:
-    @app.job(name="h.job")
+def test_state_history_is_listed_oldest_first(app: App, client_for: ClientFactory) -> None:
+    runs: list[int] = []
+
+    @app.job(name="h.job", max_retries=0)
     def h() -> int:
+        runs.append(1)
+        if len(runs) == 1:
+            raise ValueError("first run fails")
         return 1
 
     job_id = h.enqueue()
     with running(app, worker_count=1):
+        wait_for_state(app, job_id, "Failed")
+        client = client_for()
+        client.post(f"/api/jobs/{job_id}/retry", headers={"X-CSRF-Token": csrf_of(client)})
         wait_for_state(app, job_id, "Succeeded")
-    client = client_for()
     detail = client.get(f"/api/jobs/{job_id}").json()
-    if not hasattr(app.storage, "job_history"):
-        assert detail["history"] is None
-        assert "keeps no state history" in client.get(f"/jobs/{job_id}").text
-        return
-    assert [s["name"] for s in detail["history"]] == ["Enqueued", "Processing", "Succeeded"]
+    names = [s["name"] for s in detail["history"]]
+    assert names == ["Enqueued", "Processing", "Failed", "Enqueued", "Processing", "Succeeded"]
+    assert detail["history"][3]["reason"] == "retried by hand"
     html = client.get(f"/jobs/{job_id}").text
-    assert 'id="history"' in html and html.count('class="badge state-Processing"') >= 1
+    assert 'id="history"' in html
+    assert html.count('class="badge state-Processing"') == 2
+    assert "retried by hand" in html
 
 
 @pytest.mark.parametrize("minutes", [1, 60, 1440])

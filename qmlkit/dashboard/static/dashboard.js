@@ -90,7 +90,8 @@
       row.dataset.jobId = job.id;
       const link = $(".id a", row);
       link.href = "/jobs/" + encodeURIComponent(job.id);
-      link.textContent = job.id.slice(0, 13) + "…";
+      link.textContent = "…" + job.id.slice(-12);
+      link.title = job.id;
       $(".method", row).textContent = job.method;
       $(".queue", row).textContent = job.queue;
       const badge = $(".badge", row);
@@ -98,7 +99,8 @@
       badge.className = "badge state-" + job.state;
       $(".attempts", row).textContent = String(job.attempts);
       $(".created", row).textContent = fmt(job.created_at);
-      $(".progress", row).replaceChildren(...progressNodes(job.progress));
+      // A finished job's last report is history: the bar shows only until it succeeds.
+      $(".progress", row).replaceChildren(...progressNodes(job.state === "Succeeded" ? null : job.progress));
       $(".detail", row).textContent = job.detail;
       rows.push(row);
     }
