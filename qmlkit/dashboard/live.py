@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import threading
 import time
@@ -165,15 +166,23 @@ class LiveHub:
         """Read the storage once and send each page what changed for it."""
         self.passes += 1
         stats = (await run_in_threadpool(self.service.stats)).model_dump(mode="json")
+        views: dict[str, Any] = {}  # pages showing the same view share one read
         for client in list(self._clients):
-            await self._send_updates(client, stats)
+            await self._send_updates(client, stats, views)
 
-    async def _send_updates(self, client: _Client, stats: dict[str, Any]) -> None:
+    async def _send_updates(self, client: _Client, stats: dict[str, Any],
+                            views: dict[str, Any] | None = None) -> None:
         try:
             if stats != client.last_stats:
                 client.last_stats = stats
                 await client.ws.send_json({"type": "stats", "stats": stats})
-            message = await run_in_threadpool(self._view_message, client.view)
+            key = json.dumps(client.view, sort_keys=True, default=str)
+            if views is not None and key in views:
+                message = views[key]
+            else:
+                message = await run_in_threadpool(self._view_message, client.view)
+                if views is not None:
+                    views[key] = message
             if message is not None and message != client.last:
                 client.last = message
                 await client.ws.send_json(message)
