@@ -10,7 +10,9 @@ message only where something changed. A pass happens:
   manager, so servers built from the same `App` in this process report every
   transition;
 * at once when a **wake-up** arrives over kombu (``--wakeup URL``): enqueues, retries and
-  promotions made by any process on that broker;
+  promotions made by any process on that broker; and, from servers whose app registers
+  the `qmlkit.dashboard.events` plugin, every state change (outcomes included) on the
+  companion events exchange;
 * otherwise every ``poll_interval_s`` (0.5 s by default), which also catches what neither
   signal reports: outcomes written by servers in other processes, and progress reports.
 
@@ -90,7 +92,7 @@ class LiveHub:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._nudge: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
-        self._listener: Any = None
+        self._listeners: list[Any] = []
         self._lock = threading.Lock()
         self.passes = 0  #: refresh passes made so far (for tests)
         self.nudges = 0  #: nudges received so far, from observers and wake-ups
@@ -103,17 +105,20 @@ class LiveHub:
         self._nudge = asyncio.Event()
         self._task = asyncio.create_task(self._run(), name="qmlkit-dashboard-live")
         if self.wakeup_url:
+            from qmlkit.dashboard.events import events_exchange
             from qmlkit.wakeup import WakeupListener
 
-            self._listener = WakeupListener(self.wakeup_url, lambda _queue: self.notify(),
-                                            exchange=self.wakeup_exchange, name="dashboard")
-            self._listener.start()
+            for exchange in (self.wakeup_exchange, events_exchange(self.wakeup_exchange)):
+                listener = WakeupListener(self.wakeup_url, lambda _queue: self.notify(),
+                                          exchange=exchange, name="dashboard")
+                listener.start()
+                self._listeners.append(listener)
 
     async def stop(self) -> None:
         """Stop the loop and the listener, and close every WebSocket."""
-        if self._listener is not None:
-            await run_in_threadpool(self._listener.stop)
-            self._listener = None
+        for listener in self._listeners:
+            await run_in_threadpool(listener.stop)
+        self._listeners.clear()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -133,6 +138,11 @@ class LiveHub:
             return
         with contextlib.suppress(RuntimeError):  # the loop is shutting down
             loop.call_soon_threadsafe(nudge.set)
+
+    @property
+    def listening(self) -> bool:
+        """Whether every wake-up and event listener is connected (``False`` without any)."""
+        return bool(self._listeners) and all(x.connected.is_set() for x in self._listeners)
 
     @property
     def clients(self) -> int:

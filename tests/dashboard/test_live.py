@@ -19,6 +19,7 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
 from qmlkit import App
+from qmlkit.dashboard import events
 from qmlkit.processing.context import current_context
 from qmlkit.testing import require_service, wait_until
 from tests.dashboard.conftest import LiveDashboard, running
@@ -51,6 +52,17 @@ def receive_until(ws: ClientConnection, predicate: Callable[[Message], bool],
         seen.append(message.get("type"))
         if predicate(message):
             return message
+
+
+@pytest.fixture(params=[
+    pytest.param("memory://", id="memory"),
+    pytest.param("redis://127.0.0.1:6379/0", id="redis", marks=pytest.mark.redis),
+])
+def transport(request: pytest.FixtureRequest) -> str:
+    """A kombu URL for wake-ups and events: in-process, or the shared Redis."""
+    if request.param.startswith("redis"):
+        require_service("Redis", "127.0.0.1", 6379)
+    return str(request.param)
 
 
 def enqueued_is(n: int) -> Callable[[Message], bool]:
@@ -95,19 +107,12 @@ def test_poll_pushes_changes_made_by_another_process(
         other.close()
 
 
-@pytest.mark.parametrize("transport", [
-    pytest.param("memory://", id="memory"),
-    pytest.param("redis://127.0.0.1:6379/0", id="redis", marks=pytest.mark.redis),
-])
 def test_wakeups_push_changes_from_another_app(
         app: App, serve_dashboard: Callable[..., LiveDashboard], transport: str) -> None:
-    if transport.startswith("redis"):
-        require_service("Redis", "127.0.0.1", 6379)
     # Given a dashboard listening to wake-ups on a kombu transport, polling every 10 s
     dash = serve_dashboard(poll_interval_s=10.0, wakeup_url=transport)
     hub = dash.asgi.state.hub
-    wait_until(lambda: hub._listener is not None and hub._listener.connected.is_set(),
-               timeout=10, message="wake-up listener connected")
+    wait_until(lambda: hub.listening, timeout=10, message="wake-up listeners connected")
     other = App("other", storage=app._storage_spec, autoload=False, wakeup_url=transport)
     try:
         with open_live(dash, {"view": "overview"}) as ws:
@@ -121,6 +126,58 @@ def test_wakeups_push_changes_from_another_app(
         print(f"wake-up push latency over {transport}: {latency * 1000:.0f} ms")
     finally:
         other.close()
+
+
+def test_events_plugin_pushes_outcomes_from_another_app(
+        app: App, serve_dashboard: Callable[..., LiveDashboard], transport: str) -> None:
+    # Given a dashboard listening on a broker, polling every 10 s, and workers of another
+    # app (another process, in production) that register the events plugin
+    dash = serve_dashboard(poll_interval_s=10.0, wakeup_url=transport)
+    hub = dash.asgi.state.hub
+    wait_until(lambda: hub.listening, timeout=10, message="listeners connected")
+    other = App("workers", storage=app._storage_spec, autoload=False, wakeup_url=transport,
+                plugins=[events])
+    release = threading.Event()
+
+    @other.job(name="evented.job")
+    def evented() -> str:
+        release.wait(10)
+        return "ok"
+
+    try:
+        with open_live(dash, {"view": "overview"}) as ws, running(other, worker_count=1) as server:
+            # (the plugin publishes from the moment the server has started)
+            wait_until(lambda: id(server) in events._publishers, timeout=10)
+            job_id = evented.enqueue()
+            receive_until(ws, lambda m: m["type"] == "stats"
+                          and m["stats"]["states"]["Processing"] == 1, timeout=5.0)
+            # When the job finishes there
+            start = time.monotonic()
+            release.set()
+            # Then its outcome reaches the dashboard at once, not at the next poll
+            receive_until(ws, lambda m: m["type"] == "stats"
+                          and m["stats"]["states"]["Succeeded"] == 1, timeout=5.0)
+            latency = time.monotonic() - start
+        assert app.storage.get(job_id).state.name == "Succeeded"
+        print(f"outcome event latency over {transport}: {latency * 1000:.0f} ms")
+    finally:
+        release.set()
+        other.close()
+
+
+def test_events_plugin_is_quiet_without_a_wakeup_url(app: App) -> None:
+    # A server without a broker opens no publisher, and its jobs still run
+    other = App("workers", storage=app._storage_spec, autoload=False, plugins=[events])
+
+    @other.job(name="quiet.job")
+    def quiet() -> int:
+        return 1
+
+    job_id = quiet.enqueue()
+    with running(other, worker_count=1) as server:
+        wait_until(lambda: app.storage.get(job_id).state.name == "Succeeded", timeout=10)
+        assert id(server) not in events._publishers
+    other.close()
 
 
 def test_progress_and_state_of_a_watched_job_are_pushed(
