@@ -545,3 +545,45 @@ def test_retry_delay_is_not_waited_for_after_a_requeue(app: App, client_for: Cli
         assert answer.status_code == 200
         done = wait_for_state(app, job_id, "Succeeded")
     assert done.state.result == "second"
+
+
+@pytest.mark.postgres
+def test_the_dashboard_works_on_postgresql(postgres_url: str) -> None:
+    # The same reads and actions on the PostgreSQL plugin's storage
+    from fastapi.testclient import TestClient
+
+    from qmlkit.dashboard import DashboardConfig, create_app
+    from tests.conftest import backend_plugins
+
+    pg = App("dash-pg", storage=postgres_url, autoload=False,
+             plugins=backend_plugins(postgres_url))
+    try:
+        @pg.job(name="pg.job", max_retries=0)
+        def pg_job(fail: bool) -> str:
+            current_context().report_progress(0.5, "half")
+            if fail:
+                raise ValueError("<b>bold</b> failure")
+            return "ok"
+
+        good, bad = pg_job.enqueue(False), pg_job.enqueue(True)
+        with running(pg, worker_count=1):
+            wait_for_state(pg, good, "Succeeded")
+            wait_for_state(pg, bad, "Failed")
+        with TestClient(create_app(pg, DashboardConfig()), base_url=LOCAL) as client:
+            stats = client.get("/api/stats").json()
+            assert (stats["states"]["Succeeded"], stats["states"]["Failed"]) == (1, 1)
+            failed = client.get("/api/jobs?state=Failed").json()
+            assert [j["id"] for j in failed["jobs"]] == [bad] and failed["total"] == 1
+            detail = client.get(f"/api/jobs/{bad}").json()
+            assert detail["error"]["message"] == "<b>bold</b> failure"
+            assert detail["progress"]["fraction"] == 0.5
+            assert [s["name"] for s in detail["history"]] == ["Enqueued", "Processing", "Failed"]
+            assert "&lt;b&gt;bold&lt;/b&gt; failure" in client.get(f"/jobs/{bad}").text
+            points = client.get("/api/throughput?minutes=5").json()["points"]
+            assert sum(p["succeeded"] for p in points) == 1
+            assert sum(p["failed"] for p in points) == 1
+            retried = client.post(f"/api/jobs/{bad}/retry",
+                                  headers={"X-CSRF-Token": csrf_of(client)})
+            assert retried.json()["job"]["state"] == "Enqueued"
+    finally:
+        pg.close()
