@@ -33,7 +33,8 @@ def fill(app: App, total: int) -> None:
     for i in range(total):
         queue = ("default", "mail", "reports")[i % 3]
         method = ("shop.send", "shop.bill", "shop.report")[i % 3 - 1]
-        job = Job(method=method, queue=queue, args=[i], created_at=now - timedelta(seconds=total - i),
+        created = now - timedelta(seconds=total - i)
+        job = Job(method=method, queue=queue, args=[i], created_at=created,
                   state=Enqueued(enqueued_at=now, queue=queue))
         batch.append(job)
         if len(batch) == 5000:
@@ -107,7 +108,8 @@ def main() -> None:
          f"method=shop.bill&offset={499 * size}"),
     ]
     with TestClient(create_app(app, DashboardConfig()), base_url="http://127.0.0.1") as client:
-        print(f"{'case':32} {'/jobs median':>13} {'worst':>7} {'/api/jobs median':>17} {'worst':>7}")
+        print(f"{'case':32} {'/jobs median':>13} {'worst':>7} {'/api/jobs median':>17} "
+              f"{'worst':>7}")
         for name, page_q, api_q in cases:
             pm, pw = timed(client, f"/jobs?{page_q}", args.repeat)
             am, aw = timed(client, f"/api/jobs?limit={size}&{api_q}", args.repeat)

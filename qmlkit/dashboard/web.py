@@ -79,7 +79,7 @@ def _templates() -> Jinja2Templates:
                       trim_blocks=True, lstrip_blocks=True)
 
     def dt(value: datetime | None) -> str:
-        return "–" if value is None else value.strftime("%Y-%m-%d %H:%M:%S")
+        return "\N{EN DASH}" if value is None else value.strftime("%Y-%m-%d %H:%M:%S")
 
     def pretty(value: Any) -> str:
         return json.dumps(value, indent=2, ensure_ascii=False, sort_keys=True, default=str)
@@ -327,7 +327,7 @@ def create_app(app: App, config: DashboardConfig) -> FastAPI:
                     dead_after=config.dead_server_after_s)
 
     @api.get("/login", response_class=HTMLResponse, include_in_schema=False)
-    def login_page(request: Request, next: str = "/") -> HTMLResponse:  # noqa: A002
+    def login_page(request: Request, next: str = "/") -> HTMLResponse:
         """The login form (asks for the token)."""
         return page(request, "login.html", nav="", next=_safe_next(next), error=None)
 
@@ -412,11 +412,12 @@ def _chart(data: Throughput) -> dict[str, Any]:
     bars = []
     for i, p in enumerate(points):
         for offset, value, kind in ((0.1, p.succeeded, "ok"), (0.5, p.failed, "bad")):
+            label = "succeeded" if kind == "ok" else "failed"
             if value:
                 h = value / ymax * plot_h
                 bars.append((round(left + i * slot + offset * slot, 1), round(top + plot_h - h, 1),
                              round(slot * 0.4, 1), round(h, 1), kind,
-                             f"{p.minute:%H:%M} {'succeeded' if kind == 'ok' else 'failed'} {value}"))
+                             f"{p.minute:%H:%M} {label} {value}"))
     every = max(1, len(points) // 8)
     return {
         "width": width, "height": height, "left": left, "top": top, "plot_w": plot_w,

@@ -12,14 +12,14 @@ import pytest
 
 pytest.importorskip("fastapi", reason="the dashboard extra is not installed")
 
-import uvicorn  # noqa: E402
-from fastapi.testclient import TestClient  # noqa: E402
+import uvicorn
+from fastapi.testclient import TestClient
 
-from qmlkit import App  # noqa: E402
-from qmlkit.dashboard import DashboardConfig, create_app  # noqa: E402
-from qmlkit.dashboard.web import websocket_protocol  # noqa: E402
-from qmlkit.testing import free_port, wait_until  # noqa: E402
-from tests.integration.test_field_cases import FAST, running  # noqa: E402, F401
+from qmlkit import App
+from qmlkit.dashboard import DashboardConfig, create_app
+from qmlkit.dashboard.web import websocket_protocol
+from qmlkit.testing import free_port, wait_until
+from tests.integration.test_field_cases import FAST, running  # noqa: F401
 
 #: The Host header of a request to the dashboard on loopback.
 LOCAL = "http://127.0.0.1"

@@ -198,7 +198,7 @@ def test_openapi_describes_every_api_route(client_for: ClientFactory) -> None:
 # --- actions -------------------------------------------------------------------------------
 
 
-def csrf_of(client) -> str:  # noqa: ANN001
+def csrf_of(client) -> str:
     match = re.search(r'<meta name="csrf-token" content="([0-9a-f]+)">', client.get("/").text)
     assert match, "no CSRF token on the page"
     return match.group(1)
