@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -60,14 +61,20 @@ HERE = Path(__file__).parent
 PUBLIC_PREFIXES = ("/static/", "/login")
 
 
+#: A Host header fit to be written into the CSP: a name or an address, optional port.
+_HOST = re.compile(r"([A-Za-z0-9.\-]+|\[[0-9a-fA-F:.]+\])(:[0-9]{1,5})?")
+
+
 def content_security_policy(host: str | None) -> str:
     """Return the CSP sent with every response: this origin only, nothing inline.
 
     Args:
         host: The request's ``Host`` header, for the WebSocket source (``ws://host``);
-            ``None`` leaves WebSockets to ``'self'``.
+            ``None`` or anything but a host name or address with an optional port
+            leaves WebSockets to ``'self'``.
     """
-    connect = "'self'" + (f" ws://{host} wss://{host}" if host else "")
+    safe = host is not None and _HOST.fullmatch(host)
+    connect = "'self'" + (f" ws://{host} wss://{host}" if safe else "")
     return ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
             f"connect-src {connect}; font-src 'self'; form-action 'self'; base-uri 'none'; "
             "frame-ancestors 'none'")
@@ -143,6 +150,7 @@ def create_app(app: App, config: DashboardConfig) -> FastAPI:
     @api.middleware("http")
     async def guard(request: Request, call_next: Callable[[Request], Awaitable[Response]]
                     ) -> Response:
+        """Check the Host header and the credentials; add the security headers."""
         host = request.headers.get("host")
         if not host_allowed(host, auth_required=auth.required):
             response: Response = JSONResponse({"detail": "host not allowed"}, status_code=400)
@@ -159,6 +167,7 @@ def create_app(app: App, config: DashboardConfig) -> FastAPI:
         return response
 
     def page(request: Request, name: str, **context: Any) -> HTMLResponse:
+        """Render template ``name`` with what every page needs (CSRF token, modes)."""
         return templates.TemplateResponse(request, name, {
             "csrf": auth.csrf_token(request.cookies), "read_only": config.read_only,
             "auth_required": auth.required, "page_size": config.page_size,
@@ -210,6 +219,7 @@ def create_app(app: App, config: DashboardConfig) -> FastAPI:
             raise HTTPException(404, f"no job {job_id!r}") from exc
 
     def act(fn: Callable[[str], ActionResult], target: str) -> ActionResult:
+        """Run an action; map its errors to 404 and 409, and refresh live pages."""
         try:
             result = fn(target)
         except JobNotFound as exc:

@@ -587,3 +587,14 @@ def test_the_dashboard_works_on_postgresql(postgres_url: str) -> None:
             assert retried.json()["job"]["state"] == "Enqueued"
     finally:
         pg.close()
+
+
+def test_a_forged_host_header_cannot_loosen_the_csp(client_for: ClientFactory) -> None:
+    client = client_for(token="t")
+    response = client.get("/api/stats", headers={"Authorization": "Bearer t",
+                                                 "Host": "x; script-src *"})
+    csp = response.headers["content-security-policy"]
+    assert "script-src *" not in csp and "connect-src 'self';" in csp
+    normal = client.get("/api/stats", headers={"Authorization": "Bearer t"})
+    assert "connect-src 'self' ws://127.0.0.1 wss://127.0.0.1;" in normal.headers[
+        "content-security-policy"]
