@@ -1,7 +1,8 @@
 """Wake-ups versus polling: start latency of an idle worker, and idle storage load.
 
-For each wake-up transport given (default: SQLite storage with ``filesystem://``, and
-SQLite with ``redis://`` and ``amqp://`` when those brokers run on 127.0.0.1), prints:
+For each storage and wake-up transport (SQLite with ``filesystem://``, and SQLite with
+``redis://`` and ``amqp://`` when those brokers run on 127.0.0.1; PostgreSQL with
+``amqp://`` when qmlkit-postgres is installed and PostgreSQL and RabbitMQ run), prints:
 
 * enqueue-to-start latency p50/p99 of an idle worker, the client being another ``App``
   (as another process would be): polling interval 5 s with wake-ups, versus the default
@@ -9,12 +10,16 @@ SQLite with ``redis://`` and ``amqp://`` when those brokers run on 127.0.0.1), p
 * storage queries per second of an idle server with 8 worker threads, both modes.
 
     python bench/wakeups.py [--jobs 100] [--idle-seconds 10]
+
+The polling-only baseline is measured on each storage kind.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import socket
+import uuid
 import tempfile
 import threading
 import time
@@ -29,6 +34,12 @@ COUNTED = ("claim", "claim_changes", "next_due_at", "promote_due", "list_recurri
            "delete_expired", "heartbeat", "reclaim_dead_servers", "transition_many")
 
 
+def make_app(name: str, db: str, wakeup: str | None) -> App:
+    """An app on ``db`` (plugins loaded for non-built-in storages)."""
+    return App(name, storage=db, autoload=not db.startswith("sqlite"), wakeup_url=wakeup,
+               wakeup_exchange="bench.wk")
+
+
 def up(port: int) -> bool:
     try:
         socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
@@ -38,7 +49,7 @@ def up(port: int) -> bool:
 
 
 def latency(db: str, wakeup: str | None, poll_s: float, n: int) -> tuple[float, float]:
-    worker = App("w", storage=db, autoload=False, wakeup_url=wakeup, wakeup_exchange="bench.wk")
+    worker = make_app("w", db, wakeup)
     started: dict[int, float] = {}
     done = threading.Event()
 
@@ -49,7 +60,7 @@ def latency(db: str, wakeup: str | None, poll_s: float, n: int) -> tuple[float, 
 
     server = worker.server(worker_count=1, log_attempts=False,
                            polling_interval=timedelta(seconds=poll_s))
-    client = App("c", storage=db, autoload=False, wakeup_url=wakeup, wakeup_exchange="bench.wk")
+    client = make_app("c", db, wakeup)
     server.start()
     if wakeup:
         wait_until(lambda: server._listener.connected.is_set(), timeout=15)
@@ -70,7 +81,7 @@ def latency(db: str, wakeup: str | None, poll_s: float, n: int) -> tuple[float, 
 
 
 def idle_queries(db: str, wakeup: str | None, poll_s: float, seconds: float) -> float:
-    app = App("idle", storage=db, autoload=False, wakeup_url=wakeup, wakeup_exchange="bench.wk")
+    app = make_app("idle", db, wakeup)
     store: Any = app.storage
     counts = {"n": 0}
     for name in COUNTED:
@@ -100,25 +111,48 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=100)
     parser.add_argument("--idle-seconds", type=float, default=10.0)
     args = parser.parse_args()
+    schemas: list[str] = []
+
+    def pg(tag: str) -> str:
+        schemas.append(f"bench_wk_{tag}_{uuid.uuid4().hex[:6]}")
+        return f"postgresql+psycopg://127.0.0.1:5432/test?schema={schemas[-1]}"
+
     with tempfile.TemporaryDirectory() as tmp:
-        transports = [("SQLite + filesystem://", f"filesystem://{Path(tmp) / 'wk'}")]
+        def sqlite(tag: str) -> str:
+            return f"sqlite:///{Path(tmp) / f'{tag}-{time.perf_counter_ns()}.db'}"
+
+        transports = [("SQLite", sqlite, "filesystem://", f"filesystem://{Path(tmp) / 'wk'}")]
         if up(6379):
-            transports.append(("SQLite + redis://", "redis://127.0.0.1:6379/0"))
+            transports.append(("SQLite", sqlite, "redis://", "redis://127.0.0.1:6379/0"))
         if up(5672):
-            transports.append(("SQLite + amqp://", "amqp://guest:guest@127.0.0.1:5672//"))
+            transports.append(("SQLite", sqlite, "amqp://", "amqp://guest:guest@127.0.0.1:5672//"))
+        if up(5672) and up(5432) and importlib.util.find_spec("qmlkit_postgres"):
+            transports.append(("PostgreSQL", pg, "amqp://",
+                               "amqp://guest:guest@127.0.0.1:5672//"))
         print(f"qmlkit wake-up bench, {time.strftime('%Y-%m-%d')}; {args.jobs} jobs with "
               f"wake-ups, {max(20, args.jobs // 5)} polling; idle load over {args.idle_seconds:g} s")
-        db = lambda tag: f"sqlite:///{Path(tmp) / f'{tag}-{time.perf_counter_ns()}.db'}"  # noqa: E731
-        p50, p99 = latency(db("poll"), None, 1.0, max(20, args.jobs // 5))
-        base_q = idle_queries(db("idle-poll"), None, 1.0, args.idle_seconds)
-        print(f"\n{'polling only, 1 s':<28} latency p50 {p50:8.2f} ms  p99 {p99:8.2f} ms"
-              f"   idle queries {base_q:6.2f}/s")
-        for label, url in transports:
-            w50, w99 = latency(db("wk"), url, 5.0, args.jobs)
-            q = idle_queries(db("idle-wk"), url, 5.0, args.idle_seconds)
-            print(f"{label + ', poll 5 s':<28} latency p50 {w50:8.2f} ms  p99 {w99:8.2f} ms"
-                  f"   idle queries {q:6.2f}/s ({q / base_q:.2f}x)")
+        baselines: dict[str, float] = {}
+        try:
+            for kind, db, label, url in transports:
+                if kind not in baselines:
+                    p50, p99 = latency(db("poll"), None, 1.0, max(20, args.jobs // 5))
+                    baselines[kind] = idle_queries(db("idle-poll"), None, 1.0, args.idle_seconds)
+                    print(f"\n{kind + ', polling only, 1 s':<36} latency p50 {p50:8.2f} ms  "
+                          f"p99 {p99:8.2f} ms   idle queries {baselines[kind]:6.2f}/s")
+                w50, w99 = latency(db("wk"), url, 5.0, args.jobs)
+                q = idle_queries(db("idle-wk"), url, 5.0, args.idle_seconds)
+                print(f"{kind + ' + ' + label + ', poll 5 s':<36} latency p50 {w50:8.2f} ms  "
+                      f"p99 {w99:8.2f} ms   idle queries {q:6.2f}/s "
+                      f"({q / baselines[kind]:.2f}x)")
+        finally:
+            if schemas:
+                import sqlalchemy as sa
 
+                engine = sa.create_engine("postgresql+psycopg://127.0.0.1:5432/test")
+                with engine.begin() as conn:
+                    for name in schemas:
+                        conn.execute(sa.text(f'DROP SCHEMA IF EXISTS "{name}" CASCADE'))
+                engine.dispose()
 
 if __name__ == "__main__":
     main()

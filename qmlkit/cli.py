@@ -314,12 +314,17 @@ def _detail(job: Job) -> str:
 @app_option
 @storage_option
 def jobs_show(job_id: str, app_spec: str | None, storage: str | None) -> None:
-    """Show one job as JSON, state and stack trace included."""
+    """Show one job as JSON: state, stack trace, progress and state history included."""
     _, store = _open_storage(app_spec, storage)
     job = store.get(job_id)
     if job is None:
         raise click.ClickException(f"no job with id {job_id!r}")
-    click.echo(json.dumps(job.model_dump(mode="json"), indent=2, ensure_ascii=False))
+    shown = job.model_dump(mode="json")
+    try:
+        shown["history"] = [state.model_dump(mode="json") for state in store.job_history(job_id)]
+    except NotImplementedError:
+        pass  # a third-party backend without history
+    click.echo(json.dumps(shown, indent=2, ensure_ascii=False))
 
 
 @jobs.command("retry")

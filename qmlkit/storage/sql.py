@@ -337,7 +337,7 @@ class SQLStorage(Storage):
             else:
                 if self._connection_lost:
                     self._connection_lost = False
-                    log.warning("%r: connection restored", self)
+                    log.info("%r: connection restored", self)
                 return result
             time.sleep(delay * (0.5 + random.random()))  # noqa: S311 - jitter, not crypto
             delay = min(delay * 2, 0.5)
@@ -374,7 +374,7 @@ class SQLStorage(Storage):
 
         return self._retry(attempt)
 
-    def _write_raw(self, fn: Callable[[Any], T]) -> T:
+    def _write_raw(self, fn: Callable[[Any], T], *, engine: Engine | None = None) -> T:
         """Run ``fn(cursor)`` in one write transaction on a pooled DBAPI connection, retried.
 
         The hot paths (enqueue, claim, acknowledge) use this: it skips SQLAlchemy's
@@ -382,17 +382,23 @@ class SQLStorage(Storage):
         batch. Driver errors are wrapped as SQLAlchemy's (``OperationalError``, …) so
         ``_retry`` treats them like any other.
         """
-        dbapi = self.engine.dialect.loaded_dbapi
+        engine = engine or self.engine
+        dbapi = engine.dialect.loaded_dbapi
 
         def attempt() -> T:
-            raw = self.engine.raw_connection()
+            try:  # the pool's connect errors are the driver's own: wrap them too
+                raw = engine.raw_connection()
+            except dbapi.Error as exc:
+                raise sa.exc.DBAPIError.instance(
+                    None, None, exc, dbapi.Error, dialect=engine.dialect
+                ) from exc
             try:
                 cursor = raw.cursor()
                 try:
                     if self.is_sqlite:
                         cursor.execute("BEGIN IMMEDIATE")
                     result = fn(cursor)
-                    raw.commit()
+                    self._commit_raw(raw)
                     return result
                 except BaseException:
                     try:
@@ -404,7 +410,7 @@ class SQLStorage(Storage):
                     cursor.close()
             except dbapi.Error as exc:
                 raise sa.exc.DBAPIError.instance(
-                    None, None, exc, dbapi.Error, dialect=self.engine.dialect
+                    None, None, exc, dbapi.Error, dialect=engine.dialect
                 ) from exc
             finally:
                 raw.close()  # back to the pool
@@ -486,6 +492,10 @@ class SQLStorage(Storage):
             bucket = buckets.setdefault(minute, [0, 0])
             bucket[0 if state == "Succeeded" else 1] += count
         return [(m, ok, failed) for m, (ok, failed) in sorted(buckets.items())]
+
+    def _commit_raw(self, raw: Any) -> None:
+        """Commit a `_write_raw` transaction (a subclass may skip it in autocommit mode)."""
+        raw.commit()
 
     # --- row <-> job -------------------------------------------------------------------------
 

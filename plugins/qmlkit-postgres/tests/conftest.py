@@ -1,3 +1,94 @@
-"""Fixtures for qmlkit-postgres's own tests: the shared ones from the repository's suite."""
+"""Fixtures for qmlkit-postgres's own tests: the shared ones from the repository's suite,
+and a private PostgreSQL server for restart tests."""
 
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from qmlkit.testing import free_port, wait_until
 from tests.conftest import postgres_url, run_id  # noqa: F401  (fixtures, re-exported)
+
+PG_BIN = Path("/usr/lib/postgresql")
+
+
+class PostgresProcess:
+    """A PostgreSQL server of a test's own (initdb in a temporary directory, run as the
+    ``postgres`` user on a free loopback port), to stop and start mid-test.
+
+    Attributes:
+        port: Its TCP port, fixed across restarts.
+        url: ``postgresql://postgres@127.0.0.1:<port>/postgres``.
+    """
+
+    def __init__(self) -> None:
+        versions = sorted(PG_BIN.iterdir()) if PG_BIN.is_dir() else []
+        self.bin = versions[-1] / "bin"
+        self.dir = Path(tempfile.mkdtemp(prefix="qmlkit-pg-"))
+        shutil.chown(self.dir, "postgres")
+        self.port = free_port()
+        self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        self._run("initdb", "-D", str(self.dir / "data"), "-A", "trust", "-U", "postgres")
+
+    @staticmethod
+    def available() -> bool:
+        """initdb is installed, there is a postgres user, and we may act as it."""
+        import pwd
+
+        try:
+            pwd.getpwnam("postgres")
+        except KeyError:
+            return False
+        return PG_BIN.is_dir() and os.geteuid() == 0 and shutil.which("runuser") is not None
+
+    def _run(self, tool: str, *args: str) -> None:
+        subprocess.run(["runuser", "-u", "postgres", "--", str(self.bin / tool), *args],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                       timeout=60)
+
+    def start(self) -> None:
+        """Start and wait until it accepts connections."""
+        self._run("pg_ctl", "-D", str(self.dir / "data"), "-l", str(self.dir / "log"), "-w",
+                  "-o", f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1", "start")
+        wait_until(self._accepts, timeout=30)
+
+    def _accepts(self) -> bool:
+        import socket
+
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+            return True
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        """Stop it (fast shutdown: open sessions are terminated, as in a restart)."""
+        self._run("pg_ctl", "-D", str(self.dir / "data"), "-m", "fast", "-w", "stop")
+
+    def destroy(self) -> None:
+        """Stop if running and remove its files."""
+        try:
+            self.stop()
+        except subprocess.CalledProcessError:
+            pass
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[PostgresProcess]:
+    """A private PostgreSQL server, for restarts (skips where one cannot be made; fails
+    under CI=true)."""
+    if not PostgresProcess.available():
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail("cannot start a private PostgreSQL (initdb, root and runuser needed)")
+        pytest.skip("cannot start a private PostgreSQL here")
+    server = PostgresProcess()
+    server.start()
+    yield server
+    server.destroy()

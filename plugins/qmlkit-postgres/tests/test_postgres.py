@@ -290,7 +290,7 @@ def test_a_row_edited_into_an_invalid_state_fails_that_job_not_the_worker(
 def test_connections_killed_mid_drain_cost_no_job_and_run_none_twice(
     postgres_url: str, engine: sa.Engine, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="qmlkit.storage.sql")
+    caplog.set_level(logging.INFO, logger="qmlkit.storage.sql")
     name = f"qmlkit-outage-{uuid.uuid4().hex[:8]}"
     url = f"{postgres_url}&application_name={name}"
     app = make_app(url, storage_options={"busy_timeout_s": 120.0})
@@ -330,3 +330,56 @@ def test_connections_killed_mid_drain_cost_no_job_and_run_none_twice(
     messages = [r.getMessage() for r in caplog.records]
     assert sum("connection lost" in m for m in messages) >= 2  # each outage is logged
     assert sum("connection restored" in m for m in messages) >= 2
+
+
+@pytest.mark.slow
+def test_worker_keeps_going_across_postgres_restarts(
+    own_postgres: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    # C09 on PostgreSQL: the server restarts three times, twice within 3 s, while a
+    # worker drains; every job completes exactly once with no process restart, and each
+    # loss and recovery of the connection is logged.
+    caplog.set_level(logging.INFO, logger="qmlkit.storage.sql")
+    pg = own_postgres
+    app = make_app(f"{pg.url}?schema=c09", storage_options={"busy_timeout_s": 120.0})
+    runs: Counter[int] = Counter()
+    lock = threading.Lock()
+
+    @app.job(name="work")
+    def work(i: int) -> None:
+        time.sleep(0.002)  # the simulated work
+        with lock:
+            runs[i] += 1
+
+    total = 3000
+    work.enqueue_many([(i,) for i in range(total)])
+    server = app.server(**FAST, worker_count=4)
+    server.start()
+    try:
+        wait_until(lambda: sum(runs.values()) >= 300, timeout=60)
+        pg.stop()
+        time.sleep(5)  # the outage itself is what is under test: down for 5 s
+        pg.start()
+        wait_until(lambda: sum(runs.values()) >= 1200, timeout=120)
+        for _ in range(2):  # two restarts within 3 s of each other
+            pg.stop()
+            time.sleep(0.5)  # down briefly
+            pg.start()
+        wait_until(lambda: app.storage.count_jobs().get(("default", "Succeeded")) == total,
+                   timeout=180, interval=0.2)
+        # Still consuming after the restarts: a new job runs without a process restart.
+        late = work.enqueue(total)
+        wait_until(lambda: app.storage.get(late).state.name == "Succeeded", timeout=30)
+    finally:
+        server.stop()
+        app.close()
+    assert len(runs) == total + 1 and set(runs.values()) == {1}
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("connection lost" in m for m in messages) >= 2
+    assert sum("connection restored" in m for m in messages) >= 2
+
+
+def test_unparsable_url_is_refused_without_echoing_the_password() -> None:
+    with pytest.raises(ConfigurationError) as info:
+        PostgresStorage("postgresql://user:pw-secret@host:notaport/db")
+    assert "pw-secret" not in str(info.value) and "postgresql://user" in str(info.value)

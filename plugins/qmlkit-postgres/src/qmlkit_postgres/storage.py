@@ -22,9 +22,9 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from pydantic import ValidationError
@@ -34,11 +34,12 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from qmlkit.errors import ConfigurationError, DuplicateJob, StaleClaim, StorageUnavailable
 from qmlkit.job import Job, JobState, Processing, trusted
 from qmlkit.storage.base import MAX_CLAIM, StateChange, Transition
-from qmlkit.storage.sql import _STATE, SQLStorage
+from qmlkit.storage.sql import _STATE, SQLStorage, _duplicate_id
 
 from qmlkit_postgres import migrations
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: Columns returned by claims and moves, in this order.
 _RETURNED = (
@@ -104,8 +105,12 @@ class PostgresStorage(SQLStorage):
     ) -> None:
         try:
             parsed = sa.engine.make_url(url)
-        except sa.exc.ArgumentError as exc:
-            raise ConfigurationError(f"cannot parse PostgreSQL URL: {exc}") from exc
+        except (sa.exc.ArgumentError, ValueError):
+            # SQLAlchemy's message quotes the whole URL, password included: not repeated.
+            raise ConfigurationError(
+                "cannot parse the PostgreSQL URL; expected "
+                "postgresql://user[:password]@host[:port]/database[?schema=NAME]"
+            ) from None
         if parsed.get_backend_name() not in ("postgresql", "postgres"):
             raise ConfigurationError(f"not a PostgreSQL URL: {parsed.render_as_string()}")
         query = dict(parsed.query)
@@ -126,6 +131,7 @@ class PostgresStorage(SQLStorage):
         self.connect_timeout_s = connect_timeout_s
         self._q = '"' + schema.replace('"', '""') + '"'
         self._jobs_sql = f"{self._q}.qmlkit_jobs"
+        self._auto_engine: sa.Engine | None = None
 
     @classmethod
     def from_url(cls, url: str, options: Mapping[str, Any]) -> PostgresStorage:
@@ -163,7 +169,7 @@ class PostgresStorage(SQLStorage):
             if self._engine is not None:
                 return
             options: dict[str, Any] = {
-                "pool_pre_ping": True, "pool_size": self._pool_size, "max_overflow": 4,
+                "pool_size": self._pool_size, "max_overflow": 4,
                 "connect_args": {"connect_timeout": max(1, int(min(self.connect_timeout_s, 10)))},
             }
             options.update(self._engine_options)
@@ -171,12 +177,28 @@ class PostgresStorage(SQLStorage):
                 engine = sa.create_engine(self._sa_url, **options)
             except (ImportError, sa.exc.ArgumentError) as exc:
                 raise ConfigurationError(f"cannot create an engine for {self!r}: {exc}") from exc
+            _ping_idle_connections(engine, PRE_PING_AFTER_IDLE_S)
+            # Single-statement hot paths run on connections kept in autocommit mode.
+            auto_engine = sa.create_engine(
+                self._sa_url, **{**options, "isolation_level": "AUTOCOMMIT",
+                                 "pool_reset_on_return": None})
+            _ping_idle_connections(auto_engine, PRE_PING_AFTER_IDLE_S)
             try:
                 self._connect_and_migrate(engine)
             except BaseException:
                 engine.dispose()
+                auto_engine.dispose()
                 raise
             self._engine = engine
+            self._auto_engine = auto_engine
+
+    def close(self) -> None:
+        """Dispose of both connection pools. Idempotent."""
+        with self._open_lock:
+            for engine in (self._engine, self._auto_engine):
+                if engine is not None:
+                    engine.dispose()
+            self._engine = self._auto_engine = None
 
     def _connect_and_migrate(self, engine: sa.Engine) -> None:
         where = describe(self._sa_url)
@@ -239,6 +261,22 @@ class PostgresStorage(SQLStorage):
                 engine.dispose()
         return [f"{m.version}: {m.name}" for m in done]
 
+    def _write_one(self, fn: Callable[[Any], T]) -> T:
+        """Run ``fn(cursor)``, which issues exactly one statement, in autocommit mode.
+
+        One statement is its own transaction in PostgreSQL, so the separate ``COMMIT``
+        round trip is saved; hot paths (enqueue, claim, acknowledge) use this. Retried
+        like `_write_raw`; ``fn`` must be safe to run again after a lost reply.
+        """
+        if self._auto_engine is None:
+            self.open()
+        return self._write_raw(fn, engine=self._auto_engine)
+
+    def _commit_raw(self, raw: Any) -> None:
+        """Commit unless the connection is in autocommit (`_write_one`)."""
+        if not raw.driver_connection.autocommit:
+            raw.commit()
+
     # --- enqueue ------------------------------------------------------------------------
 
     def _insert_sql(self) -> str:
@@ -247,7 +285,13 @@ class PostgresStorage(SQLStorage):
         return f"INSERT INTO {self._jobs_sql} ({cols}) SELECT * FROM unnest({arrays})"
 
     def _insert_jobs(self, cursor: Any, rows: list[tuple[Any, ...]]) -> None:
-        """Insert encoded rows with one ``INSERT … SELECT FROM unnest(arrays)`` statement."""
+        """Insert encoded rows with one ``INSERT … SELECT FROM unnest(arrays)`` statement
+        (a single row: plain ``VALUES``, which spares dumping 18 one-element arrays)."""
+        if len(rows) == 1:
+            cols = ", ".join(self._INSERT_COLUMNS)
+            marks = ", ".join(["%s"] * len(self._INSERT_COLUMNS))
+            cursor.execute(f"INSERT INTO {self._jobs_sql} ({cols}) VALUES ({marks})", rows[0])
+            return
         for start in range(0, len(rows), 5000):
             chunk = rows[start:start + 5000]
             cursor.execute(self._insert_sql(), [list(col) for col in zip(*chunk)])
@@ -272,10 +316,10 @@ class PostgresStorage(SQLStorage):
             ConfigurationError: ``connection`` is not a SQLAlchemy connection or session
                 on PostgreSQL.
         """
-        if connection is None:
-            return super().enqueue_many(jobs)
         if not jobs:
             return []
+        if connection is None:
+            return self._enqueue_own(jobs)
         rows = self._insert_rows(jobs)
         conn = _connection_of(connection)
         params = tuple(list(col) for col in zip(*rows))
@@ -285,6 +329,35 @@ class PostgresStorage(SQLStorage):
             raise DuplicateJob(str(jobs[0].id) if len(jobs) == 1 else
                                f"one of {len(jobs)} jobs ({exc.orig})") from exc
         return list(jobs)
+
+    def _enqueue_own(self, jobs: Sequence[Job]) -> list[Job]:
+        """Insert in one autocommitted statement; a retry after a lost reply that finds
+        its own rows already there counts as done, not as a duplicate."""
+        rows = self._insert_rows(jobs)
+        ids = [job.id for job in jobs]
+        attempt = [0]
+
+        def insert(cursor: Any) -> None:
+            attempt[0] += 1
+            try:
+                self._insert_jobs(cursor, rows)
+            except self._dbapi_integrity_error():
+                if attempt[0] == 1 or len(ids) > 5000:
+                    raise
+                cursor.execute(f"SELECT count(*) FROM {self._jobs_sql} WHERE id = ANY(%s)", (ids,))
+                if cursor.fetchone()[0] != len(ids):
+                    raise
+                log.warning("enqueue of %d job(s) was committed before a dropped connection",
+                            len(ids))
+
+        try:
+            self._write_one(insert) if len(rows) <= 5000 else self._write_raw(insert)
+        except IntegrityError as exc:
+            raise DuplicateJob(_duplicate_id(self, ids)) from exc
+        return list(jobs)
+
+    def _dbapi_integrity_error(self) -> type[Exception]:
+        return self.engine.dialect.loaded_dbapi.IntegrityError
 
     # --- claim and fenced acknowledgements ------------------------------------------------
 
@@ -340,7 +413,7 @@ class PostgresStorage(SQLStorage):
             cursor.execute(claim_sql, params)
             return cursor.fetchall()
 
-        rows = self._write_raw(claim)
+        rows = self._write_one(claim)
         if not rows:
             return []
         rows.sort(key=lambda r: (-r[3], r[-1] or now))
@@ -433,7 +506,7 @@ class PostgresStorage(SQLStorage):
                                           if item.job.id in done])
             return done
 
-        done = self._write_raw(write)
+        done = self._write_one(write)
         return [
             job if item.job.id in done else StaleClaim(item.job.id, item.token)
             for item, job in zip(items, applied)
@@ -475,7 +548,7 @@ class PostgresStorage(SQLStorage):
 
     def promote_due(self, *, now: datetime, limit: int = 1000) -> list[StateChange]:
         """See `Storage.promote_due`: one ``UPDATE`` over the due index."""
-        return self._write_raw(lambda cursor: self._requeue(
+        return self._write_one(lambda cursor: self._requeue(
             cursor, "state IN ('Scheduled', 'AwaitingRetry') AND due_at <= %(now)s", {},
             now, None, limit, order="due_at"))
 
@@ -491,7 +564,7 @@ class PostgresStorage(SQLStorage):
         if exclude_servers:
             condition += " AND NOT (server_name = ANY(%(excluded)s))"
         params = {"before": started_before, "excluded": list(exclude_servers)}
-        return self._write_raw(lambda cursor: self._requeue(
+        return self._write_one(lambda cursor: self._requeue(
             cursor, condition, params, now, "stranded", None))
 
     def reclaim_dead_servers(
@@ -501,7 +574,7 @@ class PostgresStorage(SQLStorage):
         prefix = (f"WITH dead AS (DELETE FROM {self._q}.qmlkit_servers "
                   "WHERE last_heartbeat < %(before)s RETURNING id)")
         condition = "state = 'Processing' AND server_name IN (SELECT id FROM dead)"
-        return self._write_raw(lambda cursor: self._requeue(
+        return self._write_one(lambda cursor: self._requeue(
             cursor, condition, {"before": heartbeat_before}, now, "reclaimed", None,
             prefix=prefix))
 
@@ -544,3 +617,33 @@ def _connection_of(connection: Any) -> Connection:
             f"transactional enqueue needs a connection to PostgreSQL, not {conn.dialect.name}"
         )
     return conn
+
+
+#: A pooled connection idle for longer than this is pinged before use (seconds).
+PRE_PING_AFTER_IDLE_S = 1.0
+
+
+def _ping_idle_connections(engine: sa.Engine, idle_s: float) -> None:
+    """Pre-ping pooled connections that sat idle for more than ``idle_s`` seconds.
+
+    SQLAlchemy's ``pool_pre_ping`` costs a round trip on every checkout; a worker checks
+    out a connection per batch, so this pings only connections that may have gone stale
+    (the pessimistic-disconnect recipe of SQLAlchemy's pooling documentation). A dead
+    one raises ``DisconnectionError``, and the pool replaces it with a fresh connection.
+    Connections that break while busy are caught by the storage's retry with backoff.
+    """
+    @sa.event.listens_for(engine, "checkin")
+    def checkin(dbapi_connection: Any, record: Any) -> None:
+        record.info["qmlkit_idle_since"] = time.monotonic()
+
+    @sa.event.listens_for(engine, "checkout")
+    def checkout(dbapi_connection: Any, record: Any, proxy: Any) -> None:
+        since = record.info.get("qmlkit_idle_since")
+        if since is None or time.monotonic() - since < idle_s:
+            return
+        try:
+            dbapi_connection.execute("SELECT 1")
+            if not dbapi_connection.autocommit:
+                dbapi_connection.rollback()
+        except Exception as exc:
+            raise sa.exc.DisconnectionError(f"stale pooled connection: {exc}") from exc
