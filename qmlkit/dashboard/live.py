@@ -33,7 +33,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import threading
 import time
 from typing import Any
 
@@ -93,7 +92,6 @@ class LiveHub:
         self._nudge: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._listeners: list[Any] = []
-        self._lock = threading.Lock()
         self.passes = 0  #: refresh passes made so far (for tests)
         self.nudges = 0  #: nudges received so far, from observers and wake-ups
 
@@ -198,6 +196,10 @@ class LiveHub:
                 await client.ws.send_json(message)
         except (WebSocketDisconnect, RuntimeError, OSError):
             self._clients.discard(client)
+        except ValueError:  # a view that cannot be shown (a bad filter): end this page only
+            self._clients.discard(client)
+            with contextlib.suppress(Exception):
+                await client.ws.close(code=1008)
 
     def _view_message(self, view: dict[str, Any]) -> dict[str, Any] | None:
         kind = view.get("view")

@@ -233,3 +233,17 @@ def test_websocket_needs_the_token_and_the_same_origin_c15(
     # With the token and from the dashboard's own origin: served
     with open_live(dash, {"view": "overview"}, Authorization="Bearer s3cret") as ws:
         receive_until(ws, lambda m: m["type"] == "stats")
+
+
+def test_a_bad_view_ends_that_connection_only(
+        app: App, serve_dashboard: Callable[..., LiveDashboard]) -> None:
+    from websockets.exceptions import ConnectionClosed
+
+    dash = serve_dashboard(poll_interval_s=0.2)
+    with open_live(dash, {"view": "overview"}) as good:
+        receive_until(good, enqueued_is(0))
+        with open_live(dash, {"view": "jobs", "state": "Nope"}) as bad, \
+                pytest.raises(ConnectionClosed):
+            receive_until(bad, lambda m: False, timeout=5.0)
+        app.enqueue("still.live")
+        receive_until(good, enqueued_is(1))
