@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import functools
 import threading
-from contextlib import contextmanager
-from contextvars import ContextVar
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Protocol, TypeVar
 
@@ -243,6 +243,7 @@ class App:
         self.wakeup_url = wakeup_url
         self.wakeup_exchange = wakeup_exchange
         self._publisher: WakeupPublisher | None = None
+        self._after_commit: _AfterCommit | None = None
         if wakeup_url:
             connection_for(wakeup_url)  # a bad URL fails here, naming it
         self.registry: dict[str, JobFunction[Any, Any] | _RegisteredWorker] = {}
@@ -469,10 +470,15 @@ class App:
             connection: A SQLAlchemy ``Session`` or ``Connection`` on the same database
                 as the app's storage, inside a transaction the caller commits.
 
+        Jobs enqueued inside a savepoint (``session.begin_nested()``) that is rolled
+        back are gone with it, and are not announced at the outer commit.
+
         Raises:
             ConfigurationError: On entry, when the app's storage cannot take part in a
-                caller's transaction (only SQL storages in a plugin that says so can:
-                qmlkit-postgres does).
+                caller's transaction (a storage says it can with
+                ``supports_transactional_enqueue = True``, an ``enqueue_many`` that takes
+                ``connection=`` and an ``existing_ids(ids) -> set[str]``; qmlkit-postgres
+                does).
         """
         if not getattr(self.storage, "supports_transactional_enqueue", False):
             raise ConfigurationError(
@@ -486,12 +492,16 @@ class App:
             _TRANSACTION.reset(token)
 
     def _announce_after_commit(self, connection: Any, stored: list[Job]) -> None:
-        """Run observers and wake-ups for ``stored`` when ``connection`` commits; drop them
+        """Run observers and wake-ups for ``stored`` once ``connection`` commits; drop them
         if it rolls back.
 
-        Pending announcements live in the connection's ``info`` dict; one pair of event
-        listeners per connection or session drains them, so a long-lived session
-        gathers no listeners.
+        Pending announcements live in the connection's ``info`` dict; one set of event
+        listeners per connection or session drains them, so a long-lived session gathers
+        no listeners. A ``Session`` reports the end of its commit (``after_commit``); a
+        ``Connection`` only the moment before it (``commit``), so its jobs are handed to
+        a background thread that announces them as soon as the commit is visible.
+        Either way only jobs that exist after the commit are announced: a savepoint
+        rolled back inside the transaction takes its jobs, and their announcements, away.
         """
         from sqlalchemy import event
         from sqlalchemy.orm import Session
@@ -501,22 +511,45 @@ class App:
         if connection.info.get("qmlkit_listening"):
             return
         connection.info["qmlkit_listening"] = True
-        if isinstance(connection, Session):
-            commit_event, rollback_event = "after_commit", "after_rollback"
-        else:
-            commit_event, rollback_event = "commit", "rollback"
+        is_session = isinstance(connection, Session)
 
-        def on_commit(*_: Any) -> None:
+        def take() -> list[tuple[App, list[Job]]]:
             waiting = list(connection.info.get("qmlkit_pending", ()))
             connection.info["qmlkit_pending"] = []
-            for app, jobs in waiting:
-                app._announce(jobs)
+            return waiting
 
-        def on_rollback(*_: Any) -> None:
-            connection.info["qmlkit_pending"] = []
+        def on_commit(*_: Any) -> None:
+            for app, jobs in take():
+                if is_session:
+                    app._announce_existing(jobs)
+                else:
+                    app._after_commit_thread().put(jobs)
 
-        event.listen(connection, commit_event, on_commit)
-        event.listen(connection, rollback_event, on_rollback)
+        def on_rollback(*args: Any) -> None:
+            if is_session and args[1].parent is not None:
+                return  # a savepoint: the commit will tell which jobs survived
+            take()
+
+        if is_session:
+            event.listen(connection, "after_commit", on_commit)
+            event.listen(connection, "after_soft_rollback", on_rollback)
+        else:
+            event.listen(connection, "commit", on_commit)
+            event.listen(connection, "rollback", on_rollback)
+
+    def _announce_existing(self, jobs: list[Job]) -> bool:
+        """Announce those of ``jobs`` that are stored; return whether any were."""
+        real = self.storage.existing_ids([j.id for j in jobs])  # type: ignore[attr-defined]
+        kept = [j for j in jobs if j.id in real]
+        if kept:
+            self._announce(kept)
+        return bool(kept)
+
+    def _after_commit_thread(self) -> _AfterCommit:
+        with self._lock:
+            if self._after_commit is None:
+                self._after_commit = _AfterCommit(self)
+            return self._after_commit
 
     def _announce(self, stored: list[Job]) -> None:
         if has_observers(self.plugin_manager):
@@ -846,6 +879,43 @@ class App:
     def __repr__(self) -> str:
         """Name and storage."""
         return f"App({self.name!r}, storage={self._storage_spec!r})"
+
+
+class _AfterCommit:
+    """Announces transactionally enqueued jobs once a ``Connection``'s commit is visible.
+
+    SQLAlchemy tells a ``Connection``'s listeners about a commit just before it happens;
+    this thread polls for the jobs (every 2 ms, for up to 5 s) and announces them when
+    they appear. Jobs that never appear were rolled back and are dropped.
+    """
+
+    def __init__(self, app: App) -> None:
+        import queue
+
+        self._app = weakref.ref(app)
+        self._queue: queue.SimpleQueue[list[Job]] = queue.SimpleQueue()
+        threading.Thread(target=self._run, name="qmlkit-after-commit", daemon=True).start()
+
+    def put(self, jobs: list[Job]) -> None:
+        self._queue.put(jobs)
+
+    def _run(self) -> None:
+        import time
+
+        while True:
+            jobs = self._queue.get()
+            app = self._app()
+            if app is None:
+                return
+            deadline = time.monotonic() + 5.0
+            try:
+                while not app._announce_existing(jobs) and time.monotonic() < deadline:
+                    time.sleep(0.002)
+            except Exception:  # an announcement is best effort; workers also poll
+                import logging
+
+                logging.getLogger(__name__).exception("announcing committed jobs failed")
+            del app
 
 
 #: The (app, connection) of the innermost `App.transaction` block, if any.

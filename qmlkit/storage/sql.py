@@ -749,10 +749,11 @@ class SQLStorage(Storage):
     def _claim_rows(self, cursor: Any, queues: Sequence[str], limit: int) -> list[dict[str, Any]]:
         c = self.jobs.c
         names = [f"q{i}" for i in range(len(queues))]
+        claimed_columns = [col for col in self.jobs.columns if col.key != "history"]
 
         def build() -> Any:
             query = (
-                sa.select(*self.jobs.columns)
+                sa.select(*claimed_columns)
                 .where(state_is(c.state, "Enqueued"))
                 .order_by(c.priority.desc(), c.enqueued_at)
                 .limit(sa.bindparam("limit", type_=sa.Integer, literal_execute=False))
@@ -765,7 +766,7 @@ class SQLStorage(Storage):
 
         params = dict(zip(names, queues), limit=limit)
         result = self._run(cursor, ("claim", len(names)), build, params)
-        keys = [col.key for col in self.jobs.columns]
+        keys = [col.key for col in claimed_columns]
         rows = []
         for raw in result.fetchall():
             row = dict(zip(keys, raw))

@@ -195,7 +195,8 @@ def test_transactional_enqueue_commit_makes_the_job_visible_and_runnable(
                 assert app.storage.get(job_id) is None
         stored = app.storage.get(job_id)
         assert stored is not None and stored.state.name == "Enqueued"
-        assert seen.ids == [job_id]
+        # A Session announces at its commit; a Connection as soon as the commit shows.
+        wait_until(lambda: seen.ids == [job_id], timeout=10)
         server = app.server(**FAST, worker_count=1)
         server.start()
         try:
@@ -240,6 +241,38 @@ def test_transactional_enqueue_rollback_leaves_no_trace(
     # Outside the block, enqueue uses the storage's own transaction again.
     job_id = receipt.enqueue(4)
     assert app.storage.get(job_id) is not None and seen.ids == [job_id]
+    app.close()
+
+
+@pytest.mark.parametrize("kind", ["session", "connection"])
+def test_a_rolled_back_savepoint_takes_its_jobs_and_their_announcements(
+    postgres_url: str, engine: sa.Engine, kind: str
+) -> None:
+    seen = Seen()
+    app = App("tx", storage=postgres_url, autoload=False,
+              plugins=[qmlkit_postgres.plugin, seen])
+
+    @app.job(name="receipt")
+    def receipt(order: int) -> None: ...
+
+    if kind == "session":
+        with Session(engine) as session, session.begin():
+            with app.transaction(session):
+                kept = receipt.enqueue(1)
+                nested = session.begin_nested()
+                dropped = receipt.enqueue(2)
+                nested.rollback()
+    else:
+        with engine.connect() as conn, conn.begin():
+            with app.transaction(conn):
+                kept = receipt.enqueue(1)
+                nested = conn.begin_nested()
+                dropped = receipt.enqueue(2)
+                nested.rollback()
+    assert app.storage.get(kept) is not None and app.storage.get(dropped) is None
+    wait_until(lambda: seen.ids == [kept], timeout=10)
+    later = receipt.enqueue(3)  # announced at once, after the transaction's
+    assert seen.ids == [kept, later]
     app.close()
 
 

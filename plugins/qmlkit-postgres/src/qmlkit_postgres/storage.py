@@ -356,6 +356,25 @@ class PostgresStorage(SQLStorage):
             raise DuplicateJob(_duplicate_id(self, ids)) from exc
         return list(jobs)
 
+    def existing_ids(self, ids: Sequence[str]) -> set[str]:
+        """Return which of ``ids`` are stored (committed and not deleted), in one query.
+
+        `qmlkit.App.transaction` uses it after the caller's commit, to announce only the
+        jobs that a rolled-back savepoint did not take away.
+
+        Raises:
+            StorageUnavailable: The server cannot be reached.
+        """
+        if not ids:
+            return set()
+        sql = f"SELECT id FROM {self._jobs_sql} WHERE id = ANY(%s)"
+
+        def read(cursor: Any) -> set[str]:
+            cursor.execute(sql, (list(ids),))
+            return {row[0] for row in cursor.fetchall()}
+
+        return self._write_one(read)
+
     def _dbapi_integrity_error(self) -> type[Exception]:
         return self.engine.dialect.loaded_dbapi.IntegrityError
 
