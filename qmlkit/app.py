@@ -658,6 +658,30 @@ class App:
         self._after_change([change.job])
         return change.job
 
+    def requeue(self, job_id: str) -> Job:
+        """Run a waiting job now: move a Scheduled or AwaitingRetry job to Enqueued.
+
+        Hangfire's dashboard calls this "Requeue"; the job keeps its retry count, and the
+        scheduler no longer waits for its due time.
+
+        Returns:
+            The job, Enqueued in its queue.
+
+        Raises:
+            JobNotFound: No such job.
+            InvalidTransition: It is not Scheduled or AwaitingRetry.
+        """
+        now = utcnow()
+        job = self.storage.get(job_id)
+        queue = job.queue if job is not None else "default"
+        change = self.storage.change_state(
+            job_id, Enqueued(enqueued_at=now, queue=queue, reason="requeued by hand"),
+            expected=("Scheduled", "AwaitingRetry"),
+        )
+        notify_state_changed(self.plugin_manager, [change])
+        self._after_change([change.job])
+        return change.job
+
     def delete(self, job_id: str, *, reason: str | None = None,
                ttl: timedelta | None = timedelta(hours=24)) -> Job:
         """Move a job to Deleted (kept for ``ttl``, then removed by cleanup).

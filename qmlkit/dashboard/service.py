@@ -1,0 +1,544 @@
+"""What the dashboard reads and does, as plain data: one layer under the API and the pages.
+
+Every function here is synchronous (the storage is) and is called from a worker thread
+by the web layer. Shapes are pydantic models, so the REST API's OpenAPI description and
+the HTML pages use exactly the same data.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from datetime import datetime, timedelta
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from qmlkit.app import App
+from qmlkit.errors import JobNotFound
+from qmlkit.job import STATE_NAMES, Job, JobState, utcnow
+from qmlkit.storage.base import Storage
+
+#: Most jobs one page of the jobs list may hold.
+MAX_PAGE = 500
+#: How long one ``count_jobs`` answer is reused, in seconds: a page and the live loop
+#: asking within this window share one count (a full scan: ~50 ms at 100,000 SQLite jobs).
+COUNTS_TTL_S = 0.2
+
+
+class Progress(BaseModel):
+    """A running job's last progress report (``JobContext.report_progress``).
+
+    Attributes:
+        fraction: Done so far, 0.0 to 1.0.
+        message: The job's note, or ``None``.
+        at: When it was reported (ISO 8601 UTC text, as stored).
+    """
+
+    fraction: float = Field(ge=0.0, le=1.0)
+    message: str | None = None
+    at: str | None = None
+
+
+class JobRow(BaseModel):
+    """One job as a row of the jobs list.
+
+    Attributes:
+        id: The job id.
+        method: Its job name.
+        queue: Its queue.
+        state: Its state's name.
+        priority: Higher runs first.
+        attempts: Claims so far.
+        retry_count: Retries so far.
+        created_at: When it was made (UTC).
+        state_at: When it entered its current state (UTC).
+        detail: A one-line summary of the state (error, retry time, result), at most
+            200 characters; plain text.
+        progress: Its last progress report, or ``None``.
+    """
+
+    id: str
+    method: str
+    queue: str
+    state: str
+    priority: int
+    attempts: int
+    retry_count: int
+    created_at: datetime
+    state_at: datetime | None
+    detail: str
+    progress: Progress | None = None
+
+
+class ErrorInfo(BaseModel):
+    """The error of a Failed job, or of the last attempt of an AwaitingRetry one.
+
+    Attributes:
+        type: The exception's qualified name, or ``None`` if only ``"Type: message"``
+            text was kept.
+        message: The message (plain text).
+        stack_trace: The formatted traceback, or ``None``.
+    """
+
+    type: str | None
+    message: str
+    stack_trace: str | None = None
+
+
+class JobDetail(JobRow):
+    """Everything the dashboard shows about one job.
+
+    Attributes:
+        args: Positional arguments (JSON).
+        kwargs: Keyword arguments (JSON).
+        metadata: The job's metadata (JSON object), progress included.
+        max_retries: Retries allowed.
+        timeout_s: Per-attempt limit in seconds, or ``None``.
+        expires_at: When cleanup may delete it (UTC), or ``None``.
+        state_data: The current state's fields (JSON object).
+        error: The error to show, or ``None``.
+        result: A Succeeded job's return value (JSON), else ``None``.
+        history: Earlier and current states, oldest first, each a state's fields; ``None``
+            when the storage keeps no history.
+        actions: The actions that apply now: a subset of ``retry``, ``requeue``,
+            ``delete``.
+    """
+
+    args: list[Any]
+    kwargs: dict[str, Any]
+    metadata: dict[str, Any]
+    max_retries: int
+    timeout_s: float | None
+    expires_at: datetime | None
+    state_data: dict[str, Any]
+    error: ErrorInfo | None
+    result: Any = None
+    history: list[dict[str, Any]] | None
+    actions: list[str]
+
+
+class JobPage(BaseModel):
+    """One page of the jobs list, newest first.
+
+    Attributes:
+        jobs: The rows.
+        limit: Page size asked for.
+        offset: Rows skipped before this page.
+        has_next: Whether another page follows.
+        total: How many jobs match the filters, or ``None`` when not known cheaply (a
+            ``method`` filter).
+    """
+
+    jobs: list[JobRow]
+    limit: int
+    offset: int
+    has_next: bool
+    total: int | None
+
+
+class Stats(BaseModel):
+    """Job counts and server liveness.
+
+    Attributes:
+        states: ``{state_name: count}`` for every state name (zeros included).
+        queues: ``{queue: {state_name: count}}`` for each queue holding jobs.
+        total: All jobs.
+        servers_live: Registered servers with a recent heartbeat.
+        servers_dead: Registered servers whose heartbeat is older than the threshold.
+    """
+
+    states: dict[str, int]
+    queues: dict[str, dict[str, int]]
+    total: int
+    servers_live: int
+    servers_dead: int
+
+
+class ThroughputPoint(BaseModel):
+    """Jobs that reached Succeeded and Failed in one UTC minute.
+
+    Attributes:
+        minute: The minute's start (UTC).
+        succeeded: Jobs that succeeded in it.
+        failed: Jobs that failed for good in it.
+    """
+
+    minute: datetime
+    succeeded: int
+    failed: int
+
+
+class Throughput(BaseModel):
+    """Throughput over the last minutes, one point per minute (zeros included).
+
+    Attributes:
+        available: ``False`` when the storage does not count throughput; ``points`` is
+            then empty.
+        points: Oldest first.
+    """
+
+    available: bool
+    points: list[ThroughputPoint]
+
+
+class RecurringRow(BaseModel):
+    """One recurring template.
+
+    Attributes:
+        id: Template id.
+        cron: Cron expression.
+        timezone: IANA zone it is read in.
+        method: Job name.
+        queue: Queue of its jobs.
+        enabled: Whether ticks make jobs.
+        next_run_at: Next tick (UTC), or ``None``.
+        last_run_at: Last tick that made a job (UTC), or ``None``.
+        args: Arguments of its jobs (JSON).
+        kwargs: Keyword arguments of its jobs (JSON).
+    """
+
+    id: str
+    cron: str
+    timezone: str
+    method: str
+    queue: str
+    enabled: bool
+    next_run_at: datetime | None
+    last_run_at: datetime | None
+    args: list[Any]
+    kwargs: dict[str, Any]
+
+
+class ServerRow(BaseModel):
+    """One registered server.
+
+    Attributes:
+        id: ``name#uuid``.
+        name: Configured name.
+        worker_count: Worker threads.
+        queues: Queues served (empty: all).
+        started_at: When it registered (UTC).
+        last_heartbeat: Last heartbeat (UTC).
+        heartbeat_age_s: Seconds since the last heartbeat.
+        alive: Whether the heartbeat is younger than the dashboard's threshold.
+    """
+
+    id: str
+    name: str
+    worker_count: int
+    queues: list[str]
+    started_at: datetime
+    last_heartbeat: datetime
+    heartbeat_age_s: float
+    alive: bool
+
+
+class ActionResult(BaseModel):
+    """What an action did.
+
+    Attributes:
+        ok: Always ``True`` (failures are HTTP errors).
+        job: The job after the action (retry, requeue, delete), or ``None``.
+        job_id: The new job's id (trigger), or the job acted on.
+        message: A sentence for people.
+    """
+
+    ok: bool = True
+    job: JobRow | None = None
+    job_id: str | None = None
+    message: str
+
+
+def state_time(state: JobState) -> datetime | None:
+    """Return when ``state`` was entered (UTC), from whichever field the state has."""
+    for field in ("enqueued_at", "scheduled_at", "started_at", "succeeded_at", "failed_at",
+                  "deleted_at"):
+        value = getattr(state, field, None)
+        if value is not None:
+            return value  # type: ignore[no-any-return]
+    return None
+
+
+def _detail(job: Job) -> str:
+    state = job.state
+    text = ""
+    if state.name == "Failed":
+        text = f"{state.exception_type}: {state.message}"  # type: ignore[union-attr]
+    elif state.name == "AwaitingRetry":
+        text = (f"retry {state.retry_count} at {state.retry_at:%Y-%m-%d %H:%M:%S} UTC: "  # type: ignore[union-attr]
+                f"{state.last_exception}")  # type: ignore[union-attr]
+    elif state.name == "Scheduled":
+        text = f"runs at {state.enqueue_at:%Y-%m-%d %H:%M:%S} UTC"  # type: ignore[union-attr]
+    elif state.name == "Succeeded":
+        text = (f"{state.duration_ms:.0f} ms → "  # type: ignore[union-attr]
+                + json.dumps(state.result, ensure_ascii=False))  # type: ignore[union-attr]
+    elif state.name == "Processing":
+        text = f"on {state.worker_id}"  # type: ignore[union-attr]
+    elif state.name in ("Enqueued", "Deleted") and state.reason:  # type: ignore[union-attr]
+        text = state.reason  # type: ignore[union-attr]
+    return text if len(text) <= 200 else text[:199] + "…"
+
+
+def progress_of(job: Job) -> Progress | None:
+    """Return the job's stored progress report, or ``None`` if it has none (or a bad one)."""
+    raw = job.metadata.get("progress")
+    if not isinstance(raw, dict):
+        return None
+    try:
+        return Progress.model_validate(raw)
+    except ValueError:
+        return None
+
+
+def job_row(job: Job) -> JobRow:
+    """Return ``job`` as a list row."""
+    return JobRow(id=job.id, method=job.method, queue=job.queue, state=job.state.name,
+                  priority=job.priority, attempts=job.attempts, retry_count=job.retry_count,
+                  created_at=job.created_at, state_at=state_time(job.state),
+                  detail=_detail(job), progress=progress_of(job))
+
+
+def actions_for(state_name: str) -> list[str]:
+    """Return the actions that apply to a job in ``state_name``.
+
+    ``retry`` for Failed, Succeeded and Deleted (`App.retry`); ``requeue`` for Scheduled
+    and AwaitingRetry (`App.requeue`); ``delete`` for every state but Deleted.
+    """
+    found = []
+    if state_name in ("Failed", "Succeeded", "Deleted"):
+        found.append("retry")
+    if state_name in ("Scheduled", "AwaitingRetry"):
+        found.append("requeue")
+    if state_name != "Deleted":
+        found.append("delete")
+    return found
+
+
+class DashboardService:
+    """The dashboard's reads and actions over one `App` and its storage.
+
+    Args:
+        app: The application; actions go through it so observers and wake-ups fire.
+        dead_server_after: A server whose heartbeat is older counts as dead.
+    """
+
+    def __init__(self, app: App, *, dead_server_after: timedelta = timedelta(seconds=60)) -> None:
+        self.app = app
+        self.dead_server_after = dead_server_after
+        self._lock = threading.Lock()
+        self._counts: dict[tuple[str, str], int] | None = None
+        self._counts_at = 0.0
+
+    def invalidate(self) -> None:
+        """Forget the cached counts (a state changed); thread-safe."""
+        with self._lock:
+            self._counts = None
+
+    def raw_counts(self) -> dict[tuple[str, str], int]:
+        """Return ``count_jobs()``, reused for up to `COUNTS_TTL_S` unless invalidated."""
+        with self._lock:
+            if self._counts is not None and time.monotonic() - self._counts_at < COUNTS_TTL_S:
+                return self._counts
+        found = self.storage.count_jobs()
+        with self._lock:
+            self._counts, self._counts_at = found, time.monotonic()
+        return found
+
+    @property
+    def storage(self) -> Storage:
+        """The app's opened storage."""
+        return self.app.storage
+
+    # --- reads ---------------------------------------------------------------------------
+
+    def counts(self) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
+        """Return ``({state: count}, {queue: {state: count}})``; every state name present."""
+        raw = self.raw_counts()
+        states = dict.fromkeys(STATE_NAMES, 0)
+        queues: dict[str, dict[str, int]] = {}
+        for (queue, state), n in sorted(raw.items()):
+            states[state] = states.get(state, 0) + n
+            queues.setdefault(queue, dict.fromkeys(STATE_NAMES, 0))[state] = n
+        return states, queues
+
+    def stats(self) -> Stats:
+        """Return the counts by state and queue, and how many servers are live and dead."""
+        states, queues = self.counts()
+        servers = self.servers()
+        live = sum(1 for s in servers if s.alive)
+        return Stats(states=states, queues=queues, total=sum(states.values()),
+                     servers_live=live, servers_dead=len(servers) - live)
+
+    def jobs(self, *, state: str | None = None, queue: str | None = None,
+             method: str | None = None, limit: int = 50, offset: int = 0) -> JobPage:
+        """Return one page of jobs, newest first, filtered by every given filter.
+
+        Args:
+            state: A state name, or ``None``.
+            queue: A queue name, or ``None``.
+            method: A job name, or ``None``.
+            limit: Rows per page, 1 to `MAX_PAGE`.
+            offset: Rows to skip.
+
+        Raises:
+            ValueError: ``state`` is not a state name, or ``limit``/``offset`` out of bounds.
+        """
+        if state is not None and state not in STATE_NAMES:
+            raise ValueError(f"unknown state {state!r}; one of {', '.join(STATE_NAMES)}")
+        if not 1 <= limit <= MAX_PAGE or offset < 0:
+            raise ValueError(f"limit must be 1 to {MAX_PAGE} and offset >= 0")
+        found = self.storage.list_jobs(state=state, queue=queue, method=method,
+                                       limit=limit + 1, offset=offset)
+        total: int | None = None
+        if method is None:
+            raw = self.raw_counts()
+            total = sum(n for (q, s), n in raw.items()
+                        if (queue is None or q == queue) and (state is None or s == state))
+        return JobPage(jobs=[job_row(j) for j in found[:limit]], limit=limit, offset=offset,
+                       has_next=len(found) > limit, total=total)
+
+    def job(self, job_id: str) -> JobDetail:
+        """Return everything about one job, its state history included where kept.
+
+        Raises:
+            JobNotFound: No such job.
+        """
+        job = self.storage.get(job_id)
+        if job is None:
+            raise JobNotFound(job_id)
+        state = job.state
+        error: ErrorInfo | None = None
+        if state.name == "Failed":
+            error = ErrorInfo(type=state.exception_type, message=state.message,  # type: ignore[union-attr]
+                              stack_trace=state.stack_trace)  # type: ignore[union-attr]
+        elif state.name == "AwaitingRetry":
+            error = ErrorInfo(type=None, message=state.last_exception,  # type: ignore[union-attr]
+                              stack_trace=state.stack_trace)  # type: ignore[union-attr]
+        row = job_row(job)
+        return JobDetail(
+            **row.model_dump(), args=job.args, kwargs=job.kwargs, metadata=job.metadata,
+            max_retries=job.max_retries, timeout_s=job.timeout_s, expires_at=job.expires_at,
+            state_data=state.model_dump(mode="json"), error=error,
+            result=getattr(state, "result", None), history=self.history(job_id),
+            actions=actions_for(state.name),
+        )
+
+    def history(self, job_id: str) -> list[dict[str, Any]] | None:
+        """Return the job's states oldest first as JSON objects (`Storage.job_history`).
+
+        Returns:
+            One ``state.model_dump(mode="json")`` per state, the current one last; ``None``
+            when the backend keeps no history (its ``job_history`` raises
+            ``NotImplementedError``, as the contract's default does).
+        """
+        try:
+            states = self.storage.job_history(job_id)
+        except NotImplementedError:
+            return None
+        return [s.model_dump(mode="json") for s in states]
+
+    def throughput(self, *, minutes: int = 60, now: datetime | None = None) -> Throughput:
+        """Return succeeded and failed counts per UTC minute for the last ``minutes``.
+
+        From `Storage.throughput`; ``available`` is ``False`` when the backend does not
+        count (its ``throughput`` raises ``NotImplementedError``).
+
+        Args:
+            minutes: How many minutes, the current one included (1 to 1440).
+            now: The current time (tests pass one); default now.
+
+        Raises:
+            ValueError: ``minutes`` is out of bounds.
+        """
+        if not 1 <= minutes <= 1440:
+            raise ValueError("minutes must be 1 to 1440")
+        now = now or utcnow()
+        end = now.replace(second=0, microsecond=0)
+        start = end - timedelta(minutes=minutes - 1)
+        try:
+            found = self.storage.throughput(since=start, until=now)
+        except NotImplementedError:
+            return Throughput(available=False, points=[])
+        by_minute = {m: (s, f) for m, s, f in found}
+        points = []
+        for i in range(minutes):
+            minute = start + timedelta(minutes=i)
+            s, f = by_minute.get(minute, (0, 0))
+            points.append(ThroughputPoint(minute=minute, succeeded=s, failed=f))
+        return Throughput(available=True, points=points)
+
+    def recurring(self) -> list[RecurringRow]:
+        """Return every recurring template, ordered by id."""
+        return [RecurringRow(id=t.id, cron=t.cron, timezone=t.timezone, method=t.method,
+                             queue=t.queue, enabled=t.enabled, next_run_at=t.next_run_at,
+                             last_run_at=t.last_run_at, args=t.args, kwargs=t.kwargs)
+                for t in self.app.list_recurring(storage=self.storage)]
+
+    def servers(self, *, now: datetime | None = None) -> list[ServerRow]:
+        """Return every registered server, oldest first, with its heartbeat age."""
+        now = now or utcnow()
+        rows = []
+        for info in self.storage.list_servers():
+            age = (now - info.last_heartbeat).total_seconds()
+            rows.append(ServerRow(id=info.id, name=info.name, worker_count=info.worker_count,
+                                  queues=list(info.queues), started_at=info.started_at,
+                                  last_heartbeat=info.last_heartbeat,
+                                  heartbeat_age_s=round(max(age, 0.0), 3),
+                                  alive=age <= self.dead_server_after.total_seconds()))
+        return rows
+
+    # --- actions -------------------------------------------------------------------------
+
+    def retry(self, job_id: str) -> ActionResult:
+        """Enqueue a Failed, Succeeded or Deleted job again (`App.retry`).
+
+        Raises:
+            JobNotFound: No such job.
+            InvalidTransition: It is in another state.
+        """
+        return _enqueued(self.app.retry(job_id))
+
+    def requeue(self, job_id: str) -> ActionResult:
+        """Run a Scheduled or AwaitingRetry job now (`App.requeue`).
+
+        Raises:
+            JobNotFound: No such job.
+            InvalidTransition: It is in another state.
+        """
+        return _enqueued(self.app.requeue(job_id))
+
+    def delete(self, job_id: str) -> ActionResult:
+        """Move a job to Deleted (`App.delete`; cleanup removes it after 24 hours).
+
+        Raises:
+            JobNotFound: No such job.
+            InvalidTransition: It is Deleted already.
+        """
+        job = self.app.delete(job_id, reason="deleted from the dashboard")
+        return ActionResult(job=job_row(job), job_id=job.id, message=f"job {job.id} deleted")
+
+    def trigger(self, template_id: str) -> ActionResult:
+        """Enqueue one job from a recurring template now (`App.trigger_recurring`).
+
+        Raises:
+            JobNotFound: No such template.
+        """
+        job_id = self.app.trigger_recurring(template_id, storage=self.storage)
+        return ActionResult(job_id=job_id, message=f"{template_id} triggered: job {job_id}")
+
+    def remove_recurring(self, template_id: str) -> ActionResult:
+        """Remove a recurring template; jobs it made are kept.
+
+        Raises:
+            JobNotFound: No such template.
+        """
+        if not self.app.remove_recurring(template_id, storage=self.storage):
+            raise JobNotFound(template_id)
+        return ActionResult(message=f"recurring job {template_id} removed")
+
+
+def _enqueued(job: Job) -> ActionResult:
+    return ActionResult(job=job_row(job), job_id=job.id,
+                        message=f"job {job.id} enqueued in {job.queue}")
