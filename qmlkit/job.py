@@ -390,7 +390,16 @@ def encode_payload(
                 raise PayloadError(f"keyword {key!r} is not a string", where="kwargs") from None
             encode_json(arg, f"kwargs[{key!r}]")
         raise
-    size = len(text.encode("utf-8")) if len(text) * 4 > max_bytes else len(text)
+    if text.isascii():
+        size = len(text)
+    else:
+        try:
+            size = len(text.encode("utf-8"))
+        except UnicodeEncodeError as exc:  # a lone surrogate, e.g. from a bad decode
+            raise PayloadError(
+                f"job arguments hold a string that is not valid Unicode "
+                f"({exc.object[exc.start:exc.end]!r}, a lone surrogate)", where="payload",
+            ) from None
     if size > max_bytes:
         raise PayloadError(
             f"job arguments encode to {size} bytes, over the limit of {max_bytes} bytes; "

@@ -115,7 +115,10 @@ class JobContext:
             raise ValueError(f"progress fraction must be a number from 0 to 1, not {fraction!r}")
         progress: Mapping[str, Any] = {
             "fraction": float(fraction),
-            "message": None if message is None else cap_text(str(message), 500),
+            # NUL and lone surrogates cannot be stored as text by every database
+            "message": None if message is None else cap_text(
+                str(message).replace("\x00", "\ufffd")
+                .encode("utf-8", "replace").decode("utf-8"), 500),
             "at": utcnow().isoformat().replace("+00:00", "Z"),
         }
         if self._progress_sink is None:

@@ -167,6 +167,8 @@ def build_metadata(schema: str | None = None, prefix: str = "qmlkit_") -> sa.Met
     partial(f"{prefix}jobs_processing", c.server_name, c.started_at,
             where=state_is(c.state, "Processing"))
     sa.Index(f"{prefix}jobs_created", c.created_at)
+    # Counts by queue and state (stats, the dashboard) read this index, not the table.
+    sa.Index(f"{prefix}jobs_queue_state", c.queue, c.state)
     sa.Table(
         f"{prefix}recurring",
         md,
@@ -1204,13 +1206,16 @@ def _duplicate_id(storage: SQLStorage, ids: list[str]) -> str:
 
 
 def _add_missing_columns(engine: Engine, table: sa.Table) -> None:
-    """Add columns a newer qmlkit declares to an older SQLite file's table (nullable ones)."""
+    """Bring an older SQLite file's table up to date: add the nullable columns and the
+    indexes a newer qmlkit declares."""
     with engine.begin() as conn:
         have = {row[1] for row in conn.exec_driver_sql(f'PRAGMA table_info("{table.name}")')}
         for column in table.columns:
             if column.name not in have and column.nullable:
                 kind = column.type.compile(dialect=engine.dialect)
                 conn.exec_driver_sql(f'ALTER TABLE "{table.name}" ADD COLUMN "{column.name}" {kind}')
+        for index in table.indexes:
+            index.create(conn, checkfirst=True)
 
 
 def _configure_sqlite(engine: Engine) -> None:

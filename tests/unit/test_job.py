@@ -100,6 +100,12 @@ def test_encode_payload_enforces_the_byte_limit_in_utf8() -> None:
         encode_payload(["é" * 11], {}, max_bytes=45)
 
 
+def test_encode_payload_refuses_a_lone_surrogate_as_a_payload_error() -> None:
+    # e.g. a file name decoded with surrogateescape: no database can store it as text
+    with pytest.raises(PayloadError, match="lone surrogate"):
+        encode_payload(["report-\udcff.csv"], {})
+
+
 def test_cap_text_marks_the_cut() -> None:
     text = "a" * 1000 + "b" * 1000
     capped = cap_text(text, 200)

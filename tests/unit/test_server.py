@@ -93,7 +93,7 @@ def test_progress_reported_by_a_running_job_is_visible_while_it_runs(app: App) -
 
     @app.job
     def crunch() -> None:
-        current_context().report_progress(0.5, "half way")
+        current_context().report_progress(0.5, "half way\x00")  # NUL: not storable as is
         halfway.set()
         release.wait(10)
         current_context().report_progress(1.0)
@@ -106,7 +106,7 @@ def test_progress_reported_by_a_running_job_is_visible_while_it_runs(app: App) -
         running = app.storage.get(job_id)
         assert running.state.name == "Processing"
         assert running.metadata["progress"]["fraction"] == 0.5
-        assert running.metadata["progress"]["message"] == "half way"
+        assert running.metadata["progress"]["message"] == "half way\ufffd"
         release.set()
         wait_until(lambda: state_of(app, job_id) == "Succeeded")
     finally:

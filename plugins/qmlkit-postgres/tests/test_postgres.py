@@ -538,3 +538,22 @@ def test_an_acknowledgement_stored_twice_counts_and_records_once(postgres_url: s
     buckets = store.throughput(since=utcnow() - timedelta(minutes=2), until=utcnow())
     assert sum(ok for _, ok, _ in buckets) == 1
     store.close()
+
+
+def test_transactional_enqueue_refuses_a_connection_to_another_database(
+    postgres_url: str
+) -> None:
+    app = make_app(postgres_url)
+
+    @app.job(name="receipt")
+    def receipt(order: int) -> None: ...
+
+    other = sa.create_engine("postgresql+psycopg://127.0.0.1:5432/postgres")
+    try:
+        with pytest.raises(ConfigurationError, match="'postgres'.*'test'"):
+            with other.begin() as conn, app.transaction(conn):
+                receipt.enqueue(1)
+    finally:
+        other.dispose()
+    assert app.storage.count_jobs() == {}
+    app.close()

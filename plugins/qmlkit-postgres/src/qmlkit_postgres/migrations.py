@@ -101,6 +101,9 @@ MIGRATIONS: tuple[Migration, ...] = (
         """CREATE INDEX qmlkit_jobs_claim_any ON {schema}.qmlkit_jobs
             (priority DESC, enqueued_at, id) WHERE state = 'Enqueued'""",
     )),
+    Migration(4, "an index for counts by queue and state", (
+        "CREATE INDEX qmlkit_jobs_queue_state ON {schema}.qmlkit_jobs (queue, state)",
+    )),
 )
 
 #: The newest schema version this package writes.

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any, TypeVar
@@ -342,6 +343,7 @@ class PostgresStorage(SQLStorage):
             return self._enqueue_own(jobs)
         rows = self._insert_rows(jobs)
         conn = _connection_of(connection)
+        self._check_same_database(conn)
         params = tuple(list(col) for col in zip(*rows))
         try:
             conn.exec_driver_sql(self._insert_sql(), params)
@@ -375,6 +377,30 @@ class PostgresStorage(SQLStorage):
         except IntegrityError as exc:
             raise DuplicateJob(_duplicate_id(self, ids)) from exc
         return list(jobs)
+
+    def _check_same_database(self, conn: Connection) -> None:
+        """Refuse a caller's connection to another database (checked once per DBAPI
+        connection): jobs written there would never reach a worker.
+
+        Raises:
+            ConfigurationError: Another database, or no qmlkit tables in the schema.
+        """
+        dbapi_conn = conn.connection.dbapi_connection
+        if dbapi_conn in _VERIFIED:
+            return
+        theirs = conn.exec_driver_sql(
+            "SELECT current_database(), to_regclass(%s) IS NOT NULL",
+            (f"{self._q}.qmlkit_jobs",)).one()
+        ours = self._sa_url.database or ""
+        if ours and theirs[0] != ours:
+            raise ConfigurationError(
+                f"transactional enqueue: the connection is to database {theirs[0]!r}, but "
+                f"the storage is in {ours!r}; jobs written there would never run")
+        if not theirs[1]:
+            raise ConfigurationError(
+                f"transactional enqueue: database {theirs[0]!r} has no qmlkit tables in "
+                f"schema {self.schema!r}; is the connection to the storage's server?")
+        _VERIFIED[dbapi_conn] = True
 
     def existing_ids(self, ids: Sequence[str]) -> set[str]:
         """Return which of ``ids`` are stored (committed and not deleted), in one query.
@@ -741,6 +767,9 @@ def _connection_of(connection: Any) -> Connection:
         )
     return conn
 
+
+#: Callers' DBAPI connections already checked by `PostgresStorage._check_same_database`.
+_VERIFIED: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
 
 #: A pooled connection idle for longer than this is pinged before use (seconds).
 PRE_PING_AFTER_IDLE_S = 1.0
