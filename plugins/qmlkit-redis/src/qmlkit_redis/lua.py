@@ -257,8 +257,8 @@ return out
 """
 
 #: ARGV: prefix, n, then n × 7 values: id, token, state, state JSON, time, expires, retry
-#: count ('' keeps it). Returns one code per item: 1 applied (or applied already by this
-#: very token: a retried acknowledgement whose reply was lost), 0 stale.
+#: count ('' keeps it). Returns one code per item: 1 applied, 2 applied already by this
+#: very token (a retried acknowledgement whose reply was lost), 0 stale.
 TRANSITION = LIB + r"""
 local n = tonumber(ARGV[2])
 local out = {}
@@ -276,7 +276,7 @@ for i = 0, n - 1 do
     enter(id, h, st, ARGV[o + 3], ARGV[o + 4], '', f)
     out[#out + 1] = 1
   elseif h[8] == token and h[1] == st then
-    out[#out + 1] = 1
+    out[#out + 1] = 2
   else
     out[#out + 1] = 0
   end

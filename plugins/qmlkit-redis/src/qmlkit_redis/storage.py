@@ -657,6 +657,9 @@ class RedisStorage(Storage):
             log.error("queue entry points at Redis key %r, which is not a qmlkit job hash: "
                       "entry dropped (another application writes under prefix %r?)",
                       key, self.prefix)
+        if replayed:
+            log.warning("a claim whose reply was lost is handed back: %d job(s) for %s",
+                        (len(out) - 2 - n_foreign) // (2 + len(lua.JOB_FIELDS)), worker_id)
         processing = _STATE.validate_json(argv[3])
         return self._claimed(out[2 + n_foreign:], processing, bool(replayed), with_previous)
 
@@ -719,7 +722,10 @@ class RedisStorage(Storage):
             )
         codes = self._script("TRANSITION", [len(items), *values],
                              keys=[self._k("job:" + i.job.id) for i in items])
-        return [job if code == 1 else StaleClaim(item.job.id, item.token)
+        if 2 in codes:
+            log.info("%d outcome(s) were stored already by the same fencing token (a retried "
+                     "call whose reply was lost)", codes.count(2))
+        return [job if code else StaleClaim(item.job.id, item.token)
                 for item, job, code in zip(items, applied, codes)]
 
     # --- background duties -------------------------------------------------------------------
