@@ -101,7 +101,7 @@ _OPTIONS = frozenset({
 })
 
 
-class ForeignKeyType(ConfigurationError):
+class ForeignKeyType(ConfigurationError, StorageError):
     """A key under qmlkit's prefix holds a Redis type qmlkit does not keep there.
 
     Another application writes under the same prefix (or a key was changed by hand).
