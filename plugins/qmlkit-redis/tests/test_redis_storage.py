@@ -7,6 +7,7 @@ from datetime import timedelta
 
 import pytest
 import redis
+from qmlkit_redis.storage import ForeignKeyType, RedisStorage, to_us
 
 from qmlkit import App
 from qmlkit.errors import ConfigurationError, StorageError, StorageUnavailable
@@ -14,7 +15,6 @@ from qmlkit.job import Failed, Processing, Succeeded, utcnow
 from qmlkit.plugins import make_plugin_manager, resolve_storage
 from qmlkit.storage.base import Transition
 from qmlkit.testing import RedisProcess, free_port, make_job, wait_until
-from qmlkit_redis.storage import ForeignKeyType, RedisStorage, to_us
 
 pytestmark = [pytest.mark.redis]
 

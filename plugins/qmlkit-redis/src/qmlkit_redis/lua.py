@@ -172,7 +172,7 @@ local function store_new(base, n, retry)
 end
 """
 
-#: ARGV: prefix, retry flag, n, then n × 15 job values (see ``store_new``).
+#: ARGV: prefix, retry flag, n, then n x 15 job values (see ``store_new``).
 ENQUEUE = LIB + r"""
 local err = store_new(4, tonumber(ARGV[3]), ARGV[2])
 if err then return err end
@@ -181,7 +181,8 @@ return {'OK'}
 
 #: ARGV: prefix, limit, started µs, server, Processing state JSON, replay flag, queues...
 #: Returns {replayed, n_foreign, foreign keys..., then per job: id, new attempts, JOB_FIELDS
-#: as they were before the claim (so ``state_data`` is the previous state)}. With the replay flag (a retry of a claim whose reply was lost), jobs still
+#: as they were before the claim (so ``state_data`` is the previous state)}. With the
+#: replay flag (a retry of a claim whose reply was lost), jobs still
 #: held by exactly this claim (same state JSON under this server) are returned again
 #: instead of claiming more (``replayed`` is 1, and JOB_FIELDS are current); if there are
 #: none, a fresh claim is made.
@@ -256,7 +257,7 @@ for i = #foreign, 1, -1 do table.insert(out, 3, foreign[i]) end
 return out
 """
 
-#: ARGV: prefix, n, then n × 7 values: id, token, state, state JSON, time, expires, retry
+#: ARGV: prefix, n, then n x 7 values: id, token, state, state JSON, time, expires, retry
 #: count ('' keeps it). Returns one code per item: 1 applied, 2 applied already by this
 #: very token (a retried acknowledgement whose reply was lost), 0 stale.
 TRANSITION = LIB + r"""
@@ -463,3 +464,7 @@ if redis.call('HEXISTS', P .. 'servers', ARGV[2]) == 0 then return 0 end
 redis.call('ZADD', P .. 'heartbeats', ARGV[3], ARGV[2])
 return 1
 """
+
+#: Every script's name in this module, loaded by SHA (``EVALSHA``) on first use.
+SCRIPTS = ("ENQUEUE", "CLAIM", "TRANSITION", "CHANGE_STATE", "PROMOTE", "REQUEUE",
+           "DELETE_EXPIRED", "UPSERT_RECURRING", "FIRE_RECURRING", "HEARTBEAT")
