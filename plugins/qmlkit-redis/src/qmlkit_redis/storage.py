@@ -38,9 +38,9 @@ import logging
 import random
 import threading
 import time
-from hashlib import sha1
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
+from hashlib import sha1
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
