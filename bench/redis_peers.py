@@ -3,7 +3,9 @@
 Starts a ``redis-server`` of its own on a free loopback port (no persistence; emptied
 between measurements), then for each system measures:
 
-* enqueue jobs/s, one call per job, from this process (2,000 jobs);
+* enqueue jobs/s, one call per job, from this process (5,000 jobs, after one warm-up
+  enqueue that opens the connections); for qmlkit also with wake-ups on (a kombu
+  publisher thread in the client, as in the latency test);
 * drain jobs/s of 10,000 pre-enqueued no-op jobs by one worker *process* (a subprocess),
   timed inside the worker from the first job's start to the last job's end, so
   interpreter and library start-up are excluded;
@@ -115,7 +117,7 @@ elif SYSTEM == "celery":
 class Client:
     """One system's client: enqueue one job, enqueue many, start a worker command."""
 
-    def __init__(self, system: str, url: str, prefix: str) -> None:
+    def __init__(self, system: str, url: str, prefix: str, wakeups: bool = True) -> None:
         self.system, self.url, self.prefix = system, url, prefix
         os.environ["BENCH_REDIS_URL"] = url
         global REDIS_URL
@@ -124,7 +126,8 @@ class Client:
             from qmlkit import App
 
             self.app = App("bench", storage=f"{url}?prefix={prefix}",
-                           wakeup_url=url, wakeup_exchange=f"{prefix}wakeup")
+                           wakeup_url=url if wakeups else None,
+                           wakeup_exchange=f"{prefix}wakeup")
             self.app.job(name="noop")(noop)
             self.app.job(name="stamp")(stamp)
             self.send = self.app.registry["noop"].enqueue
@@ -247,13 +250,20 @@ def measure(system: str, url: str, n: int, admin: Any) -> dict[str, float]:
     prefix = f"bench:{uuid.uuid4().hex[:8]}:"
     env = {**os.environ, "BENCH_SYSTEM": system, "BENCH_REDIS_URL": url, "BENCH_JOBS": str(n),
            "PYTHONPATH": os.pathsep.join([str(HERE), str(ROOT)])}
-    admin.flushall()
-    client = Client(system, url, prefix)
-    single = 2000
-    start = time.perf_counter()
-    for i in range(single):
-        client.send(i)
-    enqueue = single / (time.perf_counter() - start)
+    def enqueue_rate(client: Client) -> float:
+        admin.flushall()
+        client.send(-1)  # warm-up: connections, plugins and scripts are ready after this one
+        single = 5000
+        start = time.perf_counter()
+        for i in range(single):
+            client.send(i)
+        return single / (time.perf_counter() - start)
+
+    # Like the peers, which have no notification channel besides the queue itself: the
+    # qmlkit client without wake-ups; and, for qmlkit, with them (as in the latency test).
+    enqueue = enqueue_rate(Client(system, url, prefix, wakeups=False))
+    enqueue_wake = (enqueue_rate(Client(system, url, prefix)) if system.startswith("qmlkit")
+                    else float("nan"))
 
     admin.flushall()
     client = Client(system, url, prefix)
@@ -280,7 +290,8 @@ def measure(system: str, url: str, n: int, admin: Any) -> dict[str, float]:
         lat = sorted(float(x) for x in admin.lrange("bench:latency", 0, -1))
     finally:
         stop_worker(proc)
-    return {"enqueue": enqueue, "drain": n / elapsed, "p50": lat[len(lat) // 2],
+    return {"enqueue": enqueue, "enqueue_wake": enqueue_wake, "drain": n / elapsed,
+            "p50": lat[len(lat) // 2],
             "p99": lat[int(len(lat) * 0.99) - 1], "rss": rss}
 
 
@@ -317,10 +328,13 @@ def main() -> None:
     now = datetime.now(timezone.utc)
     print(f"qmlkit-redis vs peers, {now:%Y-%m-%d %H:%M} UTC, {args.jobs} no-op "
           f"jobs, median of {args.repeat}, redis-server of its own on 127.0.0.1")
-    print(f"{'system':<12}{'enqueue/s':>11}{'drain/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'RSS MiB':>9}")
+    print(f"{'system':<12}{'enqueue/s':>11}{'+wake-ups':>11}{'drain/s':>10}{'p50 ms':>9}"
+          f"{'p99 ms':>9}{'RSS MiB':>9}")
     rows = {s: {k: med(r[k] for r in rs) for k in rs[0]} for s, rs in results.items() if rs}
     for system, row in rows.items():
-        print(f"{system:<12}{row['enqueue']:>11,.0f}{row['drain']:>10,.0f}{row['p50']:>9.1f}"
+        wake = "-" if row["enqueue_wake"] != row["enqueue_wake"] else f"{row['enqueue_wake']:,.0f}"
+        print(f"{system:<12}{row['enqueue']:>11,.0f}{wake:>11}{row['drain']:>10,.0f}"
+              f"{row['p50']:>9.1f}"
               f"{row['p99']:>9.1f}{row['rss']:>9.0f}")
     for system, why in skipped.items():
         print(f"{system:<12} skipped: {why}")

@@ -29,19 +29,33 @@ _JOB_FIELDS_LUA = ", ".join(f"'{f}'" for f in JOB_FIELDS)
 LIB = r"""
 local P = ARGV[1]
 local zrems, zadds, srems, sadds, cnts = {}, {}, {}, {}, {}
+-- With one job to write, index commands go out at once (cheaper than gathering them);
+-- with many, they are gathered per key and sent by flush().
+local direct = false
 local function push(acc, key, a, b)
   local t = acc[key]
   if not t then t = {}; acc[key] = t end
   t[#t + 1] = a
   if b ~= nil then t[#t + 1] = b end
 end
-local function zrem(key, m) push(zrems, key, m) end
-local function zadd(key, score, m) push(zadds, key, score, m) end
-local function srem(key, m) push(srems, key, m) end
-local function sadd(key, m) push(sadds, key, m) end
+local function zrem(key, m)
+  if direct then redis.call('ZREM', key, m) else push(zrems, key, m) end
+end
+local function zadd(key, score, m)
+  if direct then redis.call('ZADD', key, score, m) else push(zadds, key, score, m) end
+end
+local function srem(key, m)
+  if direct then redis.call('SREM', key, m) else push(srems, key, m) end
+end
+local function sadd(key, m)
+  if direct then redis.call('SADD', key, m) else push(sadds, key, m) end
+end
+local function count_now(f, d)
+  if redis.call('HINCRBY', P .. 'counts', f, d) <= 0 then redis.call('HDEL', P .. 'counts', f) end
+end
 local function cnt(q, st, d)
   local f = q .. '|' .. st
-  cnts[f] = (cnts[f] or 0) + d
+  if direct then count_now(f, d) else cnts[f] = (cnts[f] or 0) + d end
 end
 local function each_chunk(cmd, acc, step)
   for key, t in pairs(acc) do
@@ -56,9 +70,7 @@ local function flush()
   each_chunk('ZADD', zadds, 1000)
   each_chunk('SADD', sadds, 1000)
   for f, d in pairs(cnts) do
-    if d ~= 0 and redis.call('HINCRBY', P .. 'counts', f, d) <= 0 then
-      redis.call('HDEL', P .. 'counts', f)
-    end
+    if d ~= 0 then count_now(f, d) end
   end
   zrems, zadds, srems, sadds, cnts = {}, {}, {}, {}, {}
 end
@@ -95,7 +107,6 @@ local function enter(id, h, st, sj, tm, srv, f)
   if st == 'Enqueued' then
     qm = tm .. ':' .. id
     zadd(P .. 'queue:' .. q, -(tonumber(h[3]) or 0), qm)
-    sadd(P .. 'queues', q)
   elseif st == 'Scheduled' then zadd(P .. 'scheduled', tm, id); due = tm
   elseif st == 'AwaitingRetry' then zadd(P .. 'retries', tm, id); due = tm
   elseif st == 'Processing' then
@@ -133,8 +144,11 @@ local function requeue(id, h, pre, post, tm, out, prev)
 end
 
 -- Store new jobs from ARGV[base...] (15 values each); returns nil or an error reply.
+-- The hot path of a single enqueue: one EXISTS, one HSET of the non-empty fields, and
+-- the index writes, gathered.
 local NEWF = 15
 local function store_new(base, n, retry)
+  direct = n == 1
   local seen = {}
   local skip = {}
   for i = 0, n - 1 do
@@ -157,14 +171,28 @@ local function store_new(base, n, retry)
     local o = base + i * NEWF
     local id = ARGV[o]
     if not skip[id] then
-      local h = {'', ARGV[o + 4], ARGV[o + 5], ARGV[o + 8]}
+      local q, created, x = ARGV[o + 4], ARGV[o + 8], ARGV[o + 11]
+      local st, tm = ARGV[o + 12], ARGV[o + 14]
       local f = {'payload', ARGV[o + 1], 'metadata', ARGV[o + 2], 'method', ARGV[o + 3],
-                 'queue', ARGV[o + 4], 'priority', ARGV[o + 5], 'max_retries', ARGV[o + 6],
-                 'timeout_s', ARGV[o + 7], 'created_at', ARGV[o + 8], 'attempts', ARGV[o + 9],
-                 'retry_count', ARGV[o + 10], 'acked', ''}
-      expiry(id, ARGV[o + 11], f)
-      zadd(P .. 'jobs', ARGV[o + 8], id)
-      enter(id, h, ARGV[o + 12], ARGV[o + 13], ARGV[o + 14], '', f)
+                 'queue', q, 'priority', ARGV[o + 5], 'max_retries', ARGV[o + 6],
+                 'timeout_s', ARGV[o + 7], 'created_at', created, 'attempts', ARGV[o + 9],
+                 'retry_count', ARGV[o + 10], 'state', st, 'state_data', ARGV[o + 13]}
+      if st == 'Enqueued' then
+        local qm = tm .. ':' .. id
+        f[25] = 'qmember'; f[26] = qm
+        zadd(P .. 'queue:' .. q, -(tonumber(ARGV[o + 5]) or 0), qm)
+      else -- Scheduled (the only other state a new job may have)
+        f[25] = 'due'; f[26] = tm
+        zadd(P .. 'scheduled', tm, id)
+      end
+      if x ~= '' then
+        f[27] = 'expires_at'; f[28] = x
+        zadd(P .. 'expires', x, id)
+      end
+      redis.call('HSET', jk(id), unpack(f))
+      zadd(P .. 'jobs', created, id)
+      zadd(P .. 'state:' .. st, created, id)
+      cnt(q, st, 1)
     end
   end
   flush()
@@ -204,7 +232,12 @@ if ARGV[6] == '1' then
 end
 local queues = {}
 for i = 7, #ARGV do queues[#queues + 1] = ARGV[i] end
-if #queues == 0 then queues = redis.call('SMEMBERS', P .. 'queues') end
+if #queues == 0 then -- every queue with Enqueued jobs has a count
+  for _, f in ipairs(redis.call('HKEYS', P .. 'counts')) do
+    local q = string.match(f, '^(.*)|Enqueued$')
+    if q then queues[#queues + 1] = q end
+  end
+end
 local picked = {}
 if #queues == 1 then
   local r = redis.call('ZPOPMIN', P .. 'queue:' .. queues[1], limit)
@@ -227,6 +260,7 @@ elseif #queues > 1 then
 end
 local foreign = {}
 local claimed = 0
+direct = #picked == 1
 for _, m in ipairs(picked) do
   local id = string.sub(m, 18)
   local k = jk(id)
@@ -262,6 +296,7 @@ return out
 #: very token (a retried acknowledgement whose reply was lost), 0 stale.
 TRANSITION = LIB + r"""
 local n = tonumber(ARGV[2])
+direct = n == 1
 local out = {}
 for i = 0, n - 1 do
   local o = 3 + i * 7

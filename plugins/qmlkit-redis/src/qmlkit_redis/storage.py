@@ -88,7 +88,7 @@ DEFAULT_PREFIX = "qmlkit:"
 
 #: Fixed keys (after the prefix) and the Redis type qmlkit keeps in each.
 FIXED_KEYS: dict[str, str] = {
-    "jobs": "zset", "queues": "set", "scheduled": "zset", "retries": "zset",
+    "jobs": "zset", "scheduled": "zset", "retries": "zset",
     "expires": "zset", "counts": "hash", "processing-servers": "set",
     "servers": "hash", "heartbeats": "zset",
     "recurring": "hash", "recurring-next": "hash", "recurring-last": "hash",
@@ -366,38 +366,44 @@ class RedisStorage(Storage):
             ForeignKeyType: A key has a foreign type (``keys`` are checked first).
             StorageError: Any other error reply.
         """
+        try:
+            return fn(0)  # the usual case: no clock read, no loop
+        except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError) as exc:
+            error: Exception = exc
         deadline = time.monotonic() + self.retry_timeout_s
         delay = 0.02
         attempt = 0
         while True:
-            try:
-                return fn(attempt)
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
+            if isinstance(error, (redis.ConnectionError, redis.TimeoutError)):
                 # BusyLoadingError (Redis reading its append-only file after a restart)
                 # is a ConnectionError too: wait for it like for a refused connection.
                 if time.monotonic() + delay > deadline:
                     raise StorageUnavailable(
                         f"Redis at {self._where} unreachable for {self.retry_timeout_s:g} s "
-                        f"({type(exc).__name__}: {exc})") from exc
+                        f"({type(error).__name__}: {error})") from error
                 log.info("Redis at %s: %s: %s; retrying in %.2f s", self._where,
-                         type(exc).__name__, exc, delay)
-            except redis.ResponseError as exc:
-                text = str(exc)
+                         type(error).__name__, error, delay)
+            else:
+                text = str(error)
                 if "WRONGTYPE" in text:
                     found = self._foreign_key(keys)
                     if found is not None:
-                        raise found from exc
+                        raise found from error
                     raise StorageError(
                         f"Redis at {self._where}: a key under prefix {self.prefix!r} holds a "
-                        f"foreign type ({text}); give qmlkit a prefix of its own") from exc
+                        f"foreign type ({text}); give qmlkit a prefix of its own") from error
                 if ("BUSY" in text or "MASTERDOWN" in text or "READONLY" in text
                         or "TRYAGAIN" in text) and time.monotonic() + delay <= deadline:
                     log.info("Redis at %s busy (%s); retrying in %.2f s", self._where, text, delay)
                 else:
-                    raise StorageError(f"Redis at {self._where}: {text}") from exc
-            time.sleep(delay * (0.5 + random.random()))
+                    raise StorageError(f"Redis at {self._where}: {text}") from error
+            time.sleep(delay * (0.5 + random.random()))  # jitter, not crypto
             delay = min(delay * 2, 1.0)
             attempt += 1
+            try:
+                return fn(attempt)
+            except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError) as exc:
+                error = exc
 
     def _script(self, name: str, args: Sequence[Any], keys: Sequence[str] = (),
                 replay: Callable[[list[Any]], list[Any]] | None = None) -> Any:
