@@ -2,7 +2,7 @@
 
 Every storage operation that must be atomic is one of these scripts: Redis runs a script
 to its end before it serves any other command, so a script sees and leaves the keys in
-one consistent state. Each script starts with `LIB`, a set of local helpers that keep the
+one consistent state. Each script starts with `CORE` and `INDEX` (or `NEW`), local helpers that keep the
 secondary indexes (queue sorted sets, state indexes, per-server processing sets, counts,
 the due and expiry sorted sets) in step with the job hash. Index writes are gathered and
 sent as one command per key at the end of a script (``flush()``), so a batch of N jobs
@@ -26,7 +26,8 @@ JOB_FIELDS = (
 
 _JOB_FIELDS_LUA = ", ".join(f"'{f}'" for f in JOB_FIELDS)
 
-LIB = r"""
+#: Key prefix, gathered index writes, counts and ``flush()``: what every script needs.
+CORE = r"""
 local P = ARGV[1]
 local zrems, zadds, srems, sadds, cnts = {}, {}, {}, {}, {}
 -- With one job to write, index commands go out at once (cheaper than gathering them);
@@ -76,6 +77,10 @@ local function flush()
 end
 local function jk(id) return P .. 'job:' .. id end
 
+"""
+
+#: Moving a stored job between states with its indexes (``leave``/``enter``).
+INDEX = r"""
 -- What the index helpers need of a job: HMGET jk(id) unpack(IDX).
 local IDX = {'state', 'queue', 'priority', 'created_at', 'server', 'qmember', 'attempts', 'acked'}
 local function idx(id)
@@ -143,6 +148,10 @@ local function requeue(id, h, pre, post, tm, out, prev)
   enter(id, h, 'Enqueued', sj, tm, '', {})
 end
 
+"""
+
+#: Storing new jobs (``store_new``), for enqueue and recurring ticks.
+NEW = r"""
 -- Store new jobs from ARGV[base...] (15 values each); returns nil or an error reply.
 -- The hot path of a single enqueue: one EXISTS, one HSET of the non-empty fields, and
 -- the index writes, gathered.
@@ -200,8 +209,11 @@ local function store_new(base, n, retry)
 end
 """
 
+#: The helpers of the scripts that move stored jobs.
+LIB = CORE + INDEX
+
 #: ARGV: prefix, retry flag, n, then n x 15 job values (see ``store_new``).
-ENQUEUE = LIB + r"""
+ENQUEUE = CORE + NEW + r"""
 local err = store_new(4, tonumber(ARGV[3]), ARGV[2])
 if err then return err end
 return {'OK'}
@@ -471,7 +483,7 @@ return 1
 #: ARGV: prefix, template id, expected next µs, new next µs, last µs ('' keeps it),
 #: retry flag, 1 or 0 jobs, then the job's 15 values. Compare-and-set of the template's
 #: next tick with the tick's job stored in the same script: 1 won, 0 lost, or an error.
-FIRE_RECURRING = LIB + r"""
+FIRE_RECURRING = CORE + NEW + r"""
 local id = ARGV[2]
 if redis.call('HEXISTS', P .. 'recurring', id) == 0 then return {0} end
 local nxt = redis.call('HGET', P .. 'recurring-next', id)
