@@ -2,11 +2,12 @@
 
 Every storage operation that must be atomic is one of these scripts: Redis runs a script
 to its end before it serves any other command, so a script sees and leaves the keys in
-one consistent state. Each script starts with `CORE` and `INDEX` (or `NEW`), local helpers that keep the
-secondary indexes (queue sorted sets, state indexes, per-server processing sets, counts,
-the due and expiry sorted sets) in step with the job hash. Index writes are gathered and
-sent as one command per key at the end of a script (``flush()``), so a batch of N jobs
-costs N hash writes plus a handful of index commands.
+one consistent state. Each script starts with `CORE` and `INDEX` (or `NEW`), local
+helpers that keep the secondary indexes (queue sorted sets, state indexes, per-server
+processing sets, counts, the due and expiry sorted sets) in step with the job hash.
+Index writes are gathered and sent as one command per key at the end of a script
+(``flush()``), so a batch of N jobs costs N hash writes plus a handful of index
+commands; with a single job they go out at once, which is cheaper.
 
 Conventions: ``ARGV[1]`` is the key prefix; times are integer microseconds since the Unix
 epoch, passed and stored as decimal strings (never turned into Lua numbers, whose
