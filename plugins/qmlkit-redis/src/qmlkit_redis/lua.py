@@ -141,14 +141,24 @@ local function append_job(out, id)
   for i = 1, #JOBF do out[#out + 1] = v[i] end
 end
 
--- Move job id (index fields h) to Enqueued now; reason JSON built around its queue.
-local function requeue(id, h, pre, post, tm, out, prev)
-  local sj = pre .. cjson.encode(h[2] or '?') .. post
-  out[#out + 1] = prev
+-- Move job id (index fields h) to Enqueued now, its state JSON built around its queue
+-- from pre and post; the job and its previous state are kept for moved_reply().
+local moved = {}
+local function requeue(id, h, pre, post, tm)
+  moved[#moved + 1] = {id, redis.call('HGET', jk(id), 'state_data')}
   leave(id, h)
-  enter(id, h, 'Enqueued', sj, tm, '', {})
+  enter(id, h, 'Enqueued', pre .. cjson.encode(h[2] or '?') .. post, tm, '', {})
 end
-
+-- The reply of a script that requeued: per job, previous state JSON, id, JOB_FIELDS.
+local function moved_reply()
+  flush()
+  local res = {}
+  for _, m in ipairs(moved) do
+    res[#res + 1] = m[2]
+    append_job(res, m[1])
+  end
+  return res
+end
 """
 
 #: Storing new jobs (``store_new``), for enqueue and recurring ticks.
@@ -365,25 +375,16 @@ table.sort(due, function(a, b)
   if a[1] ~= b[1] then return a[1] < b[1] end
   return a[2] < b[2]
 end)
-local moved, out = {}, {}
 for i = 1, math.min(limit, #due) do
   local id = due[i][2]
   local h = idx(id)
   if h and (h[1] == 'Scheduled' or h[1] == 'AwaitingRetry') then
-    local prev = redis.call('HGET', jk(id), 'state_data')
-    requeue(id, h, ARGV[5], ARGV[6], pad, out, prev)
-    moved[#moved + 1] = id
+    requeue(id, h, ARGV[5], ARGV[6], pad)
   else
     zrem(P .. due[i][3], id) -- stale entry
   end
 end
-flush()
-local res = {}
-for i, id in ipairs(moved) do
-  res[#res + 1] = out[i]
-  append_job(res, id)
-end
-return res
+return moved_reply()
 """
 
 #: ARGV: prefix, mode ('stranded' or 'reclaim'), bound µs, padded now, Enqueued JSON
@@ -408,7 +409,6 @@ else
     if not excluded[s] then servers[#servers + 1] = s end
   end
 end
-local moved, out = {}, {}
 for _, s in ipairs(servers) do
   local pkey = P .. 'processing:' .. s
   for _, id in ipairs(redis.call('SMEMBERS', pkey)) do
@@ -416,9 +416,7 @@ for _, s in ipairs(servers) do
     if h and h[1] == 'Processing' and h[5] == s then
       local started = redis.call('HGET', jk(id), 'started_at')
       if mode == 'reclaim' or (tonumber(started) or 0) < bnum then
-        local prev = redis.call('HGET', jk(id), 'state_data')
-        requeue(id, h, ARGV[5], ARGV[6], pad, out, prev)
-        moved[#moved + 1] = id
+        requeue(id, h, ARGV[5], ARGV[6], pad)
       end
     else
       srem(pkey, id) -- stale entry
@@ -431,12 +429,7 @@ for _, s in ipairs(servers) do
     redis.call('SREM', P .. 'processing-servers', s)
   end
 end
-local res = {}
-for i, id in ipairs(moved) do
-  res[#res + 1] = out[i]
-  append_job(res, id)
-end
-return res
+return moved_reply()
 """
 
 #: ARGV: prefix, now µs, limit. Deletes up to ``limit`` Succeeded/Failed/Deleted jobs
