@@ -11,7 +11,7 @@ from qmlkit_redis.storage import ForeignKeyType, RedisStorage, to_us
 
 from qmlkit import App
 from qmlkit.errors import ConfigurationError, StorageError, StorageUnavailable
-from qmlkit.job import Failed, Processing, Succeeded, utcnow
+from qmlkit.job import Deleted, Failed, Processing, Succeeded, utcnow
 from qmlkit.plugins import make_plugin_manager, resolve_storage
 from qmlkit.storage.base import Transition
 from qmlkit.testing import RedisProcess, free_port, make_job, wait_until
@@ -190,6 +190,17 @@ def test_a_claim_replayed_after_a_lost_reply_hands_back_the_same_jobs(storage):
                                             "0"]
     assert len(storage.claim(worker_id="w1", server_name="s", queues=(), limit=3,
                              now=utcnow())) == 2
+
+
+def test_a_state_change_retried_after_a_lost_reply_is_applied_once(storage):
+    job = storage.enqueue(make_job())
+    deleted = Deleted(deleted_at=utcnow(), reason="by hand")
+    args = [job.id, job.state.model_dump_json(), "0", "Deleted", deleted.model_dump_json(),
+            "", "", ""]
+    assert storage._script("CHANGE_STATE", args) == 1
+    assert storage._script("CHANGE_STATE", args) == 1  # the retry finds it applied
+    assert storage.count_jobs() == {("default", "Deleted"): 1}
+    assert storage.get(job.id).state == deleted
 
 
 def test_a_retried_enqueue_finds_its_jobs_stored(storage):
