@@ -7,7 +7,7 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -92,17 +92,21 @@ class RedisProcess:
         directory: Where Redis keeps its files (a temporary directory).
         appendonly: Keep an append-only file (``appendfsync always``) so data survives a
             restart, as a production Redis would; ``False`` for a broker-only Redis.
+        extra_args: More ``redis-server`` arguments, e.g. ``["--requirepass", "s3cret"]``.
 
     Attributes:
         port: The TCP port, fixed across restarts.
         url: ``redis://127.0.0.1:<port>/0``.
     """
 
-    def __init__(self, directory: Path, *, appendonly: bool = False) -> None:
+    def __init__(
+        self, directory: Path, *, appendonly: bool = False, extra_args: Sequence[str] = ()
+    ) -> None:
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.directory = directory
         self.appendonly = appendonly
+        self.extra_args = list(extra_args)
         self.proc: subprocess.Popen[bytes] | None = None
 
     @staticmethod
@@ -122,6 +126,7 @@ class RedisProcess:
             args += ["--appendonly", "yes", "--appendfsync", "always"]
         else:
             args += ["--appendonly", "no"]
+        args += self.extra_args
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_until(self.is_up, timeout=timeout, message=f"redis-server on port {self.port}")
 

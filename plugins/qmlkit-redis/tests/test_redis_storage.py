@@ -1,0 +1,276 @@
+"""What the Redis backend adds to the shared contract: URLs and prefixes, bad input,
+idempotent replays, and index hygiene after cleanup (field case C17)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+import redis
+from qmlkit_redis.storage import ForeignKeyType, RedisStorage, to_us
+
+from qmlkit import App
+from qmlkit.errors import ConfigurationError, StorageError, StorageUnavailable
+from qmlkit.job import Deleted, Failed, Processing, Succeeded, utcnow
+from qmlkit.plugins import make_plugin_manager, resolve_storage
+from qmlkit.storage.base import Transition
+from qmlkit.testing import RedisProcess, free_port, make_job, wait_until
+
+pytestmark = [pytest.mark.redis]
+
+
+def open_storage(url: str, **options: object) -> RedisStorage:
+    store = resolve_storage(make_plugin_manager(), url, options)
+    assert isinstance(store, RedisStorage)
+    store.open()
+    return store
+
+
+@pytest.fixture
+def storage(redis_url):
+    store = open_storage(redis_url)
+    yield store
+    store.close()
+
+
+@pytest.fixture
+def raw():
+    client = redis.Redis(host="127.0.0.1", port=6379, db=0, decode_responses=True)
+    yield client
+    client.close()
+
+
+def keys_under(raw: redis.Redis, prefix: str) -> set[str]:
+    return set(raw.scan_iter(match=f"{prefix}*", count=1000))
+
+
+# --- URLs, discovery, prefixes -------------------------------------------------------------
+
+
+def test_every_scheme_resolves_through_the_entry_point():
+    pm = make_plugin_manager()
+    for url in ("redis://127.0.0.1:6379/0", "rediss://127.0.0.1:6380/0",
+                "unix:///run/redis.sock?db=0"):
+        assert isinstance(resolve_storage(pm, url, {}), RedisStorage)
+    assert {"redis", "rediss", "unix"} <= {
+        s for found in pm.hook.qmlkit_storage_schemes() for s in found}
+
+
+def test_prefix_comes_from_the_url_or_the_option_and_leaves_the_url_for_redis():
+    store = RedisStorage("redis://127.0.0.1:6379/0?prefix=app1:&socket_keepalive=true")
+    assert store.prefix == "app1:"
+    assert "prefix" not in store._redis_url and "socket_keepalive=true" in store._redis_url
+    assert RedisStorage("redis://h/0?prefix=a:", prefix="b:").prefix == "b:"
+    assert RedisStorage("redis://h/0").prefix == "qmlkit:"
+
+
+def test_unknown_option_is_named():
+    with pytest.raises(ConfigurationError, match="colour"):
+        resolve_storage(make_plugin_manager(), "redis://127.0.0.1/0", {"colour": "red"})
+
+
+def test_everything_stays_under_the_prefix(storage, raw, redis_prefix):
+    before = set(raw.scan_iter(count=1000))
+    storage.enqueue_many([make_job(queue=q) for q in ("a", "b")])
+    storage.claim(worker_id="w", server_name="s", queues=(), limit=1, now=utcnow())
+    new = set(raw.scan_iter(count=1000)) - before
+    assert new and all(key.startswith(redis_prefix) for key in new)
+
+
+def test_two_prefixes_on_one_redis_do_not_see_each_other(redis_url, redis_prefix):
+    other = open_storage(redis_url, prefix=redis_prefix + "other:")
+    mine = open_storage(redis_url)
+    try:
+        mine.enqueue(make_job())
+        assert other.count_jobs() == {}
+        assert other.claim(worker_id="w", server_name="s", queues=(), limit=5, now=utcnow()) == []
+    finally:
+        mine.close()
+        other.close()
+
+
+# --- bad input -----------------------------------------------------------------------------
+
+
+def test_unreachable_host_fails_at_open_naming_host_and_port():
+    port = free_port()
+    store = RedisStorage(f"redis://127.0.0.1:{port}/0", connect_timeout_s=0.5)
+    with pytest.raises(StorageUnavailable, match=f"127.0.0.1:{port}"):
+        store.open()
+
+
+def test_wrong_password_fails_at_open_naming_host_and_port_never_the_password(tmp_path):
+    if not RedisProcess.available():
+        pytest.skip("no redis-server binary on PATH")
+    server = RedisProcess(tmp_path, extra_args=["--requirepass", "right-one"])
+    server.start()
+    try:
+        for url in (f"redis://:not-the-pass@127.0.0.1:{server.port}/0",
+                    f"redis://127.0.0.1:{server.port}/0"):
+            with pytest.raises(ConfigurationError) as info:
+                open_storage(url)
+            text = str(info.value)
+            assert f"127.0.0.1:{server.port}" in text
+            assert "not-the-pass" not in text and "right-one" not in text
+        store = open_storage(f"redis://:right-one@127.0.0.1:{server.port}/0")
+        assert "right-one" not in repr(store)
+        store.close()
+    finally:
+        server.stop()
+
+
+def test_a_foreign_fixed_key_is_reported_at_open(redis_url, raw, redis_prefix):
+    raw.set(f"{redis_prefix}counts", "someone else's")
+    with pytest.raises(ForeignKeyType) as info:
+        open_storage(redis_url)
+    assert info.value.key == f"{redis_prefix}counts"
+    assert (info.value.found, info.value.expected) == ("string", "hash")
+    assert "prefix" in str(info.value)
+
+
+def test_a_foreign_queue_key_is_reported_by_claim_and_changes_nothing(storage, raw, redis_prefix):
+    storage.enqueue(make_job(queue="good"))
+    raw.set(f"{redis_prefix}queue:theirs", "x")
+    with pytest.raises(ForeignKeyType) as info:
+        storage.claim(worker_id="w", server_name="s", queues=("theirs",), limit=5, now=utcnow())
+    assert info.value.key == f"{redis_prefix}queue:theirs"
+    assert storage.count_jobs() == {("good", "Enqueued"): 1}
+    # A worker serving other queues is not disturbed.
+    assert len(storage.claim(worker_id="w", server_name="s", queues=("good",), limit=5,
+                             now=utcnow())) == 1
+
+
+def test_a_foreign_key_where_a_job_should_be_is_reported_by_get(storage, raw, redis_prefix):
+    raw.set(f"{redis_prefix}job:abc", "x")
+    with pytest.raises(StorageError, match=f"{redis_prefix}job:abc"):
+        storage.get("abc")
+
+
+def test_an_undecodable_job_fails_alone_with_a_reason(storage, raw, redis_prefix):
+    bad, good = make_job(), make_job()
+    storage.enqueue_many([bad, good])
+    raw.hset(f"{redis_prefix}job:{bad.id}", "payload", "{not json")
+    assert storage.get(bad.id).state.name == "Failed"
+    claimed = storage.claim(worker_id="w", server_name="s", queues=(), limit=5, now=utcnow())
+    assert [j.id for j in claimed] == [good.id]
+    stored = raw.hgetall(f"{redis_prefix}job:{bad.id}")
+    assert stored["state"] == "Failed" and "cannot be decoded" in stored["state_data"]
+
+
+# --- replays after a lost reply -------------------------------------------------------------
+
+
+def test_an_acknowledgement_applied_twice_is_not_reported_stale(storage):
+    storage.enqueue(make_job())
+    (job,) = storage.claim(worker_id="w", server_name="s", queues=(), limit=1, now=utcnow())
+    item = Transition(job, Succeeded(succeeded_at=utcnow(), duration_ms=1.0, result=1))
+    first = storage.transition_many([item])
+    again = storage.transition_many([item])  # the retry after a lost reply
+    assert first[0].state.name == again[0].state.name == "Succeeded"
+    # A different outcome with the same token is still refused.
+    other = Transition(job, Failed(failed_at=utcnow(), exception_type="E", message="m"))
+    assert isinstance(storage.transition_many([other])[0], StorageError)
+
+
+def test_a_claim_replayed_after_a_lost_reply_hands_back_the_same_jobs(storage):
+    storage.enqueue_many([make_job() for _ in range(5)])
+    now = utcnow()
+    first = storage.claim(worker_id="w1", server_name="s", queues=(), limit=3, now=now)
+    # As if that reply had been lost: the worker's next claim presents the same claim again.
+    state = Processing(started_at=now, worker_id="w1", server_name="s")
+    storage._pending_claims[("s", "w1")] = [3, str(to_us(now)), "s", state.model_dump_json(),
+                                            "0"]
+    again = storage.claim(worker_id="w1", server_name="s", queues=(), limit=3, now=utcnow())
+    assert sorted((j.id, j.attempts) for j in again) == sorted((j.id, j.attempts) for j in first)
+    assert storage.count_jobs() == {("default", "Processing"): 3, ("default", "Enqueued"): 2}
+    # With nothing left from that claim, a replay claims afresh.
+    storage.transition_many([Transition(j, Succeeded(succeeded_at=now, duration_ms=1))
+                             for j in again])
+    storage._pending_claims[("s", "w1")] = [3, str(to_us(now)), "s", state.model_dump_json(),
+                                            "0"]
+    assert len(storage.claim(worker_id="w1", server_name="s", queues=(), limit=3,
+                             now=utcnow())) == 2
+
+
+def test_a_state_change_retried_after_a_lost_reply_is_applied_once(storage):
+    job = storage.enqueue(make_job())
+    deleted = Deleted(deleted_at=utcnow(), reason="by hand")
+    args = [job.id, job.state.model_dump_json(), "0", "Deleted", deleted.model_dump_json(),
+            "", "", ""]
+    assert storage._script("CHANGE_STATE", args) == 1
+    assert storage._script("CHANGE_STATE", args) == 1  # the retry finds it applied
+    assert storage.count_jobs() == {("default", "Deleted"): 1}
+    assert storage.get(job.id).state == deleted
+
+
+def test_a_retried_enqueue_finds_its_jobs_stored(storage):
+    jobs = [make_job(args=[i]) for i in range(3)]
+    values = storage._new_values(jobs)
+    storage._script("ENQUEUE", ["0", 3, *values])
+    assert storage._script("ENQUEUE", ["1", 3, *values]) == ["OK"]  # the replay
+    assert storage._script("ENQUEUE", ["0", 3, *values])[0] == "DUP"
+    assert storage.count_jobs() == {("default", "Enqueued"): 3}
+
+
+# --- cleanup leaves no index entries behind (C17) --------------------------------------------
+
+
+def test_delete_expired_leaves_no_index_entry_of_a_deleted_job_c17(storage, raw, redis_prefix):
+    now = utcnow()
+    past = now - timedelta(minutes=10)
+    storage.enqueue_many([make_job(args=[i], queue=f"q{i % 3}") for i in range(300)])
+    claimed = []
+    for n in range(3):
+        claimed += storage.claim(worker_id=f"w{n}", server_name=f"srv{n}", queues=(), limit=100,
+                                 now=now)
+    big = "e" * 100_000
+    outcomes = [
+        Transition(j, Failed(failed_at=now, exception_type="E", message=big), expires_at=past)
+        if k % 2 else
+        Transition(j, Succeeded(succeeded_at=now, duration_ms=1), expires_at=past)
+        for k, j in enumerate(claimed[:200])
+    ]
+    storage.transition_many(outcomes)
+    kept = {j.id for j in claimed[200:]}  # still Processing: never removed
+    deleted = {j.id for j in claimed[:200]}
+    while storage.delete_expired(now=now, limit=64) == 64:
+        pass
+    for job_id in deleted:
+        assert storage.get(job_id) is None
+    # Scan every key under the prefix: no member of any zset, set or hash names a deleted job.
+    for key in keys_under(raw, redis_prefix):
+        kind = raw.type(key)
+        if kind == "zset":
+            members = set(raw.zrange(key, 0, -1))
+        elif kind == "set":
+            members = raw.smembers(key)
+        elif kind == "hash" and not key.startswith(f"{redis_prefix}job:"):
+            members = set(raw.hkeys(key))
+        else:
+            continue
+        names = {m.rpartition(":")[2] for m in members} | members
+        assert not names & deleted, f"{key} still references deleted jobs"
+        assert not key.endswith(tuple(deleted))
+    assert sum(storage.count_jobs().values()) == 100
+    assert {j.id for j in storage.list_jobs(limit=1000)} == kept
+
+
+def test_app_drains_on_redis_end_to_end(redis_url):
+    app = App("e2e", storage=redis_url)
+    seen: list[int] = []
+
+    @app.job(name="add")
+    def add(i: int) -> int:
+        seen.append(i)
+        return i
+
+    add.enqueue_many([(i,) for i in range(200)])
+    server = app.server(worker_count=2, polling_interval=0.05)
+    server.start()
+    try:
+        wait_until(lambda: server.storage.count_jobs() == {("default", "Succeeded"): 200},
+                   timeout=60)
+    finally:
+        server.stop()
+    assert sorted(seen) == list(range(200))
+    app.close()
