@@ -94,9 +94,10 @@ def postgres_url() -> Iterator[str]:
     pytest.param("memory"),
     pytest.param("sqlite"),
     pytest.param("postgres", marks=pytest.mark.postgres),
+    pytest.param("redis", marks=pytest.mark.redis),
 ])
 def backend_url(request: pytest.FixtureRequest) -> str:
-    """The URL of each SQL-or-memory backend in turn (contract-style tests of whole apps)."""
+    """The URL of each backend in turn (contract-style tests of whole apps)."""
     return request.getfixturevalue(f"{request.param}_url")
 
 

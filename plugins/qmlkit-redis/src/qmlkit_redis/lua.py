@@ -22,7 +22,7 @@ from __future__ import annotations
 #: Fields of a job hash, in the order the scripts return them (see ``storage.JOB_FIELDS``).
 JOB_FIELDS = (
     "payload", "metadata", "method", "queue", "priority", "max_retries", "timeout_s",
-    "created_at", "attempts", "retry_count", "expires_at", "state", "state_data",
+    "created_at", "attempts", "retry_count", "expires_at", "state", "state_data", "progress",
 )
 
 _JOB_FIELDS_LUA = ", ".join(f"'{f}'" for f in JOB_FIELDS)
@@ -121,6 +121,13 @@ local function enter(id, h, st, sj, tm, srv, f)
   end
   zadd(P .. 'state:' .. st, h[4] or '0', id)
   cnt(q, st, 1)
+  -- the state being left goes to the history: one JSON state per line
+  local was = redis.call('HMGET', jk(id), 'state_data', 'history')
+  if was[1] then f[#f + 1] = 'history'; f[#f + 1] = (was[2] or '') .. was[1] .. '\n' end
+  if (st == 'Succeeded' or st == 'Failed') and tm ~= '' then -- per-minute throughput
+    redis.call('HINCRBY', P .. 'stats:' .. tm, st, 1)
+    redis.call('ZADD', P .. 'stats-minutes', tm, tm)
+  end
   local n = #f
   f[n + 1] = 'state'; f[n + 2] = st; f[n + 3] = 'state_data'; f[n + 4] = sj
   f[n + 5] = 'qmember'; f[n + 6] = qm; f[n + 7] = 'server'; f[n + 8] = server
@@ -287,14 +294,16 @@ direct = #picked == 1
 for _, m in ipairs(picked) do
   local id = string.sub(m, 18)
   local k = jk(id)
-  local v = redis.pcall('HMGET', k, 'state', 'queue', 'attempts', 'created_at', unpack(JOBF))
+  local v = redis.pcall('HMGET', k, 'state', 'queue', 'attempts', 'created_at', 'history',
+                        unpack(JOBF))
   if v.err then
     foreign[#foreign + 1] = k
   elseif v[1] == 'Enqueued' then
     local q = v[2] or '?'
     local a = (tonumber(v[3]) or 0) + 1
     redis.call('HSET', k, 'state', 'Processing', 'state_data', sj, 'attempts', a,
-               'server', srv, 'started_at', started, 'qmember', '')
+               'server', srv, 'started_at', started, 'qmember', '',
+               'history', (v[5] or '') .. (v[5 + 13] or '') .. '\n')
     zrem(P .. 'state:Enqueued', id)
     zadd(P .. 'state:Processing', v[4] or '0', id)
     cnt(q, 'Enqueued', -1)
@@ -302,7 +311,7 @@ for _, m in ipairs(picked) do
     sadd(P .. 'processing:' .. srv, id)
     out[#out + 1] = id
     out[#out + 1] = a
-    for i = 5, 4 + #JOBF do out[#out + 1] = v[i] end
+    for i = 6, 5 + #JOBF do out[#out + 1] = v[i] end
     claimed = claimed + 1
   end
   -- an entry whose job is gone or no longer Enqueued is stale: dropped by the pop
@@ -501,6 +510,16 @@ return {1}
 """
 
 #: ARGV: prefix, server id, now µs. 1 if the server is registered (heartbeat stored).
+#: ARGV: prefix, id, token, progress JSON. Stores the progress of a running attempt,
+#: fenced: 1 if stored, 0 if the job is not Processing under that token (or is gone).
+PROGRESS = r"""
+local k = ARGV[1] .. 'job:' .. ARGV[2]
+local v = redis.call('HMGET', k, 'state', 'attempts')
+if v[1] ~= 'Processing' or v[2] ~= ARGV[3] then return 0 end
+redis.call('HSET', k, 'progress', ARGV[4])
+return 1
+"""
+
 HEARTBEAT = r"""
 local P = ARGV[1]
 if redis.call('HEXISTS', P .. 'servers', ARGV[2]) == 0 then return 0 end
@@ -509,5 +528,5 @@ return 1
 """
 
 #: Every script's name in this module, loaded by SHA (``EVALSHA``) on first use.
-SCRIPTS = ("ENQUEUE", "CLAIM", "TRANSITION", "CHANGE_STATE", "PROMOTE", "REQUEUE",
+SCRIPTS = ("ENQUEUE", "CLAIM", "TRANSITION", "CHANGE_STATE", "PROMOTE", "REQUEUE", "PROGRESS",
            "DELETE_EXPIRED", "UPSERT_RECURRING", "FIRE_RECURRING", "HEARTBEAT")

@@ -67,13 +67,22 @@ from qmlkit.job import (
     JobState,
     Processing,
     Scheduled,
+    Succeeded,
     check_transition,
     encode_json,
     encode_payload,
     trusted,
 )
 from qmlkit.recurring import RecurringJob
-from qmlkit.storage.base import MAX_CLAIM, ServerInfo, StateChange, Storage, Transition
+from qmlkit.storage.base import (
+    MAX_CLAIM,
+    STATS_RETENTION,
+    ServerInfo,
+    StateChange,
+    Storage,
+    Transition,
+    minute_of,
+)
 from qmlkit_redis import lua
 
 log = logging.getLogger(__name__)
@@ -150,6 +159,9 @@ def _state_time(state: JobState) -> str:
         return str(to_us(state.retry_at))
     if isinstance(state, Processing):
         return str(to_us(state.started_at))
+    if isinstance(state, (Succeeded, Failed)):  # the throughput counter's minute (seconds)
+        at = state.succeeded_at if isinstance(state, Succeeded) else state.failed_at
+        return str(int(minute_of(at).timestamp()))
     return ""
 
 
@@ -502,7 +514,7 @@ class RedisStorage(Storage):
             job = Job(
                 id=job_id, method=v[2], args=payload["args"], kwargs=payload["kwargs"],
                 queue=v[3], priority=int(v[4]), max_retries=int(v[5]),
-                timeout_s=float(v[6]) if v[6] else None, metadata=json.loads(v[1]),
+                timeout_s=float(v[6]) if v[6] else None, metadata=_metadata(v),
                 created_at=from_us(v[7]), attempts=int(v[8]), retry_count=int(v[9]),
                 expires_at=from_us(v[10]) if v[10] else None,
                 state=_STATE.validate_json(v[12]),
@@ -725,7 +737,7 @@ class RedisStorage(Storage):
             job_id, attempts, v = flat[i], int(flat[i + 1]), flat[i + 2:i + n]
             try:  # fast path: every value was written by qmlkit with the right type
                 payload = json.loads(v[0])
-                metadata = json.loads(v[1])
+                metadata = _metadata(v)
                 if not (isinstance(payload["args"], list) and isinstance(payload["kwargs"], dict)
                         and isinstance(metadata, dict)):
                     raise TypeError("args, kwargs or metadata of the wrong JSON type")
@@ -821,8 +833,62 @@ class RedisStorage(Storage):
         return self._decode_changes(flat)
 
     def delete_expired(self, *, now: datetime, limit: int = 1000) -> int:
-        """See `Storage.delete_expired`: the job hashes and all their index entries (C17)."""
-        return int(self._script("DELETE_EXPIRED", [to_us(now), max(1, limit)]))
+        """See `Storage.delete_expired`: the job hashes and all their index entries (C17),
+        and throughput counters older than `STATS_RETENTION`."""
+        deleted = int(self._script("DELETE_EXPIRED", [to_us(now), max(1, limit)]))
+        horizon = int(minute_of(now - STATS_RETENTION).timestamp())
+        minutes_key = self._k("stats-minutes")
+
+        def prune(_: int) -> None:
+            old = self.client.zrangebyscore(minutes_key, "-inf", f"({horizon}")
+            if old:
+                pipe = self.client.pipeline(transaction=False)
+                pipe.delete(*(self._k(f"stats:{_text(m)}") for m in old))
+                pipe.zremrangebyscore(minutes_key, "-inf", f"({horizon}")
+                pipe.execute()
+
+        self._call(prune, [minutes_key])
+        return deleted
+
+    # --- history, throughput and progress ---------------------------------------------
+
+    def job_history(self, job_id: str) -> list[JobState]:
+        """See `Storage.job_history`: the job hash's ``history`` field (one JSON state per
+        line, appended by every script that changes the state) and its current state."""
+        key = self._k("job:" + job_id)
+        v = self._call(lambda _: self.client.hmget(key, "history", "state_data"), [key])
+        if v[1] is None:
+            return []
+        states: list[JobState] = []
+        for raw in [*_text(v[0] or "").splitlines(), _text(v[1])]:
+            try:
+                states.append(_STATE.validate_json(raw))
+            except ValidationError:
+                log.warning("job %s: a history entry cannot be decoded; skipped", job_id)
+        return states
+
+    def throughput(self, *, since: datetime, until: datetime) -> list[tuple[datetime, int, int]]:
+        """See `Storage.throughput`: ``stats:<minute>`` hashes (``Succeeded``, ``Failed``)
+        listed by the ``stats-minutes`` sorted set, both written by the scripts."""
+        low, high = int(minute_of(since).timestamp()), until.timestamp()
+        minutes_key = self._k("stats-minutes")
+
+        def read(_: int) -> list[tuple[datetime, int, int]]:
+            minutes = [int(_text(m)) for m in self.client.zrangebyscore(minutes_key, low, high)]
+            pipe = self.client.pipeline(transaction=False)
+            for m in minutes:
+                pipe.hmget(self._k(f"stats:{m}"), "Succeeded", "Failed")
+            counts = pipe.execute() if minutes else []
+            return [(datetime.fromtimestamp(m, timezone.utc), int(ok or 0), int(bad or 0))
+                    for m, (ok, bad) in zip(minutes, counts)]
+
+        return self._call(read, [minutes_key])
+
+    def report_progress(self, job_id: str, *, token: int, progress: Mapping[str, Any]) -> bool:
+        """See `Storage.report_progress`: one fenced script writes the job hash's
+        ``progress`` field, which reads merge into ``metadata["progress"]``."""
+        entry = json.dumps(dict(progress), separators=(",", ":"))
+        return bool(self._script("PROGRESS", [job_id, token, entry]))
 
     # --- recurring templates ----------------------------------------------------------------
 
@@ -941,3 +1007,21 @@ class RedisStorage(Storage):
         head, tail = self._enqueued_json(now, "reclaimed")
         flat = self._script("REQUEUE", ["reclaim", to_us(heartbeat_before), _pad(now), head, tail])
         return self._decode_changes(flat)
+
+
+def _metadata(v: Sequence[Any]) -> dict[str, Any]:
+    """A job's metadata from its hash values, with the ``progress`` field merged in.
+
+    Raises:
+        ValueError, TypeError: The stored JSON is not an object.
+    """
+    metadata = json.loads(v[1])
+    if not isinstance(metadata, dict):
+        raise TypeError("metadata is not a JSON object")
+    if len(v) > 13 and v[13]:
+        metadata["progress"] = json.loads(v[13])
+    return metadata
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
