@@ -164,6 +164,12 @@ class WakeupPublisher:
 
     def publish(self, queues: Iterable[str]) -> None:
         """Ask for a wake-up of ``queues``; returns at once (the send is asynchronous)."""
+        queues = list(queues)
+        pending = self._pending
+        if all(queue in pending for queue in queues):
+            # Already due to go out, in a message sent after this caller's commit: the
+            # common case in a burst, kept free of the lock and the thread switch.
+            return
         with self._cond:
             before = len(self._pending)
             self._pending.update(queues)
