@@ -2,7 +2,8 @@
 
 For each storage and wake-up transport (SQLite with ``filesystem://``, and SQLite with
 ``redis://`` and ``amqp://`` when those brokers run on 127.0.0.1; PostgreSQL with
-``amqp://`` when qmlkit-postgres is installed and PostgreSQL and RabbitMQ run), prints:
+``amqp://`` when qmlkit-postgres is installed and PostgreSQL and RabbitMQ run; Redis with
+``redis://`` when qmlkit-redis is installed), prints:
 
 * enqueue-to-start latency p50/p99 of an idle worker, the client being another ``App``
   (as another process would be): polling interval 5 s with wake-ups, versus the default
@@ -117,6 +118,12 @@ def main() -> None:
         schemas.append(f"bench_wk_{tag}_{uuid.uuid4().hex[:6]}")
         return f"postgresql+psycopg://127.0.0.1:5432/test?schema={schemas[-1]}"
 
+    prefixes: list[str] = []
+
+    def redis_store(tag: str) -> str:
+        prefixes.append(f"qmlkit-bench-wk:{tag}:{uuid.uuid4().hex[:6]}:")
+        return f"redis://127.0.0.1:6379/0?prefix={prefixes[-1]}"
+
     with tempfile.TemporaryDirectory() as tmp:
         def sqlite(tag: str) -> str:
             return f"sqlite:///{Path(tmp) / f'{tag}-{time.perf_counter_ns()}.db'}"
@@ -126,6 +133,8 @@ def main() -> None:
             transports.append(("SQLite", sqlite, "redis://", "redis://127.0.0.1:6379/0"))
         if up(5672):
             transports.append(("SQLite", sqlite, "amqp://", "amqp://guest:guest@127.0.0.1:5672//"))
+        if up(6379) and importlib.util.find_spec("qmlkit_redis"):
+            transports.append(("Redis", redis_store, "redis://", "redis://127.0.0.1:6379/0"))
         if up(5672) and up(5432) and importlib.util.find_spec("qmlkit_postgres"):
             transports.append(("PostgreSQL", pg, "amqp://",
                                "amqp://guest:guest@127.0.0.1:5672//"))
@@ -145,6 +154,15 @@ def main() -> None:
                       f"p99 {w99:8.2f} ms   idle queries {q:6.2f}/s "
                       f"({q / baselines[kind]:.2f}x)")
         finally:
+            if prefixes:
+                import redis
+
+                client = redis.Redis(host="127.0.0.1", port=6379)
+                for prefix in prefixes:
+                    keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+                    if keys:
+                        client.delete(*keys)
+                client.close()
             if schemas:
                 import sqlalchemy as sa
 

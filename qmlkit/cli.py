@@ -240,9 +240,9 @@ def enqueue(app_spec: str, method: str, storage: str | None, args_json: str, kwa
             f"{app_spec} registers no job named {method!r}; registered: "
             f"{', '.join(sorted(app.registry)) or '(none)'} (use --force to enqueue anyway)",
             param_hint="METHOD")
-    if storage or wakeup_url:
-        app = _with_storage(app, storage or app._storage_spec, wakeup_url or app.wakeup_url)
     try:
+        if storage or wakeup_url:
+            app = _with_storage(app, storage or app._storage_spec, wakeup_url or app.wakeup_url)
         job_id = app.enqueue(method, args=args, kwargs=kwargs, queue=queue, priority=priority,
                              delay=delay)
     except QmlError as exc:

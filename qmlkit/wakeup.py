@@ -36,6 +36,7 @@ from urllib.parse import urlsplit
 
 from kombu import Connection, Exchange, Queue
 
+from qmlkit.config import mask_url
 from qmlkit.errors import ConfigurationError
 
 log = logging.getLogger(__name__)
@@ -286,7 +287,7 @@ class WakeupListener:
                     with conn.Consumer([self._queue], callbacks=[self._handle], accept=["json"],
                                        on_decode_error=self._undecodable):
                         self.connected.set()
-                        log.info("wake-up listener consuming from %s", conn.as_uri())
+                        log.info("wake-up listener consuming from %s", mask_url(self.url))
                         backoff = 0.0
                         # Wake-ups sent while this listener was away were lost: look now.
                         self._on_wakeup(None)

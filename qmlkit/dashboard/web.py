@@ -352,8 +352,10 @@ def create_app(app: App, config: DashboardConfig) -> FastAPI:
         if not auth.required:
             return RedirectResponse(target, status_code=303)
         if not auth.token_matches(token):
-            return page(request, "login.html", nav="", next=target,
-                        error="That token is not right.")
+            refused = page(request, "login.html", nav="", next=target,
+                           error="That token is not right.")
+            refused.status_code = 401  # the form again, as an authentication failure
+            return refused
         response = RedirectResponse(target, status_code=303)
         response.set_cookie(SESSION_COOKIE, auth.session_value(), httponly=True,
                             samesite="strict", secure=request.url.scheme == "https", path="/")

@@ -393,14 +393,15 @@ class Server:
                 self._spawn("cleanup", self._periodic(cfg.cleanup_interval, self._cleanup_once))
             if cfg.enable_heartbeat:
                 self._spawn("heartbeat", self._periodic(cfg.heartbeat_interval, self._heartbeat_once))
+            # Logged before the workers start, so no job's log line comes first.
+            log.info("server %s started with %d worker(s) on %r, queues %s",
+                     self.server_id or cfg.server_name, cfg.worker_count, self.storage,
+                     list(cfg.queues) or "all")
             for i in range(cfg.worker_count):
                 worker_id = f"{cfg.server_name}:worker:{i}"
                 self._spawn(f"worker-{i}", lambda w=worker_id: self._worker_loop(w, stamped))
             self._running = True
             self.app._attach(self)
-        log.info("server %s started with %d worker(s) on %r, queues %s",
-                 self.server_id or cfg.server_name, cfg.worker_count, self.storage,
-                 list(cfg.queues) or "all")
         call_safely(self.pm, "qmlkit_server_started", server=self)
 
     def stop(self, timeout: timedelta | float | None = None) -> None:

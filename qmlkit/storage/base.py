@@ -217,6 +217,9 @@ class Storage(abc.ABC):
     ) -> list[Job]:
         """Return jobs matching every given filter, newest ``created_at`` first.
 
+        Jobs created at the same moment (one bulk enqueue) come higher id first: ids are
+        time-ordered, so that is newest first too.
+
         Args:
             state: A state name such as ``"Failed"``, or ``None`` for all.
             queue: A queue name, or ``None`` for all.

@@ -153,7 +153,7 @@ class MemoryStorage(Storage):
                 and (queue is None or j.queue == queue)
                 and (method is None or j.method == method)
             ]
-        found.sort(key=lambda j: j.created_at, reverse=True)
+        found.sort(key=lambda j: (j.created_at, j.id), reverse=True)
         return found[offset : offset + limit]
 
     def count_jobs(self) -> dict[tuple[str, str], int]:

@@ -648,7 +648,8 @@ class SQLStorage(Storage):
     ) -> list[Job]:
         """See `Storage.list_jobs`."""
         c = self.jobs.c
-        query = self.jobs.select().order_by(c.created_at.desc(), c.id).limit(limit).offset(offset)
+        query = (self.jobs.select().order_by(c.created_at.desc(), c.id.desc())
+                 .limit(limit).offset(offset))
         for column, value in ((c.state, state), (c.queue, queue), (c.method, method)):
             if value is not None:
                 query = query.where(column == value)

@@ -94,6 +94,13 @@ def test_list_jobs_filters_and_pages_newest_first(storage: Storage) -> None:
     assert storage.list_jobs(state="Failed") == []
 
 
+def test_list_jobs_of_one_bulk_enqueue_newest_id_first(storage: Storage) -> None:
+    now = utcnow()
+    jobs = [make_job(created_at=now) for _ in range(5)]  # one created_at, ids ascending
+    storage.enqueue_many(jobs)
+    assert [j.id for j in storage.list_jobs()] == [j.id for j in reversed(jobs)]
+
+
 def test_count_jobs_by_queue_and_state(storage: Storage) -> None:
     storage.enqueue_many([make_job(queue="a") for _ in range(3)] + [make_job(queue="b")])
     claim(storage, limit=1, queues=("a",))

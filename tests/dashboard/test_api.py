@@ -355,7 +355,7 @@ def test_login_sets_a_session_and_actions_need_the_csrf_token_c15(
     client = client_for(token="s3cret-token")
     # A wrong token is told so; the right one sets an HttpOnly, SameSite=Strict cookie
     wrong = client.post("/login", data={"token": "nope", "next": "/jobs"})
-    assert wrong.status_code == 200 and "not right" in wrong.text
+    assert wrong.status_code == 401 and "not right" in wrong.text
     login = client.post("/login", data={"token": "s3cret-token", "next": "/jobs"},
                         follow_redirects=False)
     assert login.status_code == 303 and login.headers["location"] == "/jobs"
