@@ -157,6 +157,11 @@ class _CallableObserver:
         self.fn(job, previous, current)
 
 
+def _claim_key(job: Job) -> tuple[str, int]:
+    """A claim's identity in a server: the job id and its fencing token."""
+    return job.id, job.attempts
+
+
 class _Watchdog:
     """One thread that sets ``context.cancelled`` on running attempts past their deadline.
 
@@ -247,9 +252,14 @@ class Server:
         self._recurring_nudge = threading.Event()
         # Jobs this server has claimed and not yet stored an outcome for ("held"), the
         # ones running now, and held ones released by stop()/abort() before they started.
-        self._held: dict[str, Job] = {}
+        # Held, released and owned claims are keyed by (job id, fencing token): a job
+        # released to its queue may be claimed again by another worker of this server.
+        self._held: dict[tuple[str, int], Job] = {}
         self._contexts: dict[str, tuple[Job, JobContext]] = {}
-        self._released: set[str] = set()
+        self._released: set[tuple[str, int]] = set()
+        self._owner: dict[tuple[str, int], str] = {}  # held claim -> the worker holding it
+        self._running_since: dict[str, float] = {}  # worker id -> its current job's start
+        self._outcomes: dict[str, list[Transition]] = {}  # worker id -> outcomes not stored
         self._contexts_lock = threading.Lock()
         self._watchdog: _Watchdog | None = None
         self._observed = bool(self.pm.hook.qmlkit_job_state_changed.get_hookimpls())
@@ -385,6 +395,8 @@ class Server:
                 self._listener = WakeupListener(cfg.wakeup_url, self.wake, cfg.wakeup_exchange,
                                                 name=self.server_id or cfg.server_name)
                 self._listener.start()
+            if cfg.fetch_batch_size > 1 and cfg.worker_count > 0:
+                self._spawn("stragglers", self._straggler_loop)
             if cfg.enable_scheduler:
                 self._spawn("scheduler", self._scheduler_loop)
             if cfg.enable_recurring:
@@ -462,10 +474,11 @@ class Server:
     def _abort(self) -> None:
         self._wake_all()
         with self._contexts_lock:
-            running = [job for job, _ in self._contexts.values() if job.id not in self._released]
+            running = [job for job, _ in self._contexts.values()
+                       if _claim_key(job) not in self._released]
             for _, ctx in self._contexts.values():
                 ctx.cancelled.set()
-            self._released.update(job.id for job in running)
+            self._released.update(_claim_key(job) for job in running)
         released = self._release(running, "released: server stopped before it finished")
         released += self._release_unstarted()
         if released:
@@ -478,10 +491,10 @@ class Server:
         """Release held jobs that no worker has started; return how many."""
         with self._contexts_lock:
             idle = [
-                job for job_id, job in self._held.items()
-                if job_id not in self._contexts and job_id not in self._released
+                job for key, job in self._held.items()
+                if key[0] not in self._contexts and key not in self._released
             ]
-            self._released.update(job.id for job in idle)
+            self._released.update(_claim_key(job) for job in idle)
         return self._release(idle, "released unstarted: server stopping")
 
     def _release(self, jobs: list[Job], reason: str) -> int:
@@ -661,17 +674,32 @@ class Server:
     ) -> None:
         with self._contexts_lock:
             for job in jobs:
-                self._held[job.id] = job
+                self._held[_claim_key(job)] = job
+                self._owner[_claim_key(job)] = worker_id
+        # Outcomes wait here to be stored as one batch; the straggler duty stores them
+        # early when a slow job holds up the rest, so they never wait on it.
         outcomes: list[Transition] = []
+        with self._contexts_lock:
+            self._outcomes[worker_id] = outcomes
+        window = self.config.prefetch_window.total_seconds()
+        flushed = time.perf_counter()
         try:
             for job in jobs:
+                # Outcomes go to storage at least every prefetch window, not only at the
+                # end of the batch: finished jobs show as finished, and a crash re-runs
+                # no more than the last window's work.
+                if outcomes and time.perf_counter() - flushed >= window:
+                    self._store(self._take_outcomes(worker_id))
+                    flushed = time.perf_counter()
                 with self._contexts_lock:
-                    if job.id in self._released:  # stop() or abort() gave it back already
-                        self._released.discard(job.id)
-                        self._held.pop(job.id, None)
+                    key = _claim_key(job)
+                    if key in self._released:  # stop(), abort() or the straggler duty
+                        self._released.discard(key)  # gave it back already
+                        self._held.pop(key, None)
+                        self._owner.pop(key, None)
                         continue
                     if self._stopping.is_set():
-                        self._released.add(job.id)
+                        self._released.add(key)
                         release = True
                     else:
                         release = False
@@ -679,16 +707,71 @@ class Server:
                                          stopping=self._stopping,
                                          progress_sink=self.storage.report_progress)
                         self._contexts[job.id] = (job, ctx)
+                        self._running_since[worker_id] = time.monotonic()
                 if release:
                     self._release([job], "released unstarted: server stopping")
                     continue
-                outcomes.append(self._run_one(job, ctx, loop))
+                outcome = self._run_one(job, ctx, loop)
+                with self._contexts_lock:
+                    outcomes.append(outcome)
         finally:
-            self._store(outcomes)
+            self._store(self._take_outcomes(worker_id))
             with self._contexts_lock:
+                self._outcomes.pop(worker_id, None)
+                self._running_since.pop(worker_id, None)
                 for job in jobs:
-                    self._held.pop(job.id, None)
-                    self._released.discard(job.id)
+                    key = _claim_key(job)
+                    self._held.pop(key, None)
+                    self._owner.pop(key, None)
+                    self._released.discard(key)
+
+    def _take_outcomes(self, worker_id: str) -> list[Transition]:
+        """Take the outcomes a worker has gathered so far, leaving its list empty."""
+        with self._contexts_lock:
+            box = self._outcomes.get(worker_id)
+            if not box:
+                return []
+            taken = box[:]
+            box.clear()
+            return taken
+
+    def _straggler_loop(self) -> None:
+        """Unblock a batch stuck behind a slow job.
+
+        A worker claims as many jobs as fit its estimate of ``prefetch_window``; when
+        one of them runs far longer than that estimate (over four windows, and 0.2 s at
+        least), the outcomes of the jobs it finished before are stored now, and the jobs
+        claimed after it are released to their queues (fenced, as on stop) and the
+        server's idle workers woken to take them, instead of waiting behind it.
+        """
+        window = self.config.prefetch_window.total_seconds()
+        threshold = max(4 * window, 0.2)
+        period = max(window, 0.02)
+        while not self._stopping.wait(period):
+            now = time.monotonic()
+            with self._contexts_lock:
+                stuck = {w for w, since in self._running_since.items() if now - since > threshold}
+                if not stuck:
+                    continue
+            for worker_id in stuck:  # the finished jobs ahead of the slow one
+                try:
+                    self._store(self._take_outcomes(worker_id))
+                except Exception as exc:  # a duty must outlive any failure
+                    log.warning("storing outcomes ahead of a slow job failed: %s", exc)
+            with self._contexts_lock:
+                waiting = [job for key, job in self._held.items()
+                           if self._owner.get(key) in stuck and key[0] not in self._contexts
+                           and key not in self._released]
+                self._released.update(_claim_key(job) for job in waiting)
+            if waiting:
+                try:
+                    self._release(waiting, "released unstarted: behind a slow job")
+                except Exception as exc:  # a duty must outlive any failure
+                    log.warning("releasing jobs behind a slow one failed: %s", exc)
+                    continue
+                log.info("released %d job(s) waiting behind a slow job", len(waiting))
+                for queue in {job.queue for job in waiting}:
+                    self.wake(queue)
 
     def _run_one(self, job: Job, ctx: JobContext, loop: asyncio.AbstractEventLoop) -> Transition:
         timeout = self.processor.timeout_for(job)
@@ -701,7 +784,8 @@ class Server:
                 self._watchdog.done(ctx)
             with self._contexts_lock:  # finished: its outcome is stored with the batch
                 self._contexts.pop(job.id, None)
-                self._held.pop(job.id, None)
+                self._held.pop(_claim_key(job), None)
+                self._owner.pop(_claim_key(job), None)
 
     def _store(self, outcomes: list[Transition]) -> None:
         """Store a batch of outcomes in one transaction, retrying while storage is down."""

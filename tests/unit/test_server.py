@@ -122,6 +122,69 @@ def test_report_progress_refuses_a_bad_fraction_naming_it(bad: object) -> None:
         ctx.report_progress(bad)  # type: ignore[arg-type]
 
 
+def test_jobs_claimed_behind_a_slow_job_go_to_idle_workers(app: App) -> None:
+    # A worker claims a batch sized to its estimate of fast jobs; when the first job of
+    # the batch turns out slow, the rest must not wait behind it while a thread idles.
+    release = threading.Event()
+    done: list[int] = []
+
+    @app.job(name="quick")
+    def quick(i: int) -> None:
+        done.append(i)
+
+    @app.job(name="slow", priority=10)
+    def slow() -> None:
+        release.wait(30)
+
+    server = fast(app, worker_count=2, fetch_batch_size=50,
+                  prefetch_window=timedelta(milliseconds=100))
+    server.start()
+    try:
+        quick.enqueue_many([(i,) for i in range(200)])  # warm-up: batches grow
+        wait_until(lambda: len(done) == 200, timeout=30)
+        done.clear()
+        jobs = [app.make_job("slow")] + [app.make_job("quick", args=[i]) for i in range(20)]
+        app.enqueue_jobs(jobs)
+        # all 20 finish while the slow job is still running
+        wait_until(lambda: len(done) == 20, timeout=15)
+        assert not release.is_set()
+        assert state_of(app, jobs[0].id) == "Processing"
+    finally:
+        release.set()
+        server.stop()
+    assert sorted(done) == list(range(20))
+    assert state_of(app, jobs[0].id) == "Succeeded"
+
+
+def test_outcomes_finished_before_a_slow_job_are_stored_while_it_runs(app: App) -> None:
+    release = threading.Event()
+    done: list[int] = []
+
+    @app.job(name="quick", priority=10)
+    def quick(i: int) -> None:
+        done.append(i)
+
+    @app.job(name="slow")
+    def slow() -> None:
+        release.wait(30)
+
+    server = fast(app, worker_count=1, fetch_batch_size=50,
+                  prefetch_window=timedelta(milliseconds=100))
+    server.start()
+    try:
+        quick.enqueue_many([(i,) for i in range(200)])  # warm-up: batches grow
+        wait_until(lambda: len(done) == 200, timeout=30)
+        jobs = [app.make_job("quick", args=[i]) for i in range(5)] + [app.make_job("slow")]
+        app.enqueue_jobs(jobs)
+        # one batch: five quick jobs, then the slow one; the five show as done meanwhile
+        wait_until(lambda: all(state_of(app, j.id) == "Succeeded" for j in jobs[:5]),
+                   timeout=15)
+        assert state_of(app, jobs[5].id) == "Processing" and not release.is_set()
+    finally:
+        release.set()
+        server.stop()
+
+
 def test_stop_waits_for_inflight_job_to_complete(app: App) -> None:
     started = threading.Event()
 
