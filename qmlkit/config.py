@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit, urlunsplit
+import re
+from urllib.parse import urlsplit
 
 
 def url_scheme(url: str) -> str:
@@ -22,12 +23,27 @@ def url_scheme(url: str) -> str:
 
 
 def mask_url(url: str) -> str:
-    """Return ``url`` with any password replaced by ``***``, for logs and ``repr``."""
+    """Return ``url`` with any password replaced by ``***``, for logs and ``repr``.
+
+    Masks the ``user:password@`` part and query parameters that carry secrets
+    (``password``, ``passwd``, ``pwd``, ``token``, ``secret``, as redis-py and
+    libpq accept); a URL that cannot be parsed has everything before its ``@`` masked.
+    """
     try:
         parts = urlsplit(url)
+        password = parts.password
     except ValueError:
+        return re.sub(r"://[^/?#]*@", "://***@", url)
+    if password is not None:
+        netloc = parts.netloc.replace(f":{password}@", ":***@", 1)
+        parts = parts._replace(netloc=netloc)
+    if parts.query:
+        query = re.sub(r"(?i)(^|&)(password|passwd|pwd|token|secret)=[^&]*", r"\1\2=***",
+                       parts.query)
+        parts = parts._replace(query=query)
+    if password is None and not parts.query:
         return url
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
+    # Rebuilt by hand: urlunsplit turns "unix:///path" into "unix:/path".
+    return (f"{parts.scheme}://{parts.netloc}{parts.path}"
+            + (f"?{parts.query}" if parts.query else "")
+            + (f"#{parts.fragment}" if parts.fragment else ""))

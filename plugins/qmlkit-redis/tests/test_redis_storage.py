@@ -92,6 +92,34 @@ def test_two_prefixes_on_one_redis_do_not_see_each_other(redis_url, redis_prefix
 # --- bad input -----------------------------------------------------------------------------
 
 
+def test_a_unix_socket_url_with_a_prefix_works(tmp_path):
+    if not RedisProcess.available():
+        pytest.skip("no redis-server binary")
+    sock = tmp_path / "redis.sock"
+    server = RedisProcess(tmp_path, extra_args=["--unixsocket", str(sock), "--unixsocketperm",
+                                                "700"])
+    server.start()
+    try:
+        store = open_storage(f"unix://{sock}?db=0&prefix=sock:")
+        try:
+            store.enqueue(make_job())
+            assert len(store.claim(worker_id="w", server_name="s", queues=(), limit=5,
+                                   now=utcnow())) == 1
+        finally:
+            store.close()
+    finally:
+        server.stop()
+
+
+def test_a_password_in_the_query_string_is_masked_everywhere(redis_url):
+    url = redis_url.replace("127.0.0.1:6379", f"127.0.0.1:{free_port()}") + "&password=QUERY-SECRET"
+    store = RedisStorage(url, connect_timeout_s=0.5, retry_timeout_s=0.5)
+    assert "QUERY-SECRET" not in repr(store)
+    with pytest.raises(StorageUnavailable) as info:  # nothing listens there
+        store.open()
+    assert "QUERY-SECRET" not in str(info.value)
+
+
 def test_unreachable_host_fails_at_open_naming_host_and_port():
     port = free_port()
     store = RedisStorage(f"redis://127.0.0.1:{port}/0", connect_timeout_s=0.5)
@@ -155,6 +183,31 @@ def test_an_undecodable_job_fails_alone_with_a_reason(storage, raw, redis_prefix
     assert [j.id for j in claimed] == [good.id]
     stored = raw.hgetall(f"{redis_prefix}job:{bad.id}")
     assert stored["state"] == "Failed" and "cannot be decoded" in stored["state_data"]
+
+
+def test_a_hand_edited_time_fails_that_job_not_the_batch(storage, raw, redis_prefix):
+    # Redis does not undo a script that fails half way: one bad field must not leave a
+    # whole claimed batch in Processing with no server holding it.
+    jobs = [make_job(args=[i]) for i in range(10)]
+    storage.enqueue_many(jobs)
+    raw.hset(f"{redis_prefix}job:{jobs[3].id}", "created_at", "not-a-time")
+    claimed = storage.claim(worker_id="w", server_name="s", queues=(), limit=10, now=utcnow())
+    assert sorted(j.args[0] for j in claimed) == [0, 1, 2, 4, 5, 6, 7, 8, 9]
+    assert storage.get(jobs[3].id).state.name == "Failed"  # quarantined, with the reason
+    held = raw.smembers(f"{redis_prefix}processing:s")
+    assert held == {j.id for j in claimed}
+    storage.change_state(jobs[3].id, Deleted(deleted_at=utcnow()))  # it can be removed
+
+
+def test_a_foreign_processing_key_fails_the_claim_before_any_change(storage, raw, redis_prefix):
+    storage.enqueue_many([make_job() for _ in range(3)])
+    raw.set(f"{redis_prefix}processing:s", "theirs")
+    with pytest.raises(ForeignKeyType) as info:
+        storage.claim(worker_id="w", server_name="s", queues=(), limit=5, now=utcnow())
+    assert info.value.key == f"{redis_prefix}processing:s"
+    assert storage.count_jobs() == {("default", "Enqueued"): 3}
+    assert len(storage.claim(worker_id="w", server_name="other", queues=(), limit=5,
+                             now=utcnow())) == 3
 
 
 # --- replays after a lost reply -------------------------------------------------------------

@@ -119,7 +119,7 @@ local function enter(id, h, st, sj, tm, srv, f)
     sadd(P .. 'processing:' .. srv, id); sadd(P .. 'processing-servers', srv)
     server, started = srv, tm
   end
-  zadd(P .. 'state:' .. st, h[4] or '0', id)
+  zadd(P .. 'state:' .. st, tonumber(h[4]) or 0, id)
   cnt(q, st, 1)
   -- the state being left goes to the history: one JSON state per line
   local was = redis.call('HMGET', jk(id), 'state_data', 'history')
@@ -247,6 +247,12 @@ return {'OK'}
 CLAIM = LIB + r"""
 local limit, started, srv, sj = tonumber(ARGV[2]), ARGV[3], ARGV[4], ARGV[5]
 local out = {0, 0}
+-- Redis does not undo a script that fails half way: check the keys written below first.
+local pk = P .. 'processing:' .. srv
+local pt = redis.call('TYPE', pk)['ok']
+if pt ~= 'none' and pt ~= 'set' then
+  return redis.error_reply('WRONGTYPE ' .. pk .. ' holds a ' .. pt .. ', not a set')
+end
 if ARGV[6] == '1' then
   local held = redis.call('SMEMBERS', P .. 'processing:' .. srv)
   local found = 0
@@ -305,7 +311,7 @@ for _, m in ipairs(picked) do
                'server', srv, 'started_at', started, 'qmember', '',
                'history', (v[5] or '') .. (v[5 + 13] or '') .. '\n')
     zrem(P .. 'state:Enqueued', id)
-    zadd(P .. 'state:Processing', v[4] or '0', id)
+    zadd(P .. 'state:Processing', tonumber(v[4]) or 0, id)  -- a hand-edited time cannot fail it
     cnt(q, 'Enqueued', -1)
     cnt(q, 'Processing', 1)
     sadd(P .. 'processing:' .. srv, id)

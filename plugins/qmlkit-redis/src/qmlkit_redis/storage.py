@@ -42,7 +42,7 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from hashlib import sha1
 from typing import Any, TypeVar
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import redis
 from pydantic import TypeAdapter, ValidationError
@@ -216,8 +216,11 @@ class RedisStorage(Storage):
         except ValueError as exc:
             raise ConfigurationError(f"cannot parse Redis URL {mask_url(url)!r}: {exc}") from exc
         url_prefix = [v for k, v in query if k == "prefix"]
-        self._redis_url = urlunsplit(parts._replace(
-            query=urlencode([(k, v) for k, v in query if k != "prefix"])))
+        rest = urlencode([(k, v) for k, v in query if k != "prefix"])
+        # Rebuilt by hand: urlunsplit turns "unix:///path" into "unix:/path".
+        self._redis_url = (f"{parts.scheme}://{parts.netloc}{parts.path}"
+                           + (f"?{rest}" if rest else "")
+                           + (f"#{parts.fragment}" if parts.fragment else ""))
         self.prefix = prefix if prefix is not None else (url_prefix[-1] if url_prefix
                                                          else DEFAULT_PREFIX)
         if not self.prefix:
@@ -711,7 +714,8 @@ class RedisStorage(Storage):
         else:
             argv = [*argv[:4], "1", *argv[5:]]
         try:
-            out = self._script("CLAIM", argv, keys=[self._k("queue:" + q) for q in queues],
+            out = self._script("CLAIM", argv, keys=[self._k("processing:" + server_name),
+                                                    *(self._k("queue:" + q) for q in queues)],
                                replay=lambda a: [*a[:5], "1", *a[6:]])
         except (StorageUnavailable, OSError):
             self._pending_claims[who] = argv
