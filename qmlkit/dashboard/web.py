@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime, timedelta
@@ -52,8 +53,10 @@ from qmlkit.dashboard.service import (
     Stats,
     Throughput,
 )
-from qmlkit.errors import InvalidTransition, JobNotFound, MiddlewareError
+from qmlkit.errors import InvalidTransition, JobNotFound, MiddlewareError, StorageError
 from qmlkit.job import STATE_NAMES
+
+log = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
 
@@ -161,7 +164,17 @@ def create_app(app: App, config: DashboardConfig) -> FastAPI:
             if method is None and not path.startswith(PUBLIC_PREFIXES):
                 response = _unauthorized(request, templates)
             else:
-                response = await call_next(request)
+                try:
+                    response = await call_next(request)
+                except StorageError as exc:  # storage down or refusing: say so, quickly
+                    log.warning("dashboard request %s failed: %s: %s", path,
+                                type(exc).__name__, exc)
+                    response = JSONResponse(
+                        {"detail": f"the storage is unavailable: {type(exc).__name__}"},
+                        status_code=503, headers={"Retry-After": "5"})
+                except Exception:  # noqa: BLE001 - answered, with the security headers
+                    log.exception("dashboard request %s failed", path)
+                    response = JSONResponse({"detail": "internal error"}, status_code=500)
         for name, value in _security_headers(host).items():
             response.headers.setdefault(name, value)
         return response
@@ -200,7 +213,7 @@ def create_app(app: App, config: DashboardConfig) -> FastAPI:
     @router.get("/jobs", response_model=JobPage)
     def api_jobs(state: str | None = None, queue: str | None = None,
                  method: str | None = None, limit: int = Query(50, ge=1, le=500),
-                 offset: int = Query(0, ge=0)) -> JobPage:
+                 offset: int = Query(0, ge=0, le=100_000_000)) -> JobPage:
         """One page of jobs, newest first, filtered by state, queue and method (400 on a
         bad state name)."""
         try:
@@ -301,7 +314,8 @@ def create_app(app: App, config: DashboardConfig) -> FastAPI:
 
     @api.get("/jobs", response_class=HTMLResponse, include_in_schema=False)
     def jobs_page(request: Request, state: str | None = None, queue: str | None = None,
-                  method: str | None = None, page_no: int = Query(1, alias="page", ge=1)
+                  method: str | None = None,
+                  page_no: int = Query(1, alias="page", ge=1, le=1_000_000)
                   ) -> HTMLResponse:
         """The jobs list: filters, pagination, live rows with progress bars."""
         size = config.page_size
@@ -322,7 +336,9 @@ def create_app(app: App, config: DashboardConfig) -> FastAPI:
         try:
             job = service.job(job_id)
         except JobNotFound:
-            return page(request, "missing.html", nav="jobs", what=f"job {job_id}")
+            missing = page(request, "missing.html", nav="jobs", what=f"job {job_id}")
+            missing.status_code = 404
+            return missing
         return page(request, "job.html", nav="jobs", job=job)
 
     @api.get("/recurring", response_class=HTMLResponse, include_in_schema=False)

@@ -598,3 +598,41 @@ def test_a_forged_host_header_cannot_loosen_the_csp(client_for: ClientFactory) -
     normal = client.get("/api/stats", headers={"Authorization": "Bearer t"})
     assert "connect-src 'self' ws://127.0.0.1 wss://127.0.0.1;" in normal.headers[
         "content-security-policy"]
+
+
+@pytest.mark.redis
+def test_with_the_storage_down_pages_answer_503_quickly_with_the_security_headers(
+    tmp_path: Path,
+) -> None:
+    # A Redis of the test's own is stopped under a running dashboard; requests must get
+    # a clear 503 (never a bare 500 without the CSP), and work again once it is back.
+    from fastapi.testclient import TestClient
+
+    from qmlkit.dashboard import DashboardConfig, create_app
+    from qmlkit.testing import RedisProcess, require_service
+    from tests.conftest import backend_plugins
+
+    if not RedisProcess.available():
+        require_service("redis-server binary", "127.0.0.1", 1)
+    server = RedisProcess(tmp_path)
+    server.start()
+    url = f"{server.url}?prefix=dash-down:"
+    app = App("dash-down", storage=url, autoload=False, plugins=backend_plugins(url),
+              storage_options={"retry_timeout_s": 0.5, "connect_timeout_s": 0.5})
+    try:
+        job_id = app.enqueue("x.y")
+        with TestClient(create_app(app, DashboardConfig()), base_url=LOCAL) as client:
+            assert client.get("/api/stats").status_code == 200
+            server.stop()
+            for path in ("/api/stats", "/api/jobs", "/", f"/jobs/{job_id}"):
+                answer = client.get(path)
+                assert answer.status_code == 503, (path, answer.status_code)
+                assert "unavailable" in answer.json()["detail"]
+                assert "default-src 'none'" in answer.headers["content-security-policy"]
+            server.start()
+            assert client.get("/api/stats").status_code == 200
+            assert client.get("/jobs/no-such-job").status_code == 404
+            assert client.get("/api/jobs?offset=99999999999999999999").status_code == 422
+    finally:
+        server.stop()
+        app.close()
