@@ -11,6 +11,8 @@ import base64
 import re
 from datetime import timedelta
 
+from pathlib import Path
+
 import pytest
 
 from qmlkit import App
