@@ -144,10 +144,16 @@ def main(log_level: str) -> None:
               type=click.FloatRange(0.001), default=5.0, show_default=True,
               help="Longest wait between looks at recurring templates. "
               "[env: QMLKIT_RECURRING_POLL_INTERVAL]")
+@click.option("--stale-after", "stale_after", envvar="QMLKIT_STALE_PROCESSING_AFTER",
+              type=click.FloatRange(0.001), default=None,
+              help="Without heartbeats: seconds after which a Processing job no live worker "
+              "holds is requeued when a server starts (default 300). "
+              "[env: QMLKIT_STALE_PROCESSING_AFTER]")
 def worker(app_spec: str, storage: str | None, queues: str, threads: int,
            polling_interval: float, shutdown_timeout: float, server_name: str | None,
            heartbeat: bool, heartbeat_interval: float, dead_server_timeout: float,
-           wakeup_url: str | None, recurring_poll_interval: float) -> None:
+           wakeup_url: str | None, recurring_poll_interval: float,
+           stale_after: float | None) -> None:
     """Run a worker for APP (module:attribute) until SIGINT or SIGTERM.
 
     The first signal stops claiming and lets running jobs finish within the shutdown
@@ -165,6 +171,8 @@ def worker(app_spec: str, storage: str | None, queues: str, threads: int,
         "dead_server_timeout": timedelta(seconds=dead_server_timeout),
         "recurring_poll_interval": timedelta(seconds=recurring_poll_interval),
     }
+    if stale_after is not None:
+        fields["stale_processing_after"] = timedelta(seconds=stale_after)
     if storage:
         fields["storage_url"] = storage
     if wakeup_url:

@@ -412,3 +412,34 @@ def test_garbage_rows_are_listed_and_quarantined_by_the_worker(cli_app: CliApp) 
             proc.wait()
     assert code == 0, log.read_text()
     assert "quarantined" in log.read_text()
+
+
+def test_worker_stale_after_requeues_a_stranded_job_on_start(cli_app: CliApp) -> None:
+    # A job left Processing by a worker killed without heartbeats is requeued by the
+    # next worker that starts, once its claim is older than --stale-after.
+    from qmlkit.job import utcnow
+
+    app = cli_app.app
+    job_id = app.enqueue("add", args=[20, 1])
+    (claimed,) = app.storage.claim(worker_id="gone:0", server_name="gone", queues=[],
+                                   limit=1, now=utcnow())
+    assert claimed.id == job_id
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(cli_app.folder), str(REPO_ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    env["QMLKIT_DISABLE_PLUGIN_AUTOLOAD"] = "1"
+    log = cli_app.folder / "stale.log"
+    wait_until(lambda: (utcnow() - claimed.state.started_at).total_seconds() > 0.5)
+    with log.open("w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "qmlkit.cli", "worker", cli_app.spec, "--threads", "1",
+             "--polling-interval", "0.1", "--stale-after", "0.5"],
+            cwd=cli_app.folder, env=env, stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        wait_until(lambda: cli_app.state_of(job_id) == "Succeeded" or proc.poll() is not None,
+                   timeout=20)
+        assert cli_app.state_of(job_id) == "Succeeded", log.read_text()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=20)
+    assert "requeued 1 stranded" in log.read_text()
