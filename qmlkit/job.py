@@ -360,6 +360,31 @@ def encode_json(value: Any, where: str) -> str:
         raise PayloadError(f"{where} is not JSON-serialisable: {exc}", where=where) from exc
 
 
+def encode_metadata(metadata: dict[str, Any], max_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> str:
+    """Encode a job's metadata as JSON text, checking type and size like the arguments.
+
+    Args:
+        metadata: The job's metadata (a JSON object).
+        max_bytes: Largest allowed size of the UTF-8 encoding, in bytes (the storage's
+            payload limit).
+
+    Returns:
+        Compact JSON text (``"{}"`` when empty).
+
+    Raises:
+        PayloadError: Not JSON-serialisable, or over ``max_bytes`` (``where="metadata"``).
+    """
+    if not metadata:
+        return "{}"
+    text = encode_json(metadata, "metadata")
+    size = len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+    if size > max_bytes:
+        raise PayloadError(
+            f"job metadata encodes to {size} bytes, over the limit of {max_bytes} bytes",
+            where="metadata")
+    return text
+
+
 def encode_payload(
     args: list[Any] | tuple[Any, ...],
     kwargs: dict[str, Any],

@@ -282,9 +282,12 @@ def _detail(job: Job) -> str:
 
 
 def progress_of(job: Job) -> Progress | None:
-    """Return the job's stored progress report, or ``None`` if it has none (or a bad one)."""
+    """Return the job's stored progress report, or ``None`` if it has none (or a bad one,
+    or one left by an earlier attempt of a retried job)."""
     raw = job.metadata.get("progress")
     if not isinstance(raw, dict):
+        return None
+    if raw.get("attempt") not in (None, job.attempts):
         return None
     try:
         return Progress.model_validate(raw)

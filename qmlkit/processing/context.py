@@ -96,7 +96,7 @@ class JobContext:
         """Record how far the attempt has got; the dashboard shows it as a progress bar.
 
         Stored under the job's ``metadata["progress"]`` as ``{"fraction", "message",
-        "at"}``, fenced by this attempt's token (a report from an attempt that lost its
+        "at", "attempt"}``, fenced by this attempt's token (a report from an attempt that lost its
         claim is dropped). Each call is one storage write: report a few times per second
         at most. Like Celery's ``update_state(state="PROGRESS", meta=...)``.
 
@@ -120,6 +120,7 @@ class JobContext:
                 str(message).replace("\x00", "\ufffd")
                 .encode("utf-8", "replace").decode("utf-8"), 500),
             "at": utcnow().isoformat().replace("+00:00", "Z"),
+            "attempt": self.job.attempts,  # a retry does not show its predecessor's
         }
         if self._progress_sink is None:
             self.job = self.job._replace(metadata={**self.job.metadata, "progress": progress})

@@ -32,6 +32,7 @@ from qmlkit.job import (
     Processing,
     Scheduled,
     check_transition,
+    encode_metadata,
     encode_payload,
 )
 from qmlkit.recurring import RecurringJob
@@ -121,6 +122,7 @@ class MemoryStorage(Storage):
         for job in jobs:
             check_transition(job.id, None, job.state.name)
             payload = json.loads(encode_payload(job.args, job.kwargs, self.max_payload_bytes))
+            encode_metadata(job.metadata, self.max_payload_bytes)
             stored.append(job._replace(**payload))  # JSON-normalised, as other backends
         with self._lock:
             ids = [job.id for job in stored]

@@ -53,7 +53,7 @@ from qmlkit.job import (
     Processing,
     Scheduled,
     check_transition,
-    encode_json,
+    encode_metadata,
     encode_payload,
     trusted,
 )
@@ -537,7 +537,7 @@ class SQLStorage(Storage):
                 job.retry_count, job.max_retries, job.timeout_s, ts(job.created_at),
                 cols[1], cols[2], cols[3], cols[4], ts(job.expires_at),
                 encode_payload(job.args, job.kwargs, limit),
-                encode_json(job.metadata, "metadata") if job.metadata else "{}",
+                encode_metadata(job.metadata, limit),
                 cols[5],
             ))
         return rows

@@ -75,6 +75,9 @@ def test_enqueue_over_payload_limit_raises_and_stores_nothing(storage: Storage) 
     storage.max_payload_bytes = 1000
     with pytest.raises(PayloadError, match="over the limit"):
         storage.enqueue(make_job(args=["x" * 2000]))
+    with pytest.raises(PayloadError, match="metadata .* over the limit") as info:
+        storage.enqueue(make_job(metadata={"blob": "x" * 2000}))  # metadata counts too
+    assert info.value.where == "metadata"
     assert storage.count_jobs() == {}
 
 

@@ -638,3 +638,14 @@ def test_with_the_storage_down_pages_answer_503_quickly_with_the_security_header
     finally:
         server.stop()
         app.close()
+
+
+def test_progress_of_an_earlier_attempt_is_not_shown_for_a_retry() -> None:
+    from qmlkit.dashboard.service import progress_of
+    from qmlkit.testing import make_job
+
+    report = {"fraction": 0.9, "message": "almost", "at": "2026-11-29T10:00:00Z", "attempt": 1}
+    first = make_job(metadata={"progress": report}, attempts=1)
+    retry = make_job(metadata={"progress": report}, attempts=2)
+    assert progress_of(first).fraction == 0.9
+    assert progress_of(retry) is None

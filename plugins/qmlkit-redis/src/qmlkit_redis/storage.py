@@ -69,7 +69,7 @@ from qmlkit.job import (
     Scheduled,
     Succeeded,
     check_transition,
-    encode_json,
+    encode_metadata,
     encode_payload,
     trusted,
 )
@@ -502,7 +502,7 @@ class RedisStorage(Storage):
                                                _state_time(state))
             values += (
                 job.id, encode_payload(job.args, job.kwargs, limit),
-                encode_json(job.metadata, "metadata") if job.metadata else "{}",
+                encode_metadata(job.metadata, limit),
                 job.method, job.queue, job.priority, job.max_retries,
                 "" if job.timeout_s is None else repr(job.timeout_s),
                 to_us(job.created_at), job.attempts, job.retry_count, _opt_us(job.expires_at),
