@@ -120,6 +120,27 @@ def test_a_password_in_the_query_string_is_masked_everywhere(redis_url):
     assert "QUERY-SECRET" not in str(info.value)
 
 
+def test_a_port_that_is_not_redis_is_named_at_open():
+    import socket
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def answer_like_http() -> None:
+        conn, _ = listener.accept()
+        conn.recv(1024)
+        conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+        conn.close()
+
+    threading.Thread(target=answer_like_http, daemon=True).start()
+    try:
+        with pytest.raises(ConfigurationError, match=f"127.0.0.1:{port} does not answer as a Redis"):
+            RedisStorage(f"redis://127.0.0.1:{port}/0", connect_timeout_s=2).open()
+    finally:
+        listener.close()
+
+
 def test_unreachable_host_fails_at_open_naming_host_and_port():
     port = free_port()
     store = RedisStorage(f"redis://127.0.0.1:{port}/0", connect_timeout_s=0.5)

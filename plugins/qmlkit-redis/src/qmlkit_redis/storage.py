@@ -311,9 +311,16 @@ class RedisStorage(Storage):
                     f"{exc}. Check the user name and password in the URL") from exc
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 pool.disconnect()
+                hint = ("; for rediss:// the server must speak TLS"
+                        if self.url.lower().startswith("rediss:") else "")
                 raise StorageUnavailable(
                     f"Redis at {self._where} is unreachable ({type(exc).__name__}: {exc}); "
-                    "check the host and port, and that Redis is running") from exc
+                    f"check the host and port, and that Redis is running{hint}") from exc
+            except redis.exceptions.InvalidResponse as exc:
+                pool.disconnect()
+                raise ConfigurationError(
+                    f"{self._where} does not answer as a Redis server ({exc}); "
+                    "check the port in the storage URL") from exc
             except redis.ResponseError as exc:
                 pool.disconnect()
                 text = str(exc)
