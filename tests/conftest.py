@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -50,9 +51,13 @@ def backend_plugins(url: str) -> list[object]:
 
 
 def require_plugin(module: str, distribution: str) -> None:
-    """Skip unless the plugin package is installed (the README's test command installs it)."""
+    """Skip unless the plugin package is installed (the README's test command installs
+    it); under ``CI=true`` a missing plugin fails the test instead."""
     if importlib.util.find_spec(module) is None:
-        pytest.skip(f"{distribution} is not installed: pip install -e plugins/{distribution}")
+        message = f"{distribution} is not installed: pip install -e plugins/{distribution}"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message + " (CI=true: the README's test command installs it)")
+        pytest.skip(message)
 
 
 @pytest.fixture

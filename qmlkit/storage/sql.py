@@ -838,22 +838,7 @@ class SQLStorage(Storage):
             for row in rows:
                 if row["state_data"].startswith('{"name":"Enqueued"'):
                     try:  # fast path: the new state is known, only the payload needs decoding
-                        payload = json.loads(row["payload"])
-                        metadata = json.loads(row["job_metadata"])
-                        if not (isinstance(payload["args"], list)
-                                and isinstance(payload["kwargs"], dict)
-                                and isinstance(metadata, dict)):
-                            raise TypeError("args, kwargs or metadata of the wrong JSON type")
-                        job = trusted(Job, {
-                            "id": row["id"], "method": row["method"], "args": payload["args"],
-                            "kwargs": payload["kwargs"], "queue": row["queue"],
-                            "priority": row["priority"], "attempts": row["attempts"] + 1,
-                            "retry_count": row["retry_count"], "max_retries": row["max_retries"],
-                            "timeout_s": row["timeout_s"],
-                            "metadata": metadata,
-                            "created_at": row["created_at"], "expires_at": row["expires_at"],
-                            "state": processing,
-                        })
+                        job = claimed_job(row, row["attempts"] + 1, processing)
                         previous = (_STATE.validate_json(row["state_data"])
                                     if with_previous else None)
                     except (ValueError, TypeError, KeyError, ValidationError):
@@ -1182,6 +1167,37 @@ class SQLStorage(Storage):
             )
 
         return self._write(write)
+
+
+def claimed_job(row: Mapping[str, Any], attempts: int, processing: Processing) -> Job:
+    """Build a just-claimed job from its row, decoding only the JSON columns.
+
+    The claim's hot path: the new state is known, so the stored state is not decoded and
+    the job is built without validation (`qmlkit.job.trusted`). Shared by every SQL
+    storage.
+
+    Args:
+        row: The job's columns (``created_at``/``expires_at`` as aware datetimes).
+        attempts: The attempt number (fencing token) of this claim.
+        processing: The Processing state the claim stored.
+
+    Raises:
+        ValueError, TypeError, KeyError: A JSON column does not decode, or holds the wrong
+            type; the caller quarantines the row with the reason.
+    """
+    payload = json.loads(row["payload"])
+    metadata = json.loads(row["job_metadata"])
+    if not (isinstance(payload["args"], list) and isinstance(payload["kwargs"], dict)
+            and isinstance(metadata, dict)):
+        raise TypeError("args, kwargs or metadata of the wrong JSON type")
+    return trusted(Job, {
+        "id": row["id"], "method": row["method"], "args": payload["args"],
+        "kwargs": payload["kwargs"], "queue": row["queue"], "priority": row["priority"],
+        "attempts": attempts, "retry_count": row["retry_count"],
+        "max_retries": row["max_retries"], "timeout_s": row["timeout_s"],
+        "metadata": metadata, "created_at": row["created_at"],
+        "expires_at": row["expires_at"], "state": processing,
+    })
 
 
 def _as_tuple(value: Any) -> tuple[Any, ...]:

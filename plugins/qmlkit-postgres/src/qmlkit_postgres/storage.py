@@ -19,7 +19,6 @@ dropped connection recognises its own already-applied change.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import weakref
@@ -33,9 +32,9 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from qmlkit.errors import ConfigurationError, DuplicateJob, StaleClaim, StorageUnavailable
-from qmlkit.job import Job, JobState, Processing, trusted
+from qmlkit.job import Job, JobState, Processing
 from qmlkit.storage.base import MAX_CLAIM, StateChange, Transition, minute_of
-from qmlkit.storage.sql import _STATE, SQLStorage, _duplicate_id
+from qmlkit.storage.sql import _STATE, SQLStorage, _duplicate_id, claimed_job
 
 from qmlkit_postgres import migrations
 
@@ -494,22 +493,10 @@ class PostgresStorage(SQLStorage):
         for raw in rows:
             row = dict(zip(_RETURNED, raw))
             try:
-                payload = json.loads(row["payload"])
-                metadata = json.loads(row["job_metadata"])
-                if not (isinstance(payload["args"], list) and isinstance(payload["kwargs"], dict)
-                        and isinstance(metadata, dict)):
-                    raise TypeError("args, kwargs or metadata of the wrong JSON type")
-                job = trusted(Job, {
-                    "id": row["id"], "method": row["method"], "args": payload["args"],
-                    "kwargs": payload["kwargs"], "queue": row["queue"],
-                    "priority": row["priority"], "attempts": row["attempts"],
-                    "retry_count": row["retry_count"], "max_retries": row["max_retries"],
-                    "timeout_s": row["timeout_s"], "metadata": metadata,
-                    "created_at": row["created_at"].astimezone(timezone.utc),
-                    "expires_at": (row["expires_at"].astimezone(timezone.utc)
-                                   if row["expires_at"] is not None else None),
-                    "state": processing,
-                })
+                row["created_at"] = row["created_at"].astimezone(timezone.utc)
+                if row["expires_at"] is not None:
+                    row["expires_at"] = row["expires_at"].astimezone(timezone.utc)
+                job = claimed_job(row, row["attempts"], processing)  # RETURNING: incremented
                 previous = None
                 prev = raw[-2]
                 if prev is not None and (with_previous or not prev.startswith('{"name":"Enqueued"')):
