@@ -5,14 +5,16 @@ For each storage and wake-up transport (SQLite with ``filesystem://``, and SQLit
 ``amqp://`` when qmlkit-postgres is installed and PostgreSQL and RabbitMQ run; Redis with
 ``redis://`` when qmlkit-redis is installed), prints:
 
-* enqueue-to-start latency p50/p99 of an idle worker, the client being another ``App``
-  (as another process would be): polling interval 5 s with wake-ups, versus the default
-  1 s polling without;
+* enqueue-to-start latency p50/p99 of an idle worker in its own process (as the peers
+  of ``shared/reference/peer-figures.md`` were measured), the client in this one:
+  polling interval 5 s with wake-ups, versus the default 1 s polling without;
 * storage queries per second of an idle server with 8 worker threads, both modes.
 
     python bench/wakeups.py [--jobs 100] [--idle-seconds 10]
 
-The polling-only baseline is measured on each storage kind.
+The polling-only baseline is measured on each storage kind. When Huey is installed
+(``pip install -e '.[bench]'``), Huey 3 on the same Redis (a blocking pop: the fastest
+start among the peers) is timed the same way in the same run, as the reference row.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ import importlib.util
 import socket
 import uuid
 import tempfile
-import threading
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -49,36 +50,125 @@ def up(port: int) -> bool:
         return False
 
 
-def latency(db: str, wakeup: str | None, poll_s: float, n: int) -> tuple[float, float]:
+def serve(db: str, wakeup: str | None, poll_s: float) -> None:
+    """The worker process of `latency`: one idle worker; prints each job's start time.
+
+    Start times are CLOCK_MONOTONIC nanoseconds, which both processes share on one
+    machine. Prints ``ready`` once the server (and its wake-up listener) is up.
+    """
+    import sys
+
     worker = make_app("w", db, wakeup)
-    started: dict[int, float] = {}
-    done = threading.Event()
 
     @worker.job(name="stamp")
     def stamp(i: int) -> None:
-        started[i] = time.perf_counter()
-        done.set()
+        now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        sys.stdout.write(f"{i} {now}\n")
+        sys.stdout.flush()
 
     server = worker.server(worker_count=1, log_attempts=False,
                            polling_interval=timedelta(seconds=poll_s))
-    client = make_app("c", db, wakeup)
     server.start()
     if wakeup:
         wait_until(lambda: server._listener.connected.is_set(), timeout=15)
-    samples = []
-    for i in range(n):
-        done.clear()
-        t0 = time.perf_counter()
-        client.enqueue("stamp", args=[i])
-        if not done.wait(poll_s * 2 + 5):
-            raise RuntimeError("job did not start")
-        samples.append((started[i] - t0) * 1000)
-        time.sleep(0.02)
+    print("ready", flush=True)
+    sys.stdin.read()  # until the parent closes the pipe
     server.stop()
-    client.close()
     worker.close()
+
+
+def huey_app(name: str) -> Any:
+    """Huey on the shared Redis with its default blocking pop; tasks stamp their start."""
+    import sys
+
+    from huey import RedisHuey
+
+    huey = RedisHuey(name, host="127.0.0.1", port=6379, blocking=True, utc=True)
+
+    @huey.task(name="stamp")
+    def stamp(i: int) -> None:
+        now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        sys.stdout.write(f"{i} {now}\n")
+        sys.stdout.flush()
+
+    return huey, stamp
+
+
+def serve_huey(name: str) -> None:
+    """The worker process of the Huey reference row: one consumer thread."""
+    import logging
+    import sys
+
+    logging.getLogger("huey").setLevel(logging.WARNING)
+    huey, _ = huey_app(name)
+    consumer = huey.create_consumer(workers=1, worker_type="thread", periodic=False,
+                                    check_worker_health=False)
+    consumer.start()
+    time.sleep(0.5)  # the consumer thread is in its blocking pop
+    print("ready", flush=True)
+    sys.stdin.read()
+    consumer.stop(graceful=True)
+
+
+def huey_latency(n: int) -> tuple[float, float]:
+    """Huey's enqueue-to-start p50/p99 in ms on Redis, measured as `latency` measures."""
+    name = f"qmlkit-bench-wk-huey-{uuid.uuid4().hex[:6]}"
+    _, stamp = huey_app(name)
+    try:
+        return _timed(["--serve-huey", name], lambda i: stamp(i), n)
+    finally:
+        import redis
+
+        client = redis.Redis(host="127.0.0.1", port=6379)
+        keys = list(client.scan_iter(match=f"*{name}*", count=1000))
+        if keys:
+            client.delete(*keys)
+        client.close()
+
+
+def _timed(serve_args: list[str], enqueue: Any, n: int) -> tuple[float, float]:
+    """Start a worker process (``bench/wakeups.py <serve_args>``), call ``enqueue(i)``
+    ``n`` times 20 ms apart, and return the p50/p99 of enqueue-to-start in ms."""
+    import subprocess
+    import sys
+
+    worker = subprocess.Popen([sys.executable, __file__, *serve_args],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert worker.stdin is not None and worker.stdout is not None
+    samples = []
+    try:
+        if worker.stdout.readline().strip() != "ready":
+            raise RuntimeError("the worker process did not start")
+        for i in range(n):
+            t0 = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+            enqueue(i)
+            index, stamp = worker.stdout.readline().split()
+            if int(index) != i:
+                raise RuntimeError(f"job {index} started, expected {i}")
+            samples.append((int(stamp) - t0) / 1e6)
+            time.sleep(0.02)
+    finally:
+        worker.stdin.close()
+        worker.wait(30)
     samples.sort()
     return samples[len(samples) // 2], samples[max(0, int(len(samples) * 0.99) - 1)]
+
+
+def latency(db: str, wakeup: str | None, poll_s: float, n: int) -> tuple[float, float]:
+    """Enqueue-to-start latency p50/p99 in ms of an idle worker in another process.
+
+    As the peers in ``shared/reference/peer-figures.md`` were measured: a warm idle
+    worker process, jobs 20 ms apart, timed from just before the enqueue call to the
+    job's start.
+    """
+    client = make_app("c", db, wakeup)
+    if wakeup:  # connect the publisher before timing (a first send connects)
+        client._wakeup_publisher().publish(["bench-warm-up"])
+    try:
+        return _timed(["--serve", db, wakeup or "", str(poll_s)],
+                      lambda i: client.enqueue("stamp", args=[i]), n)
+    finally:
+        client.close()
 
 
 def idle_queries(db: str, wakeup: str | None, poll_s: float, seconds: float) -> float:
@@ -111,7 +201,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=100)
     parser.add_argument("--idle-seconds", type=float, default=10.0)
+    parser.add_argument("--only", metavar="TEXT",
+                        help="only the rows whose label contains TEXT, e.g. 'Redis +'")
+    parser.add_argument("--serve-huey", metavar="NAME", help=argparse.SUPPRESS)
+    parser.add_argument("--serve", nargs=3, metavar=("DB", "WAKEUP", "POLL_S"),
+                        help="internal: run the worker process of the latency figure")
     args = parser.parse_args()
+    if args.serve_huey:
+        serve_huey(args.serve_huey)
+        return
+    if args.serve:
+        db, wakeup, poll_s = args.serve
+        serve(db, wakeup or None, float(poll_s))
+        return
     schemas: list[str] = []
 
     def pg(tag: str) -> str:
@@ -138,6 +240,8 @@ def main() -> None:
         if up(5672) and up(5432) and importlib.util.find_spec("qmlkit_postgres"):
             transports.append(("PostgreSQL", pg, "amqp://",
                                "amqp://guest:guest@127.0.0.1:5672//"))
+        if args.only:
+            transports = [t for t in transports if args.only in f"{t[0]} + {t[2]}"]
         print(f"qmlkit wake-up bench, {time.strftime('%Y-%m-%d')}; {args.jobs} jobs with "
               f"wake-ups, {max(20, args.jobs // 5)} polling; idle load over {args.idle_seconds:g} s")
         baselines: dict[str, float] = {}
@@ -153,6 +257,10 @@ def main() -> None:
                 print(f"{kind + ' + ' + label + ', poll 5 s':<36} latency p50 {w50:8.2f} ms  "
                       f"p99 {w99:8.2f} ms   idle queries {q:6.2f}/s "
                       f"({q / baselines[kind]:.2f}x)")
+                if kind == "Redis" and importlib.util.find_spec("huey"):
+                    h50, h99 = huey_latency(args.jobs)
+                    print(f"{'Huey 3, Redis, blocking pop':<36} latency p50 {h50:8.2f} ms  "
+                          f"p99 {h99:8.2f} ms   (qmlkit p50 {w50 / h50:.2f}x Huey's)")
         finally:
             if prefixes:
                 import redis

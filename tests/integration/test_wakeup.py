@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 from collections import Counter
@@ -100,6 +101,58 @@ def test_wakeup_for_a_queue_the_server_does_not_serve_wakes_nobody(
         publisher.close()
         server.stop()
         app.close()
+
+
+def test_one_job_wakes_one_worker_and_a_burst_fans_out_over_all(
+    wakeup_url: str, exchange: str, sqlite_url: str
+) -> None:
+    # Waking every idle thread for one job costs each of them a claim; a worker whose
+    # claim came back full passes the wake-up on, so a burst still reaches them all.
+    worker_app = App("herd", storage=sqlite_url, autoload=False, wakeup_url=wakeup_url,
+                     wakeup_exchange=exchange)
+    release = threading.Event()
+    running: set[int] = set()
+    lock = threading.Lock()
+
+    @worker_app.job(name="hold")
+    def hold(i: int) -> None:
+        with lock:
+            running.add(i)
+        release.wait(30)
+
+    worker_app.job(name="ping")(lambda: None)
+    server = worker_app.server(**QUIET, worker_count=8, polling_interval=timedelta(seconds=30))
+    claims = [0]
+    claim = server.storage.claim
+
+    def counted(**kwargs: object) -> object:
+        claims[0] += 1
+        return claim(**kwargs)
+
+    server.storage.claim = counted  # type: ignore[method-assign]
+    client = App("client", storage=sqlite_url, autoload=False, wakeup_url=wakeup_url,
+                 wakeup_exchange=exchange)
+    server.start()
+    try:
+        wait_until(lambda: server._listener.connected.is_set(), timeout=15)
+        wait_until(lambda: server.idle_workers == 8, timeout=10)
+        for _ in range(3):
+            before = claims[0]
+            job_id = client.enqueue("ping")
+            wait_until(lambda job_id=job_id: client.storage.get(job_id).state.name
+                       == "Succeeded", timeout=5)
+            wait_until(lambda: server.idle_workers == 8, timeout=10)
+            # the woken worker's claim, the one it passed the wake-up to, and its own
+            # next (empty) claim after the job: never one per worker
+            assert claims[0] - before <= 3, claims[0] - before
+        for i in range(8):
+            client.enqueue("hold", args=[i])
+        wait_until(lambda: len(running) == 8, timeout=10)  # all eight at once
+    finally:
+        release.set()
+        server.stop()
+        client.close()
+        worker_app.close()
 
 
 def test_a_burst_of_enqueues_sends_few_messages(tmp_path: Path, sqlite_url: str) -> None:
@@ -284,3 +337,48 @@ def test_filesystem_listener_cleans_up_its_queue_and_stale_leftovers(tmp_path: P
         assert all(b[-1] != "fs.x.dead.1234" for b in _json.loads(table.read_text()))
     finally:
         second.stop()
+
+
+def test_bare_rediss_url_keeps_tls() -> None:
+    # qmlkit swaps in its own Redis channel: the URL's TLS must survive the swap
+    from qmlkit.wakeup import connection_for
+
+    assert connection_for("rediss://127.0.0.1:6380/0").ssl
+    assert connection_for("rediss://127.0.0.1:6380/0?ssl_cert_reqs=required").ssl
+    assert not connection_for("redis://127.0.0.1:6379/0").ssl
+
+
+@pytest.mark.redis
+def test_redis_wakeups_are_published_through_one_client(
+    exchange: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # kombu's Redis channel builds a client per message; the wake-up channel keeps one
+    require_service("Redis", "127.0.0.1", 6379)
+    from qmlkit.wakeup import _redis_transport
+
+    channel_cls = _redis_transport().Channel
+    made: list[object] = []
+    original = channel_cls._create_client
+
+    def counted(self: object, asynchronous: bool = False) -> object:
+        client = original(self, asynchronous=asynchronous)
+        if not asynchronous:
+            made.append(client)
+        return client
+
+    monkeypatch.setattr(channel_cls, "_create_client", counted)
+    url = "redis://127.0.0.1:6379/0"
+    heard: list[str | None] = []
+    listener = WakeupListener(url, heard.append, exchange, name="one-client")
+    publisher = WakeupPublisher(url, exchange)
+    listener.start()
+    try:
+        wait_until(lambda: listener.connected.is_set(), timeout=15)
+        for i in range(20):
+            publisher._send([f"q{i}"])
+        wait_until(lambda: {f"q{i}" for i in range(20)} <= set(heard), timeout=5)
+        assert publisher.sent == 20
+        assert len(made) <= 2  # one per channel (listener, publisher), not one per message
+    finally:
+        publisher.close()
+        listener.stop()
