@@ -6,7 +6,7 @@ For each storage and wake-up transport (SQLite with ``filesystem://``, and SQLit
 ``redis://`` when qmlkit-redis is installed), prints:
 
 * enqueue-to-start latency p50/p99 of an idle worker in its own process (as the peers
-  of ``shared/reference/peer-figures.md`` were measured), the client in this one:
+  in the project's reference figures were measured), the client in this one:
   polling interval 5 s with wake-ups, versus the default 1 s polling without;
 * storage queries per second of an idle server with 8 worker threads, both modes.
 
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import socket
 import uuid
 import tempfile
@@ -36,10 +37,15 @@ COUNTED = ("claim", "claim_changes", "next_due_at", "promote_due", "list_recurri
            "delete_expired", "heartbeat", "reclaim_dead_servers", "transition_many")
 
 
+#: This run's own wake-up exchange on the shared brokers (inherited by the worker
+#: processes through the environment; deleted from RabbitMQ at the end).
+EXCHANGE = os.environ.setdefault("QMLKIT_BENCH_EXCHANGE", f"bench.wk.{uuid.uuid4().hex[:8]}")
+
+
 def make_app(name: str, db: str, wakeup: str | None) -> App:
     """An app on ``db`` (plugins loaded for non-built-in storages)."""
     return App(name, storage=db, autoload=not db.startswith("sqlite"), wakeup_url=wakeup,
-               wakeup_exchange="bench.wk")
+               wakeup_exchange=EXCHANGE)
 
 
 def up(port: int) -> bool:
@@ -157,7 +163,7 @@ def _timed(serve_args: list[str], enqueue: Any, n: int) -> tuple[float, float]:
 def latency(db: str, wakeup: str | None, poll_s: float, n: int) -> tuple[float, float]:
     """Enqueue-to-start latency p50/p99 in ms of an idle worker in another process.
 
-    As the peers in ``shared/reference/peer-figures.md`` were measured: a warm idle
+    As the peers in the project's reference figures were measured: a warm idle
     worker process, jobs 20 ms apart, timed from just before the enqueue call to the
     job's start.
     """
@@ -262,6 +268,11 @@ def main() -> None:
                     print(f"{'Huey 3, Redis, blocking pop':<36} latency p50 {h50:8.2f} ms  "
                           f"p99 {h99:8.2f} ms   (qmlkit p50 {w50 / h50:.2f}x Huey's)")
         finally:
+            if up(5672):
+                from kombu import Connection, Exchange
+
+                with Connection("amqp://guest:guest@127.0.0.1:5672//") as conn:
+                    Exchange(EXCHANGE, type="fanout").bind(conn.default_channel).delete()
             if prefixes:
                 import redis
 

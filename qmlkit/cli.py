@@ -102,6 +102,12 @@ storage_option = click.option(
 )
 
 
+_wakeup_exchange_option = click.option(
+    "--wakeup-exchange", "wakeup_exchange", envvar="QMLKIT_WAKEUP_EXCHANGE", default=None,
+    metavar="NAME", help="Wake-up fanout exchange; default the app's ('qmlkit.wakeup' unless "
+    "it sets one). Clients and workers must use the same. [env: QMLKIT_WAKEUP_EXCHANGE]")
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--log-level", envvar="QMLKIT_LOG_LEVEL", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
@@ -140,6 +146,7 @@ def main(log_level: str) -> None:
 @click.option("--wakeup", "wakeup_url", envvar="QMLKIT_WAKEUP_URL", default=None,
               metavar="URL", help="kombu URL for wake-ups (redis://, amqp://, "
               "filesystem:///dir); default the app's, else poll only. [env: QMLKIT_WAKEUP_URL]")
+@_wakeup_exchange_option
 @click.option("--recurring-poll-interval", envvar="QMLKIT_RECURRING_POLL_INTERVAL",
               type=click.FloatRange(0.001), default=5.0, show_default=True,
               help="Longest wait between looks at recurring templates. "
@@ -152,7 +159,7 @@ def main(log_level: str) -> None:
 def worker(app_spec: str, storage: str | None, queues: str, threads: int,
            polling_interval: float, shutdown_timeout: float, server_name: str | None,
            heartbeat: bool, heartbeat_interval: float, dead_server_timeout: float,
-           wakeup_url: str | None, recurring_poll_interval: float,
+           wakeup_url: str | None, wakeup_exchange: str | None, recurring_poll_interval: float,
            stale_after: float | None) -> None:
     """Run a worker for APP (module:attribute) until SIGINT or SIGTERM.
 
@@ -177,6 +184,8 @@ def worker(app_spec: str, storage: str | None, queues: str, threads: int,
         fields["storage_url"] = storage
     if wakeup_url:
         fields["wakeup_url"] = wakeup_url
+    if wakeup_exchange:
+        fields["wakeup_exchange"] = wakeup_exchange
     if server_name:
         fields["server_name"] = server_name
     try:
@@ -231,12 +240,13 @@ def worker(app_spec: str, storage: str | None, queues: str, threads: int,
               help="Priority; higher runs first.")
 @click.option("--wakeup", "wakeup_url", envvar="QMLKIT_WAKEUP_URL", default=None, metavar="URL",
               help="kombu URL to send the wake-up on; default the app's. [env: QMLKIT_WAKEUP_URL]")
+@_wakeup_exchange_option
 @click.option("--force", is_flag=True,
               help="Enqueue even if APP does not register METHOD (another worker may).")
 @click.option("--delay", type=click.FloatRange(0), default=None, help="Seconds before it may run.")
 def enqueue(app_spec: str, method: str, storage: str | None, args_json: str, kwargs_json: str,
             queue: str | None, priority: int | None, delay: float | None, wakeup_url: str | None,
-            force: bool) -> None:
+            wakeup_exchange: str | None, force: bool) -> None:
     """Enqueue METHOD of APP with JSON arguments; print the job id.
 
     METHOD must be a job name APP registers, unless --force is given.
@@ -249,8 +259,9 @@ def enqueue(app_spec: str, method: str, storage: str | None, args_json: str, kwa
             f"{', '.join(sorted(app.registry)) or '(none)'} (use --force to enqueue anyway)",
             param_hint="METHOD")
     try:
-        if storage or wakeup_url:
-            app = _with_storage(app, storage or app._storage_spec, wakeup_url or app.wakeup_url)
+        if storage or wakeup_url or wakeup_exchange:
+            app = _with_storage(app, storage or app._storage_spec, wakeup_url or app.wakeup_url,
+                                wakeup_exchange)
         job_id = app.enqueue(method, args=args, kwargs=kwargs, queue=queue, priority=priority,
                              delay=delay)
     except QmlError as exc:
@@ -276,9 +287,11 @@ def _json_args(args_json: str, kwargs_json: str) -> tuple[list[Any], dict[str, A
     return args, kwargs
 
 
-def _with_storage(app: App, storage: Any, wakeup_url: str | None = None) -> App:
-    clone = App(app.name, storage=storage, wakeup_url=wakeup_url,
-                wakeup_exchange=app.wakeup_exchange)
+def _with_storage(app: App, storage: Any, wakeup_url: str | None = None,
+                  wakeup_exchange: str | None = None) -> App:
+    """A copy of ``app`` (same jobs) on ``storage``; wake-ups as given, else the app's."""
+    clone = App(app.name, storage=storage, wakeup_url=wakeup_url or app.wakeup_url,
+                wakeup_exchange=wakeup_exchange or app.wakeup_exchange)
     clone.registry = app.registry
     return clone
 
@@ -557,6 +570,7 @@ def servers(app_spec: str | None, storage: str | None, dead_after: float, as_jso
 @click.option("--wakeup", "wakeup_url", envvar="QMLKIT_WAKEUP_URL", default=None, metavar="URL",
               help="kombu URL whose wake-ups refresh the pages at once, and on which actions "
               "wake workers; default the app's. [env: QMLKIT_WAKEUP_URL]")
+@_wakeup_exchange_option
 @click.option("--poll-interval", envvar="QMLKIT_DASHBOARD_POLL_INTERVAL",
               type=click.FloatRange(0.05, 10), default=0.5, show_default=True,
               help="Seconds between looks at the storage for live updates. "
@@ -565,8 +579,8 @@ def servers(app_spec: str | None, storage: str | None, dead_after: float, as_jso
               default=60.0, show_default=True,
               help="Seconds without a heartbeat after which a server shows as dead.")
 def dashboard(app_spec: str | None, storage: str | None, host: str, port: int, token: str | None,
-              read_only: bool, wakeup_url: str | None, poll_interval: float,
-              dead_after: float) -> None:
+              read_only: bool, wakeup_url: str | None, wakeup_exchange: str | None,
+              poll_interval: float, dead_after: float) -> None:
     """Serve the web dashboard (pages, REST API under /api/, live updates) until Ctrl-C.
 
     Binds to 127.0.0.1 unless --host says otherwise; any other address needs a token.
@@ -583,8 +597,8 @@ def dashboard(app_spec: str | None, storage: str | None, host: str, port: int, t
     from qmlkit.dashboard import DashboardConfig, serve
 
     app = _app_for(app_spec, storage)
-    if wakeup_url:
-        app = _with_storage(app, app._storage_spec, wakeup_url)
+    if wakeup_url or wakeup_exchange:
+        app = _with_storage(app, app._storage_spec, wakeup_url or app.wakeup_url, wakeup_exchange)
     try:
         config = DashboardConfig(host=host, port=port, token=token or None, read_only=read_only,
                                  poll_interval_s=poll_interval, dead_server_after_s=dead_after,

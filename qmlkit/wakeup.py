@@ -91,6 +91,40 @@ def _redis_transport() -> type:
     return Transport
 
 
+@functools.cache
+def _filesystem_transport() -> type:
+    """kombu's filesystem transport, writing each message file atomically.
+
+    kombu 5.7 creates the message file under its final name and then writes it, so a
+    listener that lists the folder in between reads an empty file, and the wake-up
+    becomes an unreadable message. Here the file is written under a name listeners
+    skip (``….msg.tmp``) and renamed into place, which POSIX makes atomic.
+    """
+    import os
+
+    from kombu.exceptions import ChannelError
+    from kombu.transport import filesystem as kombu_fs
+    from kombu.utils.encoding import str_to_bytes
+    from kombu.utils.json import dumps
+
+    class Channel(kombu_fs.Channel):
+        def _put(self, queue: str, payload: Any, **kwargs: Any) -> None:
+            name = f"{int(round(time.monotonic() * 1000))}_{uuid.uuid4()}.{queue}.msg"
+            final = os.path.join(self.data_folder_out, name)
+            try:
+                with open(final + ".tmp", "wb") as f:
+                    f.write(str_to_bytes(dumps(payload)))
+                os.replace(final + ".tmp", final)
+            except OSError as exc:
+                raise ChannelError(f"Cannot add file {final!r} to directory") from exc
+
+    class Transport(kombu_fs.Transport):
+        pass
+
+    Transport.Channel = Channel
+    return Transport
+
+
 def connection_for(url: str) -> Connection:
     """Return a kombu connection for a wake-up URL, checking it first.
 
@@ -98,16 +132,40 @@ def connection_for(url: str) -> Connection:
     control folders inside ``folder`` (default ``./qmlkit-wakeup``).
 
     Raises:
-        ConfigurationError: The URL's transport is unknown to kombu, or a
-            ``filesystem`` folder cannot be created; the message names the URL.
+        ConfigurationError: The URL is not ``scheme://…`` (a typo such as
+            ``redis:/host`` would otherwise reach kombu as an AMQP host name), its
+            transport is unknown to kombu, its port is not a number, a Redis URL's
+            database is not a number, or a ``filesystem`` folder cannot be created.
+            The message names the URL (password masked) and the bad part.
     """
-    scheme = url.partition("://")[0].lower()
+    shown = repr(mask_url(url))
+    scheme, sep, _ = url.partition("://")
+    scheme = scheme.lower()
+    if not sep or not scheme:
+        raise ConfigurationError(
+            f"wake-up URL {shown} is not a URL: give scheme://…, e.g. "
+            "'redis://127.0.0.1:6379/0', 'amqp://guest:guest@127.0.0.1:5672//' or "
+            "'filesystem:///var/run/myapp/wakeups'")
+    if scheme in ("rabbitmq", "rabbit"):
+        raise ConfigurationError(f"wake-up URL {shown}: RabbitMQ URLs start with amqp://, "
+                                 "e.g. 'amqp://guest:guest@127.0.0.1:5672//'")
+    if scheme != "filesystem":
+        try:
+            urlsplit(url).port
+        except ValueError as exc:
+            raise ConfigurationError(f"wake-up URL {shown}: the port is not a number "
+                                     f"({exc})") from exc
+    if scheme in ("redis", "rediss"):
+        db = urlsplit(url).path.strip("/")
+        if db and not db.isdigit():
+            raise ConfigurationError(f"wake-up URL {shown}: the database {db!r} is not a "
+                                     "number (e.g. redis://127.0.0.1:6379/0)")
     options: dict[str, Any] = {}
     if scheme == "filesystem":
         parts = urlsplit(url)
         if parts.netloc or parts.path == "/":
             raise ConfigurationError(
-                f"wake-up URL {url!r}: give the folder as an absolute path after three "
+                f"wake-up URL {shown}: give the folder as an absolute path after three "
                 "slashes, e.g. 'filesystem:///var/run/myapp/wakeups' (or 'filesystem://' "
                 "for ./qmlkit-wakeup)")
         folder = Path(parts.path or "qmlkit-wakeup").expanduser()
@@ -115,14 +173,18 @@ def connection_for(url: str) -> Connection:
             for sub in ("data", "control"):
                 (folder / sub).mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise ConfigurationError(f"wake-up URL {url!r}: cannot use folder {folder}: {exc}") from exc
+            raise ConfigurationError(f"wake-up URL {shown}: cannot use folder {folder}: "
+                                     f"{exc}") from exc
         # The filesystem transport finds messages by listing its folder: every 2 ms
         # (kombu's default is 1 s, which would make wake-ups slower than polling).
         options = {"data_folder_in": str(folder / "data"), "data_folder_out": str(folder / "data"),
                    "control_folder": str(folder / "control"), "polling_interval": 0.002}  # noqa: E501
-        url = "filesystem://"
     try:
-        conn = Connection(url, transport_options=options, connect_timeout=2)
+        if scheme == "filesystem":  # a host name too, or kombu warns that none was given
+            conn = Connection(hostname="localhost", transport=_filesystem_transport(),
+                              transport_options=options, connect_timeout=2)
+        else:
+            conn = Connection(url, transport_options=options, connect_timeout=2)
         if scheme in ("redis", "rediss"):
             # The same connection on the leaner publishing channel; ``ssl`` is what
             # kombu made of the URL (for a bare ``rediss://``, TLS without checks).
@@ -131,7 +193,7 @@ def connection_for(url: str) -> Connection:
         conn.transport_cls  # noqa: B018 - resolves the transport: unknown ones fail here
         _ = conn.transport
     except (KeyError, ImportError, ValueError) as exc:
-        raise ConfigurationError(f"wake-up URL {url!r} names no usable kombu transport: "
+        raise ConfigurationError(f"wake-up URL {shown} names no usable kombu transport: "
                                  f"{exc}") from exc
     return conn
 
@@ -155,10 +217,11 @@ def prune_filesystem(data: Path, control: Path) -> int:
     cutoff = time.time() - STALE_S
     dead: set[str] = set()
     removed = 0
-    for path in data.glob("*.msg"):
+    for path in [*data.glob("*.msg"), *data.glob("*.msg.tmp")]:
         try:
             if path.stat().st_mtime < cutoff:
-                dead.add(path.name.partition(".")[2].removesuffix(".msg"))
+                if path.suffix == ".msg":  # not a half-written file of a crashed writer
+                    dead.add(path.name.partition(".")[2].removesuffix(".msg"))
                 path.unlink()
                 removed += 1
         except OSError:
@@ -251,11 +314,18 @@ class WakeupPublisher:
         self.sent += 1
 
     def close(self) -> None:
-        """Send what is pending (best effort, 1 s at most), then release the connection."""
+        """Send what is pending (best effort, 1 s at most), then release the connection.
+
+        A wake-up still on its way after that second (a slow or unreachable broker) is
+        given up with a warning; servers find its jobs at their next poll.
+        """
         with self._cond:
             self._closed = True
             self._cond.notify()
         self._thread.join(1.0)
+        if self._thread.is_alive():
+            log.warning("closing before a wake-up reached %s (broker slow or unreachable); "
+                        "servers will find the jobs at their next poll", mask_url(self.url))
         self._conn.release()
 
 
@@ -283,7 +353,7 @@ class WakeupListener:
                             durable=False, auto_delete=True, exclusive=False)
         self._stop = threading.Event()
         self.connected = threading.Event()  #: set while consuming (tests, liveness checks)
-        self.received = 0  #: messages handled so far
+        self.received = 0  #: messages handled so far, unreadable ones included
         self._thread = threading.Thread(target=self._run, name="qmlkit-wakeup-listen", daemon=True)
 
     def start(self) -> None:
@@ -312,6 +382,7 @@ class WakeupListener:
         """A message kombu cannot decode: drop it (once) and wake everything."""
         log.warning("undecodable wake-up message dropped (%s: %s)", type(exc).__name__, exc)
         self._on_wakeup(None)
+        self.received += 1
 
     def _run(self) -> None:
         backoff = 0.0
@@ -339,6 +410,7 @@ class WakeupListener:
                                 # wake-up: wake everything rather than lose it.
                                 log.debug("unreadable wake-up message: %s; waking all", exc)
                                 self._on_wakeup(None)
+                                self.received += 1
             except Exception as exc:  # reconnect with backoff; workers poll meanwhile
                 was_connected = self.connected.is_set()
                 self.connected.clear()

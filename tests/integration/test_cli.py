@@ -443,3 +443,34 @@ def test_worker_stale_after_requeues_a_stranded_job_on_start(cli_app: CliApp) ->
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=20)
     assert "requeued 1 stranded" in log.read_text()
+
+
+def test_enqueue_sends_its_wakeup_on_the_exchange_given(cli_app: CliApp, tmp_path: Path) -> None:
+    # Client and workers must agree on the exchange; the CLI can name it, as an option
+    # or through QMLKIT_WAKEUP_EXCHANGE.
+    from qmlkit.wakeup import WakeupListener
+
+    url = f"filesystem://{tmp_path / 'wk'}"
+    heard: list[str | None] = []
+    listener = WakeupListener(url, heard.append, "cli.exchange", name="cli")
+    listener.start()
+    try:
+        wait_until(lambda: listener.connected.is_set(), timeout=10)
+        heard.clear()
+        result = invoke("enqueue", cli_app.spec, "add", "--args", "[1,2]", "--queue", "viaopt",
+                        "--wakeup", url, "--wakeup-exchange", "cli.exchange")
+        assert result.exit_code == 0, result.output
+        wait_until(lambda: "viaopt" in heard, timeout=10)
+        result = invoke("enqueue", cli_app.spec, "add", "--args", "[1,2]", "--queue", "viaenv",
+                        env={"QMLKIT_WAKEUP_URL": url, "QMLKIT_WAKEUP_EXCHANGE": "cli.exchange"})
+        assert result.exit_code == 0, result.output
+        wait_until(lambda: "viaenv" in heard, timeout=10)
+    finally:
+        listener.stop()
+
+
+def test_worker_refuses_a_mistyped_wakeup_url_naming_it(cli_app: CliApp) -> None:
+    result = CliRunner().invoke(main, ["worker", cli_app.spec, "--wakeup",
+                                       "redis:/127.0.0.1:6379/0"])
+    assert result.exit_code != 0
+    assert "redis:/127.0.0.1:6379/0" in result.output and "is not a URL" in result.output

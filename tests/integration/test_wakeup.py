@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import re
+import socket
 import threading
 import time
 import uuid
@@ -22,9 +24,22 @@ QUIET = {"log_attempts": False, "scheduler_poll_interval": timedelta(seconds=30)
 
 
 @pytest.fixture
-def exchange() -> str:
-    """A fanout exchange of this test's own on the shared broker."""
-    return f"qmlkit.test.{RUN_ID}.{uuid.uuid4().hex[:6]}"
+def exchange() -> Iterator[str]:
+    """A fanout exchange of this test's own on the shared broker, deleted afterwards
+    (RabbitMQ keeps exchanges that are not auto-delete; Redis keeps nothing)."""
+    name = f"qmlkit.test.{RUN_ID}.{uuid.uuid4().hex[:6]}"
+    yield name
+    try:
+        socket.create_connection(("127.0.0.1", 5672), timeout=0.5).close()
+    except OSError:
+        return
+    from kombu import Connection, Exchange
+
+    with Connection("amqp://guest:guest@127.0.0.1:5672//", connect_timeout=2) as conn:
+        try:
+            Exchange(name, type="fanout").bind(conn.default_channel).delete()
+        except Exception:  # noqa: BLE001 - best effort: never fail a test on cleanup
+            pass
 
 
 @pytest.fixture(params=[
@@ -173,6 +188,70 @@ def test_bad_wakeup_url_fails_at_configuration_naming_it() -> None:
 
     with pytest.raises(ConfigurationError, match="gopher://x"):
         App("bad", storage="memory://", autoload=False, wakeup_url="gopher://x")
+
+
+@pytest.mark.parametrize(("url", "names"), [
+    # a typo that drops a slash or the scheme would reach kombu as an AMQP host name
+    ("redis:/127.0.0.1:6379/0", "is not a URL: give scheme://"),
+    ("127.0.0.1:6379", "is not a URL"),
+    ("redis://127.0.0.1:6379/abc", "the database 'abc' is not a number"),
+    ("redis://127.0.0.1:63x9/0", "the port is not a number"),
+    ("rabbitmq://guest:guest@127.0.0.1:5672//", "RabbitMQ URLs start with amqp://"),
+])
+def test_mistyped_wakeup_urls_fail_at_configuration_naming_the_bad_part(
+    url: str, names: str
+) -> None:
+    from qmlkit.errors import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match=re.escape(names)):
+        App("bad", storage="memory://", autoload=False, wakeup_url=url)
+
+
+def test_wakeup_url_errors_mask_the_password() -> None:
+    from qmlkit.errors import ConfigurationError
+
+    for url in ("ampq://app:S3cret@127.0.0.1:5672//", "redis://:S3cret@127.0.0.1:6379/x"):
+        with pytest.raises(ConfigurationError) as info:
+            App("bad", storage="memory://", autoload=False, wakeup_url=url)
+        assert "S3cret" not in str(info.value) and "***" in str(info.value)
+
+
+def test_closing_before_an_unreachable_broker_answers_says_so(
+    caplog: pytest.LogCaptureFixture
+) -> None:
+    # a one-shot `qmlkit enqueue` must not drop its wake-up silently
+    caplog.set_level(logging.WARNING, logger="qmlkit.wakeup")
+    with socket.socket() as silent:  # accepts connections, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        port = silent.getsockname()[1]
+        publisher = WakeupPublisher(f"redis://:S3cret@127.0.0.1:{port}/0", "qmlkit.test.mute")
+        publisher.publish(["default"])
+        publisher.close()
+    messages = [r.getMessage() for r in caplog.records if r.name == "qmlkit.wakeup"]
+    assert any("closing before a wake-up reached" in m for m in messages), messages
+    assert not any("S3cret" in m for m in messages)
+
+
+def test_filesystem_messages_are_never_read_half_written(tmp_path: Path) -> None:
+    # kombu writes a message file in place; a listener listing the folder meanwhile read
+    # it empty and took the wake-up for garbage. Files are now renamed into place.
+    url = f"filesystem://{tmp_path / 'wk'}"
+    heard: list[str | None] = []
+    listener = WakeupListener(url, heard.append, "fs.atomic", name="reader")
+    listener.start()
+    publisher = WakeupPublisher(url, "fs.atomic")
+    try:
+        wait_until(lambda: listener.connected.is_set(), timeout=10)
+        heard.clear()  # the connect's "look now"
+        for i in range(300):
+            publisher._send([f"q{i}"])
+        wait_until(lambda: len(heard) >= 300, timeout=20)
+        assert None not in heard  # nothing was read as unreadable
+        assert sorted(heard) == sorted(f"q{i}" for i in range(300))  # each once
+    finally:
+        publisher.close()
+        listener.stop()
 
 
 # --- a broker the test owns: stopped and restarted mid-run (C09, C16) ------------------------
