@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -243,6 +244,7 @@ class App:
         self.wakeup_url = wakeup_url
         self.wakeup_exchange = wakeup_exchange
         self._publisher: WakeupPublisher | None = None
+        self._publisher_pid = 0  # the process that made _publisher (see _wakeup_publisher)
         self._after_commit: _AfterCommit | None = None
         if wakeup_url:
             connection_for(wakeup_url)  # a bad URL fails here, naming it
@@ -601,10 +603,16 @@ class App:
         return [j.id for j in stored]
 
     def _wakeup_publisher(self) -> WakeupPublisher:
+        """This process's publisher. A process forked after the first wake-up (gunicorn
+        ``--preload``, multiprocessing) inherits the parent's publisher without its
+        thread or its connection, so it gets one of its own."""
         with self._lock:
+            if self._publisher is not None and self._publisher_pid != os.getpid():
+                self._publisher = None  # the parent's: its socket is not ours to close
             if self._publisher is None:
                 assert self.wakeup_url is not None
                 self._publisher = WakeupPublisher(self.wakeup_url, self.wakeup_exchange)
+                self._publisher_pid = os.getpid()
             return self._publisher
 
     def _enqueue_chain(self) -> list[EnqueueMiddleware]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 import threading
 import time
 from datetime import datetime, timezone
@@ -402,11 +403,15 @@ def encode_payload(
 
     Raises:
         PayloadError: An argument is not JSON-serialisable (the error names it, e.g.
-            ``kwargs['fh']``), a float is NaN or infinite, or the encoding is over
+            ``kwargs['fh']``), a float is NaN or infinite, the arguments are nested
+            deeper than the interpreter's recursion limit, or the encoding is over
             ``max_bytes``.
     """
     try:
         text = _ENCODE({"args": list(args), "kwargs": kwargs})
+    except RecursionError:
+        raise PayloadError("job arguments are nested too deeply to encode as JSON (about "
+                           f"{sys.getrecursionlimit()} levels at most)", where="payload") from None
     except (TypeError, ValueError):
         for i, arg in enumerate(args):
             encode_json(arg, f"args[{i}]")

@@ -51,6 +51,9 @@ RECURRING = "qmlkit:recurring"
 DEFAULT_EXCHANGE = "qmlkit.wakeup"
 #: Cap of the reconnect backoff, in seconds.
 MAX_BACKOFF_S = 5.0
+#: Longest wait for a broker's answer on an open connection, in seconds (a send, a TLS
+#: handshake, deleting a queue on stop).
+SOCKET_TIMEOUT_S = 5.0
 #: Least time between two wake-up messages of one publisher, in seconds. The first
 #: message after a quiet spell goes out at once; a burst is gathered into at most
 #: 1 / COALESCE_S messages a second.
@@ -179,6 +182,12 @@ def connection_for(url: str) -> Connection:
         # (kombu's default is 1 s, which would make wake-ups slower than polling).
         options = {"data_folder_in": str(folder / "data"), "data_folder_out": str(folder / "data"),
                    "control_folder": str(folder / "control"), "polling_interval": 0.002}  # noqa: E501
+    if scheme in ("redis", "rediss"):
+        # Without a read timeout, a broker that accepts and then never answers (paused,
+        # or plain Redis behind rediss://) would hang a send, a TLS handshake or stop().
+        options = {"socket_timeout": SOCKET_TIMEOUT_S, "socket_connect_timeout": 2.0}
+    elif scheme in ("amqp", "pyamqp", "amqps"):
+        options = {"read_timeout": SOCKET_TIMEOUT_S, "write_timeout": SOCKET_TIMEOUT_S}
     try:
         if scheme == "filesystem":  # a host name too, or kombu warns that none was given
             conn = Connection(hostname="localhost", transport=_filesystem_transport(),
@@ -192,7 +201,7 @@ def connection_for(url: str) -> Connection:
                               transport_options=options, connect_timeout=2)
         conn.transport_cls  # noqa: B018 - resolves the transport: unknown ones fail here
         _ = conn.transport
-    except (KeyError, ImportError, ValueError) as exc:
+    except (KeyError, ImportError, ValueError, TypeError) as exc:
         raise ConfigurationError(f"wake-up URL {shown} names no usable kombu transport: "
                                  f"{exc}") from exc
     return conn
@@ -335,7 +344,8 @@ class WakeupListener:
     Args:
         url: A kombu URL.
         on_wakeup: Called on the listener thread with each queue name, or ``None`` for
-            "wake everything" (a message that could not be read); must be quick.
+            "wake everything" (on each (re)connect, when the broker is lost, and for a
+            message that could not be read); must be quick.
         exchange: The fanout exchange's name.
         name: A label for the queue and the logs (e.g. the server's id).
 
@@ -365,14 +375,18 @@ class WakeupListener:
 
     def _handle(self, body: Any, message: Any) -> None:
         try:
-            payload = json.loads(body) if isinstance(body, (str, bytes)) else body
+            try:
+                payload = json.loads(body) if isinstance(body, (str, bytes)) else body
+            except ValueError:  # e.g. an AMQP body with no content type: raw bytes
+                payload = None
             queues = payload.get("queues") if isinstance(payload, dict) else None
             if isinstance(queues, list):
                 for queue in queues:
                     if isinstance(queue, str):
                         self._on_wakeup(queue)
             else:
-                log.debug("wake-up message of an unknown shape: waking all")
+                log.warning("wake-up message of an unknown shape dropped (%.80r); waking all",
+                            body)
                 self._on_wakeup(None)
             self.received += 1
         except Exception:  # never let one message tear the consumer down
@@ -404,11 +418,14 @@ class WakeupListener:
                                 conn.drain_events(timeout=0.5)
                             except TimeoutError:
                                 conn.heartbeat_check()
-                            except ValueError as exc:
-                                # An unreadable message (kombu's filesystem transport can
-                                # read a file its writer has not filled yet) was still a
-                                # wake-up: wake everything rather than lose it.
-                                log.debug("unreadable wake-up message: %s; waking all", exc)
+                            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                                # A message that is not a kombu envelope (JSON of another
+                                # shape published on the channel, a half-written file)
+                                # fails inside kombu, after it was read whole: the
+                                # connection is sound. Drop it, and wake everything
+                                # rather than lose what may have been a wake-up.
+                                log.warning("unreadable wake-up message dropped (%s: %s); "
+                                            "waking all", type(exc).__name__, exc)
                                 self._on_wakeup(None)
                                 self.received += 1
             except Exception as exc:  # reconnect with backoff; workers poll meanwhile
@@ -416,6 +433,9 @@ class WakeupListener:
                 self.connected.clear()
                 if self._stop.is_set():
                     break
+                if was_connected:
+                    # Idle workers waiting for wake-ups must poll on their own now.
+                    self._on_wakeup(None)
                 backoff = min(max(backoff * 2, 0.2), MAX_BACKOFF_S)
                 log.warning("wake-up listener %s (%s: %s); reconnecting in %.1f s, workers "
                             "poll meanwhile", "lost its broker" if was_connected else "cannot connect",
@@ -424,13 +444,16 @@ class WakeupListener:
         self.connected.clear()
 
     def stop(self) -> None:
-        """Stop consuming, join the thread, and remove this listener's queue.
+        """Stop consuming, join the thread (3 s at most), and remove this listener's queue.
 
-        Brokers delete an auto-delete queue themselves; kombu's filesystem transport
-        does not, so the queue is deleted here (its binding and messages too).
+        Brokers delete an auto-delete queue themselves when its consumer goes, so only
+        kombu's filesystem transport, which does not, has the queue (its binding and
+        messages too) deleted here: stopping never waits on a broker.
         """
         self._stop.set()
         self._thread.join(3.0)
+        if "control_folder" not in (self._conn.transport_options or {}):
+            return
         try:
             with self._conn.clone() as conn:
                 self._queue.bind(conn.default_channel).delete()

@@ -661,6 +661,8 @@ class Server:
                     continue
                 if len(jobs) >= limit:  # there may be more: pass the wake-up on
                     self._wake_workers(1)
+                else:
+                    self._keep_a_poller()
                 started = time.perf_counter()
                 self._run_batch(jobs, worker_id, server_name, loop)
                 per_job = (time.perf_counter() - started) / len(jobs)
@@ -668,13 +670,24 @@ class Server:
         finally:
             loop.close()
 
+    def _keep_a_poller(self) -> None:
+        """If idle workers wait and none of them polls (the poller just left with a job),
+        wake one so it takes the poller's place: without it, a job that came with no
+        wake-up (a lost message, a client without ``wakeup_url``) would wait for the
+        others' long safety timeout instead of ``polling_interval``."""
+        with self._wake:
+            if not self._idle_poller and self.idle_workers > 0:
+                self._wake.notify(1)
+
     def _idle_wait(self, seen: int) -> None:
         """Wait for a wake-up or the next poll.
 
         While wake-ups arrive, one idle worker at a time polls and the others wait for
         a wake (with a long safety timeout), so an idle server costs the storage one
-        query per polling interval instead of one per worker. Without wake-ups (or while
-        the broker is away) every idle worker polls on its own.
+        query per polling interval instead of one per worker; a poller that leaves with
+        a job hands its place to another idle worker (`_keep_a_poller`). Without
+        wake-ups (or once the broker is lost: the listener then wakes everyone) every
+        idle worker polls on its own.
         """
         interval = self.config.polling_interval.total_seconds()
         with self._wake:

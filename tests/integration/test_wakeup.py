@@ -341,12 +341,13 @@ def test_publisher_memory_stays_bounded_while_the_broker_is_down(tmp_path: Path)
 
 
 def test_malformed_messages_are_dropped_without_losing_the_broker(
-    wakeup_url: str, exchange: str, sqlite_url: str
+    wakeup_url: str, exchange: str, sqlite_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     from kombu import Exchange
 
     from qmlkit.wakeup import connection_for
 
+    caplog.set_level(logging.INFO, logger="qmlkit.wakeup")
     app = App("mal", storage=sqlite_url, autoload=False, wakeup_url=wakeup_url,
               wakeup_exchange=exchange)
     server = app.server(**QUIET, polling_interval=timedelta(seconds=30))
@@ -362,6 +363,19 @@ def test_malformed_messages_are_dropped_without_losing_the_broker(
                                ('{"queues": 5}', "application/json")):
                 producer.publish(body, exchange=fanout, declare=[fanout],
                                  content_type=kind, content_encoding="utf-8")
+            # raw bytes with no serializer (an AMQP body without a JSON content type)
+            producer.publish(b"\x00notjson", exchange=fanout, declare=[fanout],
+                             content_type="application/data", content_encoding="binary")
+        if wakeup_url.startswith("redis://"):
+            # JSON that is not a kombu envelope, straight on the pub/sub channel
+            import redis
+
+            client = redis.Redis(host="127.0.0.1", port=6379)
+            for channel in (f"/0.{exchange}", f"/0.{exchange}/"):
+                for junk in ("{}", '"hello"', "[1,2]", "null", "42", '{"body": "x"}',
+                             '{"properties": {}, "body": "e30="}'):
+                    client.publish(channel, junk)
+            client.close()
         wait_until(lambda: server._wake_seq > seen, timeout=5)  # each "wakes all"
         # Still connected, and a real wake-up still works.
         publisher = WakeupPublisher(wakeup_url, exchange)
@@ -373,6 +387,9 @@ def test_malformed_messages_are_dropped_without_losing_the_broker(
     finally:
         server.stop()
         app.close()
+    messages = [r.getMessage() for r in caplog.records if r.name == "qmlkit.wakeup"]
+    assert not any("lost its broker" in m for m in messages), messages
+    assert sum("consuming from" in m for m in messages) == 1
 
 
 def test_servers_use_the_apps_exchange_whatever_gives_the_url(sqlite_url: str,
@@ -460,4 +477,130 @@ def test_redis_wakeups_are_published_through_one_client(
         assert len(made) <= 2  # one per channel (listener, publisher), not one per message
     finally:
         publisher.close()
+        listener.stop()
+
+
+def test_a_poller_that_leaves_with_a_job_hands_its_place_on(
+    exchange: str, sqlite_url: str, tmp_path: Path
+) -> None:
+    # While wake-ups arrive one idle worker polls and the others wait 10 polling
+    # intervals. A job that comes with no wake-up (a client without wakeup_url) must
+    # still start within about one polling interval after the poller leaves with a job.
+    url = f"filesystem://{tmp_path / 'wk'}"
+    worker_app = App("poller", storage=sqlite_url, autoload=False, wakeup_url=url,
+                     wakeup_exchange=exchange)
+    release = threading.Event()
+    held: list[int] = []
+    started: dict[str, float] = {}
+
+    @worker_app.job(name="hold")
+    def hold() -> None:
+        held.append(1)
+        release.wait(60)
+
+    @worker_app.job(name="quick")
+    def quick(tag: str) -> None:
+        started[tag] = time.monotonic()
+
+    server = worker_app.server(**QUIET, worker_count=3, polling_interval=timedelta(seconds=1))
+    with_wakeups = App("client", storage=sqlite_url, autoload=False, wakeup_url=url,
+                       wakeup_exchange=exchange)
+    silent = App("silent", storage=sqlite_url, autoload=False)  # sends no wake-ups
+    server.start()
+    try:
+        wait_until(lambda: server._listener.connected.is_set(), timeout=15)
+        for i in range(90):  # warm up: claims of more than one job, so most are not full
+            with_wakeups.enqueue("quick", args=[f"warm{i}"])
+        wait_until(lambda: len(started) == 90, timeout=30)
+        wait_until(lambda: server.idle_workers == 3 and server._idle_poller, timeout=10)
+        silent.enqueue("hold")  # found by the poller's next poll
+        wait_until(lambda: held, timeout=5)
+        # another idle worker has taken the poller's place
+        wait_until(lambda: server.idle_workers == 2 and server._idle_poller, timeout=5)
+        sent = time.monotonic()
+        silent.enqueue("quick", args=["late"])
+        wait_until(lambda: "late" in started, timeout=5)  # not 10 polling intervals
+        assert started["late"] - sent < 5
+    finally:
+        release.set()
+        server.stop()
+        with_wakeups.close()
+        silent.close()
+        worker_app.close()
+
+
+def test_losing_the_broker_sets_every_idle_worker_polling(own_redis: RedisProcess,
+                                                          sqlite_url: str, exchange: str) -> None:
+    app = App("lost", storage=sqlite_url, autoload=False,
+              wakeup_url=f"redis://127.0.0.1:{own_redis.port}/0", wakeup_exchange=exchange)
+    server = app.server(**QUIET, worker_count=3, polling_interval=timedelta(seconds=1))
+    server.start()
+    try:
+        wait_until(lambda: server._listener.connected.is_set(), timeout=15)
+        wait_until(lambda: server.idle_workers == 3, timeout=10)
+        seen = server._wake_seq
+        own_redis.stop()
+        wait_until(lambda: not server._listener.connected.is_set(), timeout=10)
+        wait_until(lambda: server._wake_seq > seen, timeout=5)  # everyone woken to poll
+    finally:
+        server.stop()
+        app.close()
+
+
+def test_stop_returns_while_the_broker_is_paused(own_redis: RedisProcess, sqlite_url: str,
+                                                 exchange: str) -> None:
+    # A broker that keeps its connections open and never answers (SIGSTOP, a network
+    # partition) must not hang stop(): sends time out, and no queue is deleted remotely.
+    import os
+    import signal
+
+    app = App("paused", storage=sqlite_url, autoload=False,
+              wakeup_url=f"redis://127.0.0.1:{own_redis.port}/0", wakeup_exchange=exchange)
+    app.job(name="noop")(lambda: None)
+    server = app.server(**QUIET, polling_interval=timedelta(seconds=1))
+    server.start()
+    assert own_redis.proc is not None
+    pid = own_redis.proc.pid
+    try:
+        wait_until(lambda: server._listener.connected.is_set(), timeout=15)
+        os.kill(pid, signal.SIGSTOP)
+        app.enqueue("noop")  # its wake-up send hangs on the paused broker
+        stopper = threading.Thread(target=server.stop, args=(2,), daemon=True)
+        stopper.start()
+        stopper.join(30)
+        assert not stopper.is_alive(), "stop() hung on a paused broker"
+        app.close()
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+def test_a_forked_process_sends_its_own_wakeups(exchange: str, tmp_path: Path) -> None:
+    # gunicorn --preload and multiprocessing fork after the app has sent a wake-up
+    import os
+
+    url = f"filesystem://{tmp_path / 'wk'}"
+    heard: list[str | None] = []
+    listener = WakeupListener(url, heard.append, exchange, name="fork")
+    listener.start()
+    app = App("forked", storage=f"sqlite:///{tmp_path / 'fork.db'}", autoload=False,
+              wakeup_url=url, wakeup_exchange=exchange)
+    app.job(name="noop")(lambda: None)
+    try:
+        wait_until(lambda: listener.connected.is_set(), timeout=10)
+        app.enqueue("noop", queue="parent")
+        wait_until(lambda: "parent" in heard, timeout=10)
+        pid = os.fork()
+        if pid == 0:  # the child: enqueue, let the wake-up go, leave at once
+            code = 1
+            try:
+                app.enqueue("noop", queue="child")
+                app.close()
+                code = 0
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        wait_until(lambda: "child" in heard, timeout=10)
+    finally:
+        app.close()
         listener.stop()

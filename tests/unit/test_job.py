@@ -106,6 +106,14 @@ def test_encode_payload_refuses_a_lone_surrogate_as_a_payload_error() -> None:
         encode_payload(["report-\udcff.csv"], {})
 
 
+def test_encode_payload_refuses_arguments_nested_too_deeply_as_a_payload_error() -> None:
+    deep: list = []
+    for _ in range(5000):
+        deep = [deep]
+    with pytest.raises(PayloadError, match="nested too deeply"):
+        encode_payload([deep], {})
+
+
 def test_cap_text_marks_the_cut() -> None:
     text = "a" * 1000 + "b" * 1000
     capped = cap_text(text, 200)
