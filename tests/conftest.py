@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from qmlkit import App
-from qmlkit.testing import require_service
+from qmlkit.testing import require_service, skip_or_fail
 
 __all__ = ["RUN_ID", "backend_plugins", "require_service"]
 
@@ -54,10 +53,8 @@ def require_plugin(module: str, distribution: str) -> None:
     """Skip unless the plugin package is installed (the README's test command installs
     it); under ``CI=true`` a missing plugin fails the test instead."""
     if importlib.util.find_spec(module) is None:
-        message = f"{distribution} is not installed: pip install -e plugins/{distribution}"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(message + " (CI=true: the README's test command installs it)")
-        pytest.skip(message)
+        skip_or_fail(f"{distribution} is not installed: pip install -e plugins/{distribution}",
+                     "the README's test command installs it")
 
 
 @pytest.fixture

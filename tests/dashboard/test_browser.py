@@ -19,7 +19,7 @@ import pytest
 
 from qmlkit import App
 from qmlkit.processing.context import current_context
-from qmlkit.testing import free_port, wait_until
+from qmlkit.testing import free_port, skip_or_fail, wait_until
 from tests.dashboard.conftest import LiveDashboard, running
 
 pytestmark = pytest.mark.browser
@@ -46,9 +46,7 @@ def require_chromium() -> None:
             problem = "Playwright is missing: pip install -e '.[dev]'"
     if problem is None:
         return
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(problem + " (CI=true: a missing browser fails the run)")
-    pytest.skip(problem)
+    skip_or_fail(problem, "a missing browser fails the run")
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from qmlkit.testing import free_port, wait_until
+from qmlkit.testing import free_port, skip_or_fail, wait_until
 from tests.conftest import postgres_url, run_id  # noqa: F401  (fixtures, re-exported)
 
 PG_BIN = Path("/usr/lib/postgresql")
@@ -85,9 +85,7 @@ def own_postgres() -> Iterator[PostgresProcess]:
     """A private PostgreSQL server, for restarts (skips where one cannot be made; fails
     under CI=true)."""
     if not PostgresProcess.available():
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail("cannot start a private PostgreSQL (initdb, root and runuser needed)")
-        pytest.skip("cannot start a private PostgreSQL here")
+        skip_or_fail("cannot start a private PostgreSQL here (initdb, root and runuser needed)")
     server = PostgresProcess()
     server.start()
     yield server

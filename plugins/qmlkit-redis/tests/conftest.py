@@ -3,14 +3,13 @@ and a ``redis-server`` of a test's own for restarts."""
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from qmlkit.testing import RedisProcess, require_service
+from qmlkit.testing import RedisProcess, require_service, skip_or_fail
 
 #: One id per test session, in every prefix this session uses.
 RUN_ID = uuid.uuid4().hex[:8]
@@ -47,10 +46,7 @@ def redis_url(redis_prefix: str) -> Iterator[str]:
 def own_redis(tmp_path: Path) -> Iterator[RedisProcess]:
     """A ``redis-server`` of this test's own with an append-only file, stopped afterwards."""
     if not RedisProcess.available():
-        message = "no redis-server binary on PATH"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(message + " (CI=true: a missing service fails the run)")
-        pytest.skip(message)
+        skip_or_fail("no redis-server binary on PATH", "a missing service fails the run")
     server = RedisProcess(tmp_path, appendonly=True)
     server.start()
     yield server
