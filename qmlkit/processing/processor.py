@@ -14,28 +14,20 @@ import asyncio
 import json
 import logging
 import time
-import traceback
-from pathlib import Path
-from types import TracebackType
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any, Protocol
 
-from qmlkit.errors import JobTimeout, PayloadError, Retry, UnknownJobName
-from qmlkit.job import (
-    AwaitingRetry,
-    Failed,
-    Job,
-    Succeeded,
-    cap_text,
-    encode_json,
-    trusted,
-    utcnow,
-)
+from qmlkit.errors import JobTimeout, PayloadError, UnknownJobName
+from qmlkit.job import Job, encode_json
+from qmlkit.processing import outcome
 from qmlkit.processing.context import JobContext, reset_current, set_current
 from qmlkit.processing.middleware import Middleware, compose
-from qmlkit.processing.retry import RetryPolicy, _qualname
+from qmlkit.processing.outcome import describe_exception
+from qmlkit.processing.retry import RetryPolicy
 from qmlkit.storage.base import Transition
+
+__all__ = ["JobProcessor", "Runnable", "describe_exception"]
 
 log = logging.getLogger(__name__)
 
@@ -56,46 +48,6 @@ class Runnable(Protocol):
 
     def execute(self, job: Job, context: JobContext) -> Any:
         """Run the job; return its result (a coroutine for ``async def`` jobs)."""
-
-
-_PROCESSING_DIR = str(Path(__file__).resolve().parent)
-
-
-def _user_frames(tb: TracebackType | None) -> TracebackType | None:
-    """Skip the leading frames of qmlkit's own processing machinery (processor,
-    middleware chain), so a stored traceback starts where the job's code does.
-    Frames of middleware written by users stay."""
-    first = tb
-    while tb is not None:
-        if not tb.tb_frame.f_code.co_filename.startswith(_PROCESSING_DIR):
-            return tb
-        tb = tb.tb_next
-    return first  # the error is qmlkit's own (e.g. an unknown job name): keep it all
-
-
-def describe_exception(exc: BaseException) -> tuple[str, str, str | None, str | None]:
-    """Turn an exception into text that can always be stored.
-
-    Never raises, even for an exception whose ``__str__`` or traceback formatting fails.
-
-    Returns:
-        ``(type_name, message, stack_trace, note)``; ``note`` says what could not be
-        rendered, else ``None``. Message and trace are capped (``cap_text``).
-    """
-    note = None
-    type_name = _qualname(type(exc))
-    try:
-        message = str(exc)
-    except Exception as err:  # an exception whose __str__ fails must not hide the failure
-        message = f"<unprintable {type(exc).__name__}>"
-        note = f"str() of the exception raised {type(err).__name__}: {err!r}"[:500]
-    try:
-        trace: str | None = "".join(
-            traceback.format_exception(type(exc), exc, _user_frames(exc.__traceback__)))
-    except Exception as err:
-        trace = None
-        note = (note + "; " if note else "") + f"traceback could not be formatted: {err!r}"[:500]
-    return type_name, cap_text(message), cap_text(trace) if trace else None, note
 
 
 class JobProcessor:
@@ -167,14 +119,7 @@ class JobProcessor:
                 exc = JobTimeout(self.timeout_for(job) or 0.0)
             return self._failure(job, exc, runnable)
         duration_ms = (time.perf_counter() - start) * 1000
-        now = utcnow()
-        return Transition(
-            job,
-            # Built unvalidated: every field is of a known type, and this is per attempt.
-            trusted(Succeeded, {"succeeded_at": now, "duration_ms": round(duration_ms, 3),
-                                "result": stored}),
-            expires_at=now + self.succeeded_ttl if self.succeeded_ttl else None,
-        )
+        return outcome.succeeded(job, stored, duration_ms, ttl=self.succeeded_ttl)
 
     def _call(
         self,
@@ -233,31 +178,5 @@ class JobProcessor:
         return json.loads(text)
 
     def _failure(self, job: Job, exc: BaseException, runnable: Runnable | None) -> Transition:
-        type_name, message, trace, note = describe_exception(exc)
         policy = (runnable.retry if runnable is not None else None) or self.retry_policy
-        now = utcnow()
-        retryable = policy.should_retry(exc, job.retry_count, job.max_retries)
-        if retryable:
-            retry_number = job.retry_count + 1
-            delay = policy.backoff(retry_number)
-            if isinstance(exc, Retry) and exc.delay is not None:
-                try:  # a usable delay from the job; NaN, negative or huge ones are ignored
-                    asked = timedelta(seconds=float(exc.delay))
-                    if asked >= timedelta(0):
-                        now + asked  # noqa: B018 - raises OverflowError past year 9999
-                        delay = asked
-                except (TypeError, ValueError, OverflowError):
-                    log.warning("job %s: Retry(delay=%r) is unusable; using the policy's backoff",
-                                job.id, exc.delay)
-            return Transition(
-                job,
-                AwaitingRetry(retry_at=now + delay, retry_count=retry_number,
-                              last_exception=f"{type_name}: {message}", stack_trace=trace),
-                retry_count=retry_number,
-            )
-        return Transition(
-            job,
-            Failed(failed_at=now, exception_type=type_name, message=message, stack_trace=trace,
-                   retry_count=job.retry_count, note=note),
-            expires_at=now + self.failed_ttl if self.failed_ttl else None,
-        )
+        return outcome.failed(job, exc, policy, ttl=self.failed_ttl)

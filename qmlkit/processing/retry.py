@@ -19,9 +19,14 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from qmlkit.errors import MiddlewareError, PayloadError, Retry, UnknownJobName
 
 
-def _qualname(exc_type: type[BaseException]) -> str:
+def qualname(exc_type: type[BaseException]) -> str:
+    """The name an exception type is stored and matched by: ``"ValueError"`` for a
+    built-in, else ``"module.QualName"`` (e.g. ``"qmlkit.errors.PayloadError"``)."""
     module = exc_type.__module__
     return exc_type.__qualname__ if module == "builtins" else f"{module}.{exc_type.__qualname__}"
+
+
+_qualname = qualname  # the name this helper had before it was public
 
 
 class RetryPolicy(BaseModel):

@@ -1,0 +1,187 @@
+"""The one room where an attempt's end becomes its outcome, and outcomes are stored.
+
+An attempt that returned becomes Succeeded (`succeeded`); one that raised becomes
+AwaitingRetry or Failed (`failed`), as its `RetryPolicy` decides (the policy itself
+lives in `qmlkit.processing.retry`); `describe_exception` turns any exception into text
+that can always be stored (field cases C11, C13). `store_outcomes` writes a batch of
+outcomes in one transaction, retrying while the storage is down, and says which were
+rejected by fencing.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import traceback
+from collections.abc import Sequence
+from datetime import timedelta
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from qmlkit.backoff import Backoff
+from qmlkit.errors import Retry, StaleClaim
+from qmlkit.job import AwaitingRetry, Failed, Job, Succeeded, cap_text, trusted, utcnow
+from qmlkit.processing.retry import RetryPolicy, qualname
+from qmlkit.storage.base import StateChange, Storage, Transition
+
+__all__ = ["describe_exception", "failed", "store_outcomes", "succeeded"]
+
+log = logging.getLogger("qmlkit.processing.processor")  # the logger these lines had
+
+_PROCESSING_DIR = str(Path(__file__).resolve().parent)
+
+#: Store retries: the first wait and the longest one, in seconds.
+STORE_RETRY_INITIAL_S = 0.05
+STORE_RETRY_CAP_S = 5.0
+
+
+def _user_frames(tb: TracebackType | None) -> TracebackType | None:
+    """Skip the leading frames of qmlkit's own processing machinery (processor,
+    middleware chain), so a stored traceback starts where the job's code does.
+    Frames of middleware written by users stay."""
+    first = tb
+    while tb is not None:
+        if not tb.tb_frame.f_code.co_filename.startswith(_PROCESSING_DIR):
+            return tb
+        tb = tb.tb_next
+    return first  # the error is qmlkit's own (e.g. an unknown job name): keep it all
+
+
+def describe_exception(exc: BaseException) -> tuple[str, str, str | None, str | None]:
+    """Turn an exception into text that can always be stored.
+
+    Never raises, even for an exception whose ``__str__`` or traceback formatting fails.
+
+    Returns:
+        ``(type_name, message, stack_trace, note)``; ``note`` says what could not be
+        rendered, else ``None``. Message and trace are capped (``cap_text``).
+    """
+    note = None
+    type_name = qualname(type(exc))
+    try:
+        message = str(exc)
+    except Exception as err:  # an exception whose __str__ fails must not hide the failure
+        message = f"<unprintable {type(exc).__name__}>"
+        note = f"str() of the exception raised {type(err).__name__}: {err!r}"[:500]
+    try:
+        trace: str | None = "".join(
+            traceback.format_exception(type(exc), exc, _user_frames(exc.__traceback__)))
+    except Exception as err:
+        trace = None
+        note = (note + "; " if note else "") + f"traceback could not be formatted: {err!r}"[:500]
+    return type_name, cap_text(message), cap_text(trace) if trace else None, note
+
+
+def succeeded(job: Job, result: Any, duration_ms: float, *, ttl: timedelta | None) -> Transition:
+    """The outcome of an attempt that returned ``result`` (already encoded to JSON values).
+
+    Args:
+        job: The claimed job.
+        result: The stored result.
+        duration_ms: How long the attempt ran, in milliseconds.
+        ttl: ``expires_at`` offset from now, or ``None`` to keep the job.
+    """
+    now = utcnow()
+    return Transition(
+        job,
+        # Built unvalidated: every field is of a known type, and this is per attempt.
+        trusted(Succeeded, {"succeeded_at": now, "duration_ms": round(duration_ms, 3),
+                            "result": result}),
+        expires_at=now + ttl if ttl else None,
+    )
+
+
+def _retry_delay(job: Job, exc: BaseException, policy: RetryPolicy, retry_number: int,
+                 now: Any) -> timedelta:
+    delay = policy.backoff(retry_number)
+    if isinstance(exc, Retry) and exc.delay is not None:
+        try:  # a usable delay from the job; NaN, negative or huge ones are ignored
+            asked = timedelta(seconds=float(exc.delay))
+            if asked >= timedelta(0):
+                now + asked  # noqa: B018 - raises OverflowError past year 9999
+                delay = asked
+        except (TypeError, ValueError, OverflowError):
+            log.warning("job %s: Retry(delay=%r) is unusable; using the policy's backoff",
+                        job.id, exc.delay)
+    return delay
+
+
+def failed(job: Job, exc: BaseException, policy: RetryPolicy, *,
+           ttl: timedelta | None) -> Transition:
+    """The outcome of an attempt that raised ``exc``: AwaitingRetry or Failed.
+
+    ``policy.should_retry`` decides; the delay is the policy's backoff, or a usable
+    ``Retry(delay=...)`` the job raised (NaN, negative or out-of-range delays are logged
+    and ignored).
+
+    Args:
+        job: The claimed job.
+        exc: What the attempt raised (a ``JobTimeout`` for a timeout).
+        policy: The job name's own policy, else the server's.
+        ttl: ``expires_at`` offset for a Failed job, or ``None`` to keep it.
+    """
+    type_name, message, trace, note = describe_exception(exc)
+    now = utcnow()
+    if policy.should_retry(exc, job.retry_count, job.max_retries):
+        retry_number = job.retry_count + 1
+        delay = _retry_delay(job, exc, policy, retry_number, now)
+        return Transition(
+            job,
+            AwaitingRetry(retry_at=now + delay, retry_count=retry_number,
+                          last_exception=f"{type_name}: {message}", stack_trace=trace),
+            retry_count=retry_number,
+        )
+    return Transition(
+        job,
+        Failed(failed_at=now, exception_type=type_name, message=message, stack_trace=trace,
+               retry_count=job.retry_count, note=note),
+        expires_at=now + ttl if ttl else None,
+    )
+
+
+def store_outcomes(storage: Storage, outcomes: Sequence[Transition], *,
+                   aborting: threading.Event, observed: bool) -> list[StateChange] | None:
+    """Store a batch of outcomes in one transaction, retrying while storage is down.
+
+    Outcomes are never dropped: a failing store is retried with a capped, jittered
+    backoff (`qmlkit.backoff.Backoff`, 0.05 s to 5 s) until it succeeds, unless
+    ``aborting`` is set, when it gives up after logging. An outcome that fencing rejects
+    (``StaleClaim``: another attempt replaced this one) is logged and discarded.
+
+    Args:
+        storage: Where to store them.
+        outcomes: The transitions; empty is a no-op.
+        aborting: Set while the server aborts: give up instead of retrying.
+        observed: Whether state-change observers listen (else only changes back to
+            Enqueued are returned, for wake-ups).
+
+    Returns:
+        The committed changes to announce, or ``None`` if the store was given up.
+    """
+    if not outcomes:
+        return []
+    logger = logging.getLogger("qmlkit.processing.server")  # the logger these lines had
+    backoff = Backoff(STORE_RETRY_INITIAL_S, STORE_RETRY_CAP_S)
+    while True:
+        try:
+            results = storage.transition_many(list(outcomes))
+            break
+        except Exception as exc:  # never drop outcomes: retry until storage is back
+            if aborting.is_set():
+                logger.error("could not store %d outcome(s) during abort: %s", len(outcomes), exc)
+                return None
+            delay = backoff.next()
+            logger.warning("storing %d outcome(s) failed (%s: %s); retrying in %.2f s",
+                           len(outcomes), type(exc).__name__, exc, delay)
+            time.sleep(backoff.jittered(delay))
+    changes = []
+    for item, result in zip(outcomes, results, strict=True):
+        if isinstance(result, StaleClaim):
+            level = logging.INFO if aborting.is_set() else logging.WARNING
+            logger.log(level, "outcome of job %s (attempt %d) discarded: %s",
+                       item.job.id, item.token, result)
+        elif observed or result.state.name == "Enqueued":
+            changes.append(StateChange(result, item.job.state))
+    return changes
