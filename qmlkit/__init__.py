@@ -6,7 +6,7 @@ the embedded default storage. Start with `App`.
 
 from __future__ import annotations
 
-from qmlkit.app import App, JobFunction
+from qmlkit.client import App
 from qmlkit.errors import (
     ConfigurationError,
     DuplicateJob,
@@ -39,10 +39,12 @@ from qmlkit.job import (
 )
 from qmlkit.processing.context import JobContext, current_context
 from qmlkit.processing.retry import RetryPolicy
-from qmlkit.processing.server import Server, ServerConfig
+from qmlkit.processing.config import ServerConfig
+from qmlkit.processing.server import Server
+from qmlkit.registry import JobFunction
 from qmlkit.storage.base import Storage
 
-__version__ = "0.1.0"
+from qmlkit.version import __version__
 
 __all__ = [
     "App",

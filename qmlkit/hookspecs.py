@@ -13,10 +13,9 @@ from typing import TYPE_CHECKING, Any
 
 import pluggy
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the ground floor only (see qmlkit.protocols)
     from qmlkit.job import Job, JobState
-    from qmlkit.processing.middleware import EnqueueMiddleware, Middleware
-    from qmlkit.processing.server import Server
+    from qmlkit.protocols import EnqueueMiddleware, Middleware, ServerHandle
     from qmlkit.storage.base import Storage
 
 hookspec = pluggy.HookspecMarker("qmlkit")
@@ -111,10 +110,13 @@ def qmlkit_job_state_changed(job: Job, previous: JobState | None, current: JobSt
 
 
 @hookspec
-def qmlkit_server_started(server: Server) -> None:
-    """Called once a server's workers are running. A raise is logged and ignored."""
+def qmlkit_server_started(server: ServerHandle) -> None:
+    """Called once a server's workers are running. A raise is logged and ignored.
+
+    ``server`` is the ``qmlkit.processing.server.Server``.
+    """
 
 
 @hookspec
-def qmlkit_server_stopping(server: Server) -> None:
+def qmlkit_server_stopping(server: ServerHandle) -> None:
     """Called when a server begins to stop, before it drains. A raise is logged and ignored."""

@@ -17,7 +17,7 @@ from typing import Any
 
 import pluggy
 
-from qmlkit import hookspecs
+import qmlkit.hookspecs as hookspecs
 from qmlkit.config import url_scheme
 from qmlkit.errors import (
     DuplicateStorageScheme,
@@ -71,22 +71,7 @@ def make_plugin_manager(
             _register(pm, importlib.import_module(modname), name)
     seen: set[str] = set(BUILTIN_PLUGINS)
     if autoload and not _env_flag("QMLKIT_DISABLE_PLUGIN_AUTOLOAD"):
-        for group in ENTRY_POINT_GROUPS:
-            for ep in importlib.metadata.entry_points(group=group):
-                dist = ep.dist.name if ep.dist is not None else None
-                names = {ep.name.lower(), f"{dist}:{ep.name}".lower()}
-                if dist:
-                    names.add(dist.lower())
-                seen |= names
-                if names & skip:
-                    continue
-                try:
-                    plugin = ep.load()
-                except Exception as exc:
-                    raise PluginLoadError(f"{group}:{ep.name} = {ep.value}", dist, exc) from exc
-                if not pm.is_registered(plugin):
-                    _register(pm, plugin, f"{dist}:{ep.name}")
-                    _ORIGINS[id(plugin)] = (group, ep.name, dist, _version(ep))
+        seen |= _load_entry_points(pm, skip)
     unknown = skip - {n.lower() for n in seen}
     if unknown and autoload:
         log.warning("QMLKIT_DISABLE_PLUGINS names no installed plugin: %s (names are "
@@ -100,6 +85,32 @@ def make_plugin_manager(
     except pluggy.PluginValidationError as exc:
         raise PluginError(f"plugin {exc.plugin!r} implements no known hook: {exc}") from exc
     return pm
+
+
+def _load_entry_points(pm: pluggy.PluginManager, skip: set[str]) -> set[str]:
+    """Register every entry-point plugin not in ``skip``; return every name seen.
+
+    Raises:
+        PluginLoadError: An entry point failed to import.
+    """
+    seen: set[str] = set()
+    for group in ENTRY_POINT_GROUPS:
+        for ep in importlib.metadata.entry_points(group=group):
+            dist = ep.dist.name if ep.dist is not None else None
+            names = {ep.name.lower(), f"{dist}:{ep.name}".lower()}
+            if dist:
+                names.add(dist.lower())
+            seen |= names
+            if names & skip:
+                continue
+            try:
+                plugin = ep.load()
+            except Exception as exc:
+                raise PluginLoadError(f"{group}:{ep.name} = {ep.value}", dist, exc) from exc
+            if not pm.is_registered(plugin):
+                _register(pm, plugin, f"{dist}:{ep.name}")
+                _ORIGINS[id(plugin)] = (group, ep.name, dist, _version(ep))
+    return seen
 
 
 #: Where entry-point plugins came from: id(plugin) -> (group, name, distribution, version).
@@ -140,7 +151,7 @@ def describe_plugins(pm: pluggy.PluginManager) -> list[dict[str, Any]]:
         ``extra``), ``distribution``, ``version``, ``hooks`` (names it implements) and
         ``schemes`` (storage URL schemes it declares).
     """
-    import qmlkit
+    from qmlkit.version import __version__
 
     out = []
     for name, plugin in pm.list_name_plugin():
@@ -149,7 +160,7 @@ def describe_plugins(pm: pluggy.PluginManager) -> list[dict[str, Any]]:
         hooks = sorted(c.name for c in pm.get_hookcallers(plugin) or ())
         origin = _ORIGINS.get(id(plugin))
         if name in BUILTIN_PLUGINS:
-            group, dist, version = "builtin", "qmlkit", qmlkit.__version__
+            group, dist, version = "builtin", "qmlkit", __version__
         elif origin is not None:
             group, _, dist, version = origin
         else:

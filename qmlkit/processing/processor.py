@@ -2,7 +2,7 @@
 
 Port of qml-rs's ``JobProcessor``: look up the job's function, run it inside the
 middleware chain with a timeout, and turn the outcome into Succeeded, AwaitingRetry
-(per the retry policy) or Failed. It never raises for anything a job does: a bad
+(per the retry policy) or Failed through `qmlkit.processing.outcome`. It never raises for anything a job does: a bad
 payload, an unknown name, an unprintable exception or an unstorable result all end as a
 Failed state with the reason (field cases C11, C13). Storing the transition is the
 caller's job, so a worker can store a whole batch in one transaction.

@@ -17,12 +17,12 @@ another one claimed ahead of it (field case C18).
 The parts live in rooms of their own: `qmlkit.processing.config` (``ServerConfig``,
 re-exported here), `claims` (the claim ledger), `idle` (the idle gate), `watchdog`,
 `outcome` (exception or result -> Succeeded / AwaitingRetry / Failed, and storing
-outcomes), `runtime` (what a duty may ask of this server) and `duties`.
+outcomes), `runtime` (what a duty may ask of this server), `duties` and `worker` (one
+worker thread's loop).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 import time
@@ -33,77 +33,32 @@ from typing import TYPE_CHECKING, Any
 
 import pluggy
 
-from qmlkit.backoff import Backoff
 from qmlkit.errors import ConfigurationError, QmlError
-from qmlkit.hookspecs import hookimpl
 from qmlkit.job import Enqueued, Job, utcnow
-from qmlkit.plugins import call_safely, make_plugin_manager, notify_state_changed, resolve_storage
-from qmlkit.processing.claims import RELEASE, SKIP, ClaimLedger
+from qmlkit.plugins import call_safely, notify_state_changed
+from qmlkit.processing.assembly import CallableObserver, assemble
+from qmlkit.processing.claims import ClaimLedger
 from qmlkit.processing.config import ServerConfig
-from qmlkit.processing.context import JobContext
-from qmlkit.processing.duties import (
-    Duty,
-    RecurringDuty,
-    SchedulerDuty,
-    default_duties,
-    fire_due_recurring,
-    promote_due,
-    run_duty,
-)
+from qmlkit.processing.duties import Duty, RecurringDuty, SchedulerDuty, default_duties, run_duty
+from qmlkit.processing.duties import fire_due_recurring, promote_due
 from qmlkit.processing.idle import IdleGate
 from qmlkit.processing.middleware import Middleware
 from qmlkit.processing.outcome import store_outcomes
 from qmlkit.processing.processor import JobProcessor
 from qmlkit.processing.watchdog import Watchdog
+from qmlkit.processing.worker import Worker
 from qmlkit.storage.base import ServerInfo, StateChange, Storage, Transition
-from qmlkit.wakeup import (
-    RECURRING,
-    SCHEDULED,
-    WakeupListener,
-    WakeupPublisher,
-    connection_for,
-)
+from qmlkit.wakeup import RECURRING, SCHEDULED, WakeupListener, WakeupPublisher, connection_for
 
 if TYPE_CHECKING:
-    from qmlkit.app import App
     from qmlkit.recurring import RecurringJob
+    from qmlkit.registry import JobSource
 
 __all__ = ["Server", "ServerConfig"]
 
 log = logging.getLogger(__name__)
 
-#: Claim retries while storage fails: first and longest wait, seconds (jittered).
-CLAIM_RETRY_INITIAL_S = 0.1
-CLAIM_RETRY_CAP_S = 5.0
-
-
-class _CallableObserver:
-    """Adapts a plain callable to the ``qmlkit_job_state_changed`` hook."""
-
-    def __init__(self, fn: Callable[[Job, Any, Any], None]) -> None:
-        self.fn = fn
-
-    @hookimpl
-    def qmlkit_job_state_changed(self, job: Job, previous: Any, current: Any) -> None:
-        self.fn(job, previous, current)
-
-
-class _BatchSize:
-    """How many jobs a worker claims next: as many recent average-length jobs as fit in
-    ``prefetch_window`` (at least 1, at most ``fetch_batch_size``; 1 while unknown)."""
-
-    def __init__(self, config: ServerConfig) -> None:
-        self.window = config.prefetch_window.total_seconds()
-        self.most = config.fetch_batch_size
-        self.avg = 0.0  # moving average of attempt length, seconds (0 = unknown yet)
-
-    def limit(self) -> int:
-        if self.avg > 0 and self.window > 0:
-            return max(1, min(self.most, int(self.window / self.avg)))
-        return 1
-
-    def observe(self, per_job_s: float) -> None:
-        self.avg = per_job_s if self.avg == 0 else 0.8 * self.avg + 0.2 * per_job_s
+_CallableObserver = CallableObserver  # its name before it moved
 
 
 class Server:
@@ -123,7 +78,7 @@ class Server:
 
     def __init__(
         self,
-        app: App,
+        app: JobSource,
         storage: Storage,
         config: ServerConfig,
         *,
@@ -167,7 +122,7 @@ class Server:
     def from_plugins(
         cls,
         *,
-        app: App,
+        app: JobSource,
         storage: str | Storage | None = None,
         config: ServerConfig | Mapping[str, Any] | None = None,
         plugins: Iterable[object] = (),
@@ -201,27 +156,10 @@ class Server:
             ConfigurationError: A bad config field (named), URL or storage option.
             UnknownStorageScheme: No plugin understands the storage URL.
         """
-        if config is None:
-            config = ServerConfig()
-        elif not isinstance(config, ServerConfig):
-            try:
-                config = ServerConfig(**config)
-            except ValueError as exc:
-                raise ConfigurationError(f"invalid server configuration: {exc}") from exc
-        if isinstance(storage, str):
-            config = config.model_copy(update={"storage_url": storage})
-        pm = plugin_manager or make_plugin_manager(autoload=autoload, extra=plugins)
-        if storage is None or isinstance(storage, str):
-            store: Storage = resolve_storage(pm, config.storage_url, config.storage_options)
-        else:
-            store = storage
-        chain: list[Middleware] = []
-        for provided in pm.hook.qmlkit_middleware(config=config.model_dump()):
-            chain.extend(provided or ())
-        chain.extend(middleware)
-        for observer in observers:
-            pm.register(_CallableObserver(observer))
-        return cls(app, store, config, plugin_manager=pm, middleware=chain)
+        parts = assemble(storage=storage, config=config, plugins=plugins, middleware=middleware,
+                         observers=observers, plugin_manager=plugin_manager, autoload=autoload)
+        return cls(app, parts.storage, parts.config, plugin_manager=parts.pm,
+                   middleware=parts.middleware)
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -268,9 +206,13 @@ class Server:
                      list(cfg.queues) or "all")
             for i in range(cfg.worker_count):
                 worker_id = f"{cfg.server_name}:worker:{i}"
-                self._spawn(f"worker-{i}", lambda w=worker_id: self._worker_loop(w, stamped))
+                worker = Worker(self, worker_id=worker_id, server_name=stamped,
+                                processor=self.processor, idle=self._idle,
+                                watchdog=self._watchdog, observed=self._observed,
+                                wakeups_live=lambda: self._wakeups_live)
+                self._spawn(f"worker-{i}", worker.run)
             self._running = True
-            self.app._attach(self)
+            self.app.notifier.subscribe(self)
         call_safely(self.pm, "qmlkit_server_started", server=self)
 
     def _requeue_stranded(self) -> None:
@@ -392,7 +334,7 @@ class Server:
             except QmlError as exc:
                 log.warning("could not deregister %s: %s", self.server_id, exc)
             self.server_id = None
-        self.app._detach(self)
+        self.app.notifier.unsubscribe(self)
         log.info("server stopped")
 
     def _warn_recent_processing(self) -> None:
@@ -553,108 +495,3 @@ class Server:
         so with several servers polling, each tick becomes exactly one job.
         """
         return fire_due_recurring(self)
-
-    # --- recurring API (on this server's storage) ---------------------------------------
-
-    def schedule_recurring(self, template_id: str, cron: str, method: Any, **options: Any) -> Any:
-        """Register a recurring template on this server's storage; see `App.schedule_recurring`."""
-        template = self.app.schedule_recurring(template_id, cron, method, storage=self.storage,
-                                               **options)
-        self.nudge_recurring()
-        return template
-
-    def remove_recurring(self, template_id: str) -> bool:
-        """Remove a template from this server's storage; see `App.remove_recurring`."""
-        return self.app.remove_recurring(template_id, storage=self.storage)
-
-    def list_recurring(self) -> list[Any]:
-        """List the templates in this server's storage."""
-        return self.app.list_recurring(storage=self.storage)
-
-    # --- workers ------------------------------------------------------------------------
-
-    def _worker_loop(self, worker_id: str, server_name: str) -> None:
-        """Claim a batch, run it, store its outcomes; wait when there is nothing to do."""
-        queues = list(self.config.queues)
-        interval_s = self.config.polling_interval.total_seconds()
-        size = _BatchSize(self.config)
-        backoff = Backoff(CLAIM_RETRY_INITIAL_S, CLAIM_RETRY_CAP_S)
-        loop = asyncio.new_event_loop()
-        try:
-            while not self._stopping.is_set():
-                limit = size.limit()
-                seen = self._idle.seen()
-                try:
-                    jobs = self._claim(worker_id, server_name, queues, limit)
-                    backoff.reset()
-                except Exception as exc:  # the loop must outlive any storage failure
-                    delay = backoff.next()
-                    log.warning("claim failed (%s: %s); retrying in %.1f s",
-                                type(exc).__name__, exc, delay)
-                    self._stopping.wait(backoff.jittered(delay))
-                    continue
-                if not jobs:
-                    self._idle.wait(seen, interval_s, stopping=self._stopping,
-                                    shared_poll=self._wakeups_live)
-                    continue
-                if len(jobs) >= limit:  # there may be more: pass the wake-up on
-                    self._idle.wake(1)
-                else:
-                    self._idle.keep_a_poller()
-                started = time.perf_counter()
-                self._run_batch(jobs, worker_id, server_name, loop)
-                size.observe((time.perf_counter() - started) / len(jobs))
-        finally:
-            loop.close()
-
-    def _claim(self, worker_id: str, server_name: str, queues: list[str], limit: int) -> list[Job]:
-        if not self._observed:
-            return self.storage.claim(worker_id=worker_id, server_name=server_name,
-                                      queues=queues, limit=limit, now=utcnow())
-        changes = self.storage.claim_changes(worker_id=worker_id, server_name=server_name,
-                                             queues=queues, limit=limit, now=utcnow())
-        self.notify(changes)
-        return [change.job for change in changes]
-
-    def _run_batch(
-        self, jobs: list[Job], worker_id: str, server_name: str, loop: asyncio.AbstractEventLoop
-    ) -> None:
-        """Run a claimed batch in order; its outcomes are stored together, and at least
-        every prefetch window, so finished jobs show as finished and a crash re-runs no
-        more than the last window's work. The straggler duty may store them earlier."""
-        claims = self.claims
-        claims.hold(jobs, worker_id)
-        window = self.config.prefetch_window.total_seconds()
-        flushed = time.perf_counter()
-        try:
-            for job in jobs:
-                if time.perf_counter() - flushed >= window and claims.has_outcomes(worker_id):
-                    self.store_outcomes(claims.take_outcomes(worker_id))
-                    flushed = time.perf_counter()
-                ctx = claims.start(
-                    job, worker_id, stopping=self._stopping.is_set(),
-                    make_context=lambda job=job: JobContext(  # type: ignore[misc]
-                        job=job, worker_id=worker_id, server_name=server_name,
-                        stopping=self._stopping, progress_sink=self.storage.report_progress))
-                if ctx == SKIP:  # stop(), abort() or the straggler duty gave it back
-                    continue
-                if ctx == RELEASE:
-                    self.release([job], "released unstarted: server stopping")
-                    continue
-                assert isinstance(ctx, JobContext)
-                claims.add_outcome(worker_id, self._run_one(job, ctx, loop))
-        finally:
-            self.store_outcomes(claims.take_outcomes(worker_id))
-            claims.end_batch(worker_id, jobs)
-
-    def _run_one(self, job: Job, ctx: JobContext, loop: asyncio.AbstractEventLoop) -> Transition:
-        timeout = self.processor.timeout_for(job)
-        watchdog = self._watchdog if timeout is not None else None
-        if watchdog is not None and timeout is not None:
-            watchdog.watch(ctx, timeout)
-        try:
-            return self.processor.run(job, ctx, loop)
-        finally:
-            if watchdog is not None:
-                watchdog.done(ctx)
-            self.claims.finish(job)  # finished: its outcome is stored with the batch

@@ -1,0 +1,497 @@
+"""``App``: the client API (make, enqueue, schedule, retry, delete, recurring) and ``server()``.
+
+The job registry lives in `qmlkit.registry`, the after-commit fan-out in
+`qmlkit.notify`, transactional enqueue in `qmlkit.transactional`; ``qmlkit.app``
+re-exports everything here.
+
+::
+
+    app = App("shop", storage="sqlite:///qmlkit.db")
+
+    @app.job(queue="mail", max_retries=5)
+    def send_receipt(order_id: int) -> str: ...
+
+    job_id = send_receipt.enqueue(42)          # runs on a worker
+    send_receipt.schedule(42, delay=60)         # runs in a minute
+    send_receipt(42)                            # runs here, now
+    app.server(worker_count=8).start()          # or: qmlkit worker shop:app
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+
+import pluggy
+
+from qmlkit.errors import ConfigurationError, MiddlewareError
+from qmlkit.job import (
+    Deleted,
+    Enqueued,
+    Job,
+    utcnow,
+)
+from qmlkit.notify import Notifier
+from qmlkit.plugins import make_plugin_manager, resolve_storage
+from qmlkit.processing.middleware import EnqueueMiddleware, compose_enqueue, describe
+from qmlkit.processing.retry import RetryPolicy
+from qmlkit.recurring_client import RecurringClient
+from qmlkit.registry import ClassWorker, JobFunction, JobOptions, RegisteredWorker, Registry
+from qmlkit.registry import build_job
+from qmlkit.storage.base import Storage
+from qmlkit.transactional import Transactional
+from qmlkit.wakeup import WakeupPublisher, connection_for
+
+if TYPE_CHECKING:
+    from qmlkit.processing.server import Server
+
+__all__ = ["DEFAULT_STORAGE_URL", "App", "ClassWorker", "JobFunction", "JobOptions"]
+
+_RegisteredWorker = RegisteredWorker  # its name before it moved to qmlkit.registry
+
+#: ``App.with_storage``: keep this app's setting.
+_SAME: Any = object()
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+#: Default storage: a SQLite file in the working directory.
+DEFAULT_STORAGE_URL = "sqlite:///qmlkit.db"
+
+
+class App(RecurringClient):
+    """An application: its job names, its storage, and servers built from it.
+
+    Args:
+        name: A label for logs and the CLI.
+        storage: Storage URL (default ``sqlite:///qmlkit.db``) or a ``Storage`` object.
+        storage_options: Backend options for the URL.
+        plugins: Extra plugin objects for this app's plugin manager.
+        autoload: Load entry-point plugins.
+        max_payload_bytes: Override the storage's argument size limit, in bytes.
+        wakeup_url: A kombu URL: after each commit that makes jobs runnable, a wake-up
+            names their queues so idle servers start them at once (`qmlkit.wakeup`).
+            Servers built with `server()` listen on it too. ``None``: servers poll.
+        wakeup_exchange: The fanout exchange's name on that broker.
+    """
+
+    def __init__(
+        self,
+        name: str = "qmlkit",
+        *,
+        storage: str | Storage = DEFAULT_STORAGE_URL,
+        storage_options: Mapping[str, Any] | None = None,
+        plugins: Iterable[object] = (),
+        autoload: bool = True,
+        max_payload_bytes: int | None = None,
+        wakeup_url: str | None = None,
+        wakeup_exchange: str = "qmlkit.wakeup",
+    ) -> None:
+        self.name = name
+        if wakeup_url:
+            connection_for(wakeup_url)  # a bad URL fails here, naming it
+        self.registry: Registry = Registry()
+        self._storage_spec = storage
+        self.storage_options = dict(storage_options or {})
+        if max_payload_bytes is not None:
+            self.storage_options["max_payload_bytes"] = max_payload_bytes
+        self._plugins = tuple(plugins)
+        self._autoload = autoload
+        self._pm: pluggy.PluginManager | None = None
+        self._storage: Storage | None = None
+        self._lock = threading.Lock()
+        self._enqueue_mw: list[EnqueueMiddleware] | None = None
+        self._notifier = Notifier(lambda: self.plugin_manager, wakeup_url=wakeup_url,
+                                  wakeup_exchange=wakeup_exchange)
+        self._transactional = Transactional(lambda: self.storage, self._notifier)
+
+    @property
+    def wakeup_url(self) -> str | None:
+        """The kombu URL wake-ups are published on, or ``None``."""
+        return self._notifier.wakeup_url
+
+    @property
+    def wakeup_exchange(self) -> str:
+        """The wake-up fanout exchange's name."""
+        return self._notifier.wakeup_exchange
+
+    @property
+    def notifier(self) -> Notifier:
+        """The after-commit fan-out (`qmlkit.notify`); local servers subscribe to it."""
+        return self._notifier
+
+    @property
+    def storage_spec(self) -> str | Storage:
+        """The storage as given: a URL, or a ``Storage`` object."""
+        return self._storage_spec
+
+    def with_storage(self, storage: str | Storage, *, options: Mapping[str, Any] | None = None,
+                     wakeup_url: str | None = _SAME, wakeup_exchange: str = _SAME) -> App:
+        """A copy of this app on another storage, with the same registry.
+
+        The copy shares this app's job registry (the very same object, so jobs
+        registered later are seen by both) and its plugins and autoload setting; it has
+        its own storage, plugin manager and wake-up publisher. Job functions stay bound
+        to this app: ``fn.enqueue`` still writes here; use ``copy.enqueue(name, ...)``.
+
+        Args:
+            storage: A storage URL or a ``Storage`` object.
+            options: Backend options for the URL; ``None`` for none.
+            wakeup_url: Wake-up URL of the copy; by default this app's.
+            wakeup_exchange: Wake-up exchange of the copy; by default this app's.
+
+        Returns:
+            The new, unopened app.
+
+        Raises:
+            ConfigurationError: A bad wake-up URL.
+        """
+        clone = App(self.name, storage=storage, storage_options=options, plugins=self._plugins,
+                    autoload=self._autoload,
+                    wakeup_url=self.wakeup_url if wakeup_url is _SAME else wakeup_url,
+                    wakeup_exchange=(self.wakeup_exchange if wakeup_exchange is _SAME
+                                     else wakeup_exchange))
+        clone.registry = self.registry
+        return clone
+
+    # --- registration ------------------------------------------------------------------
+
+    def job(
+        self,
+        fn: Callable[P, R] | None = None,
+        *,
+        name: str | None = None,
+        queue: str = "default",
+        priority: int = 0,
+        max_retries: int | None = None,
+        timeout: timedelta | float | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> Any:
+        """Register a job function; usable as ``@app.job`` or ``@app.job(...)``.
+
+        Args:
+            fn: The function (``def`` or ``async def``); its arguments must be JSON.
+            name: The stored job name; default ``"module.qualname"``.
+            queue: Default queue.
+            priority: Default priority (higher first).
+            max_retries: Retries after a failed attempt; default the policy's (3).
+            timeout: Per-attempt limit, seconds or ``timedelta``; default the server's.
+            retry: Retry policy for this job name.
+
+        Returns:
+            A `JobFunction` (or a decorator making one).
+
+        Raises:
+            ConfigurationError: The name is taken, or an option is invalid.
+        """
+        options = JobOptions(queue=queue, priority=priority, max_retries=max_retries,
+                             timeout=timeout, retry=retry)
+
+        def register(f: Callable[P, R]) -> JobFunction[P, R]:
+            job_name = name or f"{f.__module__}.{f.__qualname__}"
+            self._register(job_name, JobFunction(self, f, job_name, options))
+            return self.registry[job_name]  # type: ignore[return-value]
+
+        return register(fn) if fn is not None else register
+
+    def register_worker(
+        self,
+        worker: ClassWorker,
+        *,
+        queue: str = "default",
+        priority: int = 0,
+        max_retries: int | None = None,
+        timeout: timedelta | float | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> None:
+        """Register a class-based worker under ``worker.method_name`` (qml-rs style).
+
+        Raises:
+            ConfigurationError: No ``method_name``/``execute``, or the name is taken.
+        """
+        name = getattr(worker, "method_name", None)
+        if not isinstance(name, str) or not name or not callable(getattr(worker, "execute", None)):
+            raise ConfigurationError("a class-based worker needs a method_name and execute(job, context)")
+        options = JobOptions(queue=queue, priority=priority, max_retries=max_retries,
+                             timeout=timeout, retry=retry)
+        self._register(name, _RegisteredWorker(worker, options))
+
+    def _register(self, name: str, entry: JobFunction[Any, Any] | RegisteredWorker) -> None:
+        self.registry.register(name, entry)
+
+    # --- plugins and storage ----------------------------------------------------------------
+
+    @property
+    def plugin_manager(self) -> pluggy.PluginManager:
+        """This app's plugin manager (built on first use)."""
+        with self._lock:
+            if self._pm is None:
+                self._pm = make_plugin_manager(autoload=self._autoload, extra=self._plugins)
+            return self._pm
+
+    @property
+    def storage(self) -> Storage:
+        """The opened storage (resolved through the plugins and opened on first use).
+
+        Raises:
+            UnknownStorageScheme, ConfigurationError, StorageUnavailable: As for opening.
+        """
+        if self._storage is None:
+            pm = self.plugin_manager
+            with self._lock:
+                if self._storage is None:
+                    spec = self._storage_spec
+                    store = spec if isinstance(spec, Storage) else resolve_storage(
+                        pm, spec, self.storage_options
+                    )
+                    store.open()
+                    self._storage = store
+        return self._storage
+
+    def close(self) -> None:
+        """Close the storage (it reopens on next use) and the wake-up publisher."""
+        with self._lock:
+            self._notifier.close()
+            if self._storage is not None:
+                self._storage.close()
+                self._storage = None
+
+    # --- enqueue -------------------------------------------------------------------------
+
+    def make_job(
+        self,
+        method: str,
+        *,
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        queue: str | None = None,
+        priority: int | None = None,
+        at: datetime | None = None,
+        delay: timedelta | float | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        job_id: str | None = None,
+        max_retries: int | None = None,
+        timeout: timedelta | float | None = None,
+    ) -> Job:
+        """Build (not store) a job for ``method``, applying its registered defaults.
+
+        A name not registered in this app is allowed (another process may run it); it
+        gets the default queue and options.
+
+        Raises:
+            ConfigurationError: A naive ``at``, both ``at`` and ``delay``, or a bad option.
+        """
+        return build_job(self.registry, method, args=args, kwargs=kwargs, queue=queue,
+                         priority=priority, at=at, delay=delay, metadata=metadata,
+                         job_id=job_id, max_retries=max_retries, timeout=timeout)
+
+    def enqueue(self, method: str, **options: Any) -> str:
+        """Store one job for ``method``; return its id. Options as `make_job`.
+
+        Raises:
+            PayloadError: Arguments not JSON (the message names the argument) or too
+                large; nothing stored.
+            DuplicateJob: ``job_id`` given and taken.
+            StorageError: The storage failed; nothing stored.
+        """
+        ids = self.enqueue_jobs([self.make_job(method, **options)])
+        if not ids:
+            raise MiddlewareError(
+                ", ".join(describe(m) for m in self._enqueue_chain()),
+                "stored nothing for this enqueue: an enqueue middleware must call "
+                "call_next(jobs), or raise to refuse the job")
+        return ids[0]
+
+    def transaction(self, connection: Any) -> AbstractContextManager[None]:
+        """Enqueue inside the caller's own database transaction (transactional enqueue).
+
+        Every enqueue of this app made in the ``with`` block (``fn.enqueue``,
+        ``fn.schedule``, ``fn.enqueue_many``, ``app.enqueue``, in this thread or task)
+        writes through ``connection``: the jobs exist only if the caller's transaction
+        commits, and a rollback leaves no trace — the pattern of Rails' GoodJob and of
+        procrastinate, which Celery and RQ cannot offer. State-change observers and
+        wake-ups run after the commit, and never after a rollback.
+
+        Example::
+
+            with Session(engine) as session, session.begin():
+                session.add(order)
+                with app.transaction(session):
+                    send_receipt.enqueue(order.id)
+
+        Args:
+            connection: A SQLAlchemy ``Session`` or ``Connection`` on the same database
+                as the app's storage, inside a transaction the caller commits.
+
+        Jobs enqueued inside a savepoint (``session.begin_nested()``) that is rolled
+        back are gone with it, and are not announced at the outer commit.
+
+        Raises:
+            ConfigurationError: On entry, when the app's storage cannot take part in a
+                caller's transaction: it must be a
+                `qmlkit.storage.base.TransactionalStorage` with
+                ``supports_transactional_enqueue = True``, as qmlkit-postgres is.
+        """
+        return self._transactional.block(connection)
+
+    def enqueue_jobs(self, jobs: Sequence[Job], *, storage: Storage | None = None) -> list[str]:
+        """Store built jobs in one transaction, wake local servers, notify observers.
+
+        The jobs pass through the enqueue middleware first. Inside `transaction` they
+        are written through the caller's connection and announced after its commit.
+
+        Args:
+            jobs: Built jobs (see `make_job`).
+            storage: Where to store them (default the app's).
+
+        Returns:
+            The ids of the jobs stored, in order (fewer than given if a middleware
+            dropped some).
+        """
+        store = storage or self.storage
+        connection = self._transactional.connection()
+        insert = (store.enqueue_many if connection is None
+                  else Transactional.insert_through(store, connection))
+        chain = self._enqueue_chain()
+        if chain:
+            by_id: dict[str, Job] = {}
+
+            def store_all(final: list[Job]) -> list[str]:
+                for job in insert(final):
+                    by_id[job.id] = job
+                return [job.id for job in final]
+
+            compose_enqueue(chain, list(jobs), store_all)
+            # What was stored counts, whatever ids a middleware chose to return.
+            stored = list(by_id.values())
+        else:
+            stored = insert(jobs)
+        if connection is not None:
+            self._transactional.announce_after_commit(connection, stored)
+        else:
+            self._notifier.announce(stored)
+        return [j.id for j in stored]
+
+    @property
+    def _publisher(self) -> WakeupPublisher | None:
+        """This process's wake-up publisher, once one was needed (tests)."""
+        return self._notifier.publisher
+
+    def _enqueue_chain(self) -> list[EnqueueMiddleware]:
+        """The enqueue middleware from ``qmlkit_enqueue_middleware``, built on first use."""
+        if self._enqueue_mw is None:
+            chain: list[EnqueueMiddleware] = []
+            config = {"name": self.name, "storage": str(self._storage_spec)}
+            for provided in self.plugin_manager.hook.qmlkit_enqueue_middleware(config=config):
+                chain.extend(provided or ())
+            self._enqueue_mw = chain
+        return self._enqueue_mw
+
+    # --- management ------------------------------------------------------------------------
+
+    def retry(self, job_id: str) -> Job:
+        """Put a Failed, Succeeded or Deleted job back in its queue now.
+
+        Returns:
+            The job, Enqueued.
+
+        Raises:
+            JobNotFound: No such job.
+            InvalidTransition: It is Enqueued, Scheduled, Processing or AwaitingRetry.
+        """
+        return self._enqueue_again(job_id, "retried by hand", ("Failed", "Succeeded", "Deleted"))
+
+    def requeue(self, job_id: str) -> Job:
+        """Run a waiting job now: move a Scheduled or AwaitingRetry job to Enqueued.
+
+        Hangfire's dashboard calls this "Requeue"; the job keeps its retry count, and the
+        scheduler no longer waits for its due time.
+
+        Returns:
+            The job, Enqueued in its queue.
+
+        Raises:
+            JobNotFound: No such job.
+            InvalidTransition: It is not Scheduled or AwaitingRetry.
+        """
+        return self._enqueue_again(job_id, "requeued by hand", ("Scheduled", "AwaitingRetry"))
+
+    def _enqueue_again(self, job_id: str, reason: str, expected: tuple[str, ...]) -> Job:
+        job = self.storage.get(job_id)
+        change = self.storage.change_state(
+            job_id, Enqueued(enqueued_at=utcnow(), queue=job.queue if job is not None else "default",
+                             reason=reason),
+            expected=expected,
+        )
+        self._notifier.observe([change])
+        self._notifier.jobs_changed([change.job])
+        return change.job
+
+    def delete(self, job_id: str, *, reason: str | None = None,
+               ttl: timedelta | None = timedelta(hours=24)) -> Job:
+        """Move a job to Deleted (kept for ``ttl``, then removed by cleanup).
+
+        A Processing job's worker loses its claim: its outcome will be discarded.
+
+        Raises:
+            JobNotFound: No such job.
+            InvalidTransition: It is Deleted already.
+        """
+        now = utcnow()
+        change = self.storage.change_state(
+            job_id, Deleted(deleted_at=now, reason=reason),
+            expires_at=now + ttl if ttl is not None else None,
+        )
+        self._notifier.observe([change])
+        return change.job
+
+    # --- servers ---------------------------------------------------------------------------
+
+    def server(self, config: Any = None, **fields: Any) -> Server:
+        """Build a server for this app through the plugins; see ``Server.from_plugins``.
+
+        Args:
+            config: A ``ServerConfig`` or mapping; ``fields`` override its fields.
+            **fields: ``ServerConfig`` fields, e.g. ``worker_count=8``.
+
+        Raises:
+            ConfigurationError: A bad field (named).
+        """
+        from qmlkit.processing.server import Server, ServerConfig
+
+        base: dict[str, Any] = {}
+        if isinstance(config, ServerConfig):
+            base = config.model_dump(exclude_unset=True)
+        elif config is not None:
+            base = dict(config)
+        base.update(fields)
+        storage: str | Storage = self._storage_spec
+        if "storage_url" in base:
+            storage = base["storage_url"]
+        elif isinstance(storage, str):
+            storage = self.storage  # share the app's opened storage
+        elif not isinstance(storage, Storage):
+            raise ConfigurationError(f"unusable storage {storage!r}")
+        if self.wakeup_url and "wakeup_url" not in base:
+            base["wakeup_url"] = self.wakeup_url
+        base.setdefault("wakeup_exchange", self.wakeup_exchange)  # whatever the URL's source
+        if isinstance(self._storage_spec, str) and "storage_url" not in base:
+            base["storage_url"] = self._storage_spec
+            base.setdefault("storage_options", self.storage_options)
+        try:
+            cfg = ServerConfig(**base)
+        except ValueError as exc:
+            raise ConfigurationError(f"invalid server configuration: {exc}") from exc
+        return Server.from_plugins(app=self, storage=storage, config=cfg,
+                                   plugin_manager=self.plugin_manager)
+
+    def __iter__(self) -> Iterator[str]:
+        """Iterate over the registered job names."""
+        return iter(self.registry)
+
+    def __repr__(self) -> str:
+        """Name and storage."""
+        return f"App({self.name!r}, storage={self._storage_spec!r})"

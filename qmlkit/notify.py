@@ -1,0 +1,123 @@
+"""The after-commit fan-out: observers, local servers and the wake-up publisher.
+
+After a commit that changed jobs, an app tells the ``qmlkit_job_state_changed``
+observers, wakes the servers of this process that subscribed (a ``Server`` subscribes
+on ``start()`` and unsubscribes on ``stop()``), and publishes a wake-up naming the queues
+for every other process (`qmlkit.wakeup`).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import weakref
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Protocol
+
+from qmlkit.plugins import has_observers, notify_state_changed
+from qmlkit.storage.base import StateChange
+from qmlkit.wakeup import RECURRING, SCHEDULED, WakeupPublisher
+
+if TYPE_CHECKING:
+    import pluggy
+
+    from qmlkit.job import Job
+
+__all__ = ["LocalServer", "Notifier"]
+
+
+class LocalServer(Protocol):
+    """A server of this process that wants to hear about new jobs at once."""
+
+    def wake(self, queue: str | None = None) -> None:
+        """Wake an idle worker for ``queue``."""
+
+    def nudge_scheduler(self) -> None:
+        """Make the scheduler look for due jobs now."""
+
+    def nudge_recurring(self) -> None:
+        """Make the recurring poller look at the templates now."""
+
+
+class Notifier:
+    """One app's after-commit fan-out. Thread-safe.
+
+    Args:
+        plugin_manager: Returns the app's plugin manager (built on first use).
+        wakeup_url: A kombu URL to publish wake-ups on, or ``None``.
+        wakeup_exchange: The fanout exchange's name.
+    """
+
+    def __init__(self, plugin_manager: Callable[[], pluggy.PluginManager], *,
+                 wakeup_url: str | None, wakeup_exchange: str) -> None:
+        self._pm = plugin_manager
+        self.wakeup_url = wakeup_url
+        self.wakeup_exchange = wakeup_exchange
+        self._lock = threading.Lock()
+        self.publisher: WakeupPublisher | None = None  #: this process's, once made
+        self._publisher_pid = 0  # the process that made it (see `wakeup_publisher`)
+        self._servers: weakref.WeakSet[LocalServer] = weakref.WeakSet()
+
+    def subscribe(self, server: LocalServer) -> None:
+        """Wake ``server`` after each commit from now on (held weakly)."""
+        self._servers.add(server)
+
+    def unsubscribe(self, server: LocalServer) -> None:
+        """Stop waking ``server``; no error if it was not subscribed."""
+        self._servers.discard(server)
+
+    def wakeup_publisher(self) -> WakeupPublisher:
+        """This process's publisher. A process forked after the first wake-up (gunicorn
+        ``--preload``, multiprocessing) inherits the parent's publisher without its
+        thread or its connection, so it gets one of its own."""
+        with self._lock:
+            if self.publisher is not None and self._publisher_pid != os.getpid():
+                self.publisher = None  # the parent's: its socket is not ours to close
+            if self.publisher is None:
+                assert self.wakeup_url is not None
+                self.publisher = WakeupPublisher(self.wakeup_url, self.wakeup_exchange)
+                self._publisher_pid = os.getpid()
+            return self.publisher
+
+    def observe(self, changes: Sequence[StateChange]) -> None:
+        """Tell the observers about committed ``changes``."""
+        notify_state_changed(self._pm(), changes)
+
+    def announce(self, stored: list[Job]) -> None:
+        """New jobs were committed: tell the observers (if any), then wake."""
+        if has_observers(self._pm()):
+            notify_state_changed(self._pm(), [StateChange(j, None) for j in stored])
+        self.jobs_changed(stored)
+
+    def jobs_changed(self, jobs: Iterable[Job]) -> None:
+        """Committed jobs are Enqueued (wake their queues) or waiting (nudge schedulers)."""
+        if not self.wakeup_url and not self._servers:
+            return
+        queues: set[str] = set()
+        scheduled = False
+        for job in jobs:
+            if job.state.name == "Enqueued":
+                queues.add(job.queue)
+            else:
+                scheduled = True
+        if self.wakeup_url and (queues or scheduled):
+            self.wakeup_publisher().publish(queues | ({SCHEDULED} if scheduled else set()))
+        for server in list(self._servers):
+            for queue in queues:
+                server.wake(queue)
+            if scheduled:
+                server.nudge_scheduler()
+
+    def recurring_changed(self) -> None:
+        """A template was registered: local pollers and, over the broker, every other look."""
+        for server in list(self._servers):
+            server.nudge_recurring()
+        if self.wakeup_url:
+            self.wakeup_publisher().publish([RECURRING])
+
+    def close(self) -> None:
+        """Close the publisher (a new one is made on next use)."""
+        with self._lock:
+            if self.publisher is not None:
+                self.publisher.close()
+                self.publisher = None

@@ -1,0 +1,174 @@
+"""One worker thread's loop: claim a batch, run it, store its outcomes, wait when idle.
+
+Read `Worker.run` top to bottom (as arq's ``_poll_iteration``): size the batch, claim
+(retrying with `qmlkit.backoff.Backoff` while storage fails), wait at the idle gate if
+nothing came, pass the wake-up on if the claim came back full, run the batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from qmlkit.backoff import Backoff
+from qmlkit.job import Job, utcnow
+from qmlkit.processing.claims import RELEASE, SKIP
+from qmlkit.processing.context import JobContext
+
+if TYPE_CHECKING:
+    from qmlkit.processing.config import ServerConfig
+    from qmlkit.processing.idle import IdleGate
+    from qmlkit.processing.processor import JobProcessor
+    from qmlkit.processing.runtime import Runtime
+    from qmlkit.processing.watchdog import Watchdog
+    from qmlkit.storage.base import Transition
+
+__all__ = ["BatchSize", "Worker"]
+
+log = logging.getLogger("qmlkit.processing.server")  # the logger these lines always had
+
+#: Claim retries while storage fails: first and longest wait, seconds (jittered).
+CLAIM_RETRY_INITIAL_S = 0.1
+CLAIM_RETRY_CAP_S = 5.0
+
+
+class BatchSize:
+    """How many jobs a worker claims next: as many recent average-length jobs as fit in
+    ``prefetch_window`` (at least 1, at most ``fetch_batch_size``; 1 while unknown)."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.window = config.prefetch_window.total_seconds()
+        self.most = config.fetch_batch_size
+        self.avg = 0.0  # moving average of attempt length, seconds (0 = unknown yet)
+
+    def limit(self) -> int:
+        """The next claim's limit, 1 to ``fetch_batch_size``."""
+        if self.avg > 0 and self.window > 0:
+            return max(1, min(self.most, int(self.window / self.avg)))
+        return 1
+
+    def observe(self, per_job_s: float) -> None:
+        """Fold one batch's mean attempt length (seconds) into the moving average."""
+        self.avg = per_job_s if self.avg == 0 else 0.8 * self.avg + 0.2 * per_job_s
+
+
+class Worker:
+    """The loop of one worker thread of a server.
+
+    Args:
+        runtime: The server (storage, config, claims, stopping, notify, store, release).
+        worker_id: ``<server name>:worker:<n>``.
+        server_name: Stamped on claims: the server id when registered, else its name.
+        processor: Runs one attempt and returns its outcome.
+        idle: The server's idle gate.
+        watchdog: Cancels attempts past their timeout (``None``: no timeouts enforced).
+        observed: Whether state-change observers listen (claims are then reported).
+        wakeups_live: Whether wake-ups arrive now (idle workers then share one poll).
+    """
+
+    def __init__(self, runtime: Runtime, *, worker_id: str, server_name: str,
+                 processor: JobProcessor, idle: IdleGate, watchdog: Watchdog | None,
+                 observed: bool, wakeups_live: Callable[[], bool]) -> None:
+        self.runtime = runtime
+        self.worker_id = worker_id
+        self.server_name = server_name
+        self.processor = processor
+        self.idle = idle
+        self.watchdog = watchdog
+        self.observed = observed
+        self.wakeups_live = wakeups_live
+
+    def run(self) -> None:
+        """Claim and run batches until the server stops (a thread's target)."""
+        config, stopping = self.runtime.config, self.runtime.stopping
+        queues = list(config.queues)
+        interval_s = config.polling_interval.total_seconds()
+        size = BatchSize(config)
+        backoff = Backoff(CLAIM_RETRY_INITIAL_S, CLAIM_RETRY_CAP_S)
+        loop = asyncio.new_event_loop()
+        try:
+            while not stopping.is_set():
+                limit = size.limit()
+                seen = self.idle.seen()
+                try:
+                    jobs = self._claim(queues, limit)
+                    backoff.reset()
+                except Exception as exc:  # the loop must outlive any storage failure
+                    delay = backoff.next()
+                    log.warning("claim failed (%s: %s); retrying in %.1f s",
+                                type(exc).__name__, exc, delay)
+                    stopping.wait(backoff.jittered(delay))
+                    continue
+                if not jobs:
+                    self.idle.wait(seen, interval_s, stopping=stopping,
+                                   shared_poll=self.wakeups_live())
+                    continue
+                if len(jobs) >= limit:  # there may be more: pass the wake-up on
+                    self.idle.wake(1)
+                else:
+                    self.idle.keep_a_poller()
+                started = time.perf_counter()
+                self.run_batch(jobs, loop)
+                size.observe((time.perf_counter() - started) / len(jobs))
+        finally:
+            loop.close()
+
+    def _claim(self, queues: list[str], limit: int) -> list[Job]:
+        storage = self.runtime.storage
+        if not self.observed:
+            return storage.claim(worker_id=self.worker_id, server_name=self.server_name,
+                                 queues=queues, limit=limit, now=utcnow())
+        changes = storage.claim_changes(worker_id=self.worker_id, server_name=self.server_name,
+                                        queues=queues, limit=limit, now=utcnow())
+        self.runtime.notify(changes)
+        return [change.job for change in changes]
+
+    def _context(self, job: Job) -> JobContext:
+        return JobContext(job=job, worker_id=self.worker_id, server_name=self.server_name,
+                          stopping=self.runtime.stopping,
+                          progress_sink=self.runtime.storage.report_progress)
+
+    def run_batch(self, jobs: list[Job], loop: asyncio.AbstractEventLoop) -> None:
+        """Run a claimed batch in order and store its outcomes.
+
+        Outcomes are stored together, and at least every prefetch window, so finished
+        jobs show as finished and a crash re-runs no more than the last window's work;
+        the straggler duty may store them earlier. A job given back meanwhile (stop,
+        abort, the straggler duty) is skipped; once stopping, the rest are released.
+        """
+        runtime, claims, worker_id = self.runtime, self.runtime.claims, self.worker_id
+        claims.hold(jobs, worker_id)
+        window = runtime.config.prefetch_window.total_seconds()
+        flushed = time.perf_counter()
+        try:
+            for job in jobs:
+                if time.perf_counter() - flushed >= window and claims.has_outcomes(worker_id):
+                    runtime.store_outcomes(claims.take_outcomes(worker_id))
+                    flushed = time.perf_counter()
+                ctx = claims.start(job, worker_id, stopping=runtime.stopping.is_set(),
+                                   make_context=lambda job=job: self._context(job))  # type: ignore[misc]
+                if ctx == SKIP:
+                    continue
+                if ctx == RELEASE:
+                    runtime.release([job], "released unstarted: server stopping")
+                    continue
+                assert isinstance(ctx, JobContext)
+                claims.add_outcome(worker_id, self._run_one(job, ctx, loop))
+        finally:
+            runtime.store_outcomes(claims.take_outcomes(worker_id))
+            claims.end_batch(worker_id, jobs)
+
+    def _run_one(self, job: Job, ctx: JobContext, loop: asyncio.AbstractEventLoop) -> Transition:
+        timeout = self.processor.timeout_for(job)
+        watchdog = self.watchdog if timeout is not None else None
+        if watchdog is not None and timeout is not None:
+            watchdog.watch(ctx, timeout)
+        try:
+            return self.processor.run(job, ctx, loop)
+        finally:
+            if watchdog is not None:
+                watchdog.done(ctx)
+            self.runtime.claims.finish(job)  # finished: its outcome is stored with the batch

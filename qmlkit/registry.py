@@ -1,0 +1,330 @@
+"""The job registry: job names -> runnables, their `JobOptions`, and what a server needs.
+
+A server gets an app only as a `JobSource` (its registry, the after-commit notifier it
+subscribes to, and the way to build a recurring tick's job), so ``qmlkit.processing``
+never imports the client API (``qmlkit.client``).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import datetime, timedelta, timezone
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Protocol, TypeVar
+
+from qmlkit.errors import ConfigurationError
+from qmlkit.job import Enqueued, Job, Scheduled, new_job_id, trusted, utcnow
+from qmlkit.processing.retry import RetryPolicy
+
+if TYPE_CHECKING:
+    from qmlkit.notify import Notifier
+    from qmlkit.processing.context import JobContext
+    from qmlkit.processing.processor import Runnable
+    from qmlkit.recurring import RecurringJob
+
+__all__ = ["ClassWorker", "Enqueuer", "JobFunction", "JobOptions", "JobSource",
+           "RegisteredWorker", "Registry", "build_job", "seconds"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class ClassWorker(Protocol):
+    """A class-based worker, as qml-rs's ``Worker`` trait: a name and an ``execute``."""
+
+    method_name: str
+
+    def execute(self, job: Job, context: JobContext) -> Any:
+        """Run ``job``; return a JSON-serialisable result (or a coroutine of one)."""
+
+
+def seconds(value: timedelta | float | None) -> float | None:
+    """A positive timeout in seconds, or ``None``.
+
+    Raises:
+        ConfigurationError: ``value`` is zero or negative.
+    """
+    if value is None:
+        return None
+    secs = value.total_seconds() if isinstance(value, timedelta) else float(value)
+    if secs <= 0:
+        raise ConfigurationError(f"timeout must be positive, got {value!r}")
+    return secs
+
+
+class JobOptions:
+    """Defaults stamped on each job of one registered name.
+
+    Attributes:
+        queue: Queue name.
+        priority: Higher runs first.
+        max_retries: Retries after a failed first attempt (``None``: the policy's).
+        timeout: Per-attempt limit (``None``: the server's ``job_timeout``).
+        retry: A retry policy for this job name (``None``: the server's).
+    """
+
+    def __init__(
+        self,
+        *,
+        queue: str = "default",
+        priority: int = 0,
+        max_retries: int | None = None,
+        timeout: timedelta | float | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> None:
+        if not queue:
+            raise ConfigurationError("queue name must not be empty")
+        if not -(2**31) <= priority < 2**31:
+            raise ConfigurationError(f"priority must fit in 32 bits, got {priority}")
+        self.queue = queue
+        self.priority = priority
+        self.retry = retry
+        self.max_retries = max_retries if max_retries is not None else (
+            retry.max_retries if retry is not None else RetryPolicy().max_retries
+        )
+        if max_retries is not None and max_retries < 0:
+            raise ConfigurationError("max_retries must be >= 0")
+        self.timeout_s = seconds(timeout)
+
+
+class Enqueuer(Protocol):
+    """What a `JobFunction` needs of its app (``qmlkit.client.App`` is one)."""
+
+    def enqueue(self, method: str, **options: Any) -> str:
+        """Store one job for ``method``; return its id."""
+
+    def make_job(self, method: str, **options: Any) -> Job:
+        """Build (not store) a job for ``method``."""
+
+    def enqueue_jobs(self, jobs: Sequence[Job]) -> list[str]:
+        """Store built jobs in one transaction; return their ids."""
+
+
+class JobFunction(Generic[P, R]):
+    """A function registered with ``@app.job``. Calling it runs it here and now.
+
+    Attributes:
+        name: The registered job name (default ``module.qualname``).
+        fn: The wrapped function (``def`` or ``async def``).
+        options: Its `JobOptions`.
+    """
+
+    def __init__(self, app: Enqueuer, fn: Callable[P, R], name: str, options: JobOptions) -> None:
+        self.app = app
+        self.fn = fn
+        self.name = name
+        self.options = options
+        self.retry = options.retry
+        functools.update_wrapper(self, fn)  # type: ignore[arg-type]
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        """Run the function directly, in this process (no storage involved)."""
+        return self.fn(*args, **kwargs)
+
+    def execute(self, job: Job, context: JobContext) -> Any:
+        """Run the stored job's arguments through the function (used by workers)."""
+        return self.fn(*job.args, **job.kwargs)
+
+    def enqueue(self, *args: P.args, **kwargs: P.kwargs) -> str:
+        """Store a job that calls this function with these arguments; return its id.
+
+        Raises:
+            PayloadError: An argument is not JSON-serialisable (named) or the arguments
+                are over the size limit; nothing is stored.
+            StorageError: The storage failed; nothing is stored.
+        """
+        return self.app.enqueue(self.name, args=args, kwargs=kwargs)
+
+    def schedule(
+        self,
+        *args: Any,
+        at: datetime | None = None,
+        delay: timedelta | float | None = None,
+        **kwargs: Any,
+    ) -> str:
+        """Store a job that becomes runnable at ``at`` or after ``delay``; return its id.
+
+        ``at`` and ``delay`` are reserved here; use `App.enqueue` to pass job
+        arguments with those names.
+
+        Args:
+            *args: Job arguments.
+            at: An aware datetime (naive is refused: it would be ambiguous).
+            delay: Seconds or a ``timedelta`` from now.
+            **kwargs: Job keyword arguments.
+
+        Raises:
+            ConfigurationError: Neither or both of ``at`` and ``delay``, or a naive ``at``.
+            PayloadError: As for `enqueue`.
+        """
+        if (at is None) == (delay is None):
+            raise ConfigurationError("schedule() takes exactly one of at= or delay=")
+        return self.app.enqueue(self.name, args=args, kwargs=kwargs, at=at, delay=delay)
+
+    def enqueue_many(self, calls: Iterable[Sequence[Any] | tuple[Sequence[Any], Mapping[str, Any]]]) -> list[str]:
+        """Store many jobs of this function in one transaction; return their ids.
+
+        Args:
+            calls: Each item is an argument tuple/list, or an ``(args, kwargs)`` pair
+                whose second member is a mapping.
+
+        Raises:
+            PayloadError: One call's arguments cannot be stored; none are stored.
+        """
+        template: Job | None = None
+        jobs = []
+        for call in calls:
+            if (isinstance(call, tuple) and len(call) == 2
+                    and isinstance(call[1], Mapping) and isinstance(call[0], (list, tuple))):
+                args, kwargs = list(call[0]), dict(call[1])
+            else:
+                args, kwargs = list(call), {}
+            if template is None:
+                template = self.app.make_job(self.name, args=args, kwargs=kwargs)
+                jobs.append(template)
+            else:  # same options and timestamps: copy the validated first job
+                jobs.append(template._replace(id=new_job_id(), args=args, kwargs=kwargs,
+                                              metadata=dict(template.metadata)))
+        return self.app.enqueue_jobs(jobs) if jobs else []
+
+
+class RegisteredWorker:
+    """A class-based worker in the registry, with its options.
+
+    Args:
+        worker: The worker object.
+        options: Its `JobOptions`.
+    """
+
+    def __init__(self, worker: ClassWorker, options: JobOptions) -> None:
+        self.worker = worker
+        self.options = options
+        self.retry = options.retry
+
+    def execute(self, job: Job, context: JobContext) -> Any:
+        """Run the job through the worker's ``execute``."""
+        return self.worker.execute(job, context)
+
+
+class Registry(dict[str, Any]):
+    """Job names -> runnables (``JobFunction``s and `RegisteredWorker`s); a plain dict."""
+
+    def register(self, name: str, entry: Any) -> None:
+        """Register ``entry`` under ``name``; re-registering the same function is allowed.
+
+        Raises:
+            ConfigurationError: ``name`` is taken by another function or worker.
+        """
+        existing = self.get(name)
+        if existing is not None and getattr(existing, "fn", None) is not getattr(entry, "fn", None):
+            raise ConfigurationError(f"job name {name!r} is registered already")
+        self[name] = entry
+
+    def options_for(self, name: str) -> JobOptions:
+        """The registered options of ``name``, or the defaults for an unknown name."""
+        entry = self.get(name)
+        return entry.options if entry is not None else JobOptions()
+
+
+class JobSource(Protocol):
+    """What a server needs from an application (``qmlkit.client.App`` is one).
+
+    Attributes:
+        registry: Job names -> runnables.
+        notifier: The after-commit fan-out local servers subscribe to for wake-ups.
+    """
+
+    registry: Mapping[str, Runnable]
+
+    @property
+    def notifier(self) -> Notifier:
+        """The app's after-commit notifier."""
+
+    def tick_job(self, template: RecurringJob, tick: datetime) -> Job | None:
+        """Build the job materialising ``tick`` of ``template``; ``None`` if dropped."""
+
+
+def build_job(
+    registry: Mapping[str, Any],
+    method: str,
+    *,
+    args: Sequence[Any] = (),
+    kwargs: Mapping[str, Any] | None = None,
+    queue: str | None = None,
+    priority: int | None = None,
+    at: datetime | None = None,
+    delay: timedelta | float | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    job_id: str | None = None,
+    max_retries: int | None = None,
+    timeout: timedelta | float | None = None,
+) -> Job:
+    """Build (not store) a job for ``method`` with its registered defaults; see
+    ``App.make_job`` for the arguments.
+
+    Raises:
+        ConfigurationError: A naive ``at``, both ``at`` and ``delay``, or a bad option.
+    """
+    entry = registry.get(method)
+    now = utcnow()
+    overrides = (at, delay, queue, priority, metadata, job_id, max_retries, timeout)
+    if entry is not None and all(value is None for value in overrides):
+        # The common case: only the arguments are new, and they are checked when the
+        # storage encodes them; every other field comes from validated options.
+        return _quick_job(entry.options, method, args, kwargs, now)
+    opts = entry.options if entry is not None else JobOptions()
+    run_at = _run_at(now, at, delay)
+    q = queue or opts.queue
+    state: Enqueued | Scheduled
+    if run_at is None:
+        state = Enqueued(enqueued_at=now, queue=q)
+    else:
+        reason = f"delay {(run_at - now).total_seconds():g} s" if delay is not None else "at"
+        state = Scheduled(enqueue_at=run_at, scheduled_at=now, reason=reason)
+    fields: dict[str, Any] = {
+        "method": method, "args": list(args), "kwargs": dict(kwargs or {}), "queue": q,
+        "priority": opts.priority if priority is None else priority,
+        "max_retries": opts.max_retries if max_retries is None else max_retries,
+        "timeout_s": seconds(timeout) if timeout is not None else opts.timeout_s,
+        "metadata": dict(metadata or {}), "created_at": now, "state": state,
+    }
+    if job_id is not None:
+        fields["id"] = job_id
+    try:
+        return Job(**fields)
+    except ValueError as exc:
+        raise ConfigurationError(f"invalid job for {method!r}: {exc}") from exc
+
+
+def _quick_job(opts: JobOptions, method: str, args: Sequence[Any],
+               kwargs: Mapping[str, Any] | None, now: datetime) -> Job:
+    """An Enqueued job built unvalidated: every field but the arguments comes from
+    validated options."""
+    return trusted(Job, {
+        "id": new_job_id(), "method": method, "args": list(args),
+        "kwargs": dict(kwargs or {}), "queue": opts.queue, "priority": opts.priority,
+        "attempts": 0, "retry_count": 0, "max_retries": opts.max_retries,
+        "timeout_s": opts.timeout_s, "metadata": {}, "created_at": now,
+        "expires_at": None,
+        "state": trusted(Enqueued, {"enqueued_at": now, "queue": opts.queue,
+                                    "reason": None}),
+    })
+
+
+def _run_at(now: datetime, at: datetime | None, delay: timedelta | float | None) -> datetime | None:
+    if at is not None and delay is not None:
+        raise ConfigurationError("give at= or delay=, not both")
+    if at is not None:
+        if at.tzinfo is None or at.utcoffset() is None:
+            raise ConfigurationError(
+                "at= must be an aware datetime (e.g. datetime.now(timezone.utc) + ...); "
+                "a naive one would be read in an unknown time zone"
+            )
+        return at.astimezone(timezone.utc)
+    if delay is not None:
+        secs = delay.total_seconds() if isinstance(delay, timedelta) else float(delay)
+        if secs < 0:
+            raise ConfigurationError(f"delay must not be negative, got {delay!r}")
+        return now + timedelta(seconds=secs)
+    return None
+
