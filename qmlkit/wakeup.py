@@ -37,7 +37,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -338,15 +338,20 @@ class WakeupPublisher:
             last = time.monotonic()
             try:
                 self._send(queues)
+                if backoff.delay_s:
+                    log.info("wake-ups reach %s again", mask_url(self.url))
                 backoff.reset()
             except Exception as exc:  # the broker is optional: log, retry later
                 self._drop_connection()
+                first = not backoff.delay_s
                 delay = backoff.next()
                 with self._cond:
                     if not self._closed:  # tried again with what comes meanwhile
                         self._pending.update(queues)
-                log.warning("wake-up for %s not sent (%s: %s); trying again in %.1f s, "
-                            "workers poll meanwhile", queues, type(exc).__name__, exc, delay)
+                # one warning per outage; the retries of the same outage at debug level
+                log.log(logging.WARNING if first else logging.DEBUG,
+                        "wake-up for %s not sent (%s: %s); trying again in %.1f s, workers "
+                        "poll meanwhile", queues, type(exc).__name__, exc, delay)
                 with self._cond:
                     if not self._closed:
                         self._cond.wait(backoff.jittered(delay))
@@ -463,9 +468,8 @@ class _AmqpProbe(_Probe):
 
     def check(self, now: float) -> bool:
         self.conn.heartbeat_check(rate=2)
-        raw = self.conn.connection
-        received = getattr(raw, "last_heartbeat_received", 0) or 0
-        self.last_beat = received or now
+        received = getattr(self.conn.connection, "last_heartbeat_received", 0)
+        self.last_beat = received or None
         return True
 
 
@@ -614,7 +618,10 @@ class WakeupListener:
                 self._stop.wait(backoff.jittered(delay))
             else:  # stopped: the broker drops the auto-delete queue with the connection
                 self.connected.clear()
-                _forget(conn)
+                try:
+                    conn.release()
+                except Exception:  # the broker went meanwhile: drop the socket
+                    _forget(conn)
         self.connected.clear()
         self._set_state("stopped")
         log.info("wake-up listener stopped (state stopped)")
@@ -622,12 +629,13 @@ class WakeupListener:
     def _consume(self, conn: Connection, probe: _Probe, backoff: Backoff) -> None:
         """Drain events until stopped; raises when the connection fails or goes silent."""
         while not self._stop.is_set():
-            ready = probe.check(time.monotonic())
+            now = time.monotonic()
+            ready = probe.check(now)
             if probe.last_beat is not None:
-                seen = datetime.now(timezone.utc)
+                ago = timedelta(seconds=max(0.0, now - probe.last_beat))
+                seen = datetime.now(timezone.utc) - ago
                 if self._last_seen is None or seen > self._last_seen:
                     self._last_seen = seen
-                probe.last_beat = None
             if ready and not self.connected.is_set():
                 # Wake-ups sent while this listener was away were lost: look now. Only
                 # then announce the subscription, so whoever waits on `connected` sees
