@@ -332,8 +332,9 @@ class WakeupPublisher:
                 if self._closed and not self._pending:
                     return
                 pause = last + COALESCE_S - time.monotonic()
-                if pause > 0 and not self._closed:  # gather the rest of a burst
-                    self._cond.wait(pause)
+                while pause > 0 and not self._closed:  # gather the rest of a burst
+                    self._cond.wait(pause)  # a new queue's notify ends it early
+                    pause = last + COALESCE_S - time.monotonic()
                 queues, self._pending = sorted(self._pending), set()
             last = time.monotonic()
             try:
