@@ -14,7 +14,14 @@ long (little storage load while idle) without making jobs wait.
 * `WakeupListener` runs in each server: its own auto-deleted queue bound to the
   exchange, a consumer thread that wakes the idle workers of the named queues (a
   server serving other queues ignores the message), and reconnection with capped
-  backoff when the broker goes away, logging each change. Meanwhile workers poll.
+  backoff (`qmlkit.backoff.Backoff`) when the broker goes away, logging each change.
+  Meanwhile workers poll. A broker that goes silent without closing the connection (a
+  proxy, a NAT, a failed-over host: a *half-open* connection) is noticed within
+  ``DEAD_AFTER_S`` seconds: on Redis the listener sends a PING on its pub/sub
+  connection every ``HEARTBEAT_S / 2`` seconds and gives the connection up when none is
+  answered for ``DEAD_AFTER_S``; on AMQP the connection negotiates ``HEARTBEAT_S``
+  heartbeats and the listener checks them twice a heartbeat. Its `WakeupListener.state`
+  tells where it is.
 
 Any kombu URL works: ``redis://``, ``amqp://`` (RabbitMQ), ``memory://`` (one
 process), or ``filesystem:///path/to/folder`` (processes on one machine, no server to
@@ -26,17 +33,18 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import random
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from kombu import Connection, Exchange, Queue
 
+from qmlkit.backoff import Backoff
 from qmlkit.config import mask_url
 from qmlkit.errors import ConfigurationError
 
@@ -49,8 +57,19 @@ RECURRING = "qmlkit:recurring"
 
 #: Default exchange name; several apps on one broker use their own ``exchange``.
 DEFAULT_EXCHANGE = "qmlkit.wakeup"
-#: Cap of the reconnect backoff, in seconds.
+#: First delay of the reconnect and resend backoff, in seconds.
+MIN_BACKOFF_S = 0.2
+#: Cap of the reconnect and resend backoff, in seconds.
 MAX_BACKOFF_S = 5.0
+#: Heartbeat period of a broker connection, in seconds: the AMQP heartbeat negotiated
+#: with the broker (whole seconds), and twice the period of a Redis listener's PINGs.
+HEARTBEAT_S = 2
+#: A listener whose broker has answered nothing (no message, no PONG, no heartbeat) for
+#: this long, in seconds, takes its connection for dead and reconnects. AMQP fails a
+#: connection after two missed heartbeats; the Redis listener uses the same bound.
+DEAD_AFTER_S = 2.0 * HEARTBEAT_S
+#: How long a listener waits for broker events before checking its connection, seconds.
+POLL_S = 0.25
 #: Longest wait for a broker's answer on an open connection, in seconds (a send, a TLS
 #: handshake, deleting a queue on stop).
 SOCKET_TIMEOUT_S = 5.0
@@ -186,14 +205,18 @@ def connection_for(url: str) -> Connection:
         # Without a read timeout, a broker that accepts and then never answers (paused,
         # or plain Redis behind rediss://) would hang a send, a TLS handshake or stop().
         options = {"socket_timeout": SOCKET_TIMEOUT_S, "socket_connect_timeout": 2.0}
-    elif scheme in ("amqp", "pyamqp", "amqps"):
+    heartbeat = 0
+    if scheme in ("amqp", "pyamqp", "amqps"):
         options = {"read_timeout": SOCKET_TIMEOUT_S, "write_timeout": SOCKET_TIMEOUT_S}
+        # A silent broker is noticed by missed heartbeats (`heartbeat_check`).
+        heartbeat = HEARTBEAT_S
     try:
         if scheme == "filesystem":  # a host name too, or kombu warns that none was given
             conn = Connection(hostname="localhost", transport=_filesystem_transport(),
                               transport_options=options, connect_timeout=2)
         else:
-            conn = Connection(url, transport_options=options, connect_timeout=2)
+            conn = Connection(url, transport_options=options, connect_timeout=2,
+                              heartbeat=heartbeat)
         if scheme in ("redis", "rediss"):
             # The same connection on the leaner publishing channel; ``ssl`` is what
             # kombu made of the URL (for a bare ``rediss://``, TLS without checks).
@@ -255,6 +278,12 @@ def _exchange(name: str) -> Exchange:
 class WakeupPublisher:
     """Publishes coalesced wake-up messages; never raises into the caller.
 
+    A send that fails (broker down, or a half-open connection: a Redis send times out
+    after ``SOCKET_TIMEOUT_S``, an AMQP connection fails its heartbeats within
+    ``DEAD_AFTER_S``) drops the connection, logs a warning and is tried again, with the
+    queues gathered meanwhile, after a capped backoff (`qmlkit.backoff.Backoff`). A
+    wake-up lost on the way costs latency, never a job: servers poll.
+
     Args:
         url: A kombu URL.
         exchange: The fanout exchange's name.
@@ -290,29 +319,59 @@ class WakeupPublisher:
                 self._cond.notify()
 
     def _run(self) -> None:
-        backoff = 0.0
+        backoff = Backoff(MIN_BACKOFF_S, MAX_BACKOFF_S)
         last = 0.0
         while True:
             with self._cond:
                 while not self._pending and not self._closed:
-                    self._cond.wait()
+                    # An open AMQP connection heartbeats while idle, so a dead one is
+                    # found (and dropped) before the next wake-up has to go through it.
+                    keepalive = self._producer is not None and bool(self._conn.heartbeat)
+                    if not self._cond.wait(HEARTBEAT_S / 4 if keepalive else None):
+                        self._keepalive()
                 if self._closed and not self._pending:
                     return
                 pause = last + COALESCE_S - time.monotonic()
-                if pause > 0 and not self._closed:  # gather the rest of a burst
-                    self._cond.wait(pause)
+                while pause > 0 and not self._closed:  # gather the rest of a burst
+                    self._cond.wait(pause)  # a new queue's notify ends it early
+                    pause = last + COALESCE_S - time.monotonic()
                 queues, self._pending = sorted(self._pending), set()
             last = time.monotonic()
             try:
                 self._send(queues)
-                backoff = 0.0
-            except Exception as exc:  # the broker is optional: log, drop, retry later
-                self._producer = None
-                backoff = min(max(backoff * 2, 0.1), MAX_BACKOFF_S)
-                log.warning("wake-up for %s not sent (%s: %s); workers will poll",
-                            queues, type(exc).__name__, exc)
+                if backoff.delay_s:
+                    log.info("wake-ups reach %s again", mask_url(self.url))
+                backoff.reset()
+            except Exception as exc:  # the broker is optional: log, retry later
+                self._drop_connection()
+                first = not backoff.delay_s
+                delay = backoff.next()
                 with self._cond:
-                    self._cond.wait(backoff * (0.5 + random.random()))  # noqa: S311
+                    if not self._closed:  # tried again with what comes meanwhile
+                        self._pending.update(queues)
+                # one warning per outage; the retries of the same outage at debug level
+                log.log(logging.WARNING if first else logging.DEBUG,
+                        "wake-up for %s not sent (%s: %s); trying again in %.1f s, workers "
+                        "poll meanwhile", queues, type(exc).__name__, exc, delay)
+                with self._cond:
+                    if not self._closed:
+                        self._cond.wait(backoff.jittered(delay))
+
+    def _keepalive(self) -> None:
+        """Send and check AMQP heartbeats on the idle connection; drop it if dead."""
+        try:
+            self._conn.heartbeat_check(rate=2)
+        except Exception as exc:  # a dead connection: the next send opens a new one
+            log.warning("wake-up publisher lost its broker (%s: %s); reconnecting at the "
+                        "next wake-up", type(exc).__name__, exc)
+            self._drop_connection()
+
+    def _drop_connection(self) -> None:
+        """Forget the connection without talking to the broker (it may be half-open)."""
+        self._producer = None
+        old = self._conn
+        self._conn = old.clone()
+        _forget(old)
 
     def _send(self, queues: list[str]) -> None:
         if self._producer is None:
@@ -338,8 +397,109 @@ class WakeupPublisher:
         self._conn.release()
 
 
+#: A listener's states: before its first connection, consuming wake-ups, between a lost
+#: (or refused) connection and the next, and after `WakeupListener.stop`.
+ListenerState = Literal["connecting", "consuming", "reconnecting", "stopped"]
+
+
+class _BrokerDead(ConnectionError):
+    """The broker answered nothing for ``DEAD_AFTER_S``: the connection is half-open."""
+
+
+class _Probe:
+    """Checks an open listener connection (filesystem, memory: nothing to check).
+
+    ``check(now)`` is called at least every ``POLL_S`` seconds with ``time.monotonic()``;
+    it returns whether the subscription is known to be in place, and raises
+    `_BrokerDead` (or a transport error) when the connection is dead. ``last_beat`` is
+    the monotonic time of the broker's last sign of life, or ``None``.
+    """
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.last_beat: float | None = None
+
+    def check(self, now: float) -> bool:
+        return True
+
+
+class _RedisProbe(_Probe):
+    """PINGs on the pub/sub connection itself, every ``HEARTBEAT_S / 2`` seconds.
+
+    kombu checks a pub/sub connection's health only inside its event loop, never under
+    ``drain_events``, and a half-open socket never becomes readable, so nothing else
+    would notice. The PONG comes back on the same connection after the PSUBSCRIBE, so
+    the first one answered also proves the subscription is in place (kombu sends it
+    lazily, at the first ``drain_events``). redis-py counts the PINGs sent with its
+    health-check message in ``health_check_response_counter`` and takes their PONGs off
+    the stream (kombu never sees them).
+    """
+
+    def __init__(self, conn: Connection) -> None:
+        super().__init__(conn)
+        self._channel = conn.default_channel
+        self._waiting_since: float | None = None  # oldest unanswered PING
+        self._next_ping = 0.0
+        self._ready = False
+
+    def check(self, now: float) -> bool:
+        if not self._channel._in_listen:  # PSUBSCRIBE not sent yet
+            return False
+        pubsub = self._channel.subclient
+        if pubsub.health_check_response_counter <= 0:
+            if self._waiting_since is not None:
+                self._ready = True
+                self.last_beat = now
+            self._waiting_since = None
+        elif self._waiting_since is not None and now - self._waiting_since > DEAD_AFTER_S:
+            raise _BrokerDead(f"no answer to PING for {now - self._waiting_since:.1f} s")
+        if now >= self._next_ping:
+            pubsub.connection.send_command("PING", pubsub.HEALTH_CHECK_MESSAGE,
+                                           check_health=False)
+            pubsub.health_check_response_counter += 1
+            if self._waiting_since is None:
+                self._waiting_since = now
+            self._next_ping = now + HEARTBEAT_S / 2
+        return self._ready
+
+
+class _AmqpProbe(_Probe):
+    """AMQP heartbeats: sent and checked twice a heartbeat; py-amqp raises
+    ``ConnectionForced`` after two heartbeats with nothing received."""
+
+    def check(self, now: float) -> bool:
+        self.conn.heartbeat_check(rate=2)
+        received = getattr(self.conn.connection, "last_heartbeat_received", 0)
+        self.last_beat = received or None
+        return True
+
+
+def _forget(conn: Connection) -> None:
+    """Drop a kombu connection without waiting on the broker (it may be half-open)."""
+    try:
+        conn.collect(socket_timeout=0.5)
+    except Exception as exc:  # best effort: the socket is gone either way
+        log.debug("could not release a wake-up connection: %s", exc)
+
+
+def _probe_for(conn: Connection) -> _Probe:
+    driver = conn.transport.driver_type
+    if driver == "redis":
+        return _RedisProbe(conn)
+    if driver == "amqp" and conn.heartbeat:
+        return _AmqpProbe(conn)
+    return _Probe(conn)
+
+
 class WakeupListener:
     """A server's consumer of wake-ups: calls ``on_wakeup(queue)`` for each named queue.
+
+    The listener's thread connects, subscribes, wakes everything once the subscription
+    is in place (wake-ups sent while it was away were lost), then consumes. It checks
+    its connection at least every ``POLL_S`` seconds (see the module's docs), so a
+    broker that goes silent is given up within about ``DEAD_AFTER_S`` seconds; it then
+    reconnects with a capped backoff (`qmlkit.backoff.Backoff`). Each change of
+    `state` is logged.
 
     Args:
         url: A kombu URL.
@@ -362,9 +522,36 @@ class WakeupListener:
         self._queue = Queue(f"{exchange}.{name}.{uuid.uuid4().hex[:8]}", exchange=self._exchange,
                             durable=False, auto_delete=True, exclusive=False)
         self._stop = threading.Event()
-        self.connected = threading.Event()  #: set while consuming (tests, liveness checks)
+        #: Set while consuming, with the subscription in place (tests, liveness checks).
+        self.connected = threading.Event()
         self.received = 0  #: messages handled so far, unreadable ones included
+        self._state: ListenerState = "connecting"
+        self._state_since = datetime.now(timezone.utc)
+        self._last_seen: datetime | None = None
         self._thread = threading.Thread(target=self._run, name="qmlkit-wakeup-listen", daemon=True)
+
+    @property
+    def state(self) -> ListenerState:
+        """Where the listener is: ``"connecting"`` (before its first subscription),
+        ``"consuming"``, ``"reconnecting"`` (the broker was lost or refused, a retry
+        is due) or ``"stopped"``."""
+        return self._state
+
+    @property
+    def state_since(self) -> datetime:
+        """When `state` last changed (aware UTC)."""
+        return self._state_since
+
+    @property
+    def last_seen(self) -> datetime | None:
+        """When the broker last gave a sign of life on the consuming connection (a
+        message, a PONG, an AMQP heartbeat), as aware UTC; ``None`` before any."""
+        return self._last_seen
+
+    def _set_state(self, state: ListenerState) -> None:
+        if state != self._state:
+            self._state = state
+            self._state_since = datetime.now(timezone.utc)
 
     def start(self) -> None:
         """Start the consumer thread (pruning a filesystem folder's stale leftovers)."""
@@ -374,6 +561,7 @@ class WakeupListener:
         self._thread.start()
 
     def _handle(self, body: Any, message: Any) -> None:
+        self._last_seen = datetime.now(timezone.utc)
         try:
             try:
                 payload = json.loads(body) if isinstance(body, (str, bytes)) else body
@@ -399,49 +587,79 @@ class WakeupListener:
         self.received += 1
 
     def _run(self) -> None:
-        backoff = 0.0
+        backoff = Backoff(MIN_BACKOFF_S, MAX_BACKOFF_S)
+        log.info("wake-up listener connecting to %s (state connecting)", mask_url(self.url))
         while not self._stop.is_set():
+            conn = self._conn.clone()
             try:
-                with self._conn.clone() as conn:
-                    conn.ensure_connection(max_retries=1)
-                    # no_ack: a wake-up is worth nothing once delivered, and on Redis
-                    # kombu's acks cost two round trips per message before the callback.
-                    with conn.Consumer([self._queue], callbacks=[self._handle], accept=["json"],
-                                       no_ack=True, on_decode_error=self._undecodable):
-                        self.connected.set()
-                        log.info("wake-up listener consuming from %s", mask_url(self.url))
-                        backoff = 0.0
-                        # Wake-ups sent while this listener was away were lost: look now.
-                        self._on_wakeup(None)
-                        while not self._stop.is_set():
-                            try:
-                                conn.drain_events(timeout=0.5)
-                            except TimeoutError:
-                                conn.heartbeat_check()
-                            except (ValueError, KeyError, TypeError, AttributeError) as exc:
-                                # A message that is not a kombu envelope (JSON of another
-                                # shape published on the channel, a half-written file)
-                                # fails inside kombu, after it was read whole: the
-                                # connection is sound. Drop it, and wake everything
-                                # rather than lose what may have been a wake-up.
-                                log.warning("unreadable wake-up message dropped (%s: %s); "
-                                            "waking all", type(exc).__name__, exc)
-                                self._on_wakeup(None)
-                                self.received += 1
+                conn.ensure_connection(max_retries=1)
+                # no_ack: a wake-up is worth nothing once delivered, and on Redis
+                # kombu's acks cost two round trips per message before the callback.
+                consumer = conn.Consumer([self._queue], callbacks=[self._handle],
+                                         accept=["json"], no_ack=True,
+                                         on_decode_error=self._undecodable)
+                consumer.consume()
+                self._consume(conn, _probe_for(conn), backoff)
             except Exception as exc:  # reconnect with backoff; workers poll meanwhile
                 was_connected = self.connected.is_set()
+                if not self._stop.is_set():
+                    self._set_state("reconnecting")  # before `connected` clears
                 self.connected.clear()
+                _forget(conn)  # no goodbye to a broker that may be half-open
                 if self._stop.is_set():
                     break
                 if was_connected:
                     # Idle workers waiting for wake-ups must poll on their own now.
                     self._on_wakeup(None)
-                backoff = min(max(backoff * 2, 0.2), MAX_BACKOFF_S)
-                log.warning("wake-up listener %s (%s: %s); reconnecting in %.1f s, workers "
-                            "poll meanwhile", "lost its broker" if was_connected else "cannot connect",
-                            type(exc).__name__, exc, backoff)
-                self._stop.wait(backoff * (0.5 + random.random()))  # noqa: S311
+                delay = backoff.next()
+                log.warning("wake-up listener %s (%s: %s); state reconnecting, next try in "
+                            "%.1f s, workers poll meanwhile",
+                            "lost its broker" if was_connected else "cannot connect",
+                            type(exc).__name__, exc, delay)
+                self._stop.wait(backoff.jittered(delay))
+            else:  # stopped: the broker drops the auto-delete queue with the connection
+                self.connected.clear()
+                try:
+                    conn.release()
+                except Exception:  # the broker went meanwhile: drop the socket
+                    _forget(conn)
         self.connected.clear()
+        self._set_state("stopped")
+        log.info("wake-up listener stopped (state stopped)")
+
+    def _consume(self, conn: Connection, probe: _Probe, backoff: Backoff) -> None:
+        """Drain events until stopped; raises when the connection fails or goes silent."""
+        while not self._stop.is_set():
+            now = time.monotonic()
+            ready = probe.check(now)
+            if probe.last_beat is not None:
+                ago = timedelta(seconds=max(0.0, now - probe.last_beat))
+                seen = datetime.now(timezone.utc) - ago
+                if self._last_seen is None or seen > self._last_seen:
+                    self._last_seen = seen
+            if ready and not self.connected.is_set():
+                # Wake-ups sent while this listener was away were lost: look now. Only
+                # then announce the subscription, so whoever waits on `connected` sees
+                # this wake-up behind it, never after it.
+                self._on_wakeup(None)
+                self._set_state("consuming")
+                self.connected.set()
+                backoff.reset()
+                log.info("wake-up listener consuming from %s (state consuming)",
+                         mask_url(self.url))
+            try:
+                conn.drain_events(timeout=POLL_S if ready else 0.02)
+            except TimeoutError:
+                pass
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                # A message that is not a kombu envelope (JSON of another shape
+                # published on the channel, a half-written file) fails inside kombu,
+                # after it was read whole: the connection is sound. Drop it, and wake
+                # everything rather than lose what may have been a wake-up.
+                log.warning("unreadable wake-up message dropped (%s: %s); waking all",
+                            type(exc).__name__, exc)
+                self._on_wakeup(None)
+                self.received += 1
 
     def stop(self) -> None:
         """Stop consuming, join the thread (3 s at most), and remove this listener's queue.
