@@ -25,6 +25,8 @@ class IdleGate:
 
     Attributes:
         idle_workers: Worker threads in their idle wait now (tests, metrics).
+        waiting: Of those, the ones not yet woken: a woken worker still counts in
+            ``idle_workers`` until it gets the CPU back and leaves its wait.
         seq: The wake sequence number; it grows by one on every wake.
         poller: Whether one idle worker is the polling one now.
     """
@@ -34,6 +36,7 @@ class IdleGate:
         self.seq = 0
         self.poller = False
         self.idle_workers = 0
+        self.waiting = 0
 
     def seen(self) -> int:
         """Return the wake sequence number; pass it to `wait` after an empty claim."""
@@ -55,28 +58,40 @@ class IdleGate:
             if self.seq != seen or stopping.is_set():
                 return
             self.idle_workers += 1
+            self.waiting += 1
             try:
                 if shared_poll and self.poller:
-                    self._cond.wait(interval_s * SAFETY_FACTOR)  # someone polls already
+                    self._wait(interval_s * SAFETY_FACTOR)  # someone polls already
                     return
                 self.poller = True
                 try:
-                    self._cond.wait(interval_s)
+                    self._wait(interval_s)
                 finally:
                     self.poller = False
             finally:
                 self.idle_workers -= 1
 
+    def _wait(self, timeout_s: float) -> None:
+        # A notified waiter was counted out of ``waiting`` by its notifier; one whose
+        # wait timed out (``wait`` returns False) counts itself out.
+        if not self._cond.wait(timeout_s):
+            self.waiting -= 1
+
+    def _notify(self, n: int) -> None:
+        self.waiting -= min(n, self.waiting)
+        self._cond.notify(n)
+
     def wake(self, n: int) -> None:
         """Wake ``n`` idle workers (not all of them) and move the sequence number."""
         with self._cond:
             self.seq += 1
-            self._cond.notify(n)
+            self._notify(n)
 
     def wake_all(self) -> None:
         """Wake every idle worker and move the sequence number."""
         with self._cond:
             self.seq += 1
+            self.waiting = 0
             self._cond.notify_all()
 
     def keep_a_poller(self) -> None:
@@ -87,5 +102,5 @@ class IdleGate:
         others' long safety timeout instead of the polling interval.
         """
         with self._cond:
-            if not self.poller and self.idle_workers > 0:
-                self._cond.notify(1)
+            if not self.poller and self.waiting > 0:
+                self._notify(1)

@@ -400,12 +400,9 @@ class Server:
         return self._idle.idle_workers
 
     @property
-    def _wake_seq(self) -> int:
-        return self._idle.seq
-
-    @property
-    def _idle_poller(self) -> bool:
-        return self._idle.poller
+    def waiting_workers(self) -> int:
+        """Idle worker threads not yet woken: ``idle_workers`` less the woken ones."""
+        return self._idle.waiting
 
     @property
     def _wakeups_live(self) -> bool:

@@ -105,13 +105,13 @@ def test_wakeup_for_a_queue_the_server_does_not_serve_wakes_nobody(
     publisher = WakeupPublisher(wakeup_url, exchange)
     try:
         wait_until(lambda: server._listener.connected.is_set(), timeout=15)
-        seen = server._wake_seq
+        seen = server._idle.seq
         received = server._listener.received
         publisher.publish(["b"])
         wait_until(lambda: server._listener.received > received, timeout=5)
-        assert server._wake_seq == seen  # heard, and ignored
+        assert server._idle.seq == seen  # heard, and ignored
         publisher.publish(["a"])
-        wait_until(lambda: server._wake_seq > seen, timeout=5)
+        wait_until(lambda: server._idle.seq > seen, timeout=5)
     finally:
         publisher.close()
         server.stop()
@@ -123,13 +123,10 @@ def settled(server: object, workers: int) -> bool:
 
     ``idle_workers`` alone is not that: a worker that was notified still counts as idle
     until it gets the CPU back and leaves its wait, so under load the test saw "8 idle"
-    with a whole wake-up's claims still to come. A waiter leaves the condition's queue
-    the moment it is notified (CPython's ``threading.Condition``), and only the worker
-    threads wait on ``server._wake``.
+    with a whole wake-up's claims still to come. ``waiting_workers`` counts only the
+    ones not yet woken.
     """
-    wake = server._wake  # type: ignore[attr-defined]
-    with wake:
-        return server.idle_workers == workers and len(wake._waiters) == workers  # type: ignore[attr-defined]
+    return server.idle_workers == workers and server.waiting_workers == workers  # type: ignore[attr-defined]
 
 
 def test_one_job_wakes_one_worker_and_a_burst_fans_out_over_all(
@@ -376,7 +373,7 @@ def test_malformed_messages_are_dropped_without_losing_the_broker(
     server.start()
     try:
         wait_until(lambda: server._listener.connected.is_set(), timeout=15)
-        seen = server._wake_seq  # read before publishing: the wakes may come at once
+        seen = server._idle.seq  # read before publishing: the wakes may come at once
         with connection_for(wakeup_url) as conn:
             producer = conn.Producer()
             fanout = Exchange(exchange, type="fanout", durable=False)
@@ -398,12 +395,12 @@ def test_malformed_messages_are_dropped_without_losing_the_broker(
                              '{"properties": {}, "body": "e30="}'):
                     client.publish(channel, junk)
             client.close()
-        wait_until(lambda: server._wake_seq > seen, timeout=5)  # each "wakes all"
+        wait_until(lambda: server._idle.seq > seen, timeout=5)  # each "wakes all"
         # Still connected, and a real wake-up still works.
         publisher = WakeupPublisher(wakeup_url, exchange)
-        before = server._wake_seq
+        before = server._idle.seq
         publisher.publish(["default"])
-        wait_until(lambda: server._wake_seq > before, timeout=5)
+        wait_until(lambda: server._idle.seq > before, timeout=5)
         publisher.close()
         assert server._listener.connected.is_set()
     finally:
@@ -534,11 +531,11 @@ def test_a_poller_that_leaves_with_a_job_hands_its_place_on(
         for i in range(90):  # warm up: claims of more than one job, so most are not full
             with_wakeups.enqueue("quick", args=[f"warm{i}"])
         wait_until(lambda: len(started) == 90, timeout=30)
-        wait_until(lambda: server.idle_workers == 3 and server._idle_poller, timeout=10)
+        wait_until(lambda: server.idle_workers == 3 and server._idle.poller, timeout=10)
         silent.enqueue("hold")  # found by the poller's next poll
         wait_until(lambda: held, timeout=5)
         # another idle worker has taken the poller's place
-        wait_until(lambda: server.idle_workers == 2 and server._idle_poller, timeout=5)
+        wait_until(lambda: server.idle_workers == 2 and server._idle.poller, timeout=5)
         sent = time.monotonic()
         silent.enqueue("quick", args=["late"])
         wait_until(lambda: "late" in started, timeout=5)  # not 10 polling intervals
@@ -560,10 +557,10 @@ def test_losing_the_broker_sets_every_idle_worker_polling(own_redis: RedisProces
     try:
         wait_until(lambda: server._listener.connected.is_set(), timeout=15)
         wait_until(lambda: server.idle_workers == 3, timeout=10)
-        seen = server._wake_seq
+        seen = server._idle.seq
         own_redis.stop()
         wait_until(lambda: not server._listener.connected.is_set(), timeout=10)
-        wait_until(lambda: server._wake_seq > seen, timeout=5)  # everyone woken to poll
+        wait_until(lambda: server._idle.seq > seen, timeout=5)  # everyone woken to poll
     finally:
         server.stop()
         app.close()
