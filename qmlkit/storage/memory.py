@@ -25,12 +25,10 @@ from qmlkit.errors import (
     StaleClaim,
 )
 from qmlkit.job import (
-    AwaitingRetry,
     Enqueued,
     Job,
     JobState,
     Processing,
-    Scheduled,
     check_transition,
     encode_metadata,
     encode_payload,
@@ -45,6 +43,7 @@ from qmlkit.storage.base import (
     Transition,
     minute_of,
 )
+from qmlkit.storage.codec import due_at
 
 #: Names of the states ``delete_expired`` may remove.
 _EXPIRABLE = frozenset({"Succeeded", "Failed", "Deleted"})
@@ -107,10 +106,9 @@ class MemoryStorage(Storage):
         state = job.state
         if isinstance(state, Enqueued):
             self._push(job)
-        if isinstance(state, Scheduled):
-            self._waiting[job.id] = state.enqueue_at
-        elif isinstance(state, AwaitingRetry):
-            self._waiting[job.id] = state.retry_at
+        due = due_at(state)  # the promotion index: Scheduled and AwaitingRetry only
+        if due is not None:
+            self._waiting[job.id] = due
         else:
             self._waiting.pop(job.id, None)
 

@@ -30,7 +30,6 @@ from typing import Any, TypeVar
 import sqlalchemy as sa
 import sqlalchemy.dialects.postgresql
 import sqlalchemy.dialects.sqlite
-from pydantic import TypeAdapter, ValidationError
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
@@ -45,17 +44,13 @@ from qmlkit.errors import (
     StorageUnavailable,
 )
 from qmlkit.job import (
-    AwaitingRetry,
     Enqueued,
-    Failed,
     Job,
     JobState,
     Processing,
-    Scheduled,
     check_transition,
     encode_metadata,
     encode_payload,
-    trusted,
 )
 from qmlkit.recurring import RecurringJob
 from qmlkit.storage.base import (
@@ -67,11 +62,20 @@ from qmlkit.storage.base import (
     Transition,
     minute_of,
 )
+from qmlkit.storage.codec import (
+    DECODE_ERRORS,
+    claimed_job,
+    decode_history,
+    decode_job,
+    decode_state,
+    outcome_at,
+    quarantine_stand_in,
+    state_columns,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-_STATE = TypeAdapter(JobState)
 _EXPIRABLE = ("Succeeded", "Failed", "Deleted")
 
 
@@ -435,11 +439,8 @@ class SQLStorage(Storage):
         """Add Succeeded/Failed outcomes to the per-minute counters (one upsert)."""
         counts: dict[tuple[Any, str], int] = {}
         for state in states:
-            if state.name == "Succeeded":
-                at = state.succeeded_at  # type: ignore[union-attr]
-            elif state.name == "Failed":
-                at = state.failed_at  # type: ignore[union-attr]
-            else:
+            at = outcome_at(state)
+            if at is None:
                 continue
             key = (self._bind_ts(minute_of(at)), state.name)
             counts[key] = counts.get(key, 0) + 1
@@ -471,13 +472,7 @@ class SQLStorage(Storage):
         row = self._retry(read)
         if row is None:
             return []
-        states: list[JobState] = []
-        for raw in [*(row[0] or "").splitlines(), row[1]]:
-            try:
-                states.append(_STATE.validate_json(raw))
-            except ValidationError:
-                log.warning("job %s: a history entry cannot be decoded; skipped", job_id)
-        return states
+        return decode_history(row[0], row[1], job_id=job_id, logger=log)
 
     def throughput(self, *, since: datetime, until: datetime) -> list[tuple[datetime, int, int]]:
         """See `Storage.throughput`."""
@@ -570,46 +565,11 @@ class SQLStorage(Storage):
 
     @staticmethod
     def _state_columns(state: JobState) -> dict[str, Any]:
-        values: dict[str, Any] = {
-            "state": state.name, "state_data": state.model_dump_json(),
-            "enqueued_at": None, "due_at": None, "started_at": None, "server_name": None,
-        }
-        if isinstance(state, Enqueued):
-            values["enqueued_at"] = state.enqueued_at
-        elif isinstance(state, Processing):
-            values["started_at"] = state.started_at
-            values["server_name"] = state.server_name
-        elif isinstance(state, Scheduled):
-            values["due_at"] = state.enqueue_at
-        elif isinstance(state, AwaitingRetry):
-            values["due_at"] = state.retry_at
-        return values
+        return state_columns(state)
 
     def _decode(self, row: sa.Row[Any] | Mapping[str, Any]) -> tuple[Job, str | None]:
         """Row -> (job, None), or (a Failed stand-in, reason) for a row that will not decode."""
-        m = row._mapping if isinstance(row, sa.Row) else row
-        try:
-            payload = json.loads(m["payload"])
-            job = Job(
-                id=m["id"], method=m["method"], args=payload["args"], kwargs=payload["kwargs"],
-                queue=m["queue"], priority=m["priority"], attempts=m["attempts"],
-                retry_count=m["retry_count"], max_retries=m["max_retries"],
-                timeout_s=m["timeout_s"], metadata=json.loads(m["job_metadata"]),
-                created_at=m["created_at"], expires_at=m["expires_at"],
-                state=_STATE.validate_json(m["state_data"]),
-            )
-            if job.state.name != m["state"]:
-                raise ValueError(f"state column {m['state']!r} disagrees with state data")
-        except (ValueError, TypeError, KeyError, ValidationError) as exc:
-            reason = f"stored row cannot be decoded: {type(exc).__name__}: {exc}"[:2000]
-            stand_in = Job(
-                id=str(m["id"]), method=str(m["method"] or "?"), queue=str(m["queue"] or "?"),
-                created_at=_safe_time(m, "created_at"),
-                state=Failed(failed_at=datetime.now(timezone.utc),
-                             exception_type="qmlkit.errors.PayloadError", message=reason),
-            )
-            return stand_in, reason
-        return job, None
+        return decode_row(row._mapping if isinstance(row, sa.Row) else row)
 
     # --- enqueue and read --------------------------------------------------------------------
 
@@ -839,9 +799,9 @@ class SQLStorage(Storage):
                 if row["state_data"].startswith('{"name":"Enqueued"'):
                     try:  # fast path: the new state is known, only the payload needs decoding
                         job = claimed_job(row, row["attempts"] + 1, processing)
-                        previous = (_STATE.validate_json(row["state_data"])
+                        previous = (decode_state(row["state_data"])
                                     if with_previous else None)
-                    except (ValueError, TypeError, KeyError, ValidationError):
+                    except DECODE_ERRORS:
                         pass  # decoded again below, for the reason
                     else:
                         claimed.append((job, previous))
@@ -1169,45 +1129,9 @@ class SQLStorage(Storage):
         return self._write(write)
 
 
-def claimed_job(row: Mapping[str, Any], attempts: int, processing: Processing) -> Job:
-    """Build a just-claimed job from its row, decoding only the JSON columns.
-
-    The claim's hot path: the new state is known, so the stored state is not decoded and
-    the job is built without validation (`qmlkit.job.trusted`). Shared by every SQL
-    storage.
-
-    Args:
-        row: The job's columns (``created_at``/``expires_at`` as aware datetimes).
-        attempts: The attempt number (fencing token) of this claim.
-        processing: The Processing state the claim stored.
-
-    Raises:
-        ValueError, TypeError, KeyError: A JSON column does not decode, or holds the wrong
-            type; the caller quarantines the row with the reason.
-    """
-    payload = json.loads(row["payload"])
-    metadata = json.loads(row["job_metadata"])
-    if not (isinstance(payload["args"], list) and isinstance(payload["kwargs"], dict)
-            and isinstance(metadata, dict)):
-        raise TypeError("args, kwargs or metadata of the wrong JSON type")
-    return trusted(Job, {
-        "id": row["id"], "method": row["method"], "args": payload["args"],
-        "kwargs": payload["kwargs"], "queue": row["queue"], "priority": row["priority"],
-        "attempts": attempts, "retry_count": row["retry_count"],
-        "max_retries": row["max_retries"], "timeout_s": row["timeout_s"],
-        "metadata": metadata, "created_at": row["created_at"],
-        "expires_at": row["expires_at"], "state": processing,
-    })
-
-
 def _as_tuple(value: Any) -> tuple[Any, ...]:
     """``itemgetter`` with one key returns a bare value; parameters need a tuple."""
     return value if isinstance(value, tuple) else (value,)
-
-
-def _safe_time(mapping: Mapping[str, Any], key: str) -> datetime:
-    value = mapping.get(key)
-    return value if isinstance(value, datetime) else datetime.now(timezone.utc)
 
 
 def _duplicate_id(storage: SQLStorage, ids: list[str]) -> str:
@@ -1254,3 +1178,28 @@ def _configure_sqlite(engine: Engine) -> None:
             conn.exec_driver_sql("BEGIN")
         else:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def decode_row(m: Mapping[str, Any]) -> tuple[Job, str | None]:
+    """A job table row (column name -> value) -> ``(job, None)``, or its quarantine
+    stand-in and the reason (see `qmlkit.storage.codec.decode_job`)."""
+
+    def build() -> Job:
+        payload = json.loads(m["payload"])
+        return Job(
+            id=m["id"], method=m["method"], args=payload["args"], kwargs=payload["kwargs"],
+            queue=m["queue"], priority=m["priority"], attempts=m["attempts"],
+            retry_count=m["retry_count"], max_retries=m["max_retries"],
+            timeout_s=m["timeout_s"], metadata=json.loads(m["job_metadata"]),
+            created_at=m["created_at"], expires_at=m["expires_at"],
+            state=decode_state(m["state_data"]),
+        )
+
+    def stand_in(reason: str) -> Job:
+        created = m.get("created_at")
+        return quarantine_stand_in(
+            job_id=m["id"], method=m["method"], queue=m["queue"], reason=reason,
+            created_at=created if isinstance(created, datetime) else None)
+
+    return decode_job(build, stand_in, stored_state=m["state"],
+                      disagreement=f"state column {m['state']!r} disagrees with state data")

@@ -34,8 +34,14 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from qmlkit.errors import ConfigurationError, DuplicateJob, StaleClaim, StorageUnavailable
 from qmlkit.job import Job, JobState, Processing
 from qmlkit.storage.base import MAX_CLAIM, StateChange, Transition, minute_of
-from qmlkit.storage.sql import _STATE, SQLStorage, _duplicate_id, claimed_job
-
+from qmlkit.storage.codec import (
+    DECODE_ERRORS,
+    JOB_STATE,
+    QUARANTINE_EXCEPTION,
+    claimed_job,
+    undecodable_reason,
+)
+from qmlkit.storage.sql import SQLStorage, _duplicate_id
 from qmlkit_postgres import migrations
 
 log = logging.getLogger(__name__)
@@ -500,13 +506,12 @@ class PostgresStorage(SQLStorage):
                 previous = None
                 prev = raw[-2]
                 if prev is not None and (with_previous or not prev.startswith('{"name":"Enqueued"')):
-                    previous = _STATE.validate_json(prev)  # a row that lies is quarantined
+                    previous = JOB_STATE.validate_json(prev)  # a row that lies is quarantined
                     if previous.name != "Enqueued":
                         raise ValueError(
                             f"state column 'Enqueued' disagrees with state data {previous.name!r}")
-            except (ValueError, TypeError, KeyError, ValidationError) as exc:
-                reason = f"stored row cannot be decoded: {type(exc).__name__}: {exc}"[:2000]
-                corrupt.append((row["id"], reason))
+            except DECODE_ERRORS as exc:
+                corrupt.append((row["id"], undecodable_reason(exc, "row")))
                 continue
             claimed.append((job, previous))
         if corrupt:
@@ -522,8 +527,7 @@ class PostgresStorage(SQLStorage):
         values = []
         for job_id, reason in corrupt:
             log.error("job %s quarantined: %s", job_id, reason)
-            failed = Failed(failed_at=now, exception_type="qmlkit.errors.PayloadError",
-                            message=reason)
+            failed = Failed(failed_at=now, exception_type=QUARANTINE_EXCEPTION, message=reason)
             values.append((failed.model_dump_json(), job_id))
         self._write_raw(lambda cursor: cursor.executemany(sql, values))
 
@@ -614,7 +618,7 @@ class PostgresStorage(SQLStorage):
             row = dict(zip(_RETURNED, raw))
             job, problem = self._decode(row)
             try:
-                previous = _STATE.validate_json(raw[-1])
+                previous = JOB_STATE.validate_json(raw[-1])
             except ValidationError:
                 problem = problem or "previous state cannot be decoded"
             if problem:

@@ -45,7 +45,6 @@ from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import redis
-from pydantic import TypeAdapter, ValidationError
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -60,18 +59,13 @@ from qmlkit.errors import (
     StorageUnavailable,
 )
 from qmlkit.job import (
-    AwaitingRetry,
     Enqueued,
-    Failed,
     Job,
     JobState,
     Processing,
-    Scheduled,
-    Succeeded,
     check_transition,
     encode_metadata,
     encode_payload,
-    trusted,
 )
 from qmlkit.recurring import RecurringJob
 from qmlkit.storage.base import (
@@ -83,12 +77,23 @@ from qmlkit.storage.base import (
     Transition,
     minute_of,
 )
+from qmlkit.storage.codec import (
+    DECODE_ERRORS,
+    claimed_job,
+    decode_history,
+    decode_job,
+    decode_state,
+    due_at,
+    held_stand_in,
+    outcome_at,
+    quarantine_stand_in,
+    undecodable_reason,
+)
 from qmlkit_redis import lua
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-_STATE = TypeAdapter(JobState)
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _US = timedelta(microseconds=1)
 
@@ -153,16 +158,13 @@ def _state_time(state: JobState) -> str:
     """The index time of a state: padded enqueue µs, due µs, start µs, or ''."""
     if isinstance(state, Enqueued):
         return _pad(state.enqueued_at)
-    if isinstance(state, Scheduled):
-        return str(to_us(state.enqueue_at))
-    if isinstance(state, AwaitingRetry):
-        return str(to_us(state.retry_at))
     if isinstance(state, Processing):
         return str(to_us(state.started_at))
-    if isinstance(state, (Succeeded, Failed)):  # the throughput counter's minute (seconds)
-        at = state.succeeded_at if isinstance(state, Succeeded) else state.failed_at
-        return str(int(minute_of(at).timestamp()))
-    return ""
+    due = due_at(state)
+    if due is not None:
+        return str(to_us(due))
+    at = outcome_at(state)  # the throughput counter's minute (seconds)
+    return "" if at is None else str(int(minute_of(at).timestamp()))
 
 
 def _opt_us(value: datetime | None) -> str:
@@ -519,31 +521,28 @@ class RedisStorage(Storage):
 
     def _decode(self, job_id: str, v: Sequence[Any]) -> tuple[Job, str | None]:
         """JOB_FIELDS values -> (job, None), or (a Failed stand-in, reason) if undecodable."""
-        try:
+
+        def build() -> Job:
             payload = json.loads(v[0])
-            job = Job(
+            return Job(
                 id=job_id, method=v[2], args=payload["args"], kwargs=payload["kwargs"],
                 queue=v[3], priority=int(v[4]), max_retries=int(v[5]),
                 timeout_s=float(v[6]) if v[6] else None, metadata=_metadata(v),
                 created_at=from_us(v[7]), attempts=int(v[8]), retry_count=int(v[9]),
                 expires_at=from_us(v[10]) if v[10] else None,
-                state=_STATE.validate_json(v[12]),
+                state=decode_state(v[12]),
             )
-            if job.state.name != v[11]:
-                raise ValueError(f"state field {v[11]!r} disagrees with the state data")
-        except (ValueError, TypeError, KeyError, ValidationError) as exc:
-            reason = f"stored job cannot be decoded: {type(exc).__name__}: {exc}"[:2000]
+
+        def stand_in(reason: str) -> Job:
             try:
-                created = from_us(v[7])
+                created: datetime | None = from_us(v[7])
             except (ValueError, TypeError, OverflowError):
-                created = datetime.now(timezone.utc)
-            stand_in = Job(
-                id=job_id, method=str(v[2] or "?"), queue=str(v[3] or "?"), created_at=created,
-                state=Failed(failed_at=datetime.now(timezone.utc),
-                             exception_type="qmlkit.errors.PayloadError", message=reason),
-            )
-            return stand_in, reason
-        return job, None
+                created = None
+            return quarantine_stand_in(job_id=job_id, method=v[2], queue=v[3],
+                                       created_at=created, reason=reason)
+
+        return decode_job(build, stand_in, stored_state=v[11], subject="job",
+                          disagreement=f"state field {v[11]!r} disagrees with the state data")
 
     def _decode_changes(self, flat: list[Any]) -> list[StateChange]:
         """Per job ``previous state JSON, id, JOB_FIELDS`` (PROMOTE, REQUEUE) -> changes."""
@@ -554,7 +553,7 @@ class RedisStorage(Storage):
             if reason is not None:
                 log.error("job %s: %s", flat[i + 1], reason)
                 continue
-            changes.append(StateChange(job, _STATE.validate_json(flat[i])))
+            changes.append(StateChange(job, decode_state(flat[i])))
         return changes
 
     # --- enqueue and read ------------------------------------------------------------------
@@ -735,7 +734,7 @@ class RedisStorage(Storage):
         if replayed:
             log.warning("a claim whose reply was lost is handed back: %d job(s) for %s",
                         (len(out) - 2 - n_foreign) // (2 + len(lua.JOB_FIELDS)), worker_id)
-        processing = _STATE.validate_json(argv[3])
+        processing = decode_state(argv[3])
         return self._claimed(out[2 + n_foreign:], processing, bool(replayed), with_previous)
 
     def _claimed(self, flat: list[Any], processing: Processing, replayed: bool,
@@ -747,29 +746,23 @@ class RedisStorage(Storage):
         for i in range(0, len(flat), n):
             job_id, attempts, v = flat[i], int(flat[i + 1]), flat[i + 2:i + n]
             try:  # fast path: every value was written by qmlkit with the right type
-                payload = json.loads(v[0])
-                metadata = _metadata(v)
-                if not (isinstance(payload["args"], list) and isinstance(payload["kwargs"], dict)
-                        and isinstance(metadata, dict)):
-                    raise TypeError("args, kwargs or metadata of the wrong JSON type")
-                job = trusted(Job, {
-                    "id": job_id, "method": v[2], "args": payload["args"],
-                    "kwargs": payload["kwargs"], "queue": v[3], "priority": int(v[4]),
-                    "attempts": attempts, "retry_count": int(v[9]), "max_retries": int(v[5]),
-                    "timeout_s": float(v[6]) if v[6] else None, "metadata": metadata,
+                job = claimed_job({
+                    "id": job_id, "method": v[2], "payload": v[0], "job_metadata": _metadata(v),
+                    "queue": v[3], "priority": int(v[4]), "retry_count": int(v[9]),
+                    "max_retries": int(v[5]), "timeout_s": float(v[6]) if v[6] else None,
                     "created_at": from_us(v[7]),
-                    "expires_at": from_us(v[10]) if v[10] else None, "state": processing,
-                })
+                    "expires_at": from_us(v[10]) if v[10] else None,
+                }, attempts, processing)
                 previous: JobState | None = None
                 if with_previous:
                     previous = (Enqueued(enqueued_at=processing.started_at, queue=job.queue,
                                          reason="claim replayed after a lost reply")
-                                if replayed else _STATE.validate_json(v[12]))
-            except (ValueError, TypeError, KeyError, ValidationError) as exc:
+                                if replayed else decode_state(v[12]))
+            except DECODE_ERRORS as exc:
                 stand_in, reason = self._decode(job_id, v)
-                reason = reason or f"stored job cannot be decoded: {type(exc).__name__}: {exc}"
+                reason = reason or undecodable_reason(exc, "job")
                 log.error("job %s quarantined: %s", job_id, reason)
-                held = stand_in._replace(attempts=attempts, state=processing)
+                held = held_stand_in(stand_in, attempts, processing)
                 corrupt.append(Transition(held, stand_in.state))
                 continue
             claimed.append((job, previous))
@@ -870,13 +863,7 @@ class RedisStorage(Storage):
         v = self._call(lambda _: self.client.hmget(key, "history", "state_data"), [key])
         if v[1] is None:
             return []
-        states: list[JobState] = []
-        for raw in [*_text(v[0] or "").splitlines(), _text(v[1])]:
-            try:
-                states.append(_STATE.validate_json(raw))
-            except ValidationError:
-                log.warning("job %s: a history entry cannot be decoded; skipped", job_id)
-        return states
+        return decode_history(_text(v[0] or ""), _text(v[1]), job_id=job_id, logger=log)
 
     def throughput(self, *, since: datetime, until: datetime) -> list[tuple[datetime, int, int]]:
         """See `Storage.throughput`: ``stats:<minute>`` hashes (``Succeeded``, ``Failed``)
