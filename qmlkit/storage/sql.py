@@ -34,6 +34,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
+from qmlkit.backoff import Backoff
 from qmlkit.errors import (
     ConfigurationError,
     DuplicateJob,
@@ -77,6 +78,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _EXPIRABLE = ("Succeeded", "Failed", "Deleted")
+#: First and largest wait between retries of a busy or dropped database, in seconds.
+RETRY_INITIAL_S, RETRY_CAP_S = 0.005, 0.5
+_JITTER = random.Random()  # noqa: S311 - jitter, not cryptography; shared, seeded once
 
 
 def state_is(column: Any, *names: str) -> sa.ColumnElement[bool]:
@@ -324,8 +328,9 @@ class SQLStorage(Storage):
     def _retry(self, fn: Callable[[], T], *, engine: Engine | None = None) -> T:
         """Run ``fn``, retrying lock contention and dropped connections with backoff."""
         deadline = time.monotonic() + self.busy_timeout_s
-        delay = 0.005
+        backoff = Backoff(RETRY_INITIAL_S, RETRY_CAP_S, rng=_JITTER)  # cheap: every call
         while True:
+            delay = backoff.next()
             try:
                 result = fn()
             except OperationalError as exc:
@@ -345,8 +350,7 @@ class SQLStorage(Storage):
                     self._connection_lost = False
                     log.info("%r: connection restored", self)
                 return result
-            time.sleep(delay * (0.5 + random.random()))  # noqa: S311 - jitter, not crypto
-            delay = min(delay * 2, 0.5)
+            time.sleep(backoff.jittered(delay))
 
     #: Whether the last storage call saw a dropped connection (for logging state changes).
     _connection_lost = False

@@ -31,6 +31,7 @@ from pydantic import ValidationError
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError, OperationalError
 
+from qmlkit.backoff import Backoff
 from qmlkit.errors import ConfigurationError, DuplicateJob, StaleClaim, StorageUnavailable
 from qmlkit.job import Job, JobState, Processing
 from qmlkit.storage.base import MAX_CLAIM, StateChange, Transition, minute_of
@@ -46,6 +47,9 @@ from qmlkit_postgres import migrations
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+#: First and largest wait between attempts to reach the server at `open`, in seconds.
+CONNECT_RETRY_INITIAL_S, CONNECT_RETRY_CAP_S = 0.1, 1.0
 
 #: Columns returned by claims and moves, in this order.
 _RETURNED = (
@@ -223,7 +227,7 @@ class PostgresStorage(SQLStorage):
     def _connect_and_migrate(self, engine: sa.Engine) -> None:
         where = describe(self._sa_url)
         deadline = time.monotonic() + self.connect_timeout_s
-        delay = 0.1
+        backoff = Backoff(CONNECT_RETRY_INITIAL_S, CONNECT_RETRY_CAP_S)
         while True:
             try:
                 with engine.begin() as conn:
@@ -259,8 +263,7 @@ class PostgresStorage(SQLStorage):
                         f"PostgreSQL at {where} is unreachable after "
                         f"{self.connect_timeout_s:g} s: {text}"
                     ) from None
-            time.sleep(delay)
-            delay = min(delay * 2, 1.0)
+            time.sleep(backoff.jittered(backoff.next()))
 
     def migrate(self) -> list[str]:
         """Apply pending schema migrations now (what ``qmlkit migrate`` runs).

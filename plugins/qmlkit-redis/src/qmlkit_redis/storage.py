@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -48,6 +47,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from qmlkit.backoff import Backoff
 from qmlkit.config import mask_url
 from qmlkit.errors import (
     ConfigurationError,
@@ -96,6 +96,9 @@ T = TypeVar("T")
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _US = timedelta(microseconds=1)
+
+#: First and largest wait between retries of an unreachable or busy Redis, in seconds.
+RETRY_INITIAL_S, RETRY_CAP_S = 0.02, 1.0
 
 #: Default key prefix.
 DEFAULT_PREFIX = "qmlkit:"
@@ -395,9 +398,10 @@ class RedisStorage(Storage):
         except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError) as exc:
             error: Exception = exc
         deadline = time.monotonic() + self.retry_timeout_s
-        delay = 0.02
+        backoff = Backoff(RETRY_INITIAL_S, RETRY_CAP_S)
         attempt = 0
         while True:
+            delay = backoff.next()
             if isinstance(error, (redis.ConnectionError, redis.TimeoutError)):
                 # BusyLoadingError (Redis reading its append-only file after a restart)
                 # is a ConnectionError too: wait for it like for a refused connection.
@@ -421,8 +425,7 @@ class RedisStorage(Storage):
                     log.info("Redis at %s busy (%s); retrying in %.2f s", self._where, text, delay)
                 else:
                     raise StorageError(f"Redis at {self._where}: {text}") from error
-            time.sleep(delay * (0.5 + random.random()))  # jitter, not crypto
-            delay = min(delay * 2, 1.0)
+            time.sleep(backoff.jittered(delay))
             attempt += 1
             try:
                 return fn(attempt)
