@@ -236,35 +236,9 @@ class PostgresDialect(SQLDialect):
         """One ``WITH picked AS (SELECT … FOR UPDATE SKIP LOCKED) UPDATE … RETURNING``;
         a retry after a dropped connection first ends the lost attempt's backend and
         collects what it committed. See `SQLDialect.claim`."""
-        limit = max(1, min(limit, MAX_CLAIM))
         processing = Processing(started_at=now, worker_id=worker_id, server_name=server_name)
-        state_data = processing.model_dump_json()
-        queues = list(queues)
-        if len(queues) == 1:
-            where, qparams = "AND queue = %(queue)s", {"queue": queues[0]}
-        elif queues:
-            where, qparams = "AND queue = ANY(%(queues)s)", {"queues": queues}
-        else:
-            where, qparams = "", {}
-        returning = ", ".join(f"j.{c}" for c in _RETURNED)
-        claim_sql = (
-            f"WITH picked AS (SELECT id, state_data AS prev, enqueued_at AS prev_enqueued "
-            f"FROM {self.jobs_sql} WHERE state = 'Enqueued' {where} "
-            f"ORDER BY priority DESC, enqueued_at, id LIMIT %(limit)s FOR UPDATE SKIP LOCKED) "
-            f"UPDATE {self.jobs_sql} AS j SET state = 'Processing', state_data = %(data)s, "
-            f"enqueued_at = NULL, due_at = NULL, started_at = %(now)s, "
-            f"server_name = %(server)s, attempts = j.attempts + 1, {_HISTORY} "
-            f"FROM picked WHERE j.id = picked.id "
-            f"RETURNING {returning}, picked.prev, picked.prev_enqueued"
-        )
-        # A retry after a dropped connection first collects what the lost attempt may
-        # have committed: rows Processing under this server since exactly ``now``.
-        recover_sql = (
-            f"SELECT {', '.join(_RETURNED)}, NULL, NULL FROM {self.jobs_sql} "
-            f"WHERE state = 'Processing' AND server_name = %(server)s "
-            f"AND started_at = %(now)s AND state_data = %(data)s"
-        )
-        params = {"limit": limit, "data": state_data, "now": now, "server": server_name, **qparams}
+        claim_sql, recover_sql, params = self._claim_statements(
+            list(queues), max(1, min(limit, MAX_CLAIM)), processing)
         attempt = [0]
 
         backends: list[int] = []
@@ -290,6 +264,11 @@ class PostgresDialect(SQLDialect):
         if not rows:
             return []
         rows.sort(key=lambda r: (-r[3], r[-1] or now, r[0]))
+        return self._claimed(storage, rows, processing, with_previous)
+
+    def _claimed(self, storage: SQLStore, rows: list[tuple[Any, ...]], processing: Processing,
+                 with_previous: bool) -> list[tuple[Job, JobState | None]]:
+        """Jobs from the claim's RETURNING rows; rows that lie are quarantined."""
         claimed: list[tuple[Job, JobState | None]] = []
         corrupt: list[tuple[str, str]] = []
         for raw in rows:
@@ -311,8 +290,42 @@ class PostgresDialect(SQLDialect):
                 continue
             claimed.append((job, previous))
         if corrupt:
-            self._quarantine(storage, corrupt, now)
+            self._quarantine(storage, corrupt, processing.started_at)
         return claimed
+
+
+    def _claim_statements(self, queues: list[str], limit: int, processing: Processing
+                          ) -> tuple[str, str, dict[str, Any]]:
+        """The claim statement, the recovery query of a retried claim, and their
+        parameters."""
+        state_data = processing.model_dump_json()
+        if len(queues) == 1:
+            where, qparams = "AND queue = %(queue)s", {"queue": queues[0]}
+        elif queues:
+            where, qparams = "AND queue = ANY(%(queues)s)", {"queues": queues}
+        else:
+            where, qparams = "", {}
+        returning = ", ".join(f"j.{c}" for c in _RETURNED)
+        claim_sql = (
+            f"WITH picked AS (SELECT id, state_data AS prev, enqueued_at AS prev_enqueued "
+            f"FROM {self.jobs_sql} WHERE state = 'Enqueued' {where} "
+            f"ORDER BY priority DESC, enqueued_at, id LIMIT %(limit)s FOR UPDATE SKIP LOCKED) "
+            f"UPDATE {self.jobs_sql} AS j SET state = 'Processing', state_data = %(data)s, "
+            f"enqueued_at = NULL, due_at = NULL, started_at = %(now)s, "
+            f"server_name = %(server)s, attempts = j.attempts + 1, {_HISTORY} "
+            f"FROM picked WHERE j.id = picked.id "
+            f"RETURNING {returning}, picked.prev, picked.prev_enqueued"
+        )
+        # A retry after a dropped connection first collects what the lost attempt may
+        # have committed: rows Processing under this server since exactly ``now``.
+        recover_sql = (
+            f"SELECT {', '.join(_RETURNED)}, NULL, NULL FROM {self.jobs_sql} "
+            f"WHERE state = 'Processing' AND server_name = %(server)s "
+            f"AND started_at = %(now)s AND state_data = %(data)s"
+        )
+        params = {"limit": limit, "data": state_data, "now": processing.started_at,
+                  "server": processing.server_name, **qparams}
+        return claim_sql, recover_sql, params
 
     def _quarantine(self, storage: SQLStore, corrupt: list[tuple[str, str]], now: datetime) -> None:
         """Move rows that will not decode to Failed with the reason; the worker goes on."""
@@ -331,8 +344,6 @@ class PostgresDialect(SQLDialect):
         A change retried after a lost reply finds its own result already stored (same
         attempt, same state data) and counts as applied, not as stale.
         """
-        if not items:
-            return []
         applied = [item.applied() for item in items]
         cols: list[list[Any]] = [[] for _ in range(11)]
         cache: dict[int, tuple[dict[str, Any], datetime | None]] = {}
