@@ -100,7 +100,8 @@ def quarantine_stand_in(
 
     Args:
         job_id: The stored id.
-        method, queue: The stored values, or ``None``/empty (shown as ``"?"``).
+        method: The stored method name, or ``None``/empty (shown as ``"?"``).
+        queue: The stored queue name, or ``None``/empty (shown as ``"?"``).
         created_at: The stored creation time if it decodes (aware UTC), else ``None``
             for now.
         reason: From `undecodable_reason`.
