@@ -15,10 +15,9 @@ import threading
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, ClassVar
 
 from qmlkit.errors import (
-    ConfigurationError,
     DuplicateJob,
     InvalidTransition,
     JobNotFound,
@@ -44,9 +43,18 @@ from qmlkit.storage.base import (
     minute_of,
 )
 from qmlkit.storage.codec import due_at
+from qmlkit.storage.options import StorageOptions
 
 #: Names of the states ``delete_expired`` may remove.
 _EXPIRABLE = frozenset({"Succeeded", "Failed", "Deleted"})
+
+
+class MemoryOptions(StorageOptions):
+    """Options of `MemoryStorage`."""
+
+    backend: ClassVar[str] = "memory storage"
+    #: Largest encoded arguments accepted, in bytes (default: the storage's).
+    max_payload_bytes: int | None = None
 
 
 class MemoryStorage(Storage):
@@ -78,10 +86,7 @@ class MemoryStorage(Storage):
         Raises:
             ConfigurationError: An unknown option, named.
         """
-        unknown = set(options) - {"max_payload_bytes"}
-        if unknown:
-            raise ConfigurationError(f"memory storage: unknown option(s) {sorted(unknown)}")
-        return cls(url, **options)
+        return cls(url, **MemoryOptions.parse(options).given())
 
     def open(self) -> None:
         """Nothing to connect to."""

@@ -13,9 +13,10 @@ import json
 import threading
 from collections.abc import Mapping, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, ClassVar
 
 import sqlalchemy as sa
+from pydantic import Field
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
@@ -35,13 +36,14 @@ from qmlkit.storage.codec import (
     quarantine_stand_in,
     state_columns,
 )
+from qmlkit.storage.options import StorageOptions
 from qmlkit.storage.sql.dialect import SQLDialect
 from qmlkit.storage.sql.executor import Executor, log
 from qmlkit.storage.sql.registry import SQLRegistry
 from qmlkit.storage.sql.schema import UTCTimestamp, build_metadata, state_is
 from qmlkit.storage.sql.sqlite import SQLiteDialect
 
-__all__ = ["SQLStorage", "decode_row", "dialect_for"]
+__all__ = ["SQLOptions", "SQLStorage", "decode_row", "dialect_for"]
 
 _EXPIRABLE = ("Succeeded", "Failed", "Deleted")
 
@@ -59,6 +61,17 @@ def dialect_for(url: sa.URL, text: str) -> SQLDialect:
         f"no built-in SQL dialect for {url.get_backend_name()!r} (storage URL "
         f"{url.render_as_string()!r}); install the plugin for it (e.g. qmlkit-postgres) "
         "or pass SQLStorage(dialect=...)")
+
+
+class SQLOptions(StorageOptions):
+    """Options of `SQLStorage` (the keyword arguments of its constructor)."""
+
+    backend: ClassVar[str] = "SQL storage"
+    busy_timeout_s: float = 30.0
+    pool_size: int = 16
+    max_payload_bytes: int | None = None
+    schema_name: str | None = Field(None, alias="schema")
+    engine_options: dict[str, Any] | None = None
 
 
 class SQLStorage(SQLRegistry, Storage):
@@ -121,13 +134,7 @@ class SQLStorage(SQLRegistry, Storage):
         Raises:
             ConfigurationError: An unknown option, named, or a bad URL.
         """
-        known = {"busy_timeout_s", "pool_size", "max_payload_bytes", "schema", "engine_options"}
-        unknown = set(options) - known
-        if unknown:
-            raise ConfigurationError(
-                f"SQL storage: unknown option(s) {sorted(unknown)}; known: {sorted(known)}"
-            )
-        return cls(url, **options)
+        return cls(url, **SQLOptions.parse(options).given())
 
     # --- lifecycle -------------------------------------------------------------------
 

@@ -12,22 +12,37 @@ from __future__ import annotations
 import logging
 import weakref
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import sqlalchemy as sa
+from pydantic import Field
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from qmlkit.errors import ConfigurationError, DuplicateJob, StorageUnavailable
 from qmlkit.job import Job
+from qmlkit.storage.options import StorageOptions
 from qmlkit.storage.sql import SQLStorage
 from qmlkit_postgres import migrations
 from qmlkit_postgres.connections import PRE_PING_AFTER_IDLE_S, first_line
 from qmlkit_postgres.dialect import PostgresDialect, describe
 
-__all__ = ["PRE_PING_AFTER_IDLE_S", "PostgresStorage", "describe"]
+__all__ = ["PRE_PING_AFTER_IDLE_S", "PostgresOptions", "PostgresStorage", "describe"]
 
 log = logging.getLogger(__name__)
+
+
+class PostgresOptions(StorageOptions):
+    """Options of `PostgresStorage` (the keyword arguments of its constructor)."""
+
+    backend: ClassVar[str] = "PostgreSQL storage"
+    schema_name: str | None = Field(None, alias="schema")
+    auto_migrate: bool | None = None
+    connect_timeout_s: float = 10.0
+    busy_timeout_s: float = 60.0
+    pool_size: int = 12
+    max_payload_bytes: int | None = None
+    engine_options: dict[str, Any] | None = None
 
 
 class PostgresStorage(SQLStorage):
@@ -112,6 +127,15 @@ class PostgresStorage(SQLStorage):
         self.connect_timeout_s = connect_timeout_s
         self.jobs_sql = dialect.jobs_sql
         dialect.label = repr(self)
+
+    @classmethod
+    def from_url(cls, url: str, options: Mapping[str, Any]) -> PostgresStorage:
+        """Build from a URL and the storage options (the keyword arguments above).
+
+        Raises:
+            ConfigurationError: An unknown option, named, or a bad URL.
+        """
+        return cls(url, **PostgresOptions.parse(options).given())
 
     @property
     def auto_migrate(self) -> bool:

@@ -40,7 +40,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from hashlib import sha1
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import redis
@@ -89,6 +89,7 @@ from qmlkit.storage.codec import (
     quarantine_stand_in,
     undecodable_reason,
 )
+from qmlkit.storage.options import StorageOptions
 from qmlkit_redis import lua
 
 log = logging.getLogger(__name__)
@@ -113,10 +114,18 @@ FIXED_KEYS: dict[str, str] = {
         "Enqueued", "Scheduled", "Processing", "Succeeded", "Failed", "AwaitingRetry", "Deleted")},
 }
 
-_OPTIONS = frozenset({
-    "prefix", "max_payload_bytes", "socket_timeout_s", "connect_timeout_s",
-    "retry_timeout_s", "max_connections", "health_check_interval_s",
-})
+
+class RedisOptions(StorageOptions):
+    """Options of `RedisStorage` (the keyword arguments of its constructor)."""
+
+    backend: ClassVar[str] = "Redis storage"
+    prefix: str | None = None
+    max_payload_bytes: int | None = None
+    socket_timeout_s: float = 10.0
+    connect_timeout_s: float = 2.0
+    retry_timeout_s: float = 10.0
+    max_connections: int = 32
+    health_check_interval_s: float = 0.0
 
 
 class ForeignKeyType(ConfigurationError, StorageError):
@@ -220,6 +229,7 @@ class RedisStorage(Storage):
             query = parse_qsl(parts.query, keep_blank_values=True)
         except ValueError as exc:
             raise ConfigurationError(f"cannot parse Redis URL {mask_url(url)!r}: {exc}") from exc
+        _check_database(parts.scheme, parts.path, url)
         url_prefix = [v for k, v in query if k == "prefix"]
         rest = urlencode([(k, v) for k, v in query if k != "prefix"])
         # Rebuilt by hand: urlunsplit turns "unix:///path" into "unix:/path".
@@ -260,11 +270,7 @@ class RedisStorage(Storage):
         Raises:
             ConfigurationError: An unknown option (named), or a bad URL or value.
         """
-        unknown = set(options) - _OPTIONS
-        if unknown:
-            raise ConfigurationError(
-                f"Redis storage: unknown option(s) {sorted(unknown)}; known: {sorted(_OPTIONS)}")
-        return cls(url, **options)
+        return cls(url, **RedisOptions.parse(options).given())
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -1008,6 +1014,19 @@ class RedisStorage(Storage):
         head, tail = self._enqueued_json(now, "reclaimed")
         flat = self._script("REQUEUE", ["reclaim", to_us(heartbeat_before), _pad(now), head, tail])
         return self._decode_changes(flat)
+
+
+def _check_database(scheme: str, path: str, url: str) -> None:
+    """Refuse a ``redis://`` or ``rediss://`` URL whose path is not a database number.
+
+    Raises:
+        ConfigurationError: e.g. ``redis://host/abc`` (the URL named, password masked).
+    """
+    database = path.strip("/")
+    if scheme.lower() in ("redis", "rediss") and database and not database.isdigit():
+        raise ConfigurationError(
+            f"Redis URL {mask_url(url)!r}: the database {database!r} in the path is not a "
+            "number; use e.g. 'redis://host:6379/0'")
 
 
 def _metadata(v: Sequence[Any]) -> dict[str, Any]:
