@@ -31,6 +31,7 @@ import sqlalchemy.dialects.postgresql
 from pydantic import ValidationError
 from sqlalchemy.exc import OperationalError
 
+import qmlkit_postgres.migrations as migrations
 from qmlkit.backoff import Backoff
 from qmlkit.errors import ConfigurationError, StaleClaim, StorageUnavailable
 from qmlkit.job import Failed, Job, JobState, Processing
@@ -44,7 +45,6 @@ from qmlkit.storage.codec import (
     undecodable_reason,
 )
 from qmlkit.storage.sql import INSERT_COLUMNS, SQLDialect
-from qmlkit_postgres import migrations
 from qmlkit_postgres.connections import (
     PRE_PING_AFTER_IDLE_S,
     end_backends,

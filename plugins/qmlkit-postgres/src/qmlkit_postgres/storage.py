@@ -19,11 +19,11 @@ from pydantic import Field
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError, OperationalError
 
+import qmlkit_postgres.migrations as migrations
 from qmlkit.errors import ConfigurationError, DuplicateJob, StorageUnavailable
 from qmlkit.job import Job
 from qmlkit.storage.options import StorageOptions
 from qmlkit.storage.sql import SQLStorage
-from qmlkit_postgres import migrations
 from qmlkit_postgres.connections import PRE_PING_AFTER_IDLE_S, first_line
 from qmlkit_postgres.dialect import PostgresDialect, describe
 

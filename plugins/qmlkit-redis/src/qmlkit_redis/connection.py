@@ -22,6 +22,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+import qmlkit_redis.lua as lua
 from qmlkit.backoff import Backoff
 from qmlkit.config import mask_url
 from qmlkit.errors import (
@@ -43,7 +44,6 @@ from qmlkit.storage.codec import (
     decode_state,
     quarantine_stand_in,
 )
-from qmlkit_redis import lua
 from qmlkit_redis.encoding import (
     DEFAULT_PREFIX,
     FIXED_KEYS,

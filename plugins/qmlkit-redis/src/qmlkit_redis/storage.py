@@ -39,6 +39,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
+import qmlkit_redis.lua as lua
 from qmlkit.errors import (
     DuplicateJob,
     InvalidTransition,
@@ -68,7 +69,6 @@ from qmlkit.storage.codec import (
     held_stand_in,
     undecodable_reason,
 )
-from qmlkit_redis import lua
 from qmlkit_redis.connection import RedisConnection
 from qmlkit_redis.encoding import (
     DEFAULT_PREFIX,
