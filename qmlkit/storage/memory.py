@@ -15,22 +15,19 @@ import threading
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, ClassVar
 
 from qmlkit.errors import (
-    ConfigurationError,
     DuplicateJob,
     InvalidTransition,
     JobNotFound,
     StaleClaim,
 )
 from qmlkit.job import (
-    AwaitingRetry,
     Enqueued,
     Job,
     JobState,
     Processing,
-    Scheduled,
     check_transition,
     encode_metadata,
     encode_payload,
@@ -45,9 +42,19 @@ from qmlkit.storage.base import (
     Transition,
     minute_of,
 )
+from qmlkit.storage.codec import due_at
+from qmlkit.storage.options import StorageOptions
 
 #: Names of the states ``delete_expired`` may remove.
 _EXPIRABLE = frozenset({"Succeeded", "Failed", "Deleted"})
+
+
+class MemoryOptions(StorageOptions):
+    """Options of `MemoryStorage`."""
+
+    backend: ClassVar[str] = "memory storage"
+    #: Largest encoded arguments accepted, in bytes (default: the storage's).
+    max_payload_bytes: int | None = None
 
 
 class MemoryStorage(Storage):
@@ -79,10 +86,7 @@ class MemoryStorage(Storage):
         Raises:
             ConfigurationError: An unknown option, named.
         """
-        unknown = set(options) - {"max_payload_bytes"}
-        if unknown:
-            raise ConfigurationError(f"memory storage: unknown option(s) {sorted(unknown)}")
-        return cls(url, **options)
+        return cls(url, **MemoryOptions.parse(options).given())
 
     def open(self) -> None:
         """Nothing to connect to."""
@@ -107,10 +111,9 @@ class MemoryStorage(Storage):
         state = job.state
         if isinstance(state, Enqueued):
             self._push(job)
-        if isinstance(state, Scheduled):
-            self._waiting[job.id] = state.enqueue_at
-        elif isinstance(state, AwaitingRetry):
-            self._waiting[job.id] = state.retry_at
+        due = due_at(state)  # the promotion index: Scheduled and AwaitingRetry only
+        if due is not None:
+            self._waiting[job.id] = due
         else:
             self._waiting.pop(job.id, None)
 

@@ -35,141 +35,63 @@ from __future__ import annotations
 
 import json
 import logging
-import random
-import threading
-import time
-from collections.abc import Callable, Mapping, Sequence
-from datetime import datetime, timedelta, timezone
-from hashlib import sha1
-from typing import Any, TypeVar
-from urllib.parse import parse_qsl, urlencode, urlsplit
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timezone
+from typing import Any
 
-import redis
-from pydantic import TypeAdapter, ValidationError
-from redis.backoff import NoBackoff
-from redis.retry import Retry
-
-from qmlkit.config import mask_url
+import qmlkit_redis.lua as lua
 from qmlkit.errors import (
-    ConfigurationError,
     DuplicateJob,
     InvalidTransition,
     JobNotFound,
     StaleClaim,
-    StorageError,
     StorageUnavailable,
 )
 from qmlkit.job import (
-    AwaitingRetry,
     Enqueued,
-    Failed,
     Job,
     JobState,
     Processing,
-    Scheduled,
-    Succeeded,
-    check_transition,
-    encode_metadata,
-    encode_payload,
-    trusted,
 )
-from qmlkit.recurring import RecurringJob
 from qmlkit.storage.base import (
     MAX_CLAIM,
     STATS_RETENTION,
-    ServerInfo,
     StateChange,
     Storage,
     Transition,
     minute_of,
 )
-from qmlkit_redis import lua
+from qmlkit.storage.codec import (
+    DECODE_ERRORS,
+    claimed_job,
+    decode_history,
+    decode_state,
+    held_stand_in,
+    undecodable_reason,
+)
+from qmlkit_redis.connection import RedisConnection
+from qmlkit_redis.encoding import (
+    DEFAULT_PREFIX,
+    FIXED_KEYS,
+    ForeignKeyType,
+    RedisOptions,
+    from_us,
+    metadata_of,
+    opt_us,
+    pad,
+    state_time,
+    text,
+    to_us,
+)
+from qmlkit_redis.registry import RedisRegistry
+
+__all__ = ["DEFAULT_PREFIX", "FIXED_KEYS", "ForeignKeyType", "RedisOptions", "RedisStorage",
+           "from_us", "to_us"]
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
-
-_STATE = TypeAdapter(JobState)
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
-_US = timedelta(microseconds=1)
-
-#: Default key prefix.
-DEFAULT_PREFIX = "qmlkit:"
-
-#: Fixed keys (after the prefix) and the Redis type qmlkit keeps in each.
-FIXED_KEYS: dict[str, str] = {
-    "jobs": "zset", "scheduled": "zset", "retries": "zset",
-    "expires": "zset", "counts": "hash", "processing-servers": "set",
-    "servers": "hash", "heartbeats": "zset",
-    "recurring": "hash", "recurring-next": "hash", "recurring-last": "hash",
-    **{f"state:{name}": "zset" for name in (
-        "Enqueued", "Scheduled", "Processing", "Succeeded", "Failed", "AwaitingRetry", "Deleted")},
-}
-
-_OPTIONS = frozenset({
-    "prefix", "max_payload_bytes", "socket_timeout_s", "connect_timeout_s",
-    "retry_timeout_s", "max_connections", "health_check_interval_s",
-})
 
 
-class ForeignKeyType(ConfigurationError, StorageError):
-    """A key under qmlkit's prefix holds a Redis type qmlkit does not keep there.
-
-    Another application writes under the same prefix (or a key was changed by hand).
-    Nothing was changed by the operation that found it.
-
-    Attributes:
-        key: The full key name.
-        found: Its Redis type, e.g. ``"string"``.
-        expected: The type qmlkit keeps there, e.g. ``"zset"``.
-    """
-
-    def __init__(self, key: str, found: str, expected: str) -> None:
-        self.key = key
-        self.found = found
-        self.expected = expected
-        super().__init__(
-            f"Redis key {key!r} holds a {found}, but qmlkit keeps a {expected} there: another "
-            "application writes under this key prefix. Give qmlkit a prefix of its own "
-            "(storage URL '?prefix=myapp:' or the 'prefix' option), or remove that key."
-        )
-
-
-def to_us(value: datetime) -> int:
-    """An aware datetime as integer microseconds since the Unix epoch (exact)."""
-    return (value - _EPOCH) // _US
-
-
-def from_us(value: str | int) -> datetime:
-    """Integer microseconds since the epoch (as stored) back to an aware UTC datetime."""
-    return _EPOCH + timedelta(microseconds=int(value))
-
-
-def _pad(value: datetime) -> str:
-    """The 16-digit sortable form of an instant, used in queue entries (FIFO order)."""
-    return f"{max(to_us(value), 0):016d}"
-
-
-def _state_time(state: JobState) -> str:
-    """The index time of a state: padded enqueue µs, due µs, start µs, or ''."""
-    if isinstance(state, Enqueued):
-        return _pad(state.enqueued_at)
-    if isinstance(state, Scheduled):
-        return str(to_us(state.enqueue_at))
-    if isinstance(state, AwaitingRetry):
-        return str(to_us(state.retry_at))
-    if isinstance(state, Processing):
-        return str(to_us(state.started_at))
-    if isinstance(state, (Succeeded, Failed)):  # the throughput counter's minute (seconds)
-        at = state.succeeded_at if isinstance(state, Succeeded) else state.failed_at
-        return str(int(minute_of(at).timestamp()))
-    return ""
-
-
-def _opt_us(value: datetime | None) -> str:
-    return "" if value is None else str(to_us(value))
-
-
-class RedisStorage(Storage):
+class RedisStorage(RedisRegistry, RedisConnection, Storage):
     """Storage in Redis (``redis://``, ``rediss://`` or ``unix://``). See the module docstring.
 
     Several processes and servers may share one Redis and one prefix; several apps share
@@ -195,58 +117,6 @@ class RedisStorage(Storage):
         ConfigurationError: The URL cannot be parsed or a value is out of range.
     """
 
-    def __init__(
-        self,
-        url: str,
-        *,
-        prefix: str | None = None,
-        max_payload_bytes: int | None = None,
-        socket_timeout_s: float = 10.0,
-        connect_timeout_s: float = 2.0,
-        retry_timeout_s: float = 10.0,
-        max_connections: int = 32,
-        health_check_interval_s: float = 0.0,
-    ) -> None:
-        self.url = url
-        if max_payload_bytes is not None:
-            self.max_payload_bytes = max_payload_bytes
-        try:
-            parts = urlsplit(url)
-            query = parse_qsl(parts.query, keep_blank_values=True)
-        except ValueError as exc:
-            raise ConfigurationError(f"cannot parse Redis URL {mask_url(url)!r}: {exc}") from exc
-        url_prefix = [v for k, v in query if k == "prefix"]
-        rest = urlencode([(k, v) for k, v in query if k != "prefix"])
-        # Rebuilt by hand: urlunsplit turns "unix:///path" into "unix:/path".
-        self._redis_url = (f"{parts.scheme}://{parts.netloc}{parts.path}"
-                           + (f"?{rest}" if rest else "")
-                           + (f"#{parts.fragment}" if parts.fragment else ""))
-        self.prefix = prefix if prefix is not None else (url_prefix[-1] if url_prefix
-                                                         else DEFAULT_PREFIX)
-        if not self.prefix:
-            raise ConfigurationError("Redis storage: the key prefix must not be empty")
-        for name, value in (("socket_timeout_s", socket_timeout_s),
-                            ("connect_timeout_s", connect_timeout_s),
-                            ("retry_timeout_s", retry_timeout_s),
-                            ("max_connections", max_connections)):
-            if value <= 0:
-                raise ConfigurationError(f"Redis storage option {name} must be positive")
-        self.socket_timeout_s = socket_timeout_s
-        self.connect_timeout_s = connect_timeout_s
-        self.retry_timeout_s = retry_timeout_s
-        self.max_connections = max_connections
-        self.health_check_interval_s = health_check_interval_s
-        self._client: redis.Redis | None = None
-        self._pool: redis.ConnectionPool | None = None
-        self._shas: dict[str, str] = {}
-        self._open_lock = threading.Lock()
-        self._local = threading.local()
-        self._conns: list[tuple[threading.Thread, redis.Connection]] = []
-        self._conns_lock = threading.Lock()
-        self._generation = 0
-        # Claims whose reply was lost, per (server, worker): presented again next time.
-        self._pending_claims: dict[tuple[str, str], list[Any]] = {}
-        self._where = "?"
 
     @classmethod
     def from_url(cls, url: str, options: Mapping[str, Any]) -> RedisStorage:
@@ -255,307 +125,8 @@ class RedisStorage(Storage):
         Raises:
             ConfigurationError: An unknown option (named), or a bad URL or value.
         """
-        unknown = set(options) - _OPTIONS
-        if unknown:
-            raise ConfigurationError(
-                f"Redis storage: unknown option(s) {sorted(unknown)}; known: {sorted(_OPTIONS)}")
-        return cls(url, **options)
+        return cls(url, **RedisOptions.parse(options).given())
 
-    # --- lifecycle -------------------------------------------------------------------
-
-    @property
-    def client(self) -> redis.Redis:
-        """The redis-py client (opening the storage on first use)."""
-        if self._client is None:
-            self.open()
-        assert self._client is not None
-        return self._client
-
-    def open(self) -> None:
-        """Connect, check the server answers and the fixed keys' types. Idempotent.
-
-        Raises:
-            ConfigurationError: The URL is unusable, the credentials are refused (the
-                message names host and port, never the password), or a fixed key holds
-                a foreign type (`ForeignKeyType`).
-            StorageUnavailable: Redis does not answer at the URL's host and port.
-        """
-        with self._open_lock:
-            if self._client is not None:
-                return
-            try:
-                pool = redis.BlockingConnectionPool.from_url(
-                    self._redis_url,
-                    decode_responses=True,
-                    socket_timeout=self.socket_timeout_s,
-                    socket_connect_timeout=self.connect_timeout_s,
-                    max_connections=self.max_connections,
-                    timeout=self.socket_timeout_s,
-                    health_check_interval=self.health_check_interval_s,
-                    retry=Retry(NoBackoff(), 0),  # retries are ours, with idempotent replays
-                )
-            except (ValueError, TypeError) as exc:
-                raise ConfigurationError(
-                    f"unusable Redis URL {mask_url(self.url)!r}: {exc}") from exc
-            kw = pool.connection_kwargs
-            self._where = (f"unix socket {kw['path']}" if "path" in kw
-                           else f"{kw.get('host', 'localhost')}:{kw.get('port', 6379)}")
-            client = redis.Redis(connection_pool=pool)
-            try:
-                client.ping()
-                self._check_fixed_keys(client)
-            except redis.AuthenticationError as exc:
-                pool.disconnect()
-                raise ConfigurationError(
-                    f"Redis at {self._where} refused the credentials of {mask_url(self.url)!r}: "
-                    f"{exc}. Check the user name and password in the URL") from exc
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
-                pool.disconnect()
-                hint = ("; for rediss:// the server must speak TLS"
-                        if self.url.lower().startswith("rediss:") else "")
-                raise StorageUnavailable(
-                    f"Redis at {self._where} is unreachable ({type(exc).__name__}: {exc}); "
-                    f"check the host and port, and that Redis is running{hint}") from exc
-            except redis.exceptions.InvalidResponse as exc:
-                pool.disconnect()
-                raise ConfigurationError(
-                    f"{self._where} does not answer as a Redis server ({exc}); "
-                    "check the port in the storage URL") from exc
-            except redis.ResponseError as exc:
-                pool.disconnect()
-                text = str(exc)
-                if "AUTH" in text or "NOAUTH" in text or "WRONGPASS" in text:
-                    raise ConfigurationError(
-                        f"Redis at {self._where} refused the credentials of "
-                        f"{mask_url(self.url)!r}: {text}") from exc
-                raise StorageError(f"Redis at {self._where}: {text}") from exc
-            except ConfigurationError:
-                pool.disconnect()
-                raise
-            self._shas = {name: sha1(getattr(lua, name).encode()).hexdigest()
-                          for name in lua.SCRIPTS}
-            self._generation += 1
-            self._pool, self._client = pool, client
-
-    def close(self) -> None:
-        """Close every pooled connection. Idempotent; the storage may be opened again."""
-        with self._open_lock:
-            if self._pool is not None:
-                self._pool.disconnect()
-            with self._conns_lock:
-                for _, conn in self._conns:
-                    conn.disconnect()
-                self._conns = []
-            self._pool = self._client = None
-
-    def _check_fixed_keys(self, client: redis.Redis) -> None:
-        pipe = client.pipeline(transaction=False)
-        names = list(FIXED_KEYS)
-        for name in names:
-            pipe.type(self.prefix + name)
-        for name, found in zip(names, pipe.execute(), strict=True):
-            if found not in ("none", FIXED_KEYS[name]):
-                raise ForeignKeyType(self.prefix + name, found, FIXED_KEYS[name])
-
-    def _foreign_key(self, keys: Sequence[str]) -> ForeignKeyType | None:
-        """Find which key made a command fail with WRONGTYPE."""
-        client = self.client
-        expected = {self.prefix + k: t for k, t in FIXED_KEYS.items()}
-        for key in keys:
-            found = client.type(key)
-            want = expected.get(key) or ("hash" if key.startswith(self.prefix + "job:") else
-                                         "zset" if key.startswith(self.prefix + "queue:") else
-                                         "set")
-            if found not in ("none", want):
-                return ForeignKeyType(key, found, want)
-        for key, want in expected.items():
-            found = client.type(key)
-            if found not in ("none", want):
-                return ForeignKeyType(key, found, want)
-        return None
-
-    # --- calls with retry ----------------------------------------------------------------
-
-    def _call(self, fn: Callable[[int], T], keys: Sequence[str] = ()) -> T:
-        """Run ``fn(attempt)``, retrying connection errors with capped backoff.
-
-        ``attempt`` is 0 on the first try; a retry (``attempt > 0``) may have followed a
-        try that ran on the server but whose reply was lost, so ``fn`` must then ask for
-        an idempotent replay.
-
-        Raises:
-            StorageUnavailable: Redis stayed unreachable for ``retry_timeout_s``.
-            ForeignKeyType: A key has a foreign type (``keys`` are checked first).
-            StorageError: Any other error reply.
-        """
-        try:
-            return fn(0)  # the usual case: no clock read, no loop
-        except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError) as exc:
-            error: Exception = exc
-        deadline = time.monotonic() + self.retry_timeout_s
-        delay = 0.02
-        attempt = 0
-        while True:
-            if isinstance(error, (redis.ConnectionError, redis.TimeoutError)):
-                # BusyLoadingError (Redis reading its append-only file after a restart)
-                # is a ConnectionError too: wait for it like for a refused connection.
-                if time.monotonic() + delay > deadline:
-                    raise StorageUnavailable(
-                        f"Redis at {self._where} unreachable for {self.retry_timeout_s:g} s "
-                        f"({type(error).__name__}: {error})") from error
-                log.info("Redis at %s: %s: %s; retrying in %.2f s", self._where,
-                         type(error).__name__, error, delay)
-            else:
-                text = str(error)
-                if "WRONGTYPE" in text:
-                    found = self._foreign_key(keys)
-                    if found is not None:
-                        raise found from error
-                    raise StorageError(
-                        f"Redis at {self._where}: a key under prefix {self.prefix!r} holds a "
-                        f"foreign type ({text}); give qmlkit a prefix of its own") from error
-                if ("BUSY" in text or "MASTERDOWN" in text or "READONLY" in text
-                        or "TRYAGAIN" in text) and time.monotonic() + delay <= deadline:
-                    log.info("Redis at %s busy (%s); retrying in %.2f s", self._where, text, delay)
-                else:
-                    raise StorageError(f"Redis at {self._where}: {text}") from error
-            time.sleep(delay * (0.5 + random.random()))  # jitter, not crypto
-            delay = min(delay * 2, 1.0)
-            attempt += 1
-            try:
-                return fn(attempt)
-            except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError) as exc:
-                error = exc
-
-    def _script(self, name: str, args: Sequence[Any], keys: Sequence[str] = (),
-                replay: Callable[[list[Any]], list[Any]] | None = None) -> Any:
-        """Run a Lua script by SHA with ``ARGV = [prefix, *args]``, retried as ``_call``.
-
-        Scripts go over a connection of the calling thread's own (see `_connection`),
-        which saves redis-py's pool checkout on every call: about half the client-side
-        cost of a round trip. After ``NOSCRIPT`` (Redis restarted) the script is loaded
-        again and the call repeated.
-
-        Args:
-            replay: Turns the arguments into their idempotent-replay form for retries.
-        """
-        if self._client is None:
-            self.open()
-        sha, source = self._shas[name], getattr(lua, name)
-        argv = [self.prefix, *args]
-
-        def run(attempt: int) -> Any:
-            values = replay(argv) if attempt and replay else argv
-            conn = self._connection()
-            try:
-                try:
-                    conn.send_command("EVALSHA", sha, 0, *values)
-                    return conn.read_response()
-                except redis.exceptions.NoScriptError:
-                    conn.send_command("SCRIPT", "LOAD", source)
-                    conn.read_response()
-                    conn.send_command("EVALSHA", sha, 0, *values)
-                    return conn.read_response()
-            except (redis.ConnectionError, redis.TimeoutError):
-                conn.disconnect()  # reconnects on the next send
-                raise
-
-        return self._call(run, keys)
-
-    def _connection(self) -> redis.Connection:
-        """This thread's own connection for script calls, made on first use.
-
-        Connections of threads that have ended are closed when another one is made, and
-        all of them by `close`.
-        """
-        mine = getattr(self._local, "conn", None)
-        if mine is not None and mine[0] == self._generation:
-            return mine[1]
-        pool = self._pool
-        assert pool is not None
-        conn = pool.connection_class(**pool.connection_kwargs)
-        with self._conns_lock:
-            alive = []
-            for thread, other in self._conns:
-                if thread.is_alive():
-                    alive.append((thread, other))
-                else:
-                    other.disconnect()
-            self._conns = [*alive, (threading.current_thread(), conn)]
-        self._local.conn = (self._generation, conn)
-        return conn
-
-    def _k(self, name: str) -> str:
-        return self.prefix + name
-
-    # --- job encoding -----------------------------------------------------------------
-
-    def _new_values(self, jobs: Sequence[Job]) -> list[Any]:
-        """Encode new jobs as the scripts' 15 values each, checking each.
-
-        Raises:
-            PayloadError: A job's arguments or metadata are not JSON or too large.
-            InvalidTransition: A job is not Enqueued or Scheduled.
-        """
-        limit = self.max_payload_bytes
-        states: dict[int, tuple[str, str, str]] = {}  # jobs of one bulk enqueue share one
-        values: list[Any] = []
-        for job in jobs:
-            state = job.state
-            encoded = states.get(id(state))
-            if encoded is None:
-                check_transition(job.id, None, state.name)
-                encoded = states[id(state)] = (state.name, state.model_dump_json(),
-                                               _state_time(state))
-            values += (
-                job.id, encode_payload(job.args, job.kwargs, limit),
-                encode_metadata(job.metadata, limit),
-                job.method, job.queue, job.priority, job.max_retries,
-                "" if job.timeout_s is None else repr(job.timeout_s),
-                to_us(job.created_at), job.attempts, job.retry_count, _opt_us(job.expires_at),
-                *encoded,
-            )
-        return values
-
-    def _decode(self, job_id: str, v: Sequence[Any]) -> tuple[Job, str | None]:
-        """JOB_FIELDS values -> (job, None), or (a Failed stand-in, reason) if undecodable."""
-        try:
-            payload = json.loads(v[0])
-            job = Job(
-                id=job_id, method=v[2], args=payload["args"], kwargs=payload["kwargs"],
-                queue=v[3], priority=int(v[4]), max_retries=int(v[5]),
-                timeout_s=float(v[6]) if v[6] else None, metadata=_metadata(v),
-                created_at=from_us(v[7]), attempts=int(v[8]), retry_count=int(v[9]),
-                expires_at=from_us(v[10]) if v[10] else None,
-                state=_STATE.validate_json(v[12]),
-            )
-            if job.state.name != v[11]:
-                raise ValueError(f"state field {v[11]!r} disagrees with the state data")
-        except (ValueError, TypeError, KeyError, ValidationError) as exc:
-            reason = f"stored job cannot be decoded: {type(exc).__name__}: {exc}"[:2000]
-            try:
-                created = from_us(v[7])
-            except (ValueError, TypeError, OverflowError):
-                created = datetime.now(timezone.utc)
-            stand_in = Job(
-                id=job_id, method=str(v[2] or "?"), queue=str(v[3] or "?"), created_at=created,
-                state=Failed(failed_at=datetime.now(timezone.utc),
-                             exception_type="qmlkit.errors.PayloadError", message=reason),
-            )
-            return stand_in, reason
-        return job, None
-
-    def _decode_changes(self, flat: list[Any]) -> list[StateChange]:
-        """Per job ``previous state JSON, id, JOB_FIELDS`` (PROMOTE, REQUEUE) -> changes."""
-        n = 2 + len(lua.JOB_FIELDS)
-        changes = []
-        for i in range(0, len(flat), n):
-            job, reason = self._decode(flat[i + 1], flat[i + 2:i + n])
-            if reason is not None:
-                log.error("job %s: %s", flat[i + 1], reason)
-                continue
-            changes.append(StateChange(job, _STATE.validate_json(flat[i])))
-        return changes
 
     # --- enqueue and read ------------------------------------------------------------------
 
@@ -661,7 +232,7 @@ class RedisStorage(Storage):
             server = state.server_name if isinstance(state, Processing) else ""
             done = self._script("CHANGE_STATE", [
                 job_id, v[12] or "", v[8] or "", state.name, state.model_dump_json(),
-                _state_time(state), server, _opt_us(expires_at)], keys=[key])
+                state_time(state), server, opt_us(expires_at)], keys=[key])
             if done == -1:
                 raise JobNotFound(job_id)
             if done == 1:
@@ -735,7 +306,7 @@ class RedisStorage(Storage):
         if replayed:
             log.warning("a claim whose reply was lost is handed back: %d job(s) for %s",
                         (len(out) - 2 - n_foreign) // (2 + len(lua.JOB_FIELDS)), worker_id)
-        processing = _STATE.validate_json(argv[3])
+        processing = decode_state(argv[3])
         return self._claimed(out[2 + n_foreign:], processing, bool(replayed), with_previous)
 
     def _claimed(self, flat: list[Any], processing: Processing, replayed: bool,
@@ -747,29 +318,23 @@ class RedisStorage(Storage):
         for i in range(0, len(flat), n):
             job_id, attempts, v = flat[i], int(flat[i + 1]), flat[i + 2:i + n]
             try:  # fast path: every value was written by qmlkit with the right type
-                payload = json.loads(v[0])
-                metadata = _metadata(v)
-                if not (isinstance(payload["args"], list) and isinstance(payload["kwargs"], dict)
-                        and isinstance(metadata, dict)):
-                    raise TypeError("args, kwargs or metadata of the wrong JSON type")
-                job = trusted(Job, {
-                    "id": job_id, "method": v[2], "args": payload["args"],
-                    "kwargs": payload["kwargs"], "queue": v[3], "priority": int(v[4]),
-                    "attempts": attempts, "retry_count": int(v[9]), "max_retries": int(v[5]),
-                    "timeout_s": float(v[6]) if v[6] else None, "metadata": metadata,
+                job = claimed_job({
+                    "id": job_id, "method": v[2], "payload": v[0], "job_metadata": metadata_of(v),
+                    "queue": v[3], "priority": int(v[4]), "retry_count": int(v[9]),
+                    "max_retries": int(v[5]), "timeout_s": float(v[6]) if v[6] else None,
                     "created_at": from_us(v[7]),
-                    "expires_at": from_us(v[10]) if v[10] else None, "state": processing,
-                })
+                    "expires_at": from_us(v[10]) if v[10] else None,
+                }, attempts, processing)
                 previous: JobState | None = None
                 if with_previous:
                     previous = (Enqueued(enqueued_at=processing.started_at, queue=job.queue,
                                          reason="claim replayed after a lost reply")
-                                if replayed else _STATE.validate_json(v[12]))
-            except (ValueError, TypeError, KeyError, ValidationError) as exc:
+                                if replayed else decode_state(v[12]))
+            except DECODE_ERRORS as exc:
                 stand_in, reason = self._decode(job_id, v)
-                reason = reason or f"stored job cannot be decoded: {type(exc).__name__}: {exc}"
+                reason = reason or undecodable_reason(exc, "job")
                 log.error("job %s quarantined: %s", job_id, reason)
-                held = stand_in._replace(attempts=attempts, state=processing)
+                held = held_stand_in(stand_in, attempts, processing)
                 corrupt.append(Transition(held, stand_in.state))
                 continue
             claimed.append((job, previous))
@@ -792,7 +357,7 @@ class RedisStorage(Storage):
             state = job.state
             values += (
                 item.job.id, item.token, state.name, state.model_dump_json(),
-                _state_time(state), _opt_us(job.expires_at),
+                state_time(state), opt_us(job.expires_at),
                 "" if item.retry_count is None else item.retry_count,
             )
         codes = self._script("TRANSITION", [len(items), *values],
@@ -816,7 +381,7 @@ class RedisStorage(Storage):
     def promote_due(self, *, now: datetime, limit: int = 1000) -> list[StateChange]:
         """See `Storage.promote_due`: one script promotes the earliest due jobs."""
         head, tail = self._enqueued_json(now, None)
-        flat = self._script("PROMOTE", [to_us(now), _pad(now), max(1, limit), head, tail])
+        flat = self._script("PROMOTE", [to_us(now), pad(now), max(1, limit), head, tail])
         return self._decode_changes(flat)
 
     def next_due_at(self) -> datetime | None:
@@ -839,7 +404,7 @@ class RedisStorage(Storage):
     ) -> list[StateChange]:
         """See `Storage.requeue_stranded`: one script over the per-server processing sets."""
         head, tail = self._enqueued_json(now, "stranded")
-        flat = self._script("REQUEUE", ["stranded", to_us(started_before), _pad(now), head, tail,
+        flat = self._script("REQUEUE", ["stranded", to_us(started_before), pad(now), head, tail,
                                         *exclude_servers])
         return self._decode_changes(flat)
 
@@ -854,7 +419,7 @@ class RedisStorage(Storage):
             old = self.client.zrangebyscore(minutes_key, "-inf", f"({horizon}")
             if old:
                 pipe = self.client.pipeline(transaction=False)
-                pipe.delete(*(self._k(f"stats:{_text(m)}") for m in old))
+                pipe.delete(*(self._k(f"stats:{text(m)}") for m in old))
                 pipe.zremrangebyscore(minutes_key, "-inf", f"({horizon}")
                 pipe.execute()
 
@@ -870,13 +435,7 @@ class RedisStorage(Storage):
         v = self._call(lambda _: self.client.hmget(key, "history", "state_data"), [key])
         if v[1] is None:
             return []
-        states: list[JobState] = []
-        for raw in [*_text(v[0] or "").splitlines(), _text(v[1])]:
-            try:
-                states.append(_STATE.validate_json(raw))
-            except ValidationError:
-                log.warning("job %s: a history entry cannot be decoded; skipped", job_id)
-        return states
+        return decode_history(text(v[0] or ""), text(v[1]), job_id=job_id, logger=log)
 
     def throughput(self, *, since: datetime, until: datetime) -> list[tuple[datetime, int, int]]:
         """See `Storage.throughput`: ``stats:<minute>`` hashes (``Succeeded``, ``Failed``)
@@ -885,7 +444,7 @@ class RedisStorage(Storage):
         minutes_key = self._k("stats-minutes")
 
         def read(_: int) -> list[tuple[datetime, int, int]]:
-            minutes = [int(_text(m)) for m in self.client.zrangebyscore(minutes_key, low, high)]
+            minutes = [int(text(m)) for m in self.client.zrangebyscore(minutes_key, low, high)]
             pipe = self.client.pipeline(transaction=False)
             for m in minutes:
                 pipe.hmget(self._k(f"stats:{m}"), "Succeeded", "Failed")
@@ -901,138 +460,3 @@ class RedisStorage(Storage):
         entry = json.dumps(dict(progress), separators=(",", ":"))
         return bool(self._script("PROGRESS", [job_id, token, entry]))
 
-    # --- recurring templates ----------------------------------------------------------------
-
-    def upsert_recurring(self, template: RecurringJob, *, keep_schedule: bool = False) -> None:
-        """See `Storage.upsert_recurring`: one script, so ``keep_schedule`` is atomic."""
-        self._script("UPSERT_RECURRING", [
-            template.id, template.model_dump_json(), _opt_us(template.next_run_at),
-            _opt_us(template.last_run_at), "1" if keep_schedule else "0"])
-
-    def _template(self, definition: str, next_us: str | None, last_us: str | None) -> RecurringJob:
-        template = RecurringJob.model_validate_json(definition)
-        return template.model_copy(update={
-            "next_run_at": from_us(next_us) if next_us else None,
-            "last_run_at": from_us(last_us) if last_us else None,
-        })
-
-    def get_recurring(self, template_id: str) -> RecurringJob | None:
-        """See `Storage.get_recurring`."""
-        def read(_: int) -> list[Any]:
-            pipe = self.client.pipeline(transaction=False)
-            for name in ("recurring", "recurring-next", "recurring-last"):
-                pipe.hget(self._k(name), template_id)
-            return pipe.execute()
-
-        definition, next_us, last_us = self._call(read)
-        return None if definition is None else self._template(definition, next_us, last_us)
-
-    def list_recurring(self) -> list[RecurringJob]:
-        """See `Storage.list_recurring`."""
-        def read(_: int) -> list[Any]:
-            pipe = self.client.pipeline(transaction=True)
-            for name in ("recurring", "recurring-next", "recurring-last"):
-                pipe.hgetall(self._k(name))
-            return pipe.execute()
-
-        defs, nexts, lasts = self._call(read)
-        return [self._template(defs[i], nexts.get(i), lasts.get(i)) for i in sorted(defs)]
-
-    def remove_recurring(self, template_id: str) -> bool:
-        """See `Storage.remove_recurring`."""
-        def write(_: int) -> list[Any]:
-            pipe = self.client.pipeline(transaction=True)
-            for name in ("recurring", "recurring-next", "recurring-last"):
-                pipe.hdel(self._k(name), template_id)
-            return pipe.execute()
-
-        return bool(self._call(write)[0])
-
-    def fire_recurring(
-        self,
-        template_id: str,
-        *,
-        expected_next_run_at: datetime,
-        next_run_at: datetime,
-        job: Job | None,
-    ) -> bool:
-        """See `Storage.fire_recurring`: a compare-and-set script storing the tick's job."""
-        values = self._new_values([job]) if job is not None else []
-        out = self._script("FIRE_RECURRING", [
-            template_id, to_us(expected_next_run_at), to_us(next_run_at),
-            to_us(expected_next_run_at) if job is not None else "", "0",
-            "1" if job is not None else "0", *values,
-        ], replay=lambda a: [*a[:5], "1", *a[6:]])
-        if out[0] == "DUP":
-            raise DuplicateJob(out[1])
-        return out[0] == 1
-
-    # --- server registry ----------------------------------------------------------------------
-
-    def register_server(self, info: ServerInfo) -> None:
-        """See `Storage.register_server`: the row and its heartbeat in one MULTI/EXEC."""
-        def write(_: int) -> None:
-            pipe = self.client.pipeline(transaction=True)
-            pipe.hset(self._k("servers"), info.id, info.model_dump_json())
-            pipe.zadd(self._k("heartbeats"), {info.id: to_us(info.last_heartbeat)})
-            pipe.execute()
-
-        self._call(write)
-
-    def heartbeat(self, server_id: str, *, now: datetime) -> bool:
-        """See `Storage.heartbeat`."""
-        return bool(self._script("HEARTBEAT", [server_id, to_us(now)]))
-
-    def deregister_server(self, server_id: str) -> None:
-        """See `Storage.deregister_server`."""
-        def write(_: int) -> None:
-            pipe = self.client.pipeline(transaction=True)
-            pipe.hdel(self._k("servers"), server_id)
-            pipe.zrem(self._k("heartbeats"), server_id)
-            pipe.execute()
-
-        self._call(write)
-
-    def list_servers(self) -> list[ServerInfo]:
-        """See `Storage.list_servers`."""
-        def read(_: int) -> list[Any]:
-            pipe = self.client.pipeline(transaction=True)
-            pipe.hgetall(self._k("servers"))
-            pipe.zrange(self._k("heartbeats"), 0, -1, withscores=True)
-            return pipe.execute()
-
-        rows, beats = self._call(read)
-        last = {server_id: from_us(int(score)) for server_id, score in beats}
-        infos = []
-        for server_id, text in rows.items():
-            info = ServerInfo.model_validate_json(text)
-            if server_id in last:
-                info = info.model_copy(update={"last_heartbeat": last[server_id]})
-            infos.append(info)
-        return sorted(infos, key=lambda i: i.started_at)
-
-    def reclaim_dead_servers(
-        self, *, heartbeat_before: datetime, now: datetime
-    ) -> list[StateChange]:
-        """See `Storage.reclaim_dead_servers`: one script removes the rows and requeues."""
-        head, tail = self._enqueued_json(now, "reclaimed")
-        flat = self._script("REQUEUE", ["reclaim", to_us(heartbeat_before), _pad(now), head, tail])
-        return self._decode_changes(flat)
-
-
-def _metadata(v: Sequence[Any]) -> dict[str, Any]:
-    """A job's metadata from its hash values, with the ``progress`` field merged in.
-
-    Raises:
-        ValueError, TypeError: The stored JSON is not an object.
-    """
-    metadata = json.loads(v[1])
-    if not isinstance(metadata, dict):
-        raise TypeError("metadata is not a JSON object")
-    if len(v) > 13 and v[13]:
-        metadata["progress"] = json.loads(v[13])
-    return metadata
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

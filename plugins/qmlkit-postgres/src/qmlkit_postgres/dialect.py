@@ -1,0 +1,466 @@
+"""`PostgresDialect`: the PostgreSQL side of `qmlkit.storage.sql.SQLDialect`.
+
+`qmlkit_postgres.storage.PostgresStorage` is the core `SQLStorage` with this dialect: the
+same tables, row encoding, decoding and reads, and PostgreSQL statements that do each
+hot or bulk step in one round trip:
+
+* claim: ``WITH picked AS (SELECT … FOR UPDATE SKIP LOCKED LIMIT n) UPDATE … RETURNING``,
+  so concurrent workers never wait on each other's rows and never claim one twice
+  (the technique of Que, GoodJob and procrastinate);
+* acknowledge: one ``UPDATE … FROM unnest(…)`` per batch, fenced by the attempt number;
+* enqueue: one ``INSERT … SELECT FROM unnest(…)`` per batch;
+* promotion, stranded requeue and dead-server reclaim: one ``UPDATE`` each;
+* engines: a transactional pool and an autocommit pool for single statements, both
+  pinging connections that sat idle; tables made by `qmlkit_postgres.migrations`.
+
+Lost replies are made harmless: a claim retried after a dropped connection first picks
+up the rows its first attempt may have committed, and an acknowledgement retried after a
+dropped connection recognises its own already-applied change.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+
+import sqlalchemy as sa
+import sqlalchemy.dialects.postgresql
+from pydantic import ValidationError
+from sqlalchemy.exc import OperationalError
+
+import qmlkit_postgres.migrations as migrations
+from qmlkit.backoff import Backoff
+from qmlkit.errors import ConfigurationError, StaleClaim, StorageUnavailable
+from qmlkit.job import Failed, Job, JobState, Processing
+from qmlkit.storage.base import MAX_CLAIM, StateChange, Transition, minute_of
+from qmlkit.storage.codec import (
+    DECODE_ERRORS,
+    JOB_STATE,
+    QUARANTINE_EXCEPTION,
+    claimed_job,
+    state_columns,
+    undecodable_reason,
+)
+from qmlkit.storage.sql import INSERT_COLUMNS, SQLDialect
+from qmlkit_postgres.connections import (
+    PRE_PING_AFTER_IDLE_S,
+    end_backends,
+    first_line,
+    is_config_error,
+    ping_idle_connections,
+)
+
+if TYPE_CHECKING:
+    from qmlkit.storage.sql.seam import SQLStore
+
+__all__ = ["PRE_PING_AFTER_IDLE_S", "PostgresDialect", "describe"]
+
+log = logging.getLogger("qmlkit_postgres.storage")
+
+#: First and largest wait between attempts to reach the server at `open`, in seconds.
+CONNECT_RETRY_INITIAL_S, CONNECT_RETRY_CAP_S = 0.1, 1.0
+
+#: Columns returned by claims and moves, in this order.
+_RETURNED = (
+    "id", "method", "queue", "priority", "state", "attempts", "retry_count", "max_retries",
+    "timeout_s", "created_at", "enqueued_at", "due_at", "started_at", "server_name",
+    "expires_at", "payload", "job_metadata", "state_data",
+)
+
+#: Array types of the inserted columns, in ``INSERT_COLUMNS`` order.
+_INSERT_TYPES = (
+    "text", "text", "text", "int", "text", "int", "int", "int", "float8", "timestamptz",
+    "timestamptz", "timestamptz", "timestamptz", "text", "timestamptz", "text", "text", "text",
+)
+
+#: Rows per ``INSERT … SELECT FROM unnest(…)`` statement.
+ROWS_PER_INSERT = 5000
+
+#: SET clause appending the row's current state to its history, one JSON document per
+#: line (SET sees old values; plain text concatenation cannot fail on a corrupt row).
+_HISTORY = "history = coalesce(j.history, '') || j.state_data || chr(10)"
+
+
+def describe(url: sa.URL) -> str:
+    """``host:port/database`` of a URL, never its password."""
+    return f"{url.host or 'localhost'}:{url.port or 5432}/{url.database or ''}"
+
+
+class PostgresDialect(SQLDialect):
+    """PostgreSQL through psycopg 3. See the module docstring.
+
+    Args:
+        url: The parsed URL (for messages: host, port and database only).
+        schema: The schema holding the tables.
+        auto_migrate: Apply pending migrations in `prepare` (else only check).
+        connect_timeout_s: How long `prepare` keeps trying to reach the server, in seconds.
+    """
+
+    name = "postgresql"
+
+    def __init__(self, url: sa.URL, *, schema: str, auto_migrate: bool,
+                 connect_timeout_s: float) -> None:
+        self.where = describe(url)
+        self.schema = schema
+        self.auto_migrate = auto_migrate
+        self.connect_timeout_s = connect_timeout_s
+        self.quoted_schema = '"' + schema.replace('"', '""') + '"'
+        self.jobs_sql = f"{self.quoted_schema}.qmlkit_jobs"
+        #: Names the storage in messages (set by `PostgresStorage`).
+        self.label = f"PostgresStorage({self.where}, schema={schema!r})"
+
+    # --- primitives ------------------------------------------------------------------
+
+    def create_engines(self, url: sa.URL, *, pool_size: int,
+                       engine_options: Mapping[str, Any]) -> tuple[sa.Engine, sa.Engine | None]:
+        """A transactional pool and an autocommit pool (for single-statement hot paths),
+        both pinging connections idle for over `PRE_PING_AFTER_IDLE_S`.
+
+        Raises:
+            ConfigurationError: The driver is missing or an engine option is wrong.
+        """
+        options: dict[str, Any] = {
+            "pool_size": pool_size, "max_overflow": 4,
+            "connect_args": {"connect_timeout": max(1, int(min(self.connect_timeout_s, 10)))},
+            **engine_options,
+        }
+        try:
+            engine = sa.create_engine(url, **options)
+        except (ImportError, sa.exc.ArgumentError) as exc:
+            raise ConfigurationError(f"cannot create an engine for {self.label}: {exc}") from exc
+        ping_idle_connections(engine, PRE_PING_AFTER_IDLE_S)
+        auto_engine = sa.create_engine(
+            url, **{**options, "isolation_level": "AUTOCOMMIT", "pool_reset_on_return": None})
+        ping_idle_connections(auto_engine, PRE_PING_AFTER_IDLE_S)
+        return engine, auto_engine
+
+    def prepare(self, storage: SQLStore, engine: sa.Engine) -> None:
+        """Connect within ``connect_timeout_s`` (retried with backoff), then migrate the
+        schema, or check it is current when ``auto_migrate`` is off.
+
+        Raises:
+            ConfigurationError: Credentials refused, no such database, a bad option.
+            StorageUnavailable: The server stayed unreachable.
+            SchemaVersionError: The schema is newer, or not current without auto_migrate.
+        """
+        where = self.where
+        deadline = time.monotonic() + self.connect_timeout_s
+        backoff = Backoff(CONNECT_RETRY_INITIAL_S, CONNECT_RETRY_CAP_S)
+        while True:
+            try:
+                with engine.begin() as conn:
+                    if self.auto_migrate:
+                        for migration in migrations.migrate(conn, self.schema):
+                            log.info("%r: applied migration %d (%s)", storage, migration.version,
+                                     migration.name)
+                    else:
+                        version = migrations.applied_version(conn, self.schema)
+                        migrations.check_not_newer(version, self.schema)
+                        if version < migrations.LATEST:
+                            raise migrations.SchemaVersionError(
+                                f"PostgreSQL schema {self.schema!r} at {where} is at "
+                                f"qmlkit-postgres schema version {version}, this package "
+                                f"needs {migrations.LATEST}, and automatic migration is off: "
+                                "run 'qmlkit migrate --storage URL' first"
+                            )
+                return
+            except sa.exc.ProgrammingError as exc:
+                # e.g. an unknown connection option in the URL's query, or tables in the
+                # schema that no qmlkit-postgres migration made
+                raise ConfigurationError(
+                    f"PostgreSQL at {where}, schema {self.schema!r}: {first_line(exc.orig)}"
+                ) from None
+            except OperationalError as exc:
+                text = first_line(exc.orig)
+                if is_config_error(text):
+                    raise ConfigurationError(
+                        f"PostgreSQL at {where} refused the connection: {text}"
+                    ) from None
+                if time.monotonic() >= deadline:
+                    raise StorageUnavailable(
+                        f"PostgreSQL at {where} is unreachable after "
+                        f"{self.connect_timeout_s:g} s: {text}"
+                    ) from None
+            time.sleep(backoff.jittered(backoff.next()))
+
+    def insert(self, table: sa.Table) -> Any:
+        """PostgreSQL's ``INSERT … ON CONFLICT``."""
+        return sa.dialects.postgresql.insert(table)
+
+    def progress_merge(self, column: sa.ColumnElement[Any], entry: str) -> sa.ColumnElement[Any]:
+        """``(column::jsonb || jsonb_build_object('progress', entry::jsonb))::text``."""
+        jsonb = sa.dialects.postgresql.JSONB
+        return sa.cast(
+            sa.cast(column, jsonb).op("||")(
+                sa.func.jsonb_build_object("progress", sa.cast(
+                    sa.bindparam("progress_entry", entry, type_=sa.Text), jsonb))
+            ),
+            sa.Text,
+        )
+
+    # --- operations ----------------------------------------------------------------------
+
+    def insert_sql(self) -> str:
+        """``INSERT … SELECT * FROM unnest(%s::type[], …)``: one array per column."""
+        cols = ", ".join(INSERT_COLUMNS)
+        arrays = ", ".join(f"%s::{t}[]" for t in _INSERT_TYPES)
+        return f"INSERT INTO {self.jobs_sql} ({cols}) SELECT * FROM unnest({arrays})"
+
+    def insert_jobs(self, storage: SQLStore, cursor: Any, rows: list[tuple[Any, ...]]) -> None:
+        """Insert encoded rows with one ``INSERT … SELECT FROM unnest(arrays)`` statement
+        per `ROWS_PER_INSERT` (a single row: plain ``VALUES``, which spares dumping 18
+        one-element arrays)."""
+        if len(rows) == 1:
+            cols = ", ".join(INSERT_COLUMNS)
+            marks = ", ".join(["%s"] * len(INSERT_COLUMNS))
+            cursor.execute(f"INSERT INTO {self.jobs_sql} ({cols}) VALUES ({marks})", rows[0])
+            return
+        for start in range(0, len(rows), ROWS_PER_INSERT):
+            chunk = rows[start:start + ROWS_PER_INSERT]
+            cursor.execute(self.insert_sql(), [list(col) for col in zip(*chunk)])
+
+    def claim(
+        self,
+        storage: SQLStore,
+        *,
+        worker_id: str,
+        server_name: str,
+        queues: Sequence[str],
+        limit: int,
+        now: datetime,
+        with_previous: bool,
+    ) -> list[tuple[Job, JobState | None]]:
+        """One ``WITH picked AS (SELECT … FOR UPDATE SKIP LOCKED) UPDATE … RETURNING``;
+        a retry after a dropped connection first ends the lost attempt's backend and
+        collects what it committed. See `SQLDialect.claim`."""
+        processing = Processing(started_at=now, worker_id=worker_id, server_name=server_name)
+        claim_sql, recover_sql, params = self._claim_statements(
+            list(queues), max(1, min(limit, MAX_CLAIM)), processing)
+        attempt = [0]
+
+        backends: list[int] = []
+
+        def claim(cursor: Any) -> list[tuple[Any, ...]]:
+            attempt[0] += 1
+            if attempt[0] > 1:
+                # The lost attempt may still be running on the server, holding its rows
+                # (SKIP LOCKED would pass them by) and committing them later for nobody:
+                # end it first, then collect whatever it committed.
+                end_backends(cursor, backends)
+                cursor.execute(recover_sql, params)
+                found = cursor.fetchall()
+                if found:
+                    log.warning("recovered %d job(s) claimed before a dropped connection",
+                                len(found))
+                    return found
+            backends.append(cursor.connection.info.backend_pid)
+            cursor.execute(claim_sql, params)
+            return cursor.fetchall()
+
+        rows = storage.executor.write_one(claim)
+        if not rows:
+            return []
+        rows.sort(key=lambda r: (-r[3], r[-1] or now, r[0]))
+        return self._claimed(storage, rows, processing, with_previous)
+
+    def _claimed(self, storage: SQLStore, rows: list[tuple[Any, ...]], processing: Processing,
+                 with_previous: bool) -> list[tuple[Job, JobState | None]]:
+        """Jobs from the claim's RETURNING rows; rows that lie are quarantined."""
+        claimed: list[tuple[Job, JobState | None]] = []
+        corrupt: list[tuple[str, str]] = []
+        for raw in rows:
+            row = dict(zip(_RETURNED, raw))
+            try:
+                row["created_at"] = row["created_at"].astimezone(timezone.utc)
+                if row["expires_at"] is not None:
+                    row["expires_at"] = row["expires_at"].astimezone(timezone.utc)
+                job = claimed_job(row, row["attempts"], processing)  # RETURNING: incremented
+                previous = None
+                prev = raw[-2]
+                if prev is not None and (with_previous or not prev.startswith('{"name":"Enqueued"')):
+                    previous = JOB_STATE.validate_json(prev)  # a row that lies is quarantined
+                    if previous.name != "Enqueued":
+                        raise ValueError(
+                            f"state column 'Enqueued' disagrees with state data {previous.name!r}")
+            except DECODE_ERRORS as exc:
+                corrupt.append((row["id"], undecodable_reason(exc, "row")))
+                continue
+            claimed.append((job, previous))
+        if corrupt:
+            self._quarantine(storage, corrupt, processing.started_at)
+        return claimed
+
+
+    def _claim_statements(self, queues: list[str], limit: int, processing: Processing
+                          ) -> tuple[str, str, dict[str, Any]]:
+        """The claim statement, the recovery query of a retried claim, and their
+        parameters."""
+        state_data = processing.model_dump_json()
+        if len(queues) == 1:
+            where, qparams = "AND queue = %(queue)s", {"queue": queues[0]}
+        elif queues:
+            where, qparams = "AND queue = ANY(%(queues)s)", {"queues": queues}
+        else:
+            where, qparams = "", {}
+        returning = ", ".join(f"j.{c}" for c in _RETURNED)
+        claim_sql = (
+            f"WITH picked AS (SELECT id, state_data AS prev, enqueued_at AS prev_enqueued "
+            f"FROM {self.jobs_sql} WHERE state = 'Enqueued' {where} "
+            f"ORDER BY priority DESC, enqueued_at, id LIMIT %(limit)s FOR UPDATE SKIP LOCKED) "
+            f"UPDATE {self.jobs_sql} AS j SET state = 'Processing', state_data = %(data)s, "
+            f"enqueued_at = NULL, due_at = NULL, started_at = %(now)s, "
+            f"server_name = %(server)s, attempts = j.attempts + 1, {_HISTORY} "
+            f"FROM picked WHERE j.id = picked.id "
+            f"RETURNING {returning}, picked.prev, picked.prev_enqueued"
+        )
+        # A retry after a dropped connection first collects what the lost attempt may
+        # have committed: rows Processing under this server since exactly ``now``.
+        recover_sql = (
+            f"SELECT {', '.join(_RETURNED)}, NULL, NULL FROM {self.jobs_sql} "
+            f"WHERE state = 'Processing' AND server_name = %(server)s "
+            f"AND started_at = %(now)s AND state_data = %(data)s"
+        )
+        params = {"limit": limit, "data": state_data, "now": processing.started_at,
+                  "server": processing.server_name, **qparams}
+        return claim_sql, recover_sql, params
+
+    def _quarantine(self, storage: SQLStore, corrupt: list[tuple[str, str]], now: datetime) -> None:
+        """Move rows that will not decode to Failed with the reason; the worker goes on."""
+        sql = (f"UPDATE {self.jobs_sql} AS j SET state = 'Failed', state_data = %s, "
+               f"started_at = NULL, server_name = NULL, {_HISTORY} WHERE id = %s")
+        values = []
+        for job_id, reason in corrupt:
+            log.error("job %s quarantined: %s", job_id, reason)
+            failed = Failed(failed_at=now, exception_type=QUARANTINE_EXCEPTION, message=reason)
+            values.append((failed.model_dump_json(), job_id))
+        storage.executor.write_raw(lambda cursor: cursor.executemany(sql, values))
+
+    def acknowledge(self, storage: SQLStore, items: Sequence[Transition]) -> list[Job | StaleClaim]:
+        """See `SQLDialect.acknowledge`: one ``UPDATE … FROM unnest(…)`` per batch.
+
+        A change retried after a lost reply finds its own result already stored (same
+        attempt, same state data) and counts as applied, not as stale.
+        """
+        applied = [item.applied() for item in items]
+        cols: list[list[Any]] = [[] for _ in range(11)]
+        cache: dict[int, tuple[dict[str, Any], datetime | None]] = {}
+        for item, job in zip(items, applied):
+            found = cache.get(id(job.state))
+            if found is None:
+                state = job.state
+                at = getattr(state, "succeeded_at", None) or getattr(state, "failed_at", None)
+                found = cache[id(state)] = (state_columns(state),
+                                            minute_of(at) if at is not None else None)
+            c, minute = found
+            for i, value in enumerate((
+                item.job.id, item.token, c["state"], c["state_data"], c["enqueued_at"],
+                c["due_at"], c["started_at"], c["server_name"], job.retry_count, job.expires_at,
+                minute,
+            )):
+                cols[i].append(value)
+        jobs, stats = self.jobs_sql, f"{self.quoted_schema}.qmlkit_stats"
+        # One statement: ``live`` reads, from the statement's snapshot, which rows are
+        # still Processing under the token; the UPDATE also accepts a row already holding
+        # exactly this outcome (a retry after a lost reply) but appends history and
+        # counts throughput only for rows that were live.
+        sql = (
+            "WITH v AS (SELECT * FROM unnest(%s::text[], %s::int[], %s::text[], %s::text[], "
+            "%s::timestamptz[], %s::timestamptz[], %s::timestamptz[], %s::text[], %s::int[], "
+            "%s::timestamptz[], %s::timestamptz[]) AS v(id, token, state, state_data, "
+            "enqueued_at, due_at, started_at, server_name, retry_count, expires_at, minute)), "
+            f"live AS (SELECT j.id FROM {jobs} AS j JOIN v ON j.id = v.id "
+            "WHERE j.state = 'Processing' AND j.attempts = v.token), "
+            f"upd AS (UPDATE {jobs} AS j SET state = v.state, state_data = v.state_data, "
+            "enqueued_at = v.enqueued_at, due_at = v.due_at, started_at = v.started_at, "
+            "server_name = v.server_name, retry_count = v.retry_count, expires_at = v.expires_at, "
+            "history = CASE WHEN j.state = 'Processing' "
+            "THEN coalesce(j.history, '') || j.state_data || chr(10) ELSE j.history END "
+            "FROM v WHERE j.id = v.id AND j.attempts = v.token "
+            "AND (j.state = 'Processing' OR (j.state = v.state AND j.state_data = v.state_data)) "
+            "RETURNING j.id, v.state, v.minute), "
+            f"counted AS (INSERT INTO {stats} (minute, state, count) "
+            "SELECT upd.minute, upd.state, count(*) FROM upd JOIN live ON live.id = upd.id "
+            "WHERE upd.minute IS NOT NULL GROUP BY upd.minute, upd.state "
+            f"ON CONFLICT (minute, state) DO UPDATE SET count = {stats}.count + excluded.count) "
+            "SELECT id FROM upd"
+        )
+
+        def write(cursor: Any) -> set[str]:
+            cursor.execute(sql, cols)
+            return {r[0] for r in cursor.fetchall()}
+
+        done = storage.executor.write_one(write)
+        return [
+            job if item.job.id in done else StaleClaim(item.job.id, item.token)
+            for item, job in zip(items, applied)
+        ]
+
+    # --- background duties: one statement each ---------------------------------------
+
+    def _requeue(
+        self, storage: SQLStore, cursor: Any, condition: str, params: dict[str, Any], now: datetime,
+        reason: str | None, limit: int | None, order: str = "id", prefix: str = "",
+    ) -> list[StateChange]:
+        """Move rows matching ``condition`` to Enqueued in one statement; return the changes."""
+        returning = ", ".join(f"j.{c}" for c in _RETURNED)
+        sql = (
+            f"{prefix}{', ' if prefix else 'WITH '}picked AS (SELECT id, state_data AS prev "
+            f"FROM {self.jobs_sql} WHERE {condition} ORDER BY {order} "
+            f"{'LIMIT %(limit)s ' if limit is not None else ''}FOR UPDATE SKIP LOCKED) "
+            f"UPDATE {self.jobs_sql} AS j SET state = 'Enqueued', enqueued_at = %(now)s, "
+            f"due_at = NULL, started_at = NULL, server_name = NULL, {_HISTORY}, "
+            "state_data = json_build_object('name', 'Enqueued', 'enqueued_at', %(now_iso)s::text, "
+            "'queue', j.queue, 'reason', %(reason)s::text)::text "
+            f"FROM picked WHERE j.id = picked.id RETURNING {returning}, picked.prev"
+        )
+        cursor.execute(sql, {**params, "now": now, "reason": reason, "limit": limit,
+                             "now_iso": now.isoformat().replace("+00:00", "Z")})
+        changes = []
+        for raw in cursor.fetchall():
+            row = dict(zip(_RETURNED, raw))
+            job, problem = storage.decode(row)
+            try:
+                previous = JOB_STATE.validate_json(raw[-1])
+            except ValidationError:
+                problem = problem or "previous state cannot be decoded"
+            if problem:
+                log.error("job %s requeued but cannot be decoded: %s", row["id"], problem)
+                continue
+            changes.append(StateChange(job, previous))
+        return changes
+
+    def promote_due(self, storage: SQLStore, *, now: datetime, limit: int) -> list[StateChange]:
+        """See `Storage.promote_due`: one ``UPDATE`` over the due index."""
+        return storage.executor.write_one(lambda cursor: self._requeue(
+            storage, cursor, "state IN ('Scheduled', 'AwaitingRetry') AND due_at <= %(now)s", {},
+            now, None, limit, order="due_at"))
+
+    def requeue_stranded(
+        self,
+        storage: SQLStore,
+        *,
+        started_before: datetime,
+        now: datetime,
+        exclude_servers: Sequence[str],
+    ) -> list[StateChange]:
+        """See `Storage.requeue_stranded`: one ``UPDATE``."""
+        condition = "state = 'Processing' AND started_at < %(before)s"
+        if exclude_servers:
+            condition += " AND NOT (server_name = ANY(%(excluded)s))"
+        params = {"before": started_before, "excluded": list(exclude_servers)}
+        return storage.executor.write_one(lambda cursor: self._requeue(
+            storage, cursor, condition, params, now, "stranded", None))
+
+    def reclaim_dead_servers(
+        self, storage: SQLStore, *, heartbeat_before: datetime, now: datetime
+    ) -> list[StateChange]:
+        """See `Storage.reclaim_dead_servers`: deregister and requeue in one statement."""
+        prefix = (f"WITH dead AS (DELETE FROM {self.quoted_schema}.qmlkit_servers "
+                  "WHERE last_heartbeat < %(before)s RETURNING id)")
+        condition = "state = 'Processing' AND server_name IN (SELECT id FROM dead)"
+        return storage.executor.write_one(lambda cursor: self._requeue(
+            storage, cursor, condition, {"before": heartbeat_before}, now, "reclaimed", None,
+            prefix=prefix))

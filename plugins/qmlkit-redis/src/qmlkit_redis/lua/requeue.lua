@@ -1,0 +1,43 @@
+-- ARGV: prefix, mode ('stranded' or 'reclaim'), bound µs, padded now, Enqueued JSON
+-- head, tail, then server names (stranded: excluded servers). Requeues Processing jobs:
+-- 'stranded', those of every server not listed whose claim started before the bound;
+-- 'reclaim', those of servers whose heartbeat is older than the bound (their registry
+-- rows are removed). Returns per job: previous state JSON, id, JOB_FIELDS.
+-- Runs after core.lua and index.lua (composed by qmlkit_redis.lua).
+local mode, bound, pad = ARGV[2], ARGV[3], ARGV[4]
+local servers = {}
+local bnum = tonumber(bound)
+if mode == 'reclaim' then
+  servers = redis.call('ZRANGEBYSCORE', P .. 'heartbeats', '-inf', '(' .. bound)
+  for _, s in ipairs(servers) do
+    redis.call('ZREM', P .. 'heartbeats', s)
+    redis.call('HDEL', P .. 'servers', s)
+  end
+else
+  local excluded = {}
+  for i = 7, #ARGV do excluded[ARGV[i]] = true end
+  for _, s in ipairs(redis.call('SMEMBERS', P .. 'processing-servers')) do
+    if not excluded[s] then servers[#servers + 1] = s end
+  end
+end
+for _, s in ipairs(servers) do
+  local pkey = P .. 'processing:' .. s
+  for _, id in ipairs(redis.call('SMEMBERS', pkey)) do
+    local h = idx(id)
+    if h and h[1] == 'Processing' and h[5] == s then
+      local started = redis.call('HGET', jk(id), 'started_at')
+      if mode == 'reclaim' or (tonumber(started) or 0) < bnum then
+        requeue(id, h, ARGV[5], ARGV[6], pad)
+      end
+    else
+      srem(pkey, id) -- stale entry
+    end
+  end
+end
+flush()
+for _, s in ipairs(servers) do
+  if redis.call('SCARD', P .. 'processing:' .. s) == 0 then
+    redis.call('SREM', P .. 'processing-servers', s)
+  end
+end
+return moved_reply()
