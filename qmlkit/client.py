@@ -332,7 +332,7 @@ class App(RecurringClient):
         Raises:
             ConfigurationError: On entry, when the app's storage cannot take part in a
                 caller's transaction: it must be a
-                `qmlkit.storage.base.TransactionalStorage` with
+                `qmlkit.storage.capabilities.TransactionalStorage` with
                 ``supports_transactional_enqueue = True``, as qmlkit-postgres is.
         """
         return self._transactional.block(connection)

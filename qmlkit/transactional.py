@@ -3,7 +3,7 @@
 The jobs exist only if the caller's transaction commits, and a rollback leaves no trace
 (the pattern of Rails' GoodJob and of procrastinate). Observers and wake-ups run after
 the commit, never after a rollback. The storage must be a
-`qmlkit.storage.base.TransactionalStorage` (qmlkit-postgres is).
+`qmlkit.storage.capabilities.TransactionalStorage` (qmlkit-postgres is).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 from qmlkit.errors import ConfigurationError
-from qmlkit.storage.base import is_transactional
+from qmlkit.storage.capabilities import is_transactional
 
 if TYPE_CHECKING:
     from qmlkit.job import Job
@@ -94,7 +94,7 @@ class Transactional:
 
         Raises:
             ConfigurationError: On entry, when the storage is not a
-                `qmlkit.storage.base.TransactionalStorage` with the capability on.
+                `qmlkit.storage.capabilities.TransactionalStorage` with the capability on.
         """
         store = self._storage()
         if not is_transactional(store):

@@ -19,96 +19,23 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
-
 from qmlkit.errors import StaleClaim
-from qmlkit.job import DEFAULT_MAX_PAYLOAD_BYTES, Job, JobState, UtcDateTime
+from qmlkit.job import DEFAULT_MAX_PAYLOAD_BYTES, Job, JobState
 from qmlkit.recurring import RecurringJob
+from qmlkit.storage.records import (
+    MAX_CLAIM,
+    STATS_RETENTION,
+    ServerInfo,
+    StateChange,
+    Transition,
+    minute_of,
+)
 
-#: Most jobs one ``claim`` call may return.
-MAX_CLAIM = 1000
-
-#: How long per-minute throughput counters are kept.
-STATS_RETENTION = timedelta(days=7)
-
-
-def minute_of(moment: datetime) -> datetime:
-    """``moment`` rounded down to its UTC minute (the throughput bucket)."""
-    return moment.astimezone(timezone.utc).replace(second=0, microsecond=0)
-
-
-@dataclass(frozen=True)
-class Transition:
-    """A fenced state change requested by the worker that claimed ``job``.
-
-    Attributes:
-        job: The job as the worker holds it: Processing, with its claim's fencing token
-            in ``job.attempts``.
-        state: The target state: Succeeded, Failed, AwaitingRetry, or Enqueued (a claim
-            released unstarted).
-        expires_at: When cleanup may delete the job (UTC), or ``None`` for never.
-        retry_count: The job's new ``retry_count``, or ``None`` to keep it.
-    """
-
-    job: Job
-    state: JobState
-    expires_at: datetime | None = None
-    retry_count: int | None = None
-
-    @property
-    def token(self) -> int:
-        """The fencing token presented: the claim's attempt number."""
-        return self.job.attempts
-
-    def applied(self) -> Job:
-        """Return the job as it is once this transition is stored.
-
-        Raises:
-            InvalidTransition: ``state`` may not follow the job's current state.
-        """
-        changes: dict[str, Any] = {"expires_at": self.expires_at}
-        if self.retry_count is not None:
-            changes["retry_count"] = self.retry_count
-        return self.job.with_state(self.state, **changes)
-
-
-@dataclass(frozen=True)
-class StateChange:
-    """One committed state change, as observers receive it.
-
-    Attributes:
-        job: The job after the change.
-        previous: Its state before, or ``None`` for a newly stored job.
-    """
-
-    job: Job
-    previous: JobState | None
-
-
-class ServerInfo(BaseModel):
-    """One row of the server registry (qml-rs ``ServerInfo``).
-
-    Attributes:
-        id: Unique id, ``"{name}#{uuid4}"``.
-        name: The configured server name.
-        worker_count: Worker threads it runs.
-        queues: The queues it serves (empty means all).
-        started_at: When it registered (UTC).
-        last_heartbeat: When it last reported alive (UTC).
-    """
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-    id: str
-    name: str
-    worker_count: int = Field(ge=0)
-    queues: list[str] = Field(default_factory=list)
-    started_at: UtcDateTime
-    last_heartbeat: UtcDateTime
-
+__all__ = ["MAX_CLAIM", "STATS_RETENTION", "ServerInfo", "StateChange", "Storage",
+           "Transition", "minute_of"]
 
 class Storage(abc.ABC):
     """All job state. Abstract: a backend implements every method below.
@@ -563,57 +490,3 @@ class Storage(abc.ABC):
         from qmlkit.config import mask_url
 
         return f"{type(self).__name__}({mask_url(self.url)!r})"
-
-
-# --- capabilities beyond the contract -----------------------------------------------------
-# Imported here, at the end, so this section stays apart from the contract above.
-
-from typing import Protocol, runtime_checkable  # noqa: E402
-
-
-@runtime_checkable
-class TransactionalStorage(Protocol):
-    """A storage that can enqueue inside a caller's own database transaction.
-
-    ``App.transaction`` (`qmlkit.transactional`) needs it; qmlkit-postgres has it.
-    ``isinstance(storage, TransactionalStorage)`` checks that the members exist; a
-    storage may still switch the capability off with
-    ``supports_transactional_enqueue = False``.
-
-    Attributes:
-        supports_transactional_enqueue: ``True`` when the capability is usable.
-    """
-
-    supports_transactional_enqueue: bool
-
-    def enqueue_many(self, jobs: Sequence[Job], *, connection: Any = None) -> list[Job]:
-        """As `Storage.enqueue_many`; with ``connection`` (a SQLAlchemy ``Connection`` or
-        ``Session`` on the same database) the rows are written through it, in the caller's
-        transaction, and exist only if it commits."""
-
-    def existing_ids(self, ids: Sequence[str]) -> set[str]:
-        """Return those of ``ids`` that are stored (committed) now."""
-
-
-def is_transactional(storage: object) -> bool:
-    """Whether ``storage`` declares transactional enqueue and has it switched on."""
-    return isinstance(storage, TransactionalStorage) and bool(
-        storage.supports_transactional_enqueue)
-
-
-#: Optional methods of `Storage`: the base class raises ``NotImplementedError`` naming
-#: the storage's class and what it lacks; every built-in backend and both plugins
-#: implement them. Check one with `supports`.
-OPTIONAL_METHODS = ("job_history", "throughput", "report_progress")
-
-
-def supports(storage: Storage, method: str) -> bool:
-    """Whether ``storage`` implements the optional `Storage` method ``method``.
-
-    Raises:
-        ValueError: ``method`` is not one of `OPTIONAL_METHODS`.
-    """
-    if method not in OPTIONAL_METHODS:
-        raise ValueError(f"{method!r} is not an optional storage method; "
-                         f"those are {', '.join(OPTIONAL_METHODS)}")
-    return getattr(type(storage), method) is not getattr(Storage, method)

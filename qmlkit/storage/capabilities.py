@@ -1,0 +1,60 @@
+"""Storage capabilities beyond the contract: transactional enqueue, and the optional
+methods of `qmlkit.storage.base.Storage` a backend may leave out."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol, runtime_checkable
+
+from qmlkit.job import Job
+from qmlkit.storage.base import Storage
+
+__all__ = ["OPTIONAL_METHODS", "TransactionalStorage", "is_transactional", "supports"]
+
+
+@runtime_checkable
+class TransactionalStorage(Protocol):
+    """A storage that can enqueue inside a caller's own database transaction.
+
+    ``App.transaction`` (`qmlkit.transactional`) needs it; qmlkit-postgres has it.
+    ``isinstance(storage, TransactionalStorage)`` checks that the members exist; a
+    storage may still switch the capability off with
+    ``supports_transactional_enqueue = False``.
+
+    Attributes:
+        supports_transactional_enqueue: ``True`` when the capability is usable.
+    """
+
+    supports_transactional_enqueue: bool
+
+    def enqueue_many(self, jobs: Sequence[Job], *, connection: Any = None) -> list[Job]:
+        """As `Storage.enqueue_many`; with ``connection`` (a SQLAlchemy ``Connection`` or
+        ``Session`` on the same database) the rows are written through it, in the caller's
+        transaction, and exist only if it commits."""
+
+    def existing_ids(self, ids: Sequence[str]) -> set[str]:
+        """Return those of ``ids`` that are stored (committed) now."""
+
+
+def is_transactional(storage: object) -> bool:
+    """Whether ``storage`` declares transactional enqueue and has it switched on."""
+    return isinstance(storage, TransactionalStorage) and bool(
+        storage.supports_transactional_enqueue)
+
+
+#: Optional methods of `Storage`: the base class raises ``NotImplementedError`` naming
+#: the storage's class and what it lacks; every built-in backend and both plugins
+#: implement them. Check one with `supports`.
+OPTIONAL_METHODS = ("job_history", "throughput", "report_progress")
+
+
+def supports(storage: Storage, method: str) -> bool:
+    """Whether ``storage`` implements the optional `Storage` method ``method``.
+
+    Raises:
+        ValueError: ``method`` is not one of `OPTIONAL_METHODS`.
+    """
+    if method not in OPTIONAL_METHODS:
+        raise ValueError(f"{method!r} is not an optional storage method; "
+                         f"those are {', '.join(OPTIONAL_METHODS)}")
+    return getattr(type(storage), method) is not getattr(Storage, method)
