@@ -469,9 +469,9 @@ def test_redis_wakeups_are_published_through_one_client(
 ) -> None:
     # kombu's Redis channel builds a client per message; the wake-up channel keeps one
     require_service("Redis", "127.0.0.1", 6379)
-    from qmlkit.wakeup import _redis_transport
+    from qmlkit.wakeup import redis_transport
 
-    channel_cls = _redis_transport().Channel
+    channel_cls = redis_transport().Channel
     made: list[object] = []
     original = channel_cls._create_client
 
