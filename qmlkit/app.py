@@ -358,6 +358,45 @@ class App:
                     self._storage = store
         return self._storage
 
+    def with_storage(
+        self,
+        storage: str | Storage | None,
+        *,
+        options: Mapping[str, Any] | None = None,
+        wakeup_url: str | None = None,
+        wakeup_exchange: str | None = None,
+    ) -> App:
+        """Return a copy of this app, with the same job registry, on another storage.
+
+        What the CLI's ``--storage``/``--wakeup`` options make of a loaded app. The copy
+        shares this app's registry (the same dict: jobs registered later on either
+        appear on both), its name, extra plugins and autoload setting, but has its own
+        plugin manager, storage connection and wake-up publisher: closing one leaves the
+        other open. This app is not changed.
+
+        Args:
+            storage: A storage URL or a ``Storage`` object (shared, not copied); ``None``
+                keeps this app's storage (URL or object).
+            options: Backend options for ``storage``. ``None``: this app's options when
+                ``storage`` is ``None``, else none (options belong to a URL).
+            wakeup_url: A kombu URL for wake-ups; ``None``: this app's.
+            wakeup_exchange: The wake-up exchange; ``None``: this app's.
+
+        Returns:
+            A new, unopened ``App``; its storage opens on first use.
+
+        Raises:
+            ConfigurationError: ``wakeup_url`` is not a usable kombu URL.
+        """
+        if options is None:
+            options = self.storage_options if storage is None else {}
+        copy = App(self.name, storage=self._storage_spec if storage is None else storage,
+                   storage_options=options, plugins=self._plugins, autoload=self._autoload,
+                   wakeup_url=wakeup_url or self.wakeup_url,
+                   wakeup_exchange=wakeup_exchange or self.wakeup_exchange)
+        copy.registry = self.registry
+        return copy
+
     def close(self) -> None:
         """Close the storage (it reopens on next use) and the wake-up publisher."""
         with self._lock:
