@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import os
 import sys
 from collections.abc import Generator
@@ -152,7 +153,9 @@ def json_args(args_json: str, kwargs_json: str) -> tuple[list[Any], dict[str, An
         The positional arguments (a list) and the keyword arguments (a dict).
 
     Raises:
-        click.BadParameter: Not JSON, or not a list / an object (usage error, exit 2).
+        click.BadParameter: Not JSON (``NaN`` and ``Infinity`` are not, nor is a number
+            too large for a float), nested too deeply for the parser, an integer longer
+            than Python's digit limit, or not a list / an object (usage error, exit 2).
     """
     parsed = []
     for hint, text in (("--args", args_json), ("--kwargs", kwargs_json)):
@@ -172,6 +175,23 @@ def parse_json(text: str, hint: str) -> Any:
         click.BadParameter: Anything the parser refuses, named after ``hint``.
     """
     try:
-        return json.loads(text)
+        return json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
     except json.JSONDecodeError as exc:
         raise click.BadParameter(f"not JSON: {exc}", param_hint=hint) from exc
+    except RecursionError:  # e.g. 50,000 nested brackets
+        raise click.BadParameter("not usable JSON: nested too deeply", param_hint=hint) from None
+    except ValueError as exc:  # e.g. an integer over sys.get_int_max_str_digits() digits
+        raise click.BadParameter(f"not usable JSON: {exc}", param_hint=hint) from None
+
+
+def _refuse_constant(name: str) -> Any:
+    """``NaN``, ``Infinity`` and ``-Infinity`` are not JSON (Python's parser allows them)."""
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _finite_float(text: str) -> float:
+    """A JSON number as a float; one too large for a float (``1e400``) is refused."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text[:40]} is too large")
+    return value

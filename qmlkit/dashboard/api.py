@@ -15,6 +15,7 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request, WebSocket
 from qmlkit.dashboard.live import LiveHub
 from qmlkit.dashboard.security import guard_action, websocket_admitted
 from qmlkit.dashboard.service import (
+    MAX_OFFSET,
     ActionResult,
     DashboardService,
     JobDetail,
@@ -25,6 +26,9 @@ from qmlkit.dashboard.service import (
     Throughput,
 )
 from qmlkit.errors import InvalidTransition, JobNotFound, MiddlewareError
+
+#: The actions a job's path may end with (``POST /api/jobs/{id}/<action>``).
+JOB_ACTIONS = ("retry", "requeue", "delete")
 
 router = APIRouter(prefix="/api", tags=["api"])
 action = Depends(guard_action)
@@ -54,7 +58,7 @@ def api_throughput(minutes: int = Query(60, ge=1, le=1440),
 @router.get("/jobs", response_model=JobPage)
 def api_jobs(state: str | None = None, queue: str | None = None,
              method: str | None = None, limit: int = Query(50, ge=1, le=500),
-             offset: int = Query(0, ge=0, le=100_000_000),
+             offset: int = Query(0, ge=0, le=MAX_OFFSET),
              service: DashboardService = Service) -> JobPage:
     """One page of jobs, newest first, filtered by state, queue and method (400 on a
     bad state name)."""
@@ -65,13 +69,17 @@ def api_jobs(state: str | None = None, queue: str | None = None,
         raise HTTPException(400, str(exc)) from exc
 
 
-@router.get("/jobs/{job_id}", response_model=JobDetail)
+@router.get("/jobs/{job_id:path}", response_model=JobDetail)
 def api_job(job_id: str, service: DashboardService = Service) -> JobDetail:
     """One job: arguments, metadata, state, error with traceback, progress, history
     (404 if unknown)."""
     try:
         return service.job(job_id)
     except JobNotFound as exc:
+        # the id takes the rest of the path: "<id>/retry" read with GET is an action path
+        head, _, tail = job_id.rpartition("/")
+        if head and tail in JOB_ACTIONS:
+            raise HTTPException(405, "actions are POST only", headers={"Allow": "POST"}) from exc
         raise HTTPException(404, f"no job {job_id!r}") from exc
 
 
@@ -88,21 +96,24 @@ def act(request: Request, fn: Callable[[str], ActionResult], target: str) -> Act
     return result
 
 
-@router.post("/jobs/{job_id}/retry", response_model=ActionResult, dependencies=[action])
+@router.post("/jobs/{job_id:path}/retry", response_model=ActionResult,
+             dependencies=[action])
 def api_retry(request: Request, job_id: str, service: DashboardService = Service
               ) -> ActionResult:
     """Enqueue a Failed, Succeeded or Deleted job again (409 in another state)."""
     return act(request, service.retry, job_id)
 
 
-@router.post("/jobs/{job_id}/requeue", response_model=ActionResult, dependencies=[action])
+@router.post("/jobs/{job_id:path}/requeue", response_model=ActionResult,
+             dependencies=[action])
 def api_requeue(request: Request, job_id: str, service: DashboardService = Service
                 ) -> ActionResult:
     """Run a Scheduled or AwaitingRetry job now (409 in another state)."""
     return act(request, service.requeue, job_id)
 
 
-@router.post("/jobs/{job_id}/delete", response_model=ActionResult, dependencies=[action])
+@router.post("/jobs/{job_id:path}/delete", response_model=ActionResult,
+             dependencies=[action])
 def api_delete(request: Request, job_id: str, service: DashboardService = Service
                ) -> ActionResult:
     """Move a job to Deleted; a Processing job's outcome is then discarded (409 if
@@ -116,7 +127,7 @@ def api_recurring(service: DashboardService = Service) -> list[RecurringRow]:
     return service.recurring()
 
 
-@router.post("/recurring/{template_id}/trigger", response_model=ActionResult,
+@router.post("/recurring/{template_id:path}/trigger", response_model=ActionResult,
              dependencies=[action])
 def api_trigger(request: Request, template_id: str, service: DashboardService = Service
                 ) -> ActionResult:
@@ -124,7 +135,7 @@ def api_trigger(request: Request, template_id: str, service: DashboardService = 
     return act(request, service.trigger, template_id)
 
 
-@router.post("/recurring/{template_id}/remove", response_model=ActionResult,
+@router.post("/recurring/{template_id:path}/remove", response_model=ActionResult,
              dependencies=[action])
 def api_remove(request: Request, template_id: str, service: DashboardService = Service
                ) -> ActionResult:

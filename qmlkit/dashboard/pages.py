@@ -113,7 +113,7 @@ def jobs_page(request: Request, state: str | None = None, queue: str | None = No
                   queues=sorted(queues))
 
 
-@router.get("/jobs/{job_id}", response_class=HTMLResponse)
+@router.get("/jobs/{job_id:path}", response_class=HTMLResponse)
 def job_page(request: Request, job_id: str) -> HTMLResponse:
     """One job in full (the missing page, 404, for an unknown id)."""
     try:

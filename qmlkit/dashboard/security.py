@@ -11,7 +11,10 @@
 * Actions (`guard_action`) are refused in read-only mode, and without a Bearer header
   they need the CSRF token and a same-origin ``Origin``; WebSockets
   (`websocket_admitted`) pass the same authentication and origin check.
-* ``/login`` and ``/logout`` (`router`) set and forget the session cookie.
+* ``/login`` and ``/logout`` (`router`) start a server-side session (a random cookie
+  that expires) and revoke it.
+* A client that sent too many wrong tokens (`qmlkit.dashboard.ratelimit`) gets 429 with
+  ``Retry-After`` for every token it presents, right or wrong, until its lockout ends.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from qmlkit.dashboard.auth import (
     CSRF_HEADER,
     SESSION_COOKIE,
     Auth,
+    LockedOut,
     host_allowed,
     same_origin,
 )
@@ -80,6 +84,17 @@ def safe_next(target: str) -> str:
     return target
 
 
+def client_of(connection: Request | WebSocket) -> str:
+    """The address the failed-login limits count by: the peer the ASGI server saw."""
+    return connection.client.host if connection.client else "unknown"
+
+
+def locked_out(exc: LockedOut) -> Response:
+    """429 for a locked-out client, with ``Retry-After`` in whole seconds."""
+    return JSONResponse({"detail": str(exc)}, status_code=429,
+                        headers={"Retry-After": str(max(1, round(exc.retry_after_s)))})
+
+
 def unauthorized(request: Request) -> Response:
     """401: JSON with ``WWW-Authenticate`` for the API, the login page for people."""
     if request.url.path.startswith("/api/") or "text/html" not in request.headers.get(
@@ -103,15 +118,24 @@ async def guard(request: Request, call_next: Callable[[Request], Awaitable[Respo
     if not host_allowed(host, auth_required=auth.required):
         response: Response = JSONResponse({"detail": "host not allowed"}, status_code=400)
     else:
-        method = auth.method(request.headers, request.cookies)
-        request.state.auth_method = method
-        if method is None and not request.url.path.startswith(PUBLIC_PREFIXES):
-            response = unauthorized(request)
-        else:
-            response = await answer(request, call_next)
+        response = await authenticated(request, call_next)
     for name, value in security_headers(host).items():
         response.headers.setdefault(name, value)
     return response
+
+
+async def authenticated(request: Request,
+                        call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+    """Run the route if the request authenticated or is public; else 401 (or 429)."""
+    auth: Auth = request.app.state.auth
+    try:
+        method = auth.method(request.headers, request.cookies, client_of(request))
+    except LockedOut as exc:
+        return locked_out(exc)
+    request.state.auth_method = method
+    if method is None and not request.url.path.startswith(PUBLIC_PREFIXES):
+        return unauthorized(request)
+    return await answer(request, call_next)
 
 
 async def answer(request: Request, call_next: Callable[[Request], Awaitable[Response]]
@@ -151,9 +175,13 @@ def guard_action(request: Request) -> None:
 def websocket_admitted(ws: WebSocket) -> bool:
     """Whether a WebSocket may open: allowed host, authenticated, same origin."""
     auth: Auth = ws.app.state.auth
-    return (host_allowed(ws.headers.get("host"), auth_required=auth.required)
-            and auth.method(ws.headers, ws.cookies) is not None
-            and same_origin(ws.headers.get("origin"), ws.headers.get("host")))
+    if not host_allowed(ws.headers.get("host"), auth_required=auth.required):
+        return False
+    try:
+        method = auth.method(ws.headers, ws.cookies, client_of(ws))
+    except LockedOut:
+        return False
+    return method is not None and same_origin(ws.headers.get("origin"), ws.headers.get("host"))
 
 
 async def form_of(request: Request) -> dict[str, list[str]]:
@@ -169,8 +197,10 @@ def login_page(request: Request, next: str = "/") -> HTMLResponse:
 
 @router.post("/login")
 async def login(request: Request) -> Response:
-    """Check the token; on success set the session cookie and go to ``next``."""
+    """Check the token (under the failed-login limits); on success start a session and
+    go to ``next``."""
     auth: Auth = request.app.state.auth
+    config: DashboardConfig = request.app.state.config
     if not same_origin(request.headers.get("origin"), request.headers.get("host")):
         raise HTTPException(403, "cross-origin request refused")
     form = await form_of(request)
@@ -178,24 +208,32 @@ async def login(request: Request) -> Response:
     target = safe_next((form.get("next") or ["/"])[0])
     if not auth.required:
         return RedirectResponse(target, status_code=303)
-    if not auth.token_matches(token):
-        # the form again, as an authentication failure
+    try:
+        right = auth.check_token(token, client_of(request))
+    except LockedOut as exc:
+        refused = render(request, "login.html", status_code=429, nav="", next=target,
+                         error=f"Too many wrong tokens: {exc}.")
+        refused.headers["Retry-After"] = str(max(1, round(exc.retry_after_s)))
+        return refused
+    if not right:  # the form again, as an authentication failure
         return render(request, "login.html", status_code=401, nav="", next=target,
                       error="That token is not right.")
     response = RedirectResponse(target, status_code=303)
-    response.set_cookie(SESSION_COOKIE, auth.session_value(), httponly=True,
-                        samesite="strict", secure=request.url.scheme == "https", path="/")
+    response.set_cookie(SESSION_COOKIE, auth.new_session(), max_age=int(config.session_ttl_s),
+                        httponly=True, samesite="strict", secure=request.url.scheme == "https",
+                        path="/")
     return response
 
 
 @router.post("/logout")
 async def logout(request: Request) -> Response:
-    """Forget the session cookie (CSRF-checked like every POST)."""
+    """End the session on the server and forget its cookie (CSRF-checked like every POST)."""
     auth: Auth = request.app.state.auth
     form = await form_of(request)
     given = request.headers.get(CSRF_HEADER) or (form.get(CSRF_FIELD) or [""])[0]
     if not auth.csrf_ok(given, request.cookies):
         raise HTTPException(403, "missing or wrong CSRF token")
+    auth.revoke(request.cookies.get(SESSION_COOKIE))
     response = RedirectResponse("/login", status_code=303)
     response.delete_cookie(SESSION_COOKIE, path="/")
     return response

@@ -31,13 +31,15 @@ from qmlkit.errors import JobNotFound
 from qmlkit.job import STATE_NAMES, Job, JobState, utcnow
 from qmlkit.storage.base import Storage
 
-__all__ = ["COUNTS_TTL_S", "MAX_PAGE", "ActionResult", "DashboardService", "ErrorInfo",
-           "JobDetail", "JobPage", "JobRow", "Progress", "RecurringRow", "ServerRow", "Stats",
-           "Throughput", "ThroughputPoint", "actions_for", "job_row", "progress_of",
-           "state_time"]
+__all__ = ["COUNTS_TTL_S", "MAX_OFFSET", "MAX_PAGE", "ActionResult", "DashboardService",
+           "ErrorInfo", "JobDetail", "JobPage", "JobRow", "Progress", "RecurringRow",
+           "ServerRow", "Stats", "Throughput", "ThroughputPoint", "actions_for", "job_row",
+           "progress_of", "state_time"]
 
 #: Most jobs one page of the jobs list may hold.
 MAX_PAGE = 500
+#: The largest offset into the jobs list (the REST API's bound, for the WebSocket too).
+MAX_OFFSET = 100_000_000
 #: How long one ``count_jobs`` answer is reused, in seconds: a page and the live loop
 #: asking within this window share one count (a full scan: ~50 ms at 100,000 SQLite jobs).
 COUNTS_TTL_S = 0.2
@@ -176,15 +178,15 @@ class DashboardService:
             queue: A queue name, or ``None``.
             method: A job name, or ``None``.
             limit: Rows per page, 1 to `MAX_PAGE`.
-            offset: Rows to skip.
+            offset: Rows to skip, 0 to `MAX_OFFSET`.
 
         Raises:
             ValueError: ``state`` is not a state name, or ``limit``/``offset`` out of bounds.
         """
         if state is not None and state not in STATE_NAMES:
             raise ValueError(f"unknown state {state!r}; one of {', '.join(STATE_NAMES)}")
-        if not 1 <= limit <= MAX_PAGE or offset < 0:
-            raise ValueError(f"limit must be 1 to {MAX_PAGE} and offset >= 0")
+        if not 1 <= limit <= MAX_PAGE or not 0 <= offset <= MAX_OFFSET:
+            raise ValueError(f"limit must be 1 to {MAX_PAGE} and offset 0 to {MAX_OFFSET}")
         found = self.storage.list_jobs(state=state, queue=queue, method=method,
                                        limit=limit + 1, offset=offset)
         total: int | None = None

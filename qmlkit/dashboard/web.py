@@ -81,7 +81,7 @@ def create_app(app: App, config: DashboardConfig) -> FastAPI:
                    lifespan=lifespan)
     asgi.state.hub = hub
     asgi.state.service = service
-    asgi.state.auth = Auth(config.token_value)
+    asgi.state.auth = Auth(config.token_value, session_ttl_s=config.session_ttl_s)
     asgi.state.config = config
     asgi.state.templates = pages.make_templates()
     asgi.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
