@@ -128,29 +128,37 @@ class App(RecurringClient):
         """The storage as given: a URL, or a ``Storage`` object."""
         return self._storage_spec
 
-    def with_storage(self, storage: str | Storage, *, options: Mapping[str, Any] | None = None,
+    def with_storage(self, storage: str | Storage | None, *,
+                     options: Mapping[str, Any] | None = None,
                      wakeup_url: str | None = _SAME, wakeup_exchange: str = _SAME) -> App:
-        """A copy of this app on another storage, with the same registry.
+        """A copy of this app on another storage (or the same), with the same registry.
 
-        The copy shares this app's job registry (the very same object, so jobs
-        registered later are seen by both) and its plugins and autoload setting; it has
-        its own storage, plugin manager and wake-up publisher. Job functions stay bound
-        to this app: ``fn.enqueue`` still writes here; use ``copy.enqueue(name, ...)``.
+        What the CLI's ``--storage``/``--wakeup`` options make of a loaded app. The copy
+        shares this app's job registry (the very same object, so jobs registered later
+        are seen by both), its name, plugins and autoload setting; it has its own plugin
+        manager, storage connection and wake-up publisher, so closing one leaves the
+        other open. Job functions stay bound to this app: ``fn.enqueue`` still writes
+        here; use ``copy.enqueue(name, ...)``. This app is not changed.
 
         Args:
-            storage: A storage URL or a ``Storage`` object.
-            options: Backend options for the URL; ``None`` for none.
-            wakeup_url: Wake-up URL of the copy; by default this app's.
+            storage: A storage URL or a ``Storage`` object (shared, not copied);
+                ``None`` keeps this app's storage (URL or object).
+            options: Backend options for ``storage``. ``None``: this app's options when
+                ``storage`` is ``None``, else none (options belong to a URL).
+            wakeup_url: Wake-up URL of the copy (``None``: poll only); by default
+                this app's.
             wakeup_exchange: Wake-up exchange of the copy; by default this app's.
 
         Returns:
-            The new, unopened app.
+            The new, unopened app; its storage opens on first use.
 
         Raises:
             ConfigurationError: A bad wake-up URL.
         """
-        clone = App(self.name, storage=storage, storage_options=options, plugins=self._plugins,
-                    autoload=self._autoload,
+        if options is None:
+            options = self.storage_options if storage is None else {}
+        clone = App(self.name, storage=self._storage_spec if storage is None else storage,
+                    storage_options=options, plugins=self._plugins, autoload=self._autoload,
                     wakeup_url=self.wakeup_url if wakeup_url is _SAME else wakeup_url,
                     wakeup_exchange=(self.wakeup_exchange if wakeup_exchange is _SAME
                                      else wakeup_exchange))

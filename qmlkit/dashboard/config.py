@@ -8,6 +8,11 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from qmlkit.errors import ConfigurationError
 
+#: Shortest token accepted when the dashboard binds a non-loopback address, in characters.
+MIN_TOKEN_LENGTH = 16
+#: How long a login session lives by default, in seconds (12 hours).
+DEFAULT_SESSION_TTL_S = 12 * 3600.0
+
 #: Host names that always mean this machine.
 LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
 
@@ -36,7 +41,8 @@ class DashboardConfig(BaseModel):
         token: The access token (``QMLKIT_DASHBOARD_TOKEN``). When set, every request
             must present it: ``Authorization: Bearer <token>``, HTTP basic auth with the
             token as password (any user name), or the session cookie the login page
-            sets. Required when ``host`` is not loopback.
+            sets. Required when ``host`` is not loopback, and then at least
+            `MIN_TOKEN_LENGTH` (16) characters long.
         read_only: Hide every action and refuse them in the API (403).
         poll_interval_s: Seconds between the server-side looks at the storage that feed
             the WebSocket (0.05 to 10); state-change observers and wake-ups make a look
@@ -44,6 +50,8 @@ class DashboardConfig(BaseModel):
         dead_server_after_s: Seconds without a heartbeat after which a server shows as dead.
         page_size: Rows per page of the jobs list (1 to 500).
         throughput_minutes: Minutes the overview chart covers (1 to 1440).
+        session_ttl_s: Seconds a login session (the cookie the login page sets) lives;
+            default 12 hours. Logging out ends it sooner.
         wakeup_url: A kombu URL: the dashboard listens to wake-ups (enqueues, retries,
             promotions in any process) to refresh at once, and its own actions publish
             them. ``None``: the app's, else none (the poll alone).
@@ -59,19 +67,30 @@ class DashboardConfig(BaseModel):
     dead_server_after_s: float = Field(60.0, gt=0)
     page_size: int = Field(50, ge=1, le=500)
     throughput_minutes: int = Field(60, ge=1, le=1440)
+    session_ttl_s: float = Field(DEFAULT_SESSION_TTL_S, gt=0, le=366 * 86400)
     wakeup_url: str | None = None
 
     def check_bind(self) -> None:
         """Refuse a configuration that would expose the dashboard without auth (C15).
 
         Raises:
-            ConfigurationError: ``host`` is not loopback and no token is set.
+            ConfigurationError: ``host`` is not loopback and no token is set, or the
+                token is shorter than `MIN_TOKEN_LENGTH` characters.
         """
-        if not is_loopback(self.host) and not self.token_value:
+        if is_loopback(self.host):
+            return
+        token = self.token_value
+        if not token:
             raise ConfigurationError(
                 f"the dashboard would listen on {self.host}, which is not loopback, with no "
                 "authentication: set a token (--token or QMLKIT_DASHBOARD_TOKEN), or bind "
                 "to 127.0.0.1")
+        if len(token) < MIN_TOKEN_LENGTH:
+            raise ConfigurationError(
+                f"the dashboard would listen on {self.host}, which is not loopback, with a "
+                f"token of {len(token)} characters: a token must have at least "
+                f"{MIN_TOKEN_LENGTH} on a non-loopback address (e.g. python -c 'import "
+                "secrets; print(secrets.token_urlsafe(24))'), or bind to 127.0.0.1")
 
     @property
     def token_value(self) -> str | None:

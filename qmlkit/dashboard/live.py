@@ -207,8 +207,8 @@ class LiveHub:
             page = self.service.jobs(state=view.get("state") or None,
                                      queue=view.get("queue") or None,
                                      method=view.get("method") or None,
-                                     limit=int(view.get("limit") or 50),
-                                     offset=int(view.get("offset") or 0))
+                                     limit=_int_of(view.get("limit"), 50),
+                                     offset=_int_of(view.get("offset"), 0))
             return {"type": "jobs", "page": page.model_dump(mode="json")}
         if kind == "job":
             try:
@@ -249,3 +249,16 @@ class LiveHub:
             pass
         finally:
             self._clients.discard(client)
+
+
+def _int_of(value: Any, default: int) -> int:
+    """A view's ``limit`` or ``offset`` as an int (``default`` when absent or 0).
+
+    Raises:
+        ValueError: Not a number an int can be made of (``[1]``, ``1e400``, ``"x"``); the
+            service bounds the result (`DashboardService.jobs`).
+    """
+    try:
+        return int(value or default)
+    except (TypeError, OverflowError) as exc:
+        raise ValueError(f"not a usable number: {value!r}") from exc

@@ -459,7 +459,8 @@ def test_a_non_loopback_bind_without_a_token_is_refused() -> None:
         DashboardConfig(host="0.0.0.0").check_bind()
     with pytest.raises(ConfigurationError):
         DashboardConfig(host="0.0.0.0", token="").check_bind()
-    DashboardConfig(host="0.0.0.0", token="t").check_bind()
+    # issue 17: a public bind needs a token of at least 16 characters (was: "t" accepted)
+    DashboardConfig(host="0.0.0.0", token="t" * 16).check_bind()
     assert "hunter2" not in repr(DashboardConfig(token="hunter2"))
 
 

@@ -474,3 +474,35 @@ def test_worker_refuses_a_mistyped_wakeup_url_naming_it(cli_app: CliApp) -> None
                                        "redis:/127.0.0.1:6379/0"])
     assert result.exit_code != 0
     assert "redis:/127.0.0.1:6379/0" in result.output and "is not a URL" in result.output
+
+
+# --- hostile --args / --kwargs (issue 17) ------------------------------------------------------
+
+BAD_JSON = {
+    "deep": "[" * 50_000 + "]" * 50_000,
+    "digits": "[" + "9" * 5000 + "]",
+    "nan": "[NaN]",
+    "infinity": '{"a": -Infinity}',
+    "huge-float": "[1e400]",
+    "truncated": "[1,",
+    "empty": "",
+    "single-quotes": "{'a': 1}",
+}
+
+
+@pytest.mark.parametrize("option", ["--args", "--kwargs"])
+@pytest.mark.parametrize("text", BAD_JSON.values(), ids=BAD_JSON.keys())
+def test_enqueue_with_any_bad_json_is_a_usage_error(cli_app: CliApp, option: str,
+                                                    text: str) -> None:
+    result = CliRunner().invoke(main, ["enqueue", cli_app.spec, "add", option, text])
+    assert result.exit_code == 2, result.output
+    assert isinstance(result.exception, SystemExit), repr(result.exception)
+    assert option in result.output and "Traceback" not in result.output
+    assert cli_app.app.storage.count_jobs() == {}
+
+
+def test_recurring_add_with_deep_json_is_a_usage_error(cli_app: CliApp) -> None:
+    result = CliRunner().invoke(main, ["recurring", "add", "r1", "0 * * * *", "add",
+                                       "--app", cli_app.spec, "--args", "[" * 50_000])
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+    assert cli_app.app.list_recurring() == []

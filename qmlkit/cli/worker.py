@@ -1,0 +1,212 @@
+"""``qmlkit worker``: run a server for an app until SIGINT or SIGTERM.
+
+The worker's flags come from one table, `FLAGS`: each row names a `ServerConfig` field,
+its flag, its environment variable, the click type of the flag's value and how that
+value becomes the field's. A flag that is not given leaves the field to the app and
+`ServerConfig` (so ``--help`` shows `ServerConfig`'s own defaults); to expose another
+field, add a row.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from types import FrameType
+from typing import Any
+
+import click
+
+from qmlkit.cli.apploading import load_app, wakeup_exchange_option
+from qmlkit.errors import QmlError
+from qmlkit.processing.server import Server, ServerConfig
+
+log = logging.getLogger("qmlkit.cli")
+
+#: The click type of every flag given in seconds.
+SECONDS = click.FloatRange(0.001)
+
+
+def seconds(value: float) -> timedelta:
+    """A flag's seconds as the field's ``timedelta``."""
+    return timedelta(seconds=value)
+
+
+def queue_list(value: str) -> tuple[str, ...]:
+    """``"a, b"`` as ``("a", "b")``; ``"*"`` as ``()`` (every queue)."""
+    if value.strip() == "*":
+        return ()
+    return tuple(q.strip() for q in value.split(",") if q.strip())
+
+
+def same(value: Any) -> Any:
+    """A flag's value used as the field's unchanged."""
+    return value
+
+
+@dataclass(frozen=True)
+class Flag:
+    """One row of `FLAGS`: a `ServerConfig` field exposed as a ``qmlkit worker`` flag.
+
+    Attributes:
+        field: The `ServerConfig` field.
+        flag: The option's declaration, e.g. ``"--threads"`` or ``"--heartbeat/--no-heartbeat"``.
+        env: The environment variable that may give it instead.
+        type: The click type of the flag's value (``bool`` for an on/off pair).
+        convert: The flag's value → the field's value.
+        help: What it does; the environment variable and default are appended.
+        default_text: The default shown on ``--help``; ``None`` derives it from the field.
+        metavar: The value's name on ``--help``; ``None``: click's.
+    """
+
+    field: str
+    flag: str
+    env: str
+    type: Any
+    convert: Callable[[Any], Any]
+    help: str
+    default_text: str | None = None
+    metavar: str | None = None
+
+    @property
+    def param(self) -> str:
+        """The click parameter name (the field's name)."""
+        return self.field
+
+    def shown_default(self) -> str:
+        """The default ``--help`` shows: `ServerConfig`'s, in the flag's units."""
+        if self.default_text is not None:
+            return self.default_text
+        default = ServerConfig.model_fields[self.field].default
+        if isinstance(default, timedelta):
+            return f"{default.total_seconds():g}"
+        if isinstance(default, bool):
+            return "on" if default else "off"
+        if isinstance(default, tuple):
+            return ",".join(default) or "*"
+        return str(default)
+
+    def option(self) -> Callable[[Any], Any]:
+        """The click option for this row (given or ``None``)."""
+        is_pair = "/" in self.flag  # "--on/--off": click makes it a boolean pair
+        return click.option(
+            self.flag, self.param, envvar=self.env, default=None,
+            type=None if is_pair else self.type, metavar=self.metavar,
+            show_default=self.shown_default(), help=f"{self.help} [env: {self.env}]")
+
+
+#: Every ``qmlkit worker`` flag that sets a `ServerConfig` field, in ``--help`` order.
+FLAGS: tuple[Flag, ...] = (
+    Flag("storage_url", "--storage", "QMLKIT_STORAGE", str, same,
+         "Storage URL.", default_text="the app's", metavar="URL"),
+    Flag("queues", "--queues", "QMLKIT_QUEUES", str, queue_list,
+         "Comma-separated queues to serve; '*' for all."),
+    Flag("worker_count", "--threads", "QMLKIT_THREADS", click.IntRange(1, 1024), same,
+         "Worker threads."),
+    Flag("polling_interval", "--polling-interval", "QMLKIT_POLLING_INTERVAL", SECONDS, seconds,
+         "Seconds an idle worker waits between polls."),
+    Flag("shutdown_timeout", "--shutdown-timeout", "QMLKIT_SHUTDOWN_TIMEOUT", SECONDS, seconds,
+         "Seconds running jobs get to finish after the first SIGINT/SIGTERM."),
+    Flag("server_name", "--name", "QMLKIT_SERVER_NAME", str, same,
+         "Server name.", default_text="the host name"),
+    Flag("enable_heartbeat", "--heartbeat/--no-heartbeat", "QMLKIT_HEARTBEAT", bool, same,
+         "Register, heartbeat, and reclaim dead servers' jobs."),
+    Flag("heartbeat_interval", "--heartbeat-interval", "QMLKIT_HEARTBEAT_INTERVAL", SECONDS,
+         seconds, "Seconds between heartbeats."),
+    Flag("dead_server_timeout", "--dead-server-timeout", "QMLKIT_DEAD_SERVER_TIMEOUT", SECONDS,
+         seconds, "Seconds without a heartbeat before a server's jobs are reclaimed."),
+    Flag("wakeup_url", "--wakeup", "QMLKIT_WAKEUP_URL", str, same,
+         "kombu URL for wake-ups (redis://, amqp://, filesystem:///dir); else poll only.",
+         default_text="the app's", metavar="URL"),
+    Flag("recurring_poll_interval", "--recurring-poll-interval",
+         "QMLKIT_RECURRING_POLL_INTERVAL", SECONDS, seconds,
+         "Longest wait between looks at recurring templates."),
+    Flag("stale_processing_after", "--stale-after", "QMLKIT_STALE_PROCESSING_AFTER", SECONDS,
+         seconds, "Without heartbeats: seconds after which a Processing job no live worker "
+         "holds is requeued when a server starts."),
+)
+
+
+def server_flags(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorate ``command`` with one click option per row of `FLAGS`."""
+    for row in reversed(FLAGS):
+        command = row.option()(command)
+    return command
+
+
+def config_fields(given: dict[str, Any]) -> dict[str, Any]:
+    """The `ServerConfig` fields the flags given set, converted (``None``: not given)."""
+    return {row.field: row.convert(given[row.param]) for row in FLAGS
+            if given.get(row.param) is not None}
+
+
+@click.command()
+@click.argument("app_spec", metavar="APP", envvar="QMLKIT_APP")
+@server_flags
+@wakeup_exchange_option
+def worker(app_spec: str, wakeup_exchange: str | None, **flags: Any) -> None:
+    """Run a worker for APP (module:attribute) until SIGINT or SIGTERM.
+
+    The first signal stops claiming and lets running jobs finish within the shutdown
+    timeout; a second signal (or the timeout) releases unfinished jobs to their queues
+    at once. Exits 0 after a clean drain, 1 if jobs had to be released.
+    """
+    app = load_app(app_spec)
+    fields = config_fields(flags)
+    if wakeup_exchange:
+        fields["wakeup_exchange"] = wakeup_exchange
+    try:
+        server = app.server(**fields)
+    except QmlError as exc:
+        raise click.ClickException(str(exc)) from exc
+    aborted = run_until_signalled(server)
+    app.close()
+    sys.exit(1 if aborted else 0)
+
+
+def run_until_signalled(server: Server) -> bool:
+    """Start ``server``, drain it on the first SIGINT/SIGTERM, abort it on the second.
+
+    Handlers go in before the server claims anything, so no signal can end the process
+    without a drain. They only record; this thread acts on them.
+
+    Returns:
+        Whether unfinished jobs had to be released (`Server.aborted`).
+
+    Raises:
+        click.ClickException: The server could not start.
+    """
+    signals = {"count": 0}
+    first = threading.Event()
+    started = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        signals["count"] += 1
+        if signals["count"] == 1:
+            log.info("%s: draining (send again to stop at once)", signal.Signals(signum).name)
+            first.set()
+        else:
+            log.warning("second signal: releasing unfinished jobs")
+            if started.is_set():  # else the main thread aborts once start() returns
+                threading.Thread(target=server.abort, name="qmlkit-abort").start()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        server.start()
+    except QmlError as exc:
+        raise click.ClickException(str(exc)) from exc
+    started.set()
+    while not first.wait(0.5):
+        pass
+    if signals["count"] > 1:  # both signals came while the server was starting
+        server.abort()
+    stopper = threading.Thread(target=server.stop, name="qmlkit-stop")
+    stopper.start()
+    while stopper.is_alive():
+        stopper.join(0.2)
+    return bool(server.aborted)
