@@ -29,18 +29,22 @@ import pluggy
 
 from qmlkit.errors import ConfigurationError, MiddlewareError
 from qmlkit.job import (
-    Deleted,
-    Enqueued,
     Job,
-    utcnow,
 )
+from qmlkit.management import JobManagement
 from qmlkit.notify import Notifier
 from qmlkit.plugins import make_plugin_manager, resolve_storage
 from qmlkit.processing.middleware import EnqueueMiddleware, compose_enqueue, describe
 from qmlkit.processing.retry import RetryPolicy
 from qmlkit.recurring_client import RecurringClient
-from qmlkit.registry import ClassWorker, JobFunction, JobOptions, RegisteredWorker, Registry
-from qmlkit.registry import build_job
+from qmlkit.registry import (
+    ClassWorker,
+    JobFunction,
+    JobOptions,
+    RegisteredWorker,
+    Registry,
+    build_job,
+)
 from qmlkit.storage.base import Storage
 from qmlkit.transactional import Transactional
 from qmlkit.wakeup import WakeupPublisher, connection_for
@@ -49,8 +53,6 @@ if TYPE_CHECKING:
     from qmlkit.processing.server import Server
 
 __all__ = ["DEFAULT_STORAGE_URL", "App", "ClassWorker", "JobFunction", "JobOptions"]
-
-_RegisteredWorker = RegisteredWorker  # its name before it moved to qmlkit.registry
 
 #: ``App.with_storage``: keep this app's setting.
 _SAME: Any = object()
@@ -62,7 +64,7 @@ R = TypeVar("R")
 DEFAULT_STORAGE_URL = "sqlite:///qmlkit.db"
 
 
-class App(RecurringClient):
+class App(JobManagement, RecurringClient):
     """An application: its job names, its storage, and servers built from it.
 
     Args:
@@ -133,20 +135,17 @@ class App(RecurringClient):
                      wakeup_url: str | None = _SAME, wakeup_exchange: str = _SAME) -> App:
         """A copy of this app on another storage (or the same), with the same registry.
 
-        What the CLI's ``--storage``/``--wakeup`` options make of a loaded app. The copy
-        shares this app's job registry (the very same object, so jobs registered later
-        are seen by both), its name, plugins and autoload setting; it has its own plugin
-        manager, storage connection and wake-up publisher, so closing one leaves the
-        other open. Job functions stay bound to this app: ``fn.enqueue`` still writes
-        here; use ``copy.enqueue(name, ...)``. This app is not changed.
+        The copy shares this app's job registry (the same object), name, plugins and
+        autoload setting, and has its own plugin manager, storage connection and wake-up
+        publisher. Job functions stay bound to this app (``fn.enqueue`` writes here; use
+        ``copy.enqueue(name, ...)``). The CLI's ``--storage``/``--wakeup`` use it.
 
         Args:
             storage: A storage URL or a ``Storage`` object (shared, not copied);
                 ``None`` keeps this app's storage (URL or object).
             options: Backend options for ``storage``. ``None``: this app's options when
                 ``storage`` is ``None``, else none (options belong to a URL).
-            wakeup_url: Wake-up URL of the copy (``None``: poll only); by default
-                this app's.
+            wakeup_url: Wake-up URL of the copy (``None``: poll only); default this app's.
             wakeup_exchange: Wake-up exchange of the copy; by default this app's.
 
         Returns:
@@ -225,7 +224,7 @@ class App(RecurringClient):
             raise ConfigurationError("a class-based worker needs a method_name and execute(job, context)")
         options = JobOptions(queue=queue, priority=priority, max_retries=max_retries,
                              timeout=timeout, retry=retry)
-        self._register(name, _RegisteredWorker(worker, options))
+        self._register(name, RegisteredWorker(worker, options))
 
     def _register(self, name: str, entry: JobFunction[Any, Any] | RegisteredWorker) -> None:
         self.registry.register(name, entry)
@@ -397,64 +396,6 @@ class App(RecurringClient):
                 chain.extend(provided or ())
             self._enqueue_mw = chain
         return self._enqueue_mw
-
-    # --- management ------------------------------------------------------------------------
-
-    def retry(self, job_id: str) -> Job:
-        """Put a Failed, Succeeded or Deleted job back in its queue now.
-
-        Returns:
-            The job, Enqueued.
-
-        Raises:
-            JobNotFound: No such job.
-            InvalidTransition: It is Enqueued, Scheduled, Processing or AwaitingRetry.
-        """
-        return self._enqueue_again(job_id, "retried by hand", ("Failed", "Succeeded", "Deleted"))
-
-    def requeue(self, job_id: str) -> Job:
-        """Run a waiting job now: move a Scheduled or AwaitingRetry job to Enqueued.
-
-        Hangfire's dashboard calls this "Requeue"; the job keeps its retry count, and the
-        scheduler no longer waits for its due time.
-
-        Returns:
-            The job, Enqueued in its queue.
-
-        Raises:
-            JobNotFound: No such job.
-            InvalidTransition: It is not Scheduled or AwaitingRetry.
-        """
-        return self._enqueue_again(job_id, "requeued by hand", ("Scheduled", "AwaitingRetry"))
-
-    def _enqueue_again(self, job_id: str, reason: str, expected: tuple[str, ...]) -> Job:
-        job = self.storage.get(job_id)
-        change = self.storage.change_state(
-            job_id, Enqueued(enqueued_at=utcnow(), queue=job.queue if job is not None else "default",
-                             reason=reason),
-            expected=expected,
-        )
-        self._notifier.observe([change])
-        self._notifier.jobs_changed([change.job])
-        return change.job
-
-    def delete(self, job_id: str, *, reason: str | None = None,
-               ttl: timedelta | None = timedelta(hours=24)) -> Job:
-        """Move a job to Deleted (kept for ``ttl``, then removed by cleanup).
-
-        A Processing job's worker loses its claim: its outcome will be discarded.
-
-        Raises:
-            JobNotFound: No such job.
-            InvalidTransition: It is Deleted already.
-        """
-        now = utcnow()
-        change = self.storage.change_state(
-            job_id, Deleted(deleted_at=now, reason=reason),
-            expires_at=now + ttl if ttl is not None else None,
-        )
-        self._notifier.observe([change])
-        return change.job
 
     # --- servers ---------------------------------------------------------------------------
 

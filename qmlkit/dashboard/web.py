@@ -23,8 +23,10 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
+import qmlkit.dashboard.api as api
+import qmlkit.dashboard.pages as pages
+import qmlkit.dashboard.security as security
 from qmlkit.app import App
-from qmlkit.dashboard import api, pages, security
 from qmlkit.dashboard.auth import Auth
 from qmlkit.dashboard.config import DashboardConfig
 from qmlkit.dashboard.live import LiveHub, StateObserver

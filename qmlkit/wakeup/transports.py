@@ -116,20 +116,12 @@ def filesystem_transport() -> type:
     return Transport
 
 
-def connection_for(url: str) -> Connection:
-    """Return a kombu connection for a wake-up URL, checking it first.
-
-    ``filesystem:///folder`` becomes kombu's filesystem transport with its data and
-    control folders inside ``folder`` (default ``./qmlkit-wakeup``).
+def check_url(url: str, shown: str) -> str:
+    """Check a wake-up URL's form; return its scheme, lower-cased.
 
     Raises:
-        ConfigurationError: The URL is not ``scheme://…`` (a typo such as
-            ``redis:/host`` would otherwise reach kombu as an AMQP host name), its
-            transport is unknown to kombu, its port is not a number, a Redis URL's
-            database is not a number, or a ``filesystem`` folder cannot be created.
-            The message names the URL (password masked) and the bad part.
+        ConfigurationError: As `connection_for`; ``shown`` is the masked URL to name.
     """
-    shown = repr(mask_url(url))
     scheme, sep, _ = url.partition("://")
     scheme = scheme.lower()
     if not sep or not scheme:
@@ -151,25 +143,51 @@ def connection_for(url: str) -> Connection:
         if db and not db.isdigit():
             raise ConfigurationError(f"wake-up URL {shown}: the database {db!r} is not a "
                                      "number (e.g. redis://127.0.0.1:6379/0)")
-    options: dict[str, Any] = {}
-    if scheme == "filesystem":
-        parts = urlsplit(url)
-        if parts.netloc or parts.path == "/":
-            raise ConfigurationError(
-                f"wake-up URL {shown}: give the folder as an absolute path after three "
-                "slashes, e.g. 'filesystem:///var/run/myapp/wakeups' (or 'filesystem://' "
-                "for ./qmlkit-wakeup)")
-        folder = Path(parts.path or "qmlkit-wakeup").expanduser()
-        try:
-            for sub in ("data", "control"):
-                (folder / sub).mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ConfigurationError(f"wake-up URL {shown}: cannot use folder {folder}: "
-                                     f"{exc}") from exc
-        # The filesystem transport finds messages by listing its folder: every 2 ms
-        # (kombu's default is 1 s, which would make wake-ups slower than polling).
-        options = {"data_folder_in": str(folder / "data"), "data_folder_out": str(folder / "data"),
-                   "control_folder": str(folder / "control"), "polling_interval": 0.002}  # noqa: E501
+    return scheme
+
+
+def filesystem_options(url: str, shown: str) -> dict[str, Any]:
+    """kombu transport options for a ``filesystem://`` URL, creating its folders.
+
+    Raises:
+        ConfigurationError: The folder is not an absolute path, or cannot be created.
+    """
+    parts = urlsplit(url)
+    if parts.netloc or parts.path == "/":
+        raise ConfigurationError(
+            f"wake-up URL {shown}: give the folder as an absolute path after three "
+            "slashes, e.g. 'filesystem:///var/run/myapp/wakeups' (or 'filesystem://' "
+            "for ./qmlkit-wakeup)")
+    folder = Path(parts.path or "qmlkit-wakeup").expanduser()
+    try:
+        for sub in ("data", "control"):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigurationError(f"wake-up URL {shown}: cannot use folder {folder}: "
+                                 f"{exc}") from exc
+    # The filesystem transport finds messages by listing its folder: every 2 ms
+    # (kombu's default is 1 s, which would make wake-ups slower than polling).
+    data = str(folder / "data")
+    return {"data_folder_in": data, "data_folder_out": data,
+            "control_folder": str(folder / "control"), "polling_interval": 0.002}
+
+
+def connection_for(url: str) -> Connection:
+    """Return a kombu connection for a wake-up URL, checking it first.
+
+    ``filesystem:///folder`` becomes kombu's filesystem transport with its data and
+    control folders inside ``folder`` (default ``./qmlkit-wakeup``).
+
+    Raises:
+        ConfigurationError: The URL is not ``scheme://…`` (a typo such as
+            ``redis:/host`` would otherwise reach kombu as an AMQP host name), its
+            transport is unknown to kombu, its port is not a number, a Redis URL's
+            database is not a number, or a ``filesystem`` folder cannot be created.
+            The message names the URL (password masked) and the bad part.
+    """
+    shown = repr(mask_url(url))
+    scheme = check_url(url, shown)
+    options: dict[str, Any] = filesystem_options(url, shown) if scheme == "filesystem" else {}
     if scheme in ("redis", "rediss"):
         # Without a read timeout, a broker that accepts and then never answers (paused,
         # or plain Redis behind rediss://) would hang a send, a TLS handshake or stop().
