@@ -22,11 +22,13 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Protocol, TypeVar
 
 import pluggy
+from pydantic import ValidationError
 
+from qmlkit import limits
 from qmlkit.errors import ConfigurationError, JobNotFound, MiddlewareError, QmlError
 from qmlkit.job import (
     Deleted,
@@ -90,10 +92,10 @@ class JobOptions:
         timeout: timedelta | float | None = None,
         retry: RetryPolicy | None = None,
     ) -> None:
-        if not queue:
-            raise ConfigurationError("queue name must not be empty")
-        if not -(2**31) <= priority < 2**31:
-            raise ConfigurationError(f"priority must fit in 32 bits, got {priority}")
+        limits.check_name(queue, "queue")
+        limits.check_int32(priority, "priority")
+        if max_retries is not None:
+            limits.check_int32(max_retries, "max_retries", minimum=0)
         self.queue = queue
         self.priority = priority
         self.retry = retry
@@ -106,12 +108,7 @@ class JobOptions:
 
 
 def _seconds(value: timedelta | float | None) -> float | None:
-    if value is None:
-        return None
-    seconds = value.total_seconds() if isinstance(value, timedelta) else float(value)
-    if seconds <= 0:
-        raise ConfigurationError(f"timeout must be positive, got {value!r}")
-    return seconds
+    return None if value is None else limits.seconds(value, "timeout", allow_zero=False)
 
 
 class JobFunction(Generic[P, R]):
@@ -296,7 +293,8 @@ class App:
 
         def register(f: Callable[P, R]) -> JobFunction[P, R]:
             job_name = name or f"{f.__module__}.{f.__qualname__}"
-            self._register(job_name, JobFunction(self, f, job_name, options))
+            self._register(limits.check_name(job_name, "job name"),
+                           JobFunction(self, f, job_name, options))
             return self.registry[job_name]  # type: ignore[return-value]
 
         return register(fn) if fn is not None else register
@@ -412,26 +410,27 @@ class App:
             })
         opts = entry.options if entry is not None else JobOptions()
         run_at = _run_at(now, at, delay)
-        q = queue or opts.queue
+        q = opts.queue if queue is None else queue
         state: Enqueued | Scheduled
-        if run_at is None:
-            state = Enqueued(enqueued_at=now, queue=q)
-        else:
-            reason = f"delay {(run_at - now).total_seconds():g} s" if delay is not None else "at"
-            state = Scheduled(enqueue_at=run_at, scheduled_at=now, reason=reason)
-        fields: dict[str, Any] = {
-            "method": method, "args": list(args), "kwargs": dict(kwargs or {}), "queue": q,
-            "priority": opts.priority if priority is None else priority,
-            "max_retries": opts.max_retries if max_retries is None else max_retries,
-            "timeout_s": _seconds(timeout) if timeout is not None else opts.timeout_s,
-            "metadata": dict(metadata or {}), "created_at": now, "state": state,
-        }
-        if job_id is not None:
-            fields["id"] = job_id
         try:
+            if run_at is None:
+                state = Enqueued(enqueued_at=now, queue=q)
+            else:
+                reason = (f"delay {(run_at - now).total_seconds():g} s" if delay is not None
+                          else "at")
+                state = Scheduled(enqueue_at=run_at, scheduled_at=now, reason=reason)
+            fields: dict[str, Any] = {
+                "method": method, "args": list(args), "kwargs": dict(kwargs or {}),
+                "queue": q, "priority": opts.priority if priority is None else priority,
+                "max_retries": opts.max_retries if max_retries is None else max_retries,
+                "timeout_s": _seconds(timeout) if timeout is not None else opts.timeout_s,
+                "metadata": dict(metadata or {}), "created_at": now, "state": state,
+            }
+            if job_id is not None:
+                fields["id"] = job_id
             return Job(**fields)
-        except ValueError as exc:
-            raise ConfigurationError(f"invalid job for {method!r}: {exc}") from exc
+        except ValidationError as exc:
+            raise limits.invalid_job(method, exc) from None
 
     def enqueue(self, method: str, **options: Any) -> str:
         """Store one job for ``method``; return its id. Options as `make_job`.
@@ -936,19 +935,5 @@ _TRANSACTION: ContextVar[tuple[App, Any] | None] = ContextVar("qmlkit_transactio
 
 
 def _run_at(now: datetime, at: datetime | None, delay: timedelta | float | None) -> datetime | None:
-    if at is not None and delay is not None:
-        raise ConfigurationError("give at= or delay=, not both")
-    if at is not None:
-        if at.tzinfo is None or at.utcoffset() is None:
-            raise ConfigurationError(
-                "at= must be an aware datetime (e.g. datetime.now(timezone.utc) + ...); "
-                "a naive one would be read in an unknown time zone"
-            )
-        return at.astimezone(timezone.utc)
-    if delay is not None:
-        seconds = delay.total_seconds() if isinstance(delay, timedelta) else float(delay)
-        if seconds < 0:
-            raise ConfigurationError(f"delay must not be negative, got {delay!r}")
-        return now + timedelta(seconds=seconds)
-    return None
+    return limits.run_at(now, at, delay)
 

@@ -29,6 +29,7 @@ from typing import Annotated, Any, ClassVar, Literal, TypeVar, Union
 
 from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
 
+from qmlkit import limits
 from qmlkit.errors import InvalidTransition, PayloadError
 
 #: Largest encoded size of a job's ``args`` plus ``kwargs``, in bytes (UTF-8 JSON).
@@ -82,8 +83,38 @@ def _to_utc(value: datetime) -> datetime:
     return value.astimezone(timezone.utc)
 
 
-#: An aware datetime, normalised to UTC. Naive datetimes fail validation.
-UtcDateTime = Annotated[AwareDatetime, AfterValidator(_to_utc)]
+def _storable_utc(value: datetime) -> datetime:
+    value = value.astimezone(timezone.utc)
+    problem = limits.timestamp_problem(value)
+    if problem is not None:
+        raise ValueError(problem)
+    return value
+
+
+def _name_check(max_length: int) -> AfterValidator:
+    def check(value: str) -> str:
+        problem = limits.name_problem(value, max_length)
+        if problem is not None:
+            raise ValueError(problem)
+        return value
+    return AfterValidator(check)
+
+
+#: An aware datetime, normalised to UTC, within `qmlkit.limits.MIN_TIMESTAMP` ..
+#: `qmlkit.limits.MAX_TIMESTAMP` (the range every backend stores exactly). Naive
+#: datetimes and times outside the range fail validation.
+UtcDateTime = Annotated[AwareDatetime, AfterValidator(_storable_utc)]
+
+#: An aware datetime, normalised to UTC, with no range check (``Job.expires_at``, which
+#: a long TTL may put anywhere).
+AnyUtcDateTime = Annotated[AwareDatetime, AfterValidator(_to_utc)]
+
+#: A job id: 1 to `qmlkit.limits.MAX_ID_LENGTH` characters, no NUL, no lone surrogate.
+JobId = Annotated[str, _name_check(limits.MAX_ID_LENGTH)]
+
+#: A job or queue name: 1 to `qmlkit.limits.MAX_NAME_LENGTH` characters, no NUL, no lone
+#: surrogate.
+Name = Annotated[str, _name_check(limits.MAX_NAME_LENGTH)]
 
 
 def cap_text(text: str, limit: int = MAX_ERROR_TEXT) -> str:
@@ -118,7 +149,7 @@ class Enqueued(_State):
 
     name: Literal["Enqueued"] = "Enqueued"
     enqueued_at: UtcDateTime
-    queue: str = "default"
+    queue: str = "default"  # the checked name is Job.queue (storage templates use markers)
     reason: str | None = None
 
 
@@ -285,19 +316,20 @@ class Job(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    id: str = Field(default_factory=new_job_id)
-    method: str = Field(min_length=1)
+    id: JobId = Field(default_factory=new_job_id)
+    method: Name
     args: list[Any] = Field(default_factory=list)
     kwargs: dict[str, Any] = Field(default_factory=dict)
-    queue: str = Field(default="default", min_length=1)
-    priority: int = Field(default=0, ge=-(2**31), le=2**31 - 1)
-    attempts: int = Field(default=0, ge=0)
-    retry_count: int = Field(default=0, ge=0)
-    max_retries: int = Field(default=3, ge=0)
-    timeout_s: float | None = Field(default=None, gt=0)
+    queue: Name = "default"
+    priority: int = Field(default=0, ge=-(2**31), le=limits.MAX_INT32)
+    attempts: int = Field(default=0, ge=0, le=limits.MAX_INT32)
+    retry_count: int = Field(default=0, ge=0, le=limits.MAX_INT32)
+    max_retries: int = Field(default=3, ge=0, le=limits.MAX_INT32)
+    timeout_s: float | None = Field(default=None, gt=0, le=limits.MAX_SECONDS,
+                                    allow_inf_nan=False)
     metadata: dict[str, Any] = Field(default_factory=dict)
     created_at: UtcDateTime = Field(default_factory=utcnow)
-    expires_at: UtcDateTime | None = None
+    expires_at: AnyUtcDateTime | None = None
     state: JobState
 
     @property
@@ -373,12 +405,21 @@ def encode_metadata(metadata: dict[str, Any], max_bytes: int = DEFAULT_MAX_PAYLO
         Compact JSON text (``"{}"`` when empty).
 
     Raises:
-        PayloadError: Not JSON-serialisable, or over ``max_bytes`` (``where="metadata"``).
+        PayloadError: Not JSON-serialisable, a key that is not a string, a lone
+            surrogate, or over ``max_bytes`` (``where="metadata"``).
     """
     if not metadata:
         return "{}"
     text = encode_json(metadata, "metadata")
-    size = len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+    if text.count("{") > 1 or any(type(key) is not str for key in metadata):
+        limits.check_keys((), metadata, "metadata")
+    try:
+        size = len(text) if text.isascii() else len(text.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        raise PayloadError(
+            f"job metadata holds a string that is not valid Unicode "
+            f"({exc.object[exc.start:exc.end]!r}, a lone surrogate)", where="metadata",
+        ) from None
     if size > max_bytes:
         raise PayloadError(
             f"job metadata encodes to {size} bytes, over the limit of {max_bytes} bytes",
@@ -403,9 +444,11 @@ def encode_payload(
 
     Raises:
         PayloadError: An argument is not JSON-serialisable (the error names it, e.g.
-            ``kwargs['fh']``), a float is NaN or infinite, the arguments are nested
-            deeper than the interpreter's recursion limit, or the encoding is over
-            ``max_bytes``.
+            ``kwargs['fh']``), a float is NaN or infinite, an object key anywhere is not
+            a string (refused, not coerced: ``{1: "a", "1": "b"}`` would lose a value;
+            ``where`` is the path of the object, e.g. ``args[0]['user']``), a string
+            holds a lone surrogate, the arguments are nested deeper than the
+            interpreter's recursion limit, or the encoding is over ``max_bytes``.
     """
     try:
         text = _ENCODE({"args": list(args), "kwargs": kwargs})
@@ -420,6 +463,10 @@ def encode_payload(
                 raise PayloadError(f"keyword {key!r} is not a string", where="kwargs") from None
             encode_json(arg, f"kwargs[{key!r}]")
         raise
+    # A non-string key needs an object: past the wrapper's two braces, or among the
+    # keyword names. The count is a C scan of the text, so most calls skip the walk.
+    if text.count("{") > 2 or any(type(key) is not str for key in kwargs):
+        limits.check_keys(args, kwargs)
     if text.isascii():
         size = len(text)
     else:

@@ -57,6 +57,7 @@ from qmlkit.job import (
     encode_payload,
     trusted,
 )
+from qmlkit.limits import storable_id
 from qmlkit.recurring import RecurringJob
 from qmlkit.storage.base import (
     MAX_CLAIM,
@@ -630,6 +631,9 @@ class SQLStorage(Storage):
 
     def get(self, job_id: str) -> Job | None:
         """See `Storage.get`."""
+        if not storable_id(job_id):  # a NUL or a lone surrogate: no driver can send it
+            return None
+
         def read() -> sa.Row[Any] | None:
             with self._read() as conn:
                 return conn.execute(self.jobs.select().where(self.jobs.c.id == job_id)).first()

@@ -73,6 +73,7 @@ from qmlkit.job import (
     encode_payload,
     trusted,
 )
+from qmlkit.limits import storable_id
 from qmlkit.recurring import RecurringJob
 from qmlkit.storage.base import (
     MAX_CLAIM,
@@ -572,6 +573,8 @@ class RedisStorage(Storage):
 
     def get(self, job_id: str) -> Job | None:
         """See `Storage.get`."""
+        if not storable_id(job_id):  # a NUL or a lone surrogate: no job can have it
+            return None
         key = self._k("job:" + job_id)
         v = self._call(lambda _: self.client.hmget(key, lua.JOB_FIELDS), [key])
         if v[11] is None:
