@@ -105,8 +105,9 @@ def _name_check(max_length: int) -> AfterValidator:
 #: datetimes and times outside the range fail validation.
 UtcDateTime = Annotated[AwareDatetime, AfterValidator(_storable_utc)]
 
-#: An aware datetime, normalised to UTC, with no range check (``Job.expires_at``, which
-#: a long TTL may put anywhere).
+#: An aware datetime, normalised to UTC, with no range check: for the times a server
+#: computes from configuration or job code (``Job.expires_at`` from a TTL,
+#: ``AwaitingRetry.retry_at`` from ``Retry(delay=...)``), which must never fail to build.
 AnyUtcDateTime = Annotated[AwareDatetime, AfterValidator(_to_utc)]
 
 #: A job id: 1 to `qmlkit.limits.MAX_ID_LENGTH` characters, no NUL, no lone surrogate.
@@ -235,7 +236,7 @@ class AwaitingRetry(_State):
     """
 
     name: Literal["AwaitingRetry"] = "AwaitingRetry"
-    retry_at: UtcDateTime
+    retry_at: AnyUtcDateTime  # made by a server from a job's Retry(delay=...)
     retry_count: int
     last_exception: str
     stack_trace: str | None = None
