@@ -412,8 +412,7 @@ def encode_metadata(metadata: dict[str, Any], max_bytes: int = DEFAULT_MAX_PAYLO
     if not metadata:
         return "{}"
     text = encode_json(metadata, "metadata")
-    if text.count("{") > 1 or any(type(key) is not str for key in metadata):
-        limits.check_keys((), metadata, "metadata")
+    limits.check_keys((), metadata, "metadata")  # metadata is rare: walk it always
     try:
         size = len(text) if text.isascii() else len(text.encode("utf-8"))
     except UnicodeEncodeError as exc:
@@ -466,8 +465,12 @@ def encode_payload(
         raise
     # A non-string key needs an object: past the wrapper's two braces, or among the
     # keyword names. The count is a C scan of the text, so most calls skip the walk.
-    if text.count("{") > 2 or any(type(key) is not str for key in kwargs):
+    if text.count("{") > 2:
         limits.check_keys(args, kwargs)
+    else:
+        for key in kwargs:
+            if type(key) is not str:
+                limits.check_keys(args, kwargs)
     if text.isascii():
         size = len(text)
     else:

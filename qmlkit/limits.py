@@ -304,23 +304,20 @@ def check_keys(args: Sequence[Any], kwargs: Mapping[str, Any], where: str = "") 
         PayloadError: A key is not a string; ``where`` is the path of the object holding
             it, e.g. ``"args[0]['user']"``.
     """
-    stack: list[Any] = [item for item in args if isinstance(item, _CONTAINERS)]
-    for key, item in kwargs.items():
-        if not isinstance(key, str):
-            stack = [kwargs]
-            break
-        if isinstance(item, _CONTAINERS):
-            stack.append(item)
+    stack: list[Any] = [args, kwargs]
+    pop, push = stack.pop, stack.append
     while stack:
-        value = stack.pop()
+        value = pop()
         if isinstance(value, dict):
             for key, item in value.items():
                 if not isinstance(key, str):
                     _raise_bad_key(args, kwargs, where)
                 if isinstance(item, _CONTAINERS):
-                    stack.append(item)
+                    push(item)
         else:
-            stack.extend(item for item in value if isinstance(item, _CONTAINERS))
+            for item in value:
+                if isinstance(item, _CONTAINERS):
+                    push(item)
 
 
 def _raise_bad_key(args: Sequence[Any], kwargs: Mapping[str, Any], where: str) -> None:
