@@ -37,13 +37,12 @@ from qmlkit.job import (
     Scheduled,
     Succeeded,
 )
+from qmlkit.processing.config import ServerConfig
 from qmlkit.processing.context import JobContext, current_context
 from qmlkit.processing.retry import RetryPolicy
-from qmlkit.processing.config import ServerConfig
 from qmlkit.processing.server import Server
 from qmlkit.registry import JobFunction
 from qmlkit.storage.base import Storage
-
 from qmlkit.version import __version__
 
 __all__ = [

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import pluggy
 
+import qmlkit.limits as limits
 from qmlkit.errors import ConfigurationError, MiddlewareError
 from qmlkit.job import (
     Job,
@@ -199,7 +200,8 @@ class App(JobManagement, RecurringClient):
 
         def register(f: Callable[P, R]) -> JobFunction[P, R]:
             job_name = name or f"{f.__module__}.{f.__qualname__}"
-            self._register(job_name, JobFunction(self, f, job_name, options))
+            self._register(limits.check_name(job_name, "job name"),
+                           JobFunction(self, f, job_name, options))
             return self.registry[job_name]  # type: ignore[return-value]
 
         return register(fn) if fn is not None else register

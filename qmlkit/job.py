@@ -19,9 +19,7 @@ State machine (a new job is born Enqueued or Scheduled; ``TRANSITIONS`` is the t
 
 from __future__ import annotations
 
-import json
 import random
-import sys
 import threading
 import time
 from datetime import datetime, timezone
@@ -29,11 +27,12 @@ from typing import Annotated, Any, ClassVar, Literal, TypeVar, Union
 
 from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
 
-from qmlkit.errors import InvalidTransition, PayloadError
-
-#: Largest encoded size of a job's ``args`` plus ``kwargs``, in bytes (UTF-8 JSON).
-#: The same limit applies on every backend (field case C12).
-DEFAULT_MAX_PAYLOAD_BYTES = 8 * 1024 * 1024
+import qmlkit.limits as limits
+from qmlkit.errors import InvalidTransition
+from qmlkit.payload import DEFAULT_MAX_PAYLOAD_BYTES as DEFAULT_MAX_PAYLOAD_BYTES
+from qmlkit.payload import encode_json as encode_json  # re-exported: they lived here first
+from qmlkit.payload import encode_metadata as encode_metadata
+from qmlkit.payload import encode_payload as encode_payload
 
 #: Longest stored exception message or stack trace, in characters; longer text is cut
 #: and marked, so one noisy failure cannot fill the store (field case C17).
@@ -82,8 +81,39 @@ def _to_utc(value: datetime) -> datetime:
     return value.astimezone(timezone.utc)
 
 
-#: An aware datetime, normalised to UTC. Naive datetimes fail validation.
-UtcDateTime = Annotated[AwareDatetime, AfterValidator(_to_utc)]
+def _storable_utc(value: datetime) -> datetime:
+    value = value.astimezone(timezone.utc)
+    problem = limits.timestamp_problem(value)
+    if problem is not None:
+        raise ValueError(problem)
+    return value
+
+
+def _name_check(max_length: int) -> AfterValidator:
+    def check(value: str) -> str:
+        problem = limits.name_problem(value, max_length)
+        if problem is not None:
+            raise ValueError(problem)
+        return value
+    return AfterValidator(check)
+
+
+#: An aware datetime, normalised to UTC, within `qmlkit.limits.MIN_TIMESTAMP` ..
+#: `qmlkit.limits.MAX_TIMESTAMP` (the range every backend stores exactly). Naive
+#: datetimes and times outside the range fail validation.
+UtcDateTime = Annotated[AwareDatetime, AfterValidator(_storable_utc)]
+
+#: An aware datetime, normalised to UTC, with no range check: for the times a server
+#: computes from configuration or job code (``Job.expires_at`` from a TTL,
+#: ``AwaitingRetry.retry_at`` from ``Retry(delay=...)``), which must never fail to build.
+AnyUtcDateTime = Annotated[AwareDatetime, AfterValidator(_to_utc)]
+
+#: A job id: 1 to `qmlkit.limits.MAX_ID_LENGTH` characters, no NUL, no lone surrogate.
+JobId = Annotated[str, _name_check(limits.MAX_ID_LENGTH)]
+
+#: A job or queue name: 1 to `qmlkit.limits.MAX_NAME_LENGTH` characters, no NUL, no lone
+#: surrogate.
+Name = Annotated[str, _name_check(limits.MAX_NAME_LENGTH)]
 
 
 def cap_text(text: str, limit: int = MAX_ERROR_TEXT) -> str:
@@ -118,7 +148,7 @@ class Enqueued(_State):
 
     name: Literal["Enqueued"] = "Enqueued"
     enqueued_at: UtcDateTime
-    queue: str = "default"
+    queue: str = "default"  # the checked name is Job.queue (storage templates use markers)
     reason: str | None = None
 
 
@@ -204,7 +234,7 @@ class AwaitingRetry(_State):
     """
 
     name: Literal["AwaitingRetry"] = "AwaitingRetry"
-    retry_at: UtcDateTime
+    retry_at: AnyUtcDateTime  # made by a server from a job's Retry(delay=...)
     retry_count: int
     last_exception: str
     stack_trace: str | None = None
@@ -285,19 +315,20 @@ class Job(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    id: str = Field(default_factory=new_job_id)
-    method: str = Field(min_length=1)
+    id: JobId = Field(default_factory=new_job_id)
+    method: Name
     args: list[Any] = Field(default_factory=list)
     kwargs: dict[str, Any] = Field(default_factory=dict)
-    queue: str = Field(default="default", min_length=1)
-    priority: int = Field(default=0, ge=-(2**31), le=2**31 - 1)
-    attempts: int = Field(default=0, ge=0)
-    retry_count: int = Field(default=0, ge=0)
-    max_retries: int = Field(default=3, ge=0)
-    timeout_s: float | None = Field(default=None, gt=0)
+    queue: Name = "default"
+    priority: int = Field(default=0, ge=-(2**31), le=limits.MAX_INT32)
+    attempts: int = Field(default=0, ge=0, le=limits.MAX_INT32)
+    retry_count: int = Field(default=0, ge=0, le=limits.MAX_INT32)
+    max_retries: int = Field(default=3, ge=0, le=limits.MAX_INT32)
+    timeout_s: float | None = Field(default=None, gt=0, le=limits.MAX_SECONDS,
+                                    allow_inf_nan=False)
     metadata: dict[str, Any] = Field(default_factory=dict)
     created_at: UtcDateTime = Field(default_factory=utcnow)
-    expires_at: UtcDateTime | None = None
+    expires_at: AnyUtcDateTime | None = None
     state: JobState
 
     @property
@@ -336,108 +367,6 @@ class Job(BaseModel):
         _set(copy, "__pydantic_extra__", None)
         _set(copy, "__pydantic_private__", None)
         return copy
-
-
-#: Strict compact JSON encoding (no NaN, non-ASCII kept), made once.
-_ENCODE = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode
-
-
-def encode_json(value: Any, where: str) -> str:
-    """Encode ``value`` as strict JSON text (no NaN, no unknown types).
-
-    Args:
-        value: What to encode.
-        where: What it is, for the error: ``"args[0]"``, ``"result"``, …
-
-    Returns:
-        Compact JSON text, non-ASCII characters kept as they are.
-
-    Raises:
-        PayloadError: ``value`` (or something inside it) is not JSON-serialisable.
-    """
-    try:
-        return _ENCODE(value)
-    except (TypeError, ValueError) as exc:
-        raise PayloadError(f"{where} is not JSON-serialisable: {exc}", where=where) from exc
-
-
-def encode_metadata(metadata: dict[str, Any], max_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> str:
-    """Encode a job's metadata as JSON text, checking type and size like the arguments.
-
-    Args:
-        metadata: The job's metadata (a JSON object).
-        max_bytes: Largest allowed size of the UTF-8 encoding, in bytes (the storage's
-            payload limit).
-
-    Returns:
-        Compact JSON text (``"{}"`` when empty).
-
-    Raises:
-        PayloadError: Not JSON-serialisable, or over ``max_bytes`` (``where="metadata"``).
-    """
-    if not metadata:
-        return "{}"
-    text = encode_json(metadata, "metadata")
-    size = len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
-    if size > max_bytes:
-        raise PayloadError(
-            f"job metadata encodes to {size} bytes, over the limit of {max_bytes} bytes",
-            where="metadata")
-    return text
-
-
-def encode_payload(
-    args: list[Any] | tuple[Any, ...],
-    kwargs: dict[str, Any],
-    max_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
-) -> str:
-    """Encode a job's arguments as one JSON text, checking type and size.
-
-    Args:
-        args: Positional arguments.
-        kwargs: Keyword arguments (string keys).
-        max_bytes: Largest allowed size of the UTF-8 encoding, in bytes.
-
-    Returns:
-        ``{"args": [...], "kwargs": {...}}`` as compact JSON text.
-
-    Raises:
-        PayloadError: An argument is not JSON-serialisable (the error names it, e.g.
-            ``kwargs['fh']``), a float is NaN or infinite, the arguments are nested
-            deeper than the interpreter's recursion limit, or the encoding is over
-            ``max_bytes``.
-    """
-    try:
-        text = _ENCODE({"args": list(args), "kwargs": kwargs})
-    except RecursionError:
-        raise PayloadError("job arguments are nested too deeply to encode as JSON (about "
-                           f"{sys.getrecursionlimit()} levels at most)", where="payload") from None
-    except (TypeError, ValueError):
-        for i, arg in enumerate(args):
-            encode_json(arg, f"args[{i}]")
-        for key, arg in kwargs.items():
-            if not isinstance(key, str):
-                raise PayloadError(f"keyword {key!r} is not a string", where="kwargs") from None
-            encode_json(arg, f"kwargs[{key!r}]")
-        raise
-    if text.isascii():
-        size = len(text)
-    else:
-        try:
-            size = len(text.encode("utf-8"))
-        except UnicodeEncodeError as exc:  # a lone surrogate, e.g. from a bad decode
-            raise PayloadError(
-                f"job arguments hold a string that is not valid Unicode "
-                f"({exc.object[exc.start:exc.end]!r}, a lone surrogate)", where="payload",
-            ) from None
-    if size > max_bytes:
-        raise PayloadError(
-            f"job arguments encode to {size} bytes, over the limit of {max_bytes} bytes; "
-            "store large data elsewhere and pass a reference",
-            where="payload",
-        )
-    return text
-
 
 
 _M = TypeVar("_M", bound=BaseModel)

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Protocol, TypeVar
 
+from pydantic import ValidationError
+
+import qmlkit.limits as limits
 from qmlkit.errors import ConfigurationError
 from qmlkit.job import Enqueued, Job, Scheduled, new_job_id, trusted, utcnow
 from qmlkit.processing.retry import RetryPolicy
@@ -39,17 +42,13 @@ class ClassWorker(Protocol):
 
 
 def seconds(value: timedelta | float | None) -> float | None:
-    """A positive timeout in seconds, or ``None``.
+    """A positive, finite timeout in seconds (`qmlkit.limits.seconds`), or ``None``.
 
     Raises:
-        ConfigurationError: ``value`` is zero or negative.
+        ConfigurationError: ``value`` is zero, negative, not finite, too long or not a
+            duration.
     """
-    if value is None:
-        return None
-    secs = value.total_seconds() if isinstance(value, timedelta) else float(value)
-    if secs <= 0:
-        raise ConfigurationError(f"timeout must be positive, got {value!r}")
-    return secs
+    return None if value is None else limits.seconds(value, "timeout", allow_zero=False)
 
 
 class JobOptions:
@@ -72,10 +71,10 @@ class JobOptions:
         timeout: timedelta | float | None = None,
         retry: RetryPolicy | None = None,
     ) -> None:
-        if not queue:
-            raise ConfigurationError("queue name must not be empty")
-        if not -(2**31) <= priority < 2**31:
-            raise ConfigurationError(f"priority must fit in 32 bits, got {priority}")
+        limits.check_name(queue, "queue")
+        limits.check_int32(priority, "priority")
+        if max_retries is not None:
+            limits.check_int32(max_retries, "max_retries", minimum=0)
         self.queue = queue
         self.priority = priority
         self.retry = retry
@@ -273,27 +272,28 @@ def build_job(
         # storage encodes them; every other field comes from validated options.
         return _quick_job(entry.options, method, args, kwargs, now)
     opts = entry.options if entry is not None else JobOptions()
-    run_at = _run_at(now, at, delay)
-    q = queue or opts.queue
+    run_at = limits.run_at(now, at, delay)
+    q = opts.queue if queue is None else queue
     state: Enqueued | Scheduled
-    if run_at is None:
-        state = Enqueued(enqueued_at=now, queue=q)
-    else:
-        reason = f"delay {(run_at - now).total_seconds():g} s" if delay is not None else "at"
-        state = Scheduled(enqueue_at=run_at, scheduled_at=now, reason=reason)
-    fields: dict[str, Any] = {
-        "method": method, "args": list(args), "kwargs": dict(kwargs or {}), "queue": q,
-        "priority": opts.priority if priority is None else priority,
-        "max_retries": opts.max_retries if max_retries is None else max_retries,
-        "timeout_s": seconds(timeout) if timeout is not None else opts.timeout_s,
-        "metadata": dict(metadata or {}), "created_at": now, "state": state,
-    }
-    if job_id is not None:
-        fields["id"] = job_id
     try:
+        if run_at is None:
+            state = Enqueued(enqueued_at=now, queue=q)
+        else:
+            reason = (f"delay {(run_at - now).total_seconds():g} s" if delay is not None
+                      else "at")
+            state = Scheduled(enqueue_at=run_at, scheduled_at=now, reason=reason)
+        fields: dict[str, Any] = {
+            "method": method, "args": list(args), "kwargs": dict(kwargs or {}), "queue": q,
+            "priority": opts.priority if priority is None else priority,
+            "max_retries": opts.max_retries if max_retries is None else max_retries,
+            "timeout_s": seconds(timeout) if timeout is not None else opts.timeout_s,
+            "metadata": dict(metadata or {}), "created_at": now, "state": state,
+        }
+        if job_id is not None:
+            fields["id"] = job_id
         return Job(**fields)
-    except ValueError as exc:
-        raise ConfigurationError(f"invalid job for {method!r}: {exc}") from exc
+    except ValidationError as exc:
+        raise limits.invalid_job(method, exc) from None
 
 
 def _quick_job(opts: JobOptions, method: str, args: Sequence[Any],
@@ -309,22 +309,3 @@ def _quick_job(opts: JobOptions, method: str, args: Sequence[Any],
         "state": trusted(Enqueued, {"enqueued_at": now, "queue": opts.queue,
                                     "reason": None}),
     })
-
-
-def _run_at(now: datetime, at: datetime | None, delay: timedelta | float | None) -> datetime | None:
-    if at is not None and delay is not None:
-        raise ConfigurationError("give at= or delay=, not both")
-    if at is not None:
-        if at.tzinfo is None or at.utcoffset() is None:
-            raise ConfigurationError(
-                "at= must be an aware datetime (e.g. datetime.now(timezone.utc) + ...); "
-                "a naive one would be read in an unknown time zone"
-            )
-        return at.astimezone(timezone.utc)
-    if delay is not None:
-        secs = delay.total_seconds() if isinstance(delay, timedelta) else float(delay)
-        if secs < 0:
-            raise ConfigurationError(f"delay must not be negative, got {delay!r}")
-        return now + timedelta(seconds=secs)
-    return None
-

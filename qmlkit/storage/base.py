@@ -130,6 +130,8 @@ class Storage(abc.ABC):
 
         A stored row that cannot be decoded comes back as a Failed job whose message
         names the decoding problem (it is never a raise), so listing tools keep working.
+        An id no job can have (a NUL character or a lone surrogate, see
+        `qmlkit.limits.storable_id`) answers ``None`` on every backend, without a raise.
         """
 
     @abc.abstractmethod

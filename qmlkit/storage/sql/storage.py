@@ -28,6 +28,7 @@ from qmlkit.errors import (
     StaleClaim,
 )
 from qmlkit.job import Job, JobState, check_transition, encode_metadata, encode_payload
+from qmlkit.limits import storable_id
 from qmlkit.storage.base import STATS_RETENTION, StateChange, Storage, Transition, minute_of
 from qmlkit.storage.codec import (
     decode_history,
@@ -239,6 +240,9 @@ class SQLStorage(SQLRegistry, Storage):
 
     def get(self, job_id: str) -> Job | None:
         """See `Storage.get`."""
+        if not storable_id(job_id):  # a NUL or a lone surrogate: no driver can send it
+            return None
+
         def read() -> sa.Row[Any] | None:
             with self.executor.read() as conn:
                 return conn.execute(self.jobs.select().where(self.jobs.c.id == job_id)).first()

@@ -53,6 +53,7 @@ from qmlkit.job import (
     JobState,
     Processing,
 )
+from qmlkit.limits import storable_id
 from qmlkit.storage.base import (
     MAX_CLAIM,
     STATS_RETENTION,
@@ -143,6 +144,8 @@ class RedisStorage(RedisRegistry, RedisConnection, Storage):
 
     def get(self, job_id: str) -> Job | None:
         """See `Storage.get`."""
+        if not storable_id(job_id):  # a NUL or a lone surrogate: no job can have it
+            return None
         key = self._k("job:" + job_id)
         v = self._call(lambda _: self.client.hmget(key, lua.JOB_FIELDS), [key])
         if v[11] is None:
