@@ -26,7 +26,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import sqlalchemy as sa
-
 from run import bench_drain, bench_enqueue, make_app
 
 BASE = "postgresql+psycopg://127.0.0.1:5432/test"
@@ -117,7 +116,7 @@ def add_history(url: str, rows: int) -> None:
 # --- procrastinate -------------------------------------------------------------------------
 
 
-def _procrastinate(name: str):  # noqa: ANN202 - a procrastinate.App
+def _procrastinate(name: str):
     import procrastinate
 
     engine = sa.create_engine(BASE)
@@ -190,7 +189,7 @@ async def _procrastinate_latency(name: str, n: int = 200) -> tuple[float, float]
         worker.cancel()
         try:
             await worker
-        except BaseException:  # noqa: BLE001 - cancelled on purpose
+        except BaseException:
             pass
     latencies.sort()
     return latencies[len(latencies) // 2], latencies[int(len(latencies) * 0.99) - 1]
@@ -208,11 +207,11 @@ def main() -> None:
     print(f"qmlkit-postgres bench, {time.strftime('%Y-%m-%d %H:%M')} UTC, median of {rep}, "
           f"{n} no-op jobs; peer: procrastinate in the same run, same PostgreSQL")
 
-    def fresh(fn, *a):  # noqa: ANN001, ANN202 - run fn on a fresh schema
+    def fresh(fn, *a):
         with schema("q") as name:
             return fn(qmlkit_url(name), *a)
 
-    singles, bulks = zip(*(fresh(bench_enqueue, 2000, n) for _ in range(rep)))
+    singles, bulks = zip(*(fresh(bench_enqueue, 2000, n) for _ in range(rep)), strict=False)
     drains = {t: median(fresh(bench_drain, n, t) for _ in range(rep)) for t in (1, 8)}
     p50, p99 = fresh(qmlkit_latency)
     peer = [procrastinate_figures(n, 2000) for _ in range(rep)]
@@ -239,7 +238,8 @@ def main() -> None:
         with_history = {t: bench_drain(url, n, t) for t in (1, 8)}
     print(f"\n  with {args.history:,} Succeeded rows present (inserted in {filled:.0f} s):")
     for t in (1, 8):
-        print(f"  {'drain, %d thread%s' % (t, 's' if t > 1 else ''):<32}{with_history[t]:>12,.0f}"
+        label = f"drain, {t} thread{'s' if t > 1 else ''}"
+        print(f"  {label:<32}{with_history[t]:>12,.0f}"
               f"   ({with_history[t] / drains[t]:.2f}x of the empty-table figure)")
 
 

@@ -24,7 +24,6 @@ from qmlkit import App
 from qmlkit.job import utcnow
 
 
-
 def make_app(url: str) -> App:
     # Built-in backends need no plugins; PostgreSQL and Redis come from installed ones.
     app = App("bench", storage=url, autoload=not url.startswith(("memory", "sqlite")))
@@ -66,7 +65,7 @@ def bench_drain(url: str, n: int, threads: int) -> float:
         from qmlkit import hookimpl
 
         @hookimpl
-        def qmlkit_job_state_changed(self, job, previous, current):  # noqa: ANN001, ANN202
+        def qmlkit_job_state_changed(self, job, previous, current):
             if current.name == "Succeeded":
                 with lock:
                     count[0] += 1
@@ -121,7 +120,6 @@ def main() -> None:
     args = parser.parse_args()
     try:
         import huey  # noqa: F401
-
         from peers import huey_drain, huey_enqueue
     except ImportError:
         huey_drain = huey_enqueue = None  # type: ignore[assignment]
@@ -136,7 +134,8 @@ def main() -> None:
                     return "memory://"
                 return f"sqlite:///{Path(tmp) / f'{tag}-{time.perf_counter_ns()}.db'}"
 
-            singles, bulks = zip(*(bench_enqueue(url("enq"), 2000, n) for _ in range(rep)))
+            runs = [bench_enqueue(url("enq"), 2000, n) for _ in range(rep)]
+            singles, bulks = zip(*runs, strict=True)
             rows = [
                 ("enqueue one by one", median(singles),
                  huey_enqueue and median(huey_enqueue(name, 2000) for _ in range(rep))),

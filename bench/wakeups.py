@@ -23,9 +23,9 @@ import argparse
 import importlib.util
 import os
 import socket
-import uuid
 import tempfile
 import time
+import uuid
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -249,7 +249,8 @@ def main() -> None:
         if args.only:
             transports = [t for t in transports if args.only in f"{t[0]} + {t[2]}"]
         print(f"qmlkit wake-up bench, {time.strftime('%Y-%m-%d')}; {args.jobs} jobs with "
-              f"wake-ups, {max(20, args.jobs // 5)} polling; idle load over {args.idle_seconds:g} s")
+              f"wake-ups, {max(20, args.jobs // 5)} polling; idle load over "
+              f"{args.idle_seconds:g} s")
         baselines: dict[str, float] = {}
         try:
             for kind, db, label, url in transports:

@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     """Enqueue, process and summarise the workload. Returns the process exit code."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=4, help="worker threads (default 4)")
-    parser.add_argument("--storage", default=None, help=f"storage URL (default sqlite:///{DEFAULT_DB}, reset each run)")
+    parser.add_argument("--storage", default=None,
+                        help=f"storage URL (default sqlite:///{DEFAULT_DB}, reset each run)")
     args = parser.parse_args(argv)
     console = Console()
 
@@ -105,8 +106,8 @@ def main(argv: list[str] | None = None) -> int:
             while True:
                 counts = runner.storage.count_jobs()
                 done = sum(n for (q, s), n in counts.items() if s in ("Succeeded", "Failed"))
-                progress.update(task, completed=done,
-                                description=f"processing ({counts.get(('default', 'Failed'), 0)} failed)")
+                failed = counts.get(("default", "Failed"), 0)
+                progress.update(task, completed=done, description=f"processing ({failed} failed)")
                 if done >= len(ids):
                     break
                 time.sleep(0.2)

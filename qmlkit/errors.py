@@ -35,11 +35,12 @@ class UnknownStorageScheme(ConfigurationError):
     def __init__(self, scheme: str, known: Iterable[str]) -> None:
         self.scheme = scheme
         self.known = sorted(set(known))
+        base = scheme.split("+")[0]
         super().__init__(
             f"no storage plugin understands the URL scheme {scheme!r} (check "
             f"QMLKIT_DISABLE_PLUGINS if it should be built in); known schemes: "
             f"{', '.join(self.known) or '(none)'}. If a plugin exists for it, install it, "
-            f"e.g. `pip install qmlkit-{_PACKAGES.get(scheme.split('+')[0], scheme.split('+')[0])}`."
+            f"e.g. `pip install qmlkit-{_PACKAGES.get(base, base)}`."
         )
 
 
@@ -246,7 +247,7 @@ class JobTimeout(JobError):
         super().__init__(f"the attempt ran longer than its timeout of {timeout_s:g} s")
 
 
-class Retry(QmlError):  # noqa: N818 - a signal, named for what it asks
+class Retry(QmlError):
     """Raised by job code to ask for another attempt.
 
     The attempt counts against the job's ``max_retries`` (and only that: the retry

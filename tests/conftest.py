@@ -77,7 +77,8 @@ def redis_url() -> Iterator[str]:
 
 @pytest.fixture
 def postgres_url() -> Iterator[str]:
-    """The shared PostgreSQL database ``test`` in a schema of this test's own, dropped afterwards."""
+    """The shared PostgreSQL database ``test`` in a schema of this test's own, dropped
+    afterwards."""
     require_plugin("qmlkit_postgres", "qmlkit-postgres")
     require_service("PostgreSQL", "127.0.0.1", 5432)
     schema = f"qmlkit_test_{RUN_ID}_{uuid.uuid4().hex[:6]}"

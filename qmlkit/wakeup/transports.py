@@ -100,7 +100,7 @@ def filesystem_transport() -> type:
 
     class Channel(kombu_fs.Channel):
         def _put(self, queue: str, payload: Any, **kwargs: Any) -> None:
-            name = f"{int(round(time.monotonic() * 1000))}_{uuid.uuid4()}.{queue}.msg"
+            name = f"{round(time.monotonic() * 1000)}_{uuid.uuid4()}.{queue}.msg"
             final = os.path.join(self.data_folder_out, name)
             try:
                 with open(final + ".tmp", "wb") as f:
@@ -134,7 +134,7 @@ def check_url(url: str, shown: str) -> str:
                                  "e.g. 'amqp://guest:guest@127.0.0.1:5672//'")
     if scheme != "filesystem":
         try:
-            urlsplit(url).port
+            _ = urlsplit(url).port  # raises ValueError for a port that is not a number
         except ValueError as exc:
             raise ConfigurationError(f"wake-up URL {shown}: the port is not a number "
                                      f"({exc})") from exc

@@ -75,7 +75,7 @@ def test_enqueue_over_payload_limit_raises_and_stores_nothing(storage: Storage) 
     storage.max_payload_bytes = 1000
     with pytest.raises(PayloadError, match="over the limit"):
         storage.enqueue(make_job(args=["x" * 2000]))
-    with pytest.raises(PayloadError, match="metadata .* over the limit") as info:
+    with pytest.raises(PayloadError, match=r"metadata .* over the limit") as info:
         storage.enqueue(make_job(metadata={"blob": "x" * 2000}))  # metadata counts too
     assert info.value.where == "metadata"
     assert storage.count_jobs() == {}
@@ -88,7 +88,8 @@ def test_list_jobs_filters_and_pages_newest_first(storage: Storage) -> None:
     storage.enqueue_many(jobs)
     listed = storage.list_jobs(limit=100)
     assert [j.id for j in listed] == [j.id for j in reversed(jobs)]
-    assert {j.id for j in storage.list_jobs(method="m1")} == {j.id for j in jobs if j.method == "m1"}
+    assert {j.id for j in storage.list_jobs(method="m1")} == {
+        j.id for j in jobs if j.method == "m1"}
     assert {j.id for j in storage.list_jobs(queue="q0", method="m0")} == {
         j.id for j in jobs if j.queue == "q0" and j.method == "m0"}
     page1 = storage.list_jobs(limit=5)
@@ -348,9 +349,11 @@ def test_delete_expired_removes_exactly_the_expired_terminal_jobs(storage: Stora
     storage.enqueue_many([make_job(args=[i]) for i in range(5)])
     jobs = claim(storage, limit=5)
     storage.transition_many([
-        Transition(jobs[0], Succeeded(succeeded_at=now, duration_ms=1), expires_at=now - timedelta(seconds=1)),
+        Transition(jobs[0], Succeeded(succeeded_at=now, duration_ms=1),
+                   expires_at=now - timedelta(seconds=1)),
         Transition(jobs[1], Failed(failed_at=now, exception_type="E", message="m"), expires_at=now),
-        Transition(jobs[2], Succeeded(succeeded_at=now, duration_ms=1), expires_at=now + timedelta(hours=1)),
+        Transition(jobs[2], Succeeded(succeeded_at=now, duration_ms=1),
+                   expires_at=now + timedelta(hours=1)),
         Transition(jobs[3], Succeeded(succeeded_at=now, duration_ms=1)),
     ])
     assert storage.delete_expired(now=now) == 2
@@ -369,7 +372,7 @@ def test_delete_expired_is_bounded_per_call(storage: Storage) -> None:
     assert storage.delete_expired(now=now, limit=5) == 2
 
 
-# --- server registry -------------------------------------------------------------------------------
+# --- server registry ----------------------------------------------------------------------
 
 
 def test_server_registry_heartbeat_and_dead_server_reclaim(storage: Storage) -> None:
@@ -382,7 +385,8 @@ def test_server_registry_heartbeat_and_dead_server_reclaim(storage: Storage) -> 
     (theirs,) = claim(storage, limit=1, server="dead#1")
     later = now + timedelta(seconds=120)
     assert storage.heartbeat("alive#1", now=later)
-    changes = storage.reclaim_dead_servers(heartbeat_before=later - timedelta(seconds=60), now=later)
+    changes = storage.reclaim_dead_servers(heartbeat_before=later - timedelta(seconds=60),
+                                           now=later)
     assert [c.job.id for c in changes] == [theirs.id]
     assert changes[0].job.state.reason == "reclaimed"
     assert [s.id for s in storage.list_servers()] == ["alive#1"]

@@ -237,7 +237,7 @@ def test_jobs_show_prints_the_job_as_json(cli_app: CliApp, populated: dict[str, 
     assert shown["state"]["name"] == "Failed"
     assert shown["state"]["exception_type"] == "ValueError"
     assert "ünïcødé ✓ 中文" in shown["state"]["stack_trace"]
-    assert [s["name"] for s in shown["history"]][0] == "Enqueued"
+    assert next(s["name"] for s in shown["history"]) == "Enqueued"
     assert shown["history"][-1] == shown["state"]
     result = invoke("jobs", "show", populated["wait1"], "--app", cli_app.spec)
     assert json.loads(result.stdout)["state"]["name"] == "Enqueued"

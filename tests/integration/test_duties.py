@@ -7,6 +7,7 @@ servers or processes) and, where one process suffices, on memory storage too.
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import os
 import signal
@@ -20,12 +21,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import backend_plugins
 from qmlkit import App, Server, Succeeded
 from qmlkit.errors import StaleClaim
 from qmlkit.job import utcnow
 from qmlkit.storage.base import Transition
 from qmlkit.testing import wait_until
+from tests.conftest import backend_plugins
 
 FAST = {"polling_interval": timedelta(milliseconds=50), "log_attempts": False,
         "scheduler_poll_interval": timedelta(milliseconds=100)}
@@ -60,7 +61,7 @@ def test_three_servers_materialise_each_tick_exactly_once(tmp_path: Path) -> Non
     ticks = sorted(datetime.fromisoformat(j.metadata["tick"]) for j in jobs)
     # No tick twice, and none skipped between the first and the last.
     assert len(ticks) == len(set(ticks)) >= 5
-    assert all(b - a == timedelta(seconds=1) for a, b in zip(ticks, ticks[1:], strict=False))
+    assert all(b - a == timedelta(seconds=1) for a, b in itertools.pairwise(ticks))
     assert {j.state.name for j in jobs} <= {"Succeeded", "Enqueued", "Processing"}
     for app in apps:
         app.close()
@@ -187,7 +188,7 @@ def start_worker(tmp_path: Path, *flags: str) -> subprocess.Popen[bytes]:
         [sys.executable, "-m", "qmlkit.cli", "worker", "dutyapp:app", "--heartbeat",
          "--heartbeat-interval", "0.2", "--dead-server-timeout", "1.5",
          "--polling-interval", "0.05", *flags],
-        cwd=tmp_path, env=env, stderr=open(tmp_path / "worker.err", "ab"))  # noqa: SIM115
+        cwd=tmp_path, env=env, stderr=open(tmp_path / "worker.err", "ab"))
 
 
 def test_killed_worker_job_is_reclaimed_and_its_zombie_write_rejected(tmp_path: Path) -> None:
@@ -401,7 +402,7 @@ def test_a_broken_template_does_not_hold_up_the_others(backend_url: str) -> None
 
         @hookimpl
         def qmlkit_enqueue_middleware(self, config: dict[str, object]) -> list[object]:
-            def gate(jobs, call_next):  # noqa: ANN001, ANN202
+            def gate(jobs, call_next):
                 if any(j.method == "bad" for j in jobs):
                     raise RuntimeError("refused")
                 return call_next([j.model_copy(update={"metadata": {**j.metadata, "gate": 1}})

@@ -27,7 +27,6 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from tests.conftest import backend_plugins
 from qmlkit import (
     App,
     ConfigurationError,
@@ -39,6 +38,7 @@ from qmlkit import (
     hookimpl,
 )
 from qmlkit.testing import wait_until
+from tests.conftest import backend_plugins
 
 #: The repository root, put on child processes' PYTHONPATH so they import this qmlkit.
 REPO_ROOT = Path(__file__).resolve().parents[2]

@@ -133,7 +133,8 @@ def test_cli_worker_runs_plugin_middleware_and_observer_end_to_end(
                                    "0.05"], env=env, cwd=tmp_path, stderr=subprocess.DEVNULL)
         try:
             app = App("check", storage=f"sqlite:///{tmp_path / 'q.db'}", autoload=False)
-            wait_until(lambda: app.storage.get(job_id).state.name == "Succeeded", timeout=30)
+            wait_until(lambda app=app, job_id=job_id: app.storage.get(job_id).state.name
+                       == "Succeeded", timeout=30)
             job = app.storage.get(job_id)
             app.close()
         finally:
@@ -227,7 +228,7 @@ def test_hookimpl_with_unknown_argument_is_rejected_at_load_time() -> None:
 
 
 def test_middleware_returning_nothing_without_call_next_fails_the_job_naming_it() -> None:
-    def forgetful(job, context, call_next):  # noqa: ANN001, ANN202 - forgot call_next()
+    def forgetful(job, context, call_next):
         context.job  # noqa: B018
 
     app = App("mw", storage="memory://", autoload=False)
@@ -279,7 +280,7 @@ class Recorder:
     def qmlkit_middleware(self, config: dict[str, object]) -> list[object]:
         self._add("middleware", str(config["server_name"]))
 
-        def around(job, context, call_next):  # noqa: ANN001, ANN202
+        def around(job, context, call_next):
             self._add("before", job.method, str(context.attempt))
             result = call_next()
             self._add("after", job.method, repr(result))
@@ -291,7 +292,7 @@ class Recorder:
     def qmlkit_enqueue_middleware(self, config: dict[str, object]) -> list[object]:
         self._add("enqueue_middleware", str(config["name"]))
 
-        def stamp(jobs, call_next):  # noqa: ANN001, ANN202
+        def stamp(jobs, call_next):
             self._add("enqueue", *[j.method for j in jobs])
             return call_next([j.model_copy(update={"metadata": {**j.metadata, self.name: 1}})
                               for j in jobs])
@@ -299,7 +300,7 @@ class Recorder:
         return [stamp]
 
     @hookimpl
-    def qmlkit_job_state_changed(self, job, previous, current) -> None:  # noqa: ANN001
+    def qmlkit_job_state_changed(self, job, previous, current) -> None:
         self._add("changed", previous.name if previous else "-", current.name)
 
     @hookimpl
@@ -358,7 +359,8 @@ def test_hook_qmlkit_middleware(recorded: tuple[list[tuple[str, ...]], App, Serv
                       ("a", "after", "echo", "5"), ("b", "after", "echo", "5")]
 
 
-def test_hook_qmlkit_enqueue_middleware(recorded: tuple[list[tuple[str, ...]], App, Server]) -> None:
+def test_hook_qmlkit_enqueue_middleware(
+        recorded: tuple[list[tuple[str, ...]], App, Server]) -> None:
     calls, app, _ = recorded
     job_id = app.enqueue("echo", args=[1])
     assert only(calls, "enqueue_middleware") == [("b", "enqueue_middleware", "hooks"),
@@ -401,12 +403,12 @@ def test_observer_that_raises_is_isolated(tmp_path: Path) -> None:
 
     class Broken:
         @hookimpl
-        def qmlkit_job_state_changed(self, job, previous, current) -> None:  # noqa: ANN001
+        def qmlkit_job_state_changed(self, job, previous, current) -> None:
             raise RuntimeError("observer bug")
 
     class Fine:
         @hookimpl
-        def qmlkit_job_state_changed(self, job, previous, current) -> None:  # noqa: ANN001
+        def qmlkit_job_state_changed(self, job, previous, current) -> None:
             seen.append(current.name)
 
     app = App("iso", storage="memory://", autoload=False, plugins=[Fine(), Broken()])

@@ -33,7 +33,8 @@ STATES = {
     "Scheduled": Scheduled(enqueue_at=NOW, scheduled_at=NOW, reason="r"),
     "Processing": Processing(started_at=NOW, worker_id="w", server_name="s"),
     "Succeeded": Succeeded(succeeded_at=NOW, duration_ms=1.5, result={"a": [1]}),
-    "Failed": Failed(failed_at=NOW, exception_type="E", message="m", stack_trace="t", retry_count=2),
+    "Failed": Failed(failed_at=NOW, exception_type="E", message="m", stack_trace="t",
+                     retry_count=2),
     "AwaitingRetry": AwaitingRetry(retry_at=NOW, retry_count=1, last_exception="E: m"),
     "Deleted": Deleted(deleted_at=NOW, reason="r"),
 }
@@ -90,7 +91,7 @@ def test_encode_payload_names_the_bad_argument() -> None:
     assert info.value.where == "args[1]"
     with pytest.raises(PayloadError, match=r"kwargs\['when'\]"):
         encode_payload([], {"when": NOW})
-    with pytest.raises(PayloadError, match="NaN|Out of range"):
+    with pytest.raises(PayloadError, match=r"NaN|Out of range"):
         encode_payload([float("nan")], {})
 
 

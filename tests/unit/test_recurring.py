@@ -109,7 +109,7 @@ def test_tick_job_ids_are_the_same_on_every_server() -> None:
     assert a.tick_job_id(BASE) == b.tick_job_id(BASE) != a.tick_job_id(BASE + timedelta(minutes=1))
 
 
-def test_reregistering_the_same_schedule_keeps_it(tmp_path) -> None:  # noqa: ANN001
+def test_reregistering_the_same_schedule_keeps_it(tmp_path) -> None:
     app = App("r", storage=f"sqlite:///{tmp_path / 'q.db'}", autoload=False)
     first = app.schedule_recurring("daily", "0 3 * * *", "m")
     app.storage.fire_recurring("daily", expected_next_run_at=first.next_run_at,

@@ -10,7 +10,6 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from tests.conftest import backend_plugins
 from qmlkit import (
     App,
     ConfigurationError,
@@ -24,9 +23,10 @@ from qmlkit import (
 )
 from qmlkit.job import Job
 from qmlkit.testing import make_job, wait_until
+from tests.conftest import backend_plugins
 
 
-def fast(app: App, **fields: object):  # noqa: ANN201 - a server tuned for tests
+def fast(app: App, **fields: object):
     defaults = {"worker_count": 2, "polling_interval": timedelta(milliseconds=20),
                 "shutdown_timeout": timedelta(seconds=10), "log_attempts": False}
     return app.server(**{**defaults, **fields})
@@ -382,13 +382,13 @@ def test_schedule_arguments_are_checked(app: App) -> None:
 def test_middleware_wraps_in_order_and_can_short_circuit(app: App) -> None:
     seen: list[str] = []
 
-    def outer(job, context, call_next):  # noqa: ANN001, ANN202
+    def outer(job, context, call_next):
         seen.append("outer-before")
         result = call_next()
         seen.append("outer-after")
         return result
 
-    def inner(job, context, call_next):  # noqa: ANN001, ANN202
+    def inner(job, context, call_next):
         seen.append("inner")
         return "short-circuited" if job.args == ["skip"] else call_next()
 
@@ -420,7 +420,7 @@ def test_observers_see_every_committed_transition(backend_url: str) -> None:
 
     class Observer:
         @hookimpl
-        def qmlkit_job_state_changed(self, job, previous, current):  # noqa: ANN001, ANN202
+        def qmlkit_job_state_changed(self, job, previous, current):
             with lock:
                 seen.append((job.id, previous.name if previous else None, current.name))
             raise RuntimeError("observers are isolated")
@@ -454,7 +454,7 @@ def test_unknown_scheme_lists_known_schemes() -> None:
     assert "qmlkit-mongodb" in str(info.value)
 
 
-def test_missing_sqlite_directory_names_the_path(tmp_path) -> None:  # noqa: ANN001
+def test_missing_sqlite_directory_names_the_path(tmp_path) -> None:
     missing = tmp_path / "nope" / "deeper"
     app = App("x", storage=f"sqlite:///{missing}/q.db", autoload=False)
     with pytest.raises(ConfigurationError, match=str(missing)):
@@ -464,7 +464,7 @@ def test_missing_sqlite_directory_names_the_path(tmp_path) -> None:  # noqa: ANN
 def test_server_config_names_the_bad_field() -> None:
     with pytest.raises(ValueError, match="worker_count"):
         ServerConfig(worker_count=0)
-    with pytest.raises(ValueError, match="extra|bogus"):
+    with pytest.raises(ValueError, match=r"extra|bogus"):
         ServerConfig(bogus=1)
     with pytest.raises(ConfigurationError, match="nosuchtransport"):
         App("x", storage="memory://", autoload=False, wakeup_url="nosuchtransport://x")

@@ -11,7 +11,7 @@ from qmlkit.storage.sql.storage import SQLOptions
 
 
 def test_unknown_memory_option_is_named() -> None:
-    with pytest.raises(ConfigurationError, match="memory storage: unknown option.*colour"):
+    with pytest.raises(ConfigurationError, match=r"memory storage: unknown option.*colour"):
         MemoryStorage.from_url("memory://", {"colour": 1})
 
 

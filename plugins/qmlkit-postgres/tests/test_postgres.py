@@ -15,15 +15,15 @@ from collections import Counter
 from datetime import timedelta
 
 import pytest
+import qmlkit_postgres.plugin
 import sqlalchemy as sa
+from qmlkit_postgres import LATEST, PostgresStorage, SchemaVersionError
 from sqlalchemy.orm import Session
 
-import qmlkit_postgres.plugin
 from qmlkit import App, Job
 from qmlkit.errors import ConfigurationError, StorageUnavailable
 from qmlkit.job import utcnow
 from qmlkit.testing import free_port, make_job, wait_until
-from qmlkit_postgres import LATEST, PostgresStorage, SchemaVersionError
 
 pytestmark = pytest.mark.postgres
 
@@ -69,7 +69,7 @@ def test_concurrent_first_opens_migrate_once(postgres_url: str, engine: sa.Engin
             store = PostgresStorage(postgres_url)
             store.open()
             store.close()
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=open_one) for _ in range(4)]
@@ -88,7 +88,8 @@ def test_with_auto_migrate_off_open_names_qmlkit_migrate(postgres_url: str) -> N
     with pytest.raises(SchemaVersionError, match="qmlkit migrate"):
         PostgresStorage(postgres_url + "&migrate=false").open()
     assert PostgresStorage(postgres_url).migrate() == [
-        f"{m.version}: {m.name}" for m in __import__("qmlkit_postgres.migrations").migrations.MIGRATIONS]
+        f"{m.version}: {m.name}"
+        for m in __import__("qmlkit_postgres.migrations").migrations.MIGRATIONS]
     store = PostgresStorage(postgres_url + "&migrate=false")
     store.open()  # current now
     store.close()
@@ -133,7 +134,7 @@ def test_unknown_role_fails_at_start_naming_host_port_database_not_password() ->
 
 
 def test_missing_database_fails_at_start_naming_it() -> None:
-    with pytest.raises(ConfigurationError, match="127.0.0.1:5432/no_such_db_qmlkit"):
+    with pytest.raises(ConfigurationError, match=r"127\.0\.0\.1:5432/no_such_db_qmlkit"):
         PostgresStorage("postgresql://127.0.0.1:5432/no_such_db_qmlkit").open()
 
 
@@ -372,7 +373,7 @@ def test_connections_killed_mid_drain_cost_no_job_and_run_none_twice(
         # Terminate every connection of the app three times mid-drain, the last two
         # within a second of each other.
         for threshold in (1000, 2500):
-            wait_until(lambda: sum(runs.values()) >= threshold, timeout=60)
+            wait_until(lambda t=threshold: sum(runs.values()) >= t, timeout=60)
             assert kill_all() >= 1
         wait_until(kill_all, timeout=10)  # again, as soon as the app has reconnected
         wait_until(lambda: app.storage.count_jobs().get(("default", "Succeeded")) == total,
@@ -550,7 +551,7 @@ def test_transactional_enqueue_refuses_a_connection_to_another_database(
 
     other = sa.create_engine("postgresql+psycopg://127.0.0.1:5432/postgres")
     try:
-        with pytest.raises(ConfigurationError, match="'postgres'.*'test'"):
+        with pytest.raises(ConfigurationError, match=r"'postgres'.*'test'"):
             with other.begin() as conn, app.transaction(conn):
                 receipt.enqueue(1)
     finally:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from qmlkit_redis.storage import RedisOptions, RedisStorage
 
 from qmlkit.errors import ConfigurationError
-from qmlkit_redis.storage import RedisOptions, RedisStorage
 
 
 @pytest.mark.parametrize("url", ["redis://127.0.0.1/abc", "rediss://:pw@127.0.0.1:6380/1x"])

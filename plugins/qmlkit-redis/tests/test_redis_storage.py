@@ -135,7 +135,8 @@ def test_a_port_that_is_not_redis_is_named_at_open():
 
     threading.Thread(target=answer_like_http, daemon=True).start()
     try:
-        with pytest.raises(ConfigurationError, match=f"127.0.0.1:{port} does not answer as a Redis"):
+        with pytest.raises(ConfigurationError,
+                           match=f"127.0.0.1:{port} does not answer as a Redis"):
             RedisStorage(f"redis://127.0.0.1:{port}/0", connect_timeout_s=2).open()
     finally:
         listener.close()
