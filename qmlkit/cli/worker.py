@@ -114,7 +114,7 @@ FLAGS: tuple[Flag, ...] = (
     Flag("server_name", "--name", "QMLKIT_SERVER_NAME", str, same,
          "Server name.", default_text="the host name"),
     Flag("enable_heartbeat", "--heartbeat/--no-heartbeat", "QMLKIT_HEARTBEAT", bool, same,
-         "Register, heartbeat, and reclaim dead servers' jobs."),
+         "Register, heartbeat, and reclaim dead servers' jobs (on by default)."),
     Flag("heartbeat_interval", "--heartbeat-interval", "QMLKIT_HEARTBEAT_INTERVAL", SECONDS,
          seconds, "Seconds between heartbeats."),
     Flag("dead_server_timeout", "--dead-server-timeout", "QMLKIT_DEAD_SERVER_TIMEOUT", SECONDS,
@@ -127,7 +127,9 @@ FLAGS: tuple[Flag, ...] = (
          "Longest wait between looks at recurring templates."),
     Flag("stale_processing_after", "--stale-after", "QMLKIT_STALE_PROCESSING_AFTER", SECONDS,
          seconds, "Without heartbeats: seconds after which a Processing job no live worker "
-         "holds is requeued when a server starts."),
+         "holds is requeued (on start, and every --stale-sweep-interval)."),
+    Flag("stale_sweep_interval", "--stale-sweep-interval", "QMLKIT_STALE_SWEEP_INTERVAL",
+         SECONDS, seconds, "Without heartbeats: seconds between stranded sweeps."),
 )
 
 

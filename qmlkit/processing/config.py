@@ -41,8 +41,10 @@ class ServerConfig(BaseModel):
         scheduler_poll_interval: Longest wait between promotions (qml-rs: 30 s; qmlkit
             1 s, and it wakes earlier for a known due time).
         shutdown_timeout: Grace period for running attempts on ``stop()``.
-        stale_processing_after: On start, Processing jobs claimed longer ago than this
-            are requeued as stranded.
+        stale_processing_after: On start, and every ``stale_sweep_interval`` for a server
+            without heartbeats, Processing jobs claimed longer ago than this that no live
+            registered server holds are requeued as stranded.
+        stale_sweep_interval: Between stranded sweeps of a server without heartbeats.
         enable_recurring: Materialise due ticks of recurring templates.
         recurring_poll_interval: Longest wait between looks at the templates (qml-rs:
             5 s); the poller also wakes for the earliest known ``next_run_at``.
@@ -50,9 +52,11 @@ class ServerConfig(BaseModel):
         cleanup_interval: Between cleanup sweeps.
         succeeded_ttl: ``expires_at`` offset for Succeeded jobs; ``None`` keeps them.
         failed_ttl: ``expires_at`` offset for Failed jobs; ``None`` keeps them.
-        enable_heartbeat: Register in the server registry, heartbeat, reclaim dead peers.
-        heartbeat_interval: Between heartbeats (and dead-peer scans).
-        dead_server_timeout: A peer whose heartbeat is older is dead.
+        enable_heartbeat: Register in the server registry, heartbeat, reclaim dead peers
+            (qmlkit: on by default, so a killed worker's jobs return without a restart).
+        heartbeat_interval: Between heartbeats (and dead-peer scans); qmlkit 5 s.
+        dead_server_timeout: A peer whose heartbeat is older is dead; qmlkit 30 s (six
+            missed heartbeats), so a killed worker's jobs are back within about 35 s.
         retry: The retry policy for job names registered without their own: backoff,
             jitter and which exceptions retry. How many retries a job gets is fixed when it
             is enqueued (``Job.max_retries``, from its registration, default 3).
@@ -78,15 +82,16 @@ class ServerConfig(BaseModel):
     scheduler_poll_interval: timedelta = timedelta(seconds=1)
     shutdown_timeout: timedelta = timedelta(seconds=30)
     stale_processing_after: timedelta = timedelta(minutes=5)
+    stale_sweep_interval: timedelta = timedelta(minutes=1)
     enable_recurring: bool = True
     recurring_poll_interval: timedelta = timedelta(seconds=5)
     enable_cleanup: bool = True
     cleanup_interval: timedelta = timedelta(minutes=1)
     succeeded_ttl: timedelta | None = timedelta(hours=24)
     failed_ttl: timedelta | None = timedelta(days=7)
-    enable_heartbeat: bool = False
-    heartbeat_interval: timedelta = timedelta(seconds=10)
-    dead_server_timeout: timedelta = timedelta(seconds=60)
+    enable_heartbeat: bool = True
+    heartbeat_interval: timedelta = timedelta(seconds=5)
+    dead_server_timeout: timedelta = timedelta(seconds=30)
     retry: RetryPolicy = Field(default_factory=RetryPolicy)
     max_result_bytes: int = Field(default=DEFAULT_MAX_PAYLOAD_BYTES, ge=1)
     log_attempts: bool = True
@@ -94,7 +99,7 @@ class ServerConfig(BaseModel):
     @field_validator(
         "polling_interval", "shutdown_timeout", "scheduler_poll_interval", "cleanup_interval",
         "heartbeat_interval", "dead_server_timeout", "stale_processing_after",
-        "recurring_poll_interval",
+        "recurring_poll_interval", "stale_sweep_interval",
     )
     @classmethod
     def _positive(cls, value: timedelta) -> timedelta:

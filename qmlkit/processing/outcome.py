@@ -15,7 +15,7 @@ import threading
 import time
 import traceback
 from collections.abc import Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -23,6 +23,7 @@ from typing import Any
 from qmlkit.backoff import Backoff
 from qmlkit.errors import Retry, StaleClaim
 from qmlkit.job import AwaitingRetry, Failed, Job, Succeeded, cap_text, trusted, utcnow
+from qmlkit.limits import MAX_TIMESTAMP
 from qmlkit.processing.retry import RetryPolicy, qualname
 from qmlkit.storage.base import StateChange, Storage, Transition
 
@@ -74,6 +75,36 @@ def describe_exception(exc: BaseException) -> tuple[str, str, str | None, str | 
     return type_name, cap_text(message), cap_text(trace) if trace else None, note
 
 
+def capped(now: datetime, offset: timedelta) -> datetime:
+    """``now + offset``, but never later than `qmlkit.limits.MAX_TIMESTAMP`.
+
+    Args:
+        now: An aware UTC time.
+        offset: A non-negative duration (any size: a sum past year 9999 is capped too).
+
+    Returns:
+        The aware UTC time every backend can store.
+    """
+    if offset >= MAX_TIMESTAMP - now:
+        return MAX_TIMESTAMP
+    return now + offset
+
+
+def expiry(now: datetime, ttl: timedelta | None) -> datetime | None:
+    """The ``expires_at`` for a TTL: ``None`` keeps the job, ``timedelta(0)`` expires it at once.
+
+    Args:
+        now: The terminal state's time (aware UTC).
+        ttl: The offset, or ``None`` to keep the job for ever.
+
+    Returns:
+        ``now + ttl`` capped to `qmlkit.limits.MAX_TIMESTAMP`, or ``None``.
+    """
+    if ttl is None:
+        return None
+    return capped(now, max(ttl, timedelta(0)))
+
+
 def succeeded(job: Job, result: Any, duration_ms: float, *, ttl: timedelta | None) -> Transition:
     """The outcome of an attempt that returned ``result`` (already encoded to JSON values).
 
@@ -89,19 +120,22 @@ def succeeded(job: Job, result: Any, duration_ms: float, *, ttl: timedelta | Non
         # Built unvalidated: every field is of a known type, and this is per attempt.
         trusted(Succeeded, {"succeeded_at": now, "duration_ms": round(duration_ms, 3),
                             "result": result}),
-        expires_at=now + ttl if ttl else None,
+        expires_at=expiry(now, ttl),
     )
 
 
-def _retry_delay(job: Job, exc: BaseException, policy: RetryPolicy, retry_number: int,
-                 now: Any) -> timedelta:
+def _retry_delay(job: Job, exc: BaseException, policy: RetryPolicy, retry_number: int) -> timedelta:
     delay = policy.backoff(retry_number)
     if isinstance(exc, Retry) and exc.delay is not None:
-        try:  # a usable delay from the job; NaN, negative or huge ones are ignored
-            asked = timedelta(seconds=float(exc.delay))
-            if asked >= timedelta(0):
-                now + asked  # noqa: B018 - raises OverflowError past year 9999
-                delay = asked
+        try:  # a usable delay from the job; NaN or negative ones are ignored
+            seconds = float(exc.delay)
+            if seconds >= 0:  # False for NaN
+                try:
+                    delay = timedelta(seconds=seconds)
+                except OverflowError:  # beyond timedelta: the latest storable time
+                    delay = timedelta.max
+            else:
+                raise ValueError(seconds)
         except (TypeError, ValueError, OverflowError):
             log.warning("job %s: Retry(delay=%r) is unusable; using the policy's backoff",
                         job.id, exc.delay)
@@ -113,8 +147,8 @@ def failed(job: Job, exc: BaseException, policy: RetryPolicy, *,
     """The outcome of an attempt that raised ``exc``: AwaitingRetry or Failed.
 
     ``policy.should_retry`` decides; the delay is the policy's backoff, or a usable
-    ``Retry(delay=...)`` the job raised (NaN, negative or out-of-range delays are logged
-    and ignored).
+    ``Retry(delay=...)`` the job raised (NaN or negative delays are logged and ignored);
+    ``retry_at`` and ``expires_at`` are capped to `qmlkit.limits.MAX_TIMESTAMP`.
 
     Args:
         job: The claimed job.
@@ -126,10 +160,10 @@ def failed(job: Job, exc: BaseException, policy: RetryPolicy, *,
     now = utcnow()
     if policy.should_retry(exc, job.retry_count, job.max_retries):
         retry_number = job.retry_count + 1
-        delay = _retry_delay(job, exc, policy, retry_number, now)
+        delay = _retry_delay(job, exc, policy, retry_number)
         return Transition(
             job,
-            AwaitingRetry(retry_at=now + delay, retry_count=retry_number,
+            AwaitingRetry(retry_at=capped(now, delay), retry_count=retry_number,
                           last_exception=f"{type_name}: {message}", stack_trace=trace),
             retry_count=retry_number,
         )
@@ -137,7 +171,7 @@ def failed(job: Job, exc: BaseException, policy: RetryPolicy, *,
         job,
         Failed(failed_at=now, exception_type=type_name, message=message, stack_trace=trace,
                retry_count=job.retry_count, note=note),
-        expires_at=now + ttl if ttl else None,
+        expires_at=expiry(now, ttl),
     )
 
 

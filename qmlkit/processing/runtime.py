@@ -41,6 +41,11 @@ class Runtime(Protocol):
     def stopping(self) -> threading.Event:
         """Set once the server begins to stop; a duty's loop ends when it is set."""
 
+    @property
+    def halted(self) -> threading.Event:
+        """Set once a stopping server's attempts are all stored or released (after the
+        grace period); duties with ``through_grace`` (the heartbeat) run until then."""
+
     def server_info(self) -> ServerInfo:
         """This server's registry entry, stamped now (heartbeats on only)."""
 

@@ -41,6 +41,7 @@ from qmlkit.processing.claims import ClaimLedger
 from qmlkit.processing.config import ServerConfig
 from qmlkit.processing.duties import Duty, RecurringDuty, SchedulerDuty, default_duties, run_duty
 from qmlkit.processing.duties import fire_due_recurring, promote_due
+from qmlkit.processing.duties.stranded import warn_recent_processing
 from qmlkit.processing.idle import IdleGate
 from qmlkit.processing.middleware import Middleware
 from qmlkit.processing.outcome import store_outcomes
@@ -97,6 +98,8 @@ class Server:
         self._running = False
         self._lock = threading.Lock()
         self._stopping = threading.Event()
+        self._halted = threading.Event()  # set once every attempt is stored or released
+        self._beating: list[threading.Thread] = []  # duties that outlive the grace period
         self._hard_stop = threading.Event()
         self._abort_lock = threading.Lock()
         self._abort_done = False
@@ -186,7 +189,7 @@ class Server:
             cfg = self.config
             self.storage.open()
             self._requeue_stranded()
-            self._stopping = threading.Event()
+            self._stopping, self._halted = threading.Event(), threading.Event()
             self._hard_stop = threading.Event()
             self._abort_done = False
             stamped = cfg.server_name
@@ -195,11 +198,12 @@ class Server:
                 self.storage.register_server(self.server_info())
                 stamped = self.server_id
             self._watchdog = Watchdog()
-            self._threads = []
+            self._threads, self._beating = [], []
             self._start_wakeups()
             for duty in self.duties:
                 if duty.enabled(cfg):
-                    self._spawn(duty.name, lambda d=duty: run_duty(d, self))
+                    self._spawn(duty.name, lambda d=duty: run_duty(d, self),
+                                through_grace=getattr(duty, "through_grace", False))
             # Logged before the workers start, so no job's log line comes first.
             log.info("server %s started with %d worker(s) on %r, queues %s",
                      self.server_id or cfg.server_name, cfg.worker_count, self.storage,
@@ -235,7 +239,7 @@ class Server:
             log.info("requeued %d stranded Processing job(s) on start", len(stranded))
             self.notify(stranded)
         if not cfg.enable_heartbeat:
-            self._warn_recent_processing()
+            warn_recent_processing(self.storage, cfg.stale_processing_after)
 
     def _start_wakeups(self) -> None:
         cfg = self.config
@@ -328,6 +332,9 @@ class Server:
         if self._publisher is not None:
             self._publisher.close()
             self._publisher = None
+        self._halted.set()  # every attempt is stored or released: the heartbeat may end
+        for thread in self._beating:
+            thread.join(5.0)
         if self.server_id is not None:
             try:
                 self.storage.deregister_server(self.server_id)
@@ -337,24 +344,10 @@ class Server:
         self.app.notifier.unsubscribe(self)
         log.info("server stopped")
 
-    def _warn_recent_processing(self) -> None:
-        """Say so when jobs sit in Processing that only heartbeats could reclaim now."""
-        try:
-            held = sum(n for (_, state), n in self.storage.count_jobs().items()
-                       if state == "Processing")
-        except Exception:  # a warning is not worth failing start over
-            return
-        if held:
-            log.warning(
-                "%d job(s) are Processing, claimed less than %s ago; if their worker died, "
-                "they are requeued by a server started after that, or at once by heartbeat "
-                "reclaim (enable_heartbeat / qmlkit worker --heartbeat)",
-                held, self.config.stale_processing_after)
-
-    def _spawn(self, name: str, target: Callable[[], None]) -> None:
+    def _spawn(self, name: str, target: Callable[[], None], *, through_grace: bool = False) -> None:
         thread = threading.Thread(target=target, name=f"qmlkit-{name}", daemon=True)
         thread.start()
-        self._threads.append(thread)
+        (self._beating if through_grace else self._threads).append(thread)
 
     # --- wake-ups and nudges ----------------------------------------------------------
 
@@ -415,6 +408,11 @@ class Server:
     def stopping(self) -> threading.Event:
         """Set once the server begins to stop (replaced by each ``start()``)."""
         return self._stopping
+
+    @property
+    def halted(self) -> threading.Event:
+        """Set once a stopping server's attempts are all stored or released."""
+        return self._halted
 
     def cap(self, interval: timedelta) -> float:
         """A duty's longest sleep, in seconds: ``interval``, or the polling interval if

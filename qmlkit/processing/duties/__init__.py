@@ -2,7 +2,8 @@
 
 As Celery composes a worker from bootsteps (without their dependency graph), a server
 runs the duties of `default_duties` in order, each on its own thread through
-`run_duty`: scheduler, recurring poller, cleanup, heartbeat and the straggler loop.
+`run_duty`: scheduler, recurring poller, cleanup, heartbeat, the straggler loop and
+(without heartbeats) the stranded sweep.
 A duty reaches its server only through `qmlkit.processing.runtime.Runtime`.
 """
 
@@ -14,6 +15,7 @@ from qmlkit.processing.duties.heartbeat import HeartbeatDuty
 from qmlkit.processing.duties.recurring import RecurringDuty, fire_due_recurring
 from qmlkit.processing.duties.scheduler import SchedulerDuty, promote_due
 from qmlkit.processing.duties.stragglers import StragglerDuty
+from qmlkit.processing.duties.stranded import StrandedDuty
 
 __all__ = [
     "CleanupDuty",
@@ -23,6 +25,7 @@ __all__ = [
     "RecurringDuty",
     "SchedulerDuty",
     "StragglerDuty",
+    "StrandedDuty",
     "default_duties",
     "fire_due_recurring",
     "promote_due",
@@ -32,4 +35,5 @@ __all__ = [
 
 def default_duties() -> list[Duty]:
     """A fresh list of the built-in duties, in the order a server starts them."""
-    return [StragglerDuty(), SchedulerDuty(), RecurringDuty(), CleanupDuty(), HeartbeatDuty()]
+    return [StragglerDuty(), SchedulerDuty(), RecurringDuty(), CleanupDuty(), HeartbeatDuty(),
+            StrandedDuty()]

@@ -81,9 +81,12 @@ def run_duty(duty: Duty, runtime: Runtime) -> None:
 
     Each round computes the interval, runs the duty once (a raise is logged, never
     fatal: a duty must outlive any failure) and pauses for the interval or the sooner
-    wait the run returned (never below 0).
+    wait the run returned (never below 0). A duty whose ``through_grace`` is true runs
+    until ``runtime.halted`` instead (set once a stopping server's attempts are all
+    stored or released), so a draining server keeps its registry row fresh.
     """
-    stopping = runtime.stopping
+    # A duty with ``through_grace`` (the heartbeat) runs until the server has halted.
+    stopping = runtime.halted if getattr(duty, "through_grace", False) else runtime.stopping
     if not duty.run_at_start:
         duty.pause(duty.interval(runtime), stopping)
     while not stopping.is_set():

@@ -20,9 +20,15 @@ log = logging.getLogger("qmlkit.processing.server")  # the logger these lines al
 class HeartbeatDuty(DutyBase):
     """Every ``heartbeat_interval``: heartbeat (registering again if a peer presumed this
     server dead), then requeue the Processing jobs of servers whose heartbeat is older
-    than ``dead_server_timeout``."""
+    than ``dead_server_timeout``.
+
+    It beats through the whole grace period of ``stop()`` (``through_grace``), until
+    every attempt is stored or released; only then does the server deregister. So a
+    peer never presumes a draining server dead and reruns the job it is finishing.
+    """
 
     name = "heartbeat"
+    through_grace = True
     failure = "heartbeat failed"
     run_at_start = False
     nudgeable = False
