@@ -483,17 +483,10 @@ class Storage(abc.ABC):
         ``server_name`` is one of them back to Enqueued (reason ``"reclaimed"``),
         atomically per job; their old claims become stale.
 
-        Orphans are reclaimed the same way: a Processing job whose ``server_name`` has
-        the registered-id form (``"name#uuid"``, holding a ``#``) but no registry row
-        (pruned, deregistered by a half-finished stop, or never written), and whose
-        claim started before ``heartbeat_before`` (so a server registering right now is
-        not robbed). This holds whichever came first, the pruning of the row or a
-        reclaim pass. Jobs stamped with a plain server name (servers running without
-        heartbeats never register) are left to `requeue_stranded`.
-
-        Queue place: a reclaimed job is enqueued at ``now`` (its ``enqueued_at``), so
-        within its priority it is claimed after jobs already waiting, as for
-        `requeue_stranded`; its priority is kept.
+        Orphans too: a job stamped ``"name#uuid"`` (a registered id) with no row
+        (pruned, half-finished stop, never written) and claimed before the bound,
+        whichever came first, pruning or a pass; plain stamps are `requeue_stranded`'s.
+        A reclaimed job is enqueued at ``now`` (after waiting jobs of its priority).
 
         Returns:
             The changes made.
