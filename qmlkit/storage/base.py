@@ -483,6 +483,11 @@ class Storage(abc.ABC):
         ``server_name`` is one of them back to Enqueued (reason ``"reclaimed"``),
         atomically per job; their old claims become stale.
 
+        Orphans too: a job stamped ``"name#uuid"`` (a registered id) with no row
+        (pruned, half-finished stop, never written) and claimed before the bound,
+        whichever came first, pruning or a pass; plain stamps are `requeue_stranded`'s.
+        A reclaimed job is enqueued at ``now`` (after waiting jobs of its priority).
+
         Returns:
             The changes made.
         """

@@ -44,6 +44,7 @@ __all__ = [
     "JOB_STATE",
     "MAX_REASON_CHARS",
     "QUARANTINE_EXCEPTION",
+    "check_utf8",
     "claimed_job",
     "decode_history",
     "decode_job",
@@ -67,6 +68,27 @@ MAX_REASON_CHARS = 2000
 
 #: The exception type named by a quarantined job's Failed state.
 QUARANTINE_EXCEPTION = "qmlkit.errors.PayloadError"
+
+
+def check_utf8(fields: Mapping[str, Any]) -> None:
+    """Refuse stored text that was not valid UTF-8.
+
+    A client that decodes with ``surrogateescape`` (so one bad row cannot fail a whole
+    reply) hands such bytes over as lone surrogates; this finds them.
+
+    Args:
+        fields: Field name -> stored value; only ``str`` values are checked.
+
+    Raises:
+        ValueError: Naming the first field holding invalid UTF-8 (the message holds no
+            undecodable character, so it can be stored as the quarantine reason).
+    """
+    for name, value in fields.items():
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(f"field {name!r} holds invalid UTF-8 bytes") from None
 
 
 def decode_state(raw: str | bytes) -> JobState:
@@ -111,11 +133,24 @@ def quarantine_stand_in(
         A job in ``Failed(exception_type="qmlkit.errors.PayloadError", message=reason)``.
     """
     failed_at = now or datetime.now(timezone.utc)
-    return Job(
-        id=str(job_id), method=str(method or "?"), queue=str(queue or "?"),
-        created_at=created_at or datetime.now(timezone.utc),
-        state=Failed(failed_at=failed_at, exception_type=QUARANTINE_EXCEPTION, message=reason),
-    )
+    # Built without validation: a stored id or name that today's limits refuse (over 64
+    # characters, a NUL; accepted by older versions) must still read.
+    state = trusted(Failed, {"failed_at": failed_at, "exception_type": QUARANTINE_EXCEPTION,
+                             "message": reason})
+    return trusted(Job, {
+        "id": _text(job_id), "method": _text(method) or "?", "queue": _text(queue) or "?",
+        "args": [], "kwargs": {}, "metadata": {},
+        "created_at": created_at or datetime.now(timezone.utc), "state": state,
+    })
+
+
+def _text(value: Any) -> str:
+    """A stored text field as ``str``; bytes that are not UTF-8 are shown escaped."""
+    if value is None:
+        return ""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "backslashreplace")
+    return str(value)
 
 
 def decode_job(

@@ -421,4 +421,7 @@ class MemoryStorage(Storage):
             dead = {s.id for s in self._servers.values() if s.last_heartbeat < heartbeat_before}
             for server_id in dead:
                 del self._servers[server_id]
-            return self._requeue_where(now, "reclaimed", lambda s: s.server_name in dead)
+            live = set(self._servers)
+            return self._requeue_where(now, "reclaimed", lambda s: s.server_name in dead or (
+                "#" in s.server_name and s.server_name not in live
+                and s.started_at < heartbeat_before))

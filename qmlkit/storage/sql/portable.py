@@ -254,10 +254,14 @@ def reclaim_dead_servers(dialect: Primitives, storage: SQLStore, *, heartbeat_be
         dead = list(conn.execute(
             sa.select(s.c.id).where(s.c.last_heartbeat < heartbeat_before)
         ).scalars())
-        if not dead:
-            return []
-        conn.execute(s.delete().where(s.c.id.in_(dead)))
-        where = state_is(c.state, "Processing") & c.server_name.in_(dead)
+        if dead:
+            conn.execute(s.delete().where(s.c.id.in_(dead)))
+        # Orphans: stamped with a registered id ("name#uuid") that has no row, claimed
+        # before the bound (a server registering right now is not robbed).
+        orphaned = (c.server_name.contains("#", autoescape=True) & (c.started_at < heartbeat_before)
+                    & c.server_name.not_in(sa.select(s.c.id)))
+        owner_dead = c.server_name.in_(dead) | orphaned if dead else orphaned
+        where = state_is(c.state, "Processing") & owner_dead
         return move(dialect, storage, conn, where,
                     lambda j: Enqueued(enqueued_at=now, queue=j.queue, reason="reclaimed"))
 

@@ -129,12 +129,23 @@ class SQLiteDialect(SQLDialect):
             cursor.execute(many, [value for row in chunk for value in row])
 
 
+def _text(raw: bytes) -> str | bytes:
+    """A TEXT value as ``str``, or its raw bytes if they are not UTF-8: decoding that row
+    then fails and it is quarantined alone (its stored bytes kept), instead of the whole
+    statement failing and stopping every claim and list on its queue."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw
+
+
 def _configure(engine: Engine) -> None:
     """WAL, a busy timeout, and ``BEGIN IMMEDIATE`` for every write transaction."""
 
     @event.listens_for(engine, "connect")
     def on_connect(dbapi_conn: Any, _record: Any) -> None:
         dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
+        dbapi_conn.text_factory = _text  # one non-UTF-8 value must not fail the statement
         cur = dbapi_conn.cursor()
         cur.execute("PRAGMA journal_mode=WAL")
         cur.execute("PRAGMA synchronous=NORMAL")

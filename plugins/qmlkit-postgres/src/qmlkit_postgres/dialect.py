@@ -460,7 +460,13 @@ class PostgresDialect(SQLDialect):
         """See `Storage.reclaim_dead_servers`: deregister and requeue in one statement."""
         prefix = (f"WITH dead AS (DELETE FROM {self.quoted_schema}.qmlkit_servers "
                   "WHERE last_heartbeat < %(before)s RETURNING id)")
-        condition = "state = 'Processing' AND server_name IN (SELECT id FROM dead)"
+        # A dead row, or an orphan: a registered-id stamp ("name#uuid") with no live row,
+        # claimed before the bound (a server registering right now is not robbed).
+        condition = (
+            "state = 'Processing' AND (server_name IN (SELECT id FROM dead) OR "
+            "(strpos(server_name, '#') > 0 AND started_at < %(before)s AND NOT EXISTS "
+            f"(SELECT 1 FROM {self.quoted_schema}.qmlkit_servers AS srv "
+            "WHERE srv.id = server_name AND srv.last_heartbeat >= %(before)s)))")
         return storage.executor.write_one(lambda cursor: self._requeue(
             storage, cursor, condition, {"before": heartbeat_before}, now, "reclaimed", None,
             prefix=prefix))

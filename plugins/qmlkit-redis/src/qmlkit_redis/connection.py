@@ -40,6 +40,7 @@ from qmlkit.storage.base import (
     StateChange,
 )
 from qmlkit.storage.codec import (
+    check_utf8,
     decode_job,
     decode_state,
     quarantine_stand_in,
@@ -149,6 +150,9 @@ class RedisConnection:
                 pool = redis.BlockingConnectionPool.from_url(
                     self._redis_url,
                     decode_responses=True,
+                    # one hash with invalid UTF-8 must not fail a whole reply: it comes
+                    # back as lone surrogates and is quarantined (codec.check_utf8)
+                    encoding_errors="surrogateescape",
                     socket_timeout=self.socket_timeout_s,
                     socket_connect_timeout=self.connect_timeout_s,
                     max_connections=self.max_connections,
@@ -388,6 +392,7 @@ class RedisConnection:
         """JOB_FIELDS values -> (job, None), or (a Failed stand-in, reason) if undecodable."""
 
         def build() -> Job:
+            check_utf8(dict(zip(lua.JOB_FIELDS, v)))
             payload = json.loads(v[0])
             return Job(
                 id=job_id, method=v[2], args=payload["args"], kwargs=payload["kwargs"],

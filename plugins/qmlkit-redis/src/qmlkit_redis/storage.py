@@ -64,6 +64,7 @@ from qmlkit.storage.base import (
 )
 from qmlkit.storage.codec import (
     DECODE_ERRORS,
+    check_utf8,
     claimed_job,
     decode_history,
     decode_state,
@@ -321,6 +322,7 @@ class RedisStorage(RedisRegistry, RedisConnection, Storage):
         for i in range(0, len(flat), n):
             job_id, attempts, v = flat[i], int(flat[i + 1]), flat[i + 2:i + n]
             try:  # fast path: every value was written by qmlkit with the right type
+                check_utf8({"payload": v[0], "metadata": v[1], "method": v[2], "queue": v[3]})
                 job = claimed_job({
                     "id": job_id, "method": v[2], "payload": v[0], "job_metadata": metadata_of(v),
                     "queue": v[3], "priority": int(v[4]), "retry_count": int(v[9]),
