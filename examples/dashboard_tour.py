@@ -11,7 +11,7 @@ instead saves a PNG of each page (overview, jobs, a failed job with its tracebac
 progress bar, a running job, recurring, servers) with headless Chromium
 (``/usr/bin/chromium``, Playwright from the ``dev`` extra) and exits.
 
-Needs ``pip install 'qmlkit[dashboard]'``.
+Needs ``pip install 'qmlkit-core[dashboard]'``.
 """
 
 from __future__ import annotations

@@ -160,7 +160,7 @@ def describe_plugins(pm: pluggy.PluginManager) -> list[dict[str, Any]]:
         hooks = sorted(c.name for c in pm.get_hookcallers(plugin) or ())
         origin = _ORIGINS.get(id(plugin))
         if name in BUILTIN_PLUGINS:
-            group, dist, version = "builtin", "qmlkit", __version__
+            group, dist, version = "builtin", "qmlkit-core", __version__
         elif origin is not None:
             group, _, dist, version = origin
         else:

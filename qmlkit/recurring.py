@@ -23,9 +23,13 @@ Time zones (IANA names through ``zoneinfo``) follow wall-clock rules (field case
 Misfire policy (what happens to ticks missed while no server ran), per template:
 
 * ``"fire_once"`` (default): the missed ticks fire one job between them, at once, then
-  the schedule resumes at the next future tick.
-* ``"skip"``: missed ticks fire nothing; the schedule resumes at the next future tick.
-  A tick counts as missed when it is more than ``misfire_grace`` old.
+  the schedule resumes at the first tick that is not missed.
+* ``"skip"``: missed ticks fire nothing; the schedule resumes at the first tick that is
+  not missed.
+
+A tick counts as missed when it is more than ``misfire_grace`` old. The grace applies
+before merging: every tick whose lateness is within ``misfire_grace`` fires a job of its
+own (one per poll), so a server whose clock runs a little ahead loses no tick.
 """
 
 from __future__ import annotations
@@ -45,6 +49,9 @@ from qmlkit.job import UtcDateTime
 FIELDS_6 = ("second", "minute", "hour", "day-of-month", "month", "day-of-week")
 #: Names of the fields of a 5-field expression.
 FIELDS_5 = FIELDS_6[1:]
+
+#: The smallest step of a datetime: a tick exactly ``misfire_grace`` late is on time.
+_RESOLUTION = timedelta(microseconds=1)
 
 #: Namespace for the ids of materialised ticks: uuid5(namespace, "template-id@tick").
 TICK_NAMESPACE = uuid.UUID("5b0c6f3e-7d5a-4c1e-9d0a-6a1f2e3b4c5d")
@@ -204,15 +211,20 @@ class RecurringJob(BaseModel):
 
         Returns:
             ``(tick, next_run_at)``: the tick to materialise (``None`` when the policy
-            skips a missed tick) and the template's next ``next_run_at``, always after
-            ``now``.
+            skips a missed tick) and the template's next ``next_run_at``: the first
+            later tick whose lateness at ``now`` is within ``misfire_grace``, so it may
+            be ``<= now`` (then it fires on the next poll, on its own).
         """
         assert self.next_run_at is not None
         tick = self.next_run_at
         late = now - tick > self.misfire_grace
         following = self.next_after(tick)
-        if following <= now:  # ticks were missed: resume at the next future one
-            following = self.next_after(now)
+        if now - following > self.misfire_grace:
+            # Ticks late beyond the grace were missed: merge (or skip) them and resume
+            # at the first tick still within the grace, which fires on its own. The
+            # grace applies before merging, so a server whose clock runs ahead loses
+            # no tick that is only slightly late (issue #17).
+            following = self.next_after(now - self.misfire_grace - _RESOLUTION)
         if late and self.misfire == "skip":
             return None, following
         return tick, following

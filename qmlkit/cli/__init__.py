@@ -30,7 +30,7 @@ __all__ = ["load_app", "main"]
 @click.option("--log-level", envvar="QMLKIT_LOG_LEVEL", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
               help="[env: QMLKIT_LOG_LEVEL]")
-@click.version_option(package_name="qmlkit")
+@click.version_option(package_name="qmlkit-core")
 def main(log_level: str) -> None:
     """qmlkit: background jobs with pluggable storage."""
     logging.basicConfig(level=log_level.upper(),

@@ -44,7 +44,7 @@ def dashboard(app_spec: str | None, storage: str | None, host: str, port: int, t
     """Serve the web dashboard (pages, REST API under /api/, live updates) until Ctrl-C.
 
     Binds to 127.0.0.1 unless --host says otherwise; any other address needs a token.
-    Needs the optional dependencies: pip install 'qmlkit[dashboard]'.
+    Needs the optional dependencies: pip install 'qmlkit-core[dashboard]'.
     """
     try:
         import fastapi  # noqa: F401

@@ -130,6 +130,10 @@ FLAGS: tuple[Flag, ...] = (
          "holds is requeued (on start, and every --stale-sweep-interval)."),
     Flag("stale_sweep_interval", "--stale-sweep-interval", "QMLKIT_STALE_SWEEP_INTERVAL",
          SECONDS, seconds, "Without heartbeats: seconds between stranded sweeps."),
+    Flag("connect_timeout", "--connect-timeout", "QMLKIT_CONNECT_TIMEOUT",
+         click.FloatRange(0), seconds,
+         "Seconds to keep retrying at start while the storage is unreachable; 0 fails "
+         "at once."),
 )
 
 
@@ -161,6 +165,11 @@ def worker(app_spec: str, wakeup_exchange: str | None, **flags: Any) -> None:
     fields = config_fields(flags)
     if wakeup_exchange:
         fields["wakeup_exchange"] = wakeup_exchange
+    if "storage_url" not in fields and isinstance(app.storage_spec, str):
+        # The server opens its own storage in start(), retrying while it is unreachable
+        # (--connect-timeout); the app's storage opens on first use, once it is up.
+        fields["storage_url"] = app.storage_spec
+        fields.setdefault("storage_options", app.storage_options)
     try:
         server = app.server(**fields)
     except QmlError as exc:

@@ -1,6 +1,6 @@
 """The live web dashboard: pages, a REST API under ``/api/``, WebSocket updates, auth.
 
-Run it with ``qmlkit dashboard --storage URL`` (needs ``pip install 'qmlkit[dashboard]'``)
+Run it with ``qmlkit dashboard --storage URL`` (needs ``pip install 'qmlkit-core[dashboard]'``)
 or build the ASGI application yourself::
 
     from qmlkit.dashboard import DashboardConfig, create_app
@@ -24,7 +24,7 @@ __all__ = ["DashboardConfig", "MISSING_DEPENDENCIES", "create_app", "is_loopback
 
 #: What to tell a user whose environment lacks the dashboard's libraries.
 MISSING_DEPENDENCIES = ("the dashboard needs FastAPI, uvicorn and Jinja2: "
-                        "pip install 'qmlkit[dashboard]'")
+                        "pip install 'qmlkit-core[dashboard]'")
 
 
 def create_app(app: App, config: DashboardConfig | None = None) -> FastAPI:

@@ -45,6 +45,9 @@ class ServerConfig(BaseModel):
             without heartbeats, Processing jobs claimed longer ago than this that no live
             registered server holds are requeued as stranded.
         stale_sweep_interval: Between stranded sweeps of a server without heartbeats.
+        connect_timeout: On start, how long to keep retrying (capped backoff, each
+            attempt logged) while the storage is unreachable; ``timedelta(0)`` fails at
+            once. Configuration errors always fail at once.
         enable_recurring: Materialise due ticks of recurring templates.
         recurring_poll_interval: Longest wait between looks at the templates (qml-rs:
             5 s); the poller also wakes for the earliest known ``next_run_at``.
@@ -83,6 +86,7 @@ class ServerConfig(BaseModel):
     shutdown_timeout: timedelta = timedelta(seconds=30)
     stale_processing_after: timedelta = timedelta(minutes=5)
     stale_sweep_interval: timedelta = timedelta(minutes=1)
+    connect_timeout: timedelta = timedelta(seconds=60)
     enable_recurring: bool = True
     recurring_poll_interval: timedelta = timedelta(seconds=5)
     enable_cleanup: bool = True
@@ -105,6 +109,13 @@ class ServerConfig(BaseModel):
     def _positive(cls, value: timedelta) -> timedelta:
         if value <= timedelta(0):
             raise ValueError("must be a positive duration")
+        return value
+
+    @field_validator("connect_timeout")
+    @classmethod
+    def _not_negative(cls, value: timedelta) -> timedelta:
+        if value < timedelta(0):
+            raise ValueError("must be zero (fail at once) or a positive duration")
         return value
 
     def __repr__(self) -> str:

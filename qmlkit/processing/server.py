@@ -38,6 +38,7 @@ from qmlkit.job import Enqueued, Job, utcnow
 from qmlkit.plugins import call_safely, notify_state_changed
 from qmlkit.processing.assembly import CallableObserver, assemble
 from qmlkit.processing.claims import ClaimLedger
+from qmlkit.processing.connect import open_storage
 from qmlkit.processing.config import ServerConfig
 from qmlkit.processing.duties import Duty, RecurringDuty, SchedulerDuty, default_duties, run_duty
 from qmlkit.processing.duties import fire_due_recurring, promote_due
@@ -181,13 +182,15 @@ class Server:
 
         Raises:
             ConfigurationError: The server is already running.
-            StorageError: The storage cannot be opened, or registering the server failed.
+            StorageError: The storage cannot be opened (`StorageUnavailable` after
+                ``connect_timeout`` of retries), or registering the server failed.
         """
         with self._lock:
             if self._running:
                 raise ConfigurationError("server is already running")
             cfg = self.config
-            self.storage.open()
+            open_storage(self.storage.open, timeout=cfg.connect_timeout,
+                         what=repr(self.storage))  # retries while unreachable
             self._requeue_stranded()
             self._stopping, self._halted = threading.Event(), threading.Event()
             self._hard_stop = threading.Event()

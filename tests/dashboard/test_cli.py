@@ -27,7 +27,7 @@ def test_dashboard_without_its_libraries_names_the_extra(
     result = CliRunner().invoke(main, ["dashboard", "--storage", f"sqlite:///{tmp_path}/q.db"])
     # Then the command says what to install
     assert result.exit_code == 1
-    assert "pip install 'qmlkit[dashboard]'" in result.output
+    assert "pip install 'qmlkit-core[dashboard]'" in result.output
 
 
 def test_dashboard_refuses_a_public_bind_without_a_token_c15(tmp_path: Path) -> None:

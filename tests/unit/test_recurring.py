@@ -94,14 +94,45 @@ def test_misfire_fire_once_fires_one_job_for_many_missed_ticks() -> None:
     template = rj("* * * * *", next_run_at=BASE - timedelta(minutes=10))
     tick, following = template.plan(BASE)
     assert tick == BASE - timedelta(minutes=10)
-    assert following == BASE + timedelta(minutes=1)
+    # The ticks late beyond the 60 s grace are merged into this one; the two still
+    # within it (BASE - 1 min, BASE) fire on their own (issue #17).
+    assert following == BASE - timedelta(minutes=1)
 
 
 def test_misfire_skip_fires_nothing_for_a_late_tick_but_fires_on_time_ones() -> None:
     late = rj("* * * * *", misfire="skip", next_run_at=BASE - timedelta(minutes=10))
-    assert late.plan(BASE) == (None, BASE + timedelta(minutes=1))
+    assert late.plan(BASE) == (None, BASE - timedelta(minutes=1))
     on_time = rj("* * * * *", misfire="skip", next_run_at=BASE - timedelta(seconds=2))
-    assert on_time.plan(BASE) == (BASE - timedelta(seconds=2), BASE + timedelta(minutes=1))
+    # BASE itself is due and on time: it fires on the next poll, not merged (issue #17)
+    assert on_time.plan(BASE) == (BASE - timedelta(seconds=2), BASE)
+
+
+def test_ticks_within_the_grace_fire_when_the_clock_runs_ahead() -> None:
+    # Given a 10-second template due at BASE, first polled by a server 30 s ahead
+    template = rj("*/10 * * * * *", next_run_at=BASE, misfire_grace=timedelta(seconds=60))
+    now = BASE + timedelta(seconds=30)
+    # When the server polls until nothing is due
+    fired = []
+    while template.next_run_at <= now:
+        tick, following = template.plan(now)
+        fired.append(tick)
+        template = template.model_copy(update={"next_run_at": following})
+    # Then every tick within the grace fired, none was merged into another
+    assert fired == [BASE + timedelta(seconds=s) for s in (0, 10, 20, 30)]
+    assert template.next_run_at == BASE + timedelta(seconds=40)
+
+
+@pytest.mark.parametrize("misfire", ["fire_once", "skip"])
+def test_only_ticks_late_beyond_the_grace_are_merged_or_skipped(misfire: str) -> None:
+    # Given a per-minute template last due 3 min ago, with a 90 s grace
+    template = rj("* * * * *", misfire=misfire, next_run_at=BASE - timedelta(minutes=3),
+                  misfire_grace=timedelta(seconds=90))
+    # When it is planned at BASE
+    tick, following = template.plan(BASE)
+    # Then the late tick fires once (or not at all) and the schedule resumes at the
+    # first tick within the grace (BASE - 1 min), not after now
+    assert tick == (BASE - timedelta(minutes=3) if misfire == "fire_once" else None)
+    assert following == BASE - timedelta(minutes=1)
 
 
 def test_tick_job_ids_are_the_same_on_every_server() -> None:
