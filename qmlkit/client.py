@@ -23,7 +23,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast
 
 import pluggy
 
@@ -202,7 +202,8 @@ class App(JobManagement, RecurringClient):
             job_name = name or f"{f.__module__}.{f.__qualname__}"
             self._register(limits.check_name(job_name, "job name"),
                            JobFunction(self, f, job_name, options))
-            return self.registry[job_name]  # type: ignore[return-value]
+            # The entry kept for ``f``: this one, or the same function's earlier one.
+            return cast("JobFunction[P, R]", self.registry[job_name])
 
         return register(fn) if fn is not None else register
 

@@ -104,7 +104,8 @@ def check_name(value: object, field: str, max_length: int = MAX_NAME_LENGTH) -> 
     problem = name_problem(value, max_length)
     if problem is not None:
         raise ConfigurationError(f"{field} {problem}; got {_show(value)}")
-    return value  # type: ignore[return-value]
+    assert isinstance(value, str)  # name_problem refuses anything else
+    return value
 
 
 def storable_id(job_id: object) -> bool:
@@ -133,7 +134,7 @@ def timestamp_problem(value: datetime) -> str | None:
             f"{MIN_TIMESTAMP.isoformat()} to {MAX_TIMESTAMP.isoformat()}")
 
 
-def check_timestamp(value: datetime, field: str) -> datetime:
+def check_timestamp(value: object, field: str) -> datetime:
     """Return an aware datetime in UTC if it is within the storable range.
 
     Args:
@@ -220,7 +221,7 @@ def run_at(now: datetime, at: object = None, delay: object = None) -> datetime |
     if at is not None and delay is not None:
         raise ConfigurationError("give at= or delay=, not both")
     if at is not None:
-        return check_timestamp(at, "at")  # type: ignore[arg-type]
+        return check_timestamp(at, "at")
     if delay is not None:
         s = seconds(delay, "delay")
         when = now + (delay if isinstance(delay, timedelta) else timedelta(seconds=s))

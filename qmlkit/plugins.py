@@ -12,8 +12,8 @@ import importlib
 import importlib.metadata
 import logging
 import os
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, cast
 
 import pluggy
 
@@ -159,6 +159,8 @@ def describe_plugins(pm: pluggy.PluginManager) -> list[dict[str, Any]]:
             continue
         hooks = sorted(c.name for c in pm.get_hookcallers(plugin) or ())
         origin = _ORIGINS.get(id(plugin))
+        dist: str | None
+        version: str | None
         if name in BUILTIN_PLUGINS:
             group, dist, version = "builtin", "qmlkit-core", __version__
         elif origin is not None:
@@ -202,7 +204,8 @@ def resolve_storage(
     claimants = [
         pm.get_name(impl.plugin) or repr(impl.plugin)
         for impl in pm.hook.qmlkit_storage_schemes.get_hookimpls()
-        if pm.get_name(impl.plugin) not in BUILTIN_PLUGINS and scheme in impl.function()
+        if pm.get_name(impl.plugin) not in BUILTIN_PLUGINS
+        and scheme in cast("Sequence[str]", impl.function())  # qmlkit_storage_schemes' type
     ]
     if len(claimants) > 1:  # an installed plugin may override a built-in, not another plugin
         raise DuplicateStorageScheme(scheme, claimants)

@@ -92,8 +92,9 @@ class Enqueuer(Protocol):
     def enqueue(self, method: str, **options: Any) -> str:
         """Store one job for ``method``; return its id."""
 
-    def make_job(self, method: str, **options: Any) -> Job:
-        """Build (not store) a job for ``method``."""
+    def make_job(self, method: str, *, args: Sequence[Any] = (),
+                 kwargs: Mapping[str, Any] | None = None) -> Job:
+        """Build (not store) a job for ``method`` with these arguments."""
 
     def enqueue_jobs(self, jobs: Sequence[Job]) -> list[str]:
         """Store built jobs in one transaction; return their ids."""
@@ -114,7 +115,7 @@ class JobFunction(Generic[P, R]):
         self.name = name
         self.options = options
         self.retry = options.retry
-        functools.update_wrapper(self, fn)  # type: ignore[arg-type]
+        functools.update_wrapper(self, fn)
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         """Run the function directly, in this process (no storage involved)."""
@@ -205,10 +206,14 @@ class RegisteredWorker:
         return self.worker.execute(job, context)
 
 
-class Registry(dict[str, Any]):
+#: What a registry holds for one job name.
+Entry = JobFunction[Any, Any] | RegisteredWorker
+
+
+class Registry(dict[str, Entry]):
     """Job names -> runnables (``JobFunction``s and `RegisteredWorker`s); a plain dict."""
 
-    def register(self, name: str, entry: Any) -> None:
+    def register(self, name: str, entry: Entry) -> None:
         """Register ``entry`` under ``name``; re-registering the same function is allowed.
 
         Raises:
@@ -233,7 +238,9 @@ class JobSource(Protocol):
         notifier: The after-commit fan-out local servers subscribe to for wake-ups.
     """
 
-    registry: Mapping[str, Runnable]
+    @property
+    def registry(self) -> Mapping[str, Runnable]:
+        """Job names -> runnables."""
 
     @property
     def notifier(self) -> Notifier:

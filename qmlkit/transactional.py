@@ -16,7 +16,7 @@ import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from qmlkit.errors import ConfigurationError
 from qmlkit.storage.capabilities import is_transactional
@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from qmlkit.job import Job
     from qmlkit.notify import Notifier
     from qmlkit.storage.base import Storage
+    from qmlkit.storage.capabilities import TransactionalStorage
 
 __all__ = ["Transactional"]
 
@@ -116,8 +117,11 @@ class Transactional:
     @staticmethod
     def insert_through(store: Storage, connection: Any) -> Callable[[Sequence[Job]], list[Job]]:
         """``store.enqueue_many`` bound to the caller's ``connection``."""
+        # Only called inside `block`, which checked the capability on entry.
+        transactional = cast("TransactionalStorage", store)
+
         def insert(batch: Sequence[Job]) -> list[Job]:
-            return store.enqueue_many(batch, connection=connection)  # type: ignore[call-arg]
+            return transactional.enqueue_many(batch, connection=connection)
         return insert
 
     def announce_after_commit(self, connection: Any, stored: list[Job]) -> None:
@@ -141,7 +145,9 @@ class Transactional:
 
     def announce_existing(self, jobs: list[Job]) -> bool:
         """Announce those of ``jobs`` that are stored; return whether any were."""
-        real = self._storage().existing_ids([j.id for j in jobs])  # type: ignore[attr-defined]
+        # Jobs to announce exist only after a `block`, which checked the capability.
+        store = cast("TransactionalStorage", self._storage())
+        real = store.existing_ids([j.id for j in jobs])
         kept = [j for j in jobs if j.id in real]
         if kept:
             self._notifier.announce(kept)

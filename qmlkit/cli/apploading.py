@@ -10,7 +10,7 @@ import math
 import os
 import sys
 from collections.abc import Generator
-from typing import Any
+from typing import Any, TypedDict
 
 import click
 from rich.console import Console
@@ -197,8 +197,19 @@ def _finite_float(text: str) -> float:
     return value
 
 
-def given_wakeup(wakeup_url: str | None, wakeup_exchange: str | None) -> dict[str, str]:
+class WakeupKeywords(TypedDict, total=False):
+    """`App.with_storage`'s wake-up keywords; a key left out keeps the app's setting."""
+
+    wakeup_url: str
+    wakeup_exchange: str
+
+
+def given_wakeup(wakeup_url: str | None, wakeup_exchange: str | None) -> WakeupKeywords:
     """The ``--wakeup``/``--wakeup-exchange`` values given, as `App.with_storage` keywords
     (an option not given keeps the app's setting)."""
-    given = {"wakeup_url": wakeup_url, "wakeup_exchange": wakeup_exchange}
-    return {key: value for key, value in given.items() if value}
+    given = WakeupKeywords()
+    if wakeup_url:
+        given["wakeup_url"] = wakeup_url
+    if wakeup_exchange:
+        given["wakeup_exchange"] = wakeup_exchange
+    return given

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import click
+from pydantic import SecretStr
 
 from qmlkit.cli.apploading import (
     app_for,
@@ -60,7 +61,8 @@ def dashboard(app_spec: str | None, storage: str | None, host: str, port: int, t
     if wakeup_url or wakeup_exchange:
         app = app.with_storage(None, **given_wakeup(wakeup_url, wakeup_exchange))
     try:
-        config = DashboardConfig(host=host, port=port, token=token or None, read_only=read_only,
+        secret = SecretStr(token) if token else None
+        config = DashboardConfig(host=host, port=port, token=secret, read_only=read_only,
                                  poll_interval_s=poll_interval, dead_server_after_s=dead_after,
                                  wakeup_url=wakeup_url)
         config.check_bind()

@@ -53,13 +53,13 @@ def detail(job: Job) -> str:
     """The detail column of ``jobs list``: error, retry time, due time or result (80 chars)."""
     state = job.state
     if state.name == "Failed":
-        return f"{state.exception_type}: {state.message}"[:80]  # type: ignore[union-attr]
+        return f"{state.exception_type}: {state.message}"[:80]
     if state.name == "AwaitingRetry":
-        return f"retry at {state.retry_at:%H:%M:%S}: {state.last_exception}"[:80]  # type: ignore[union-attr]
+        return f"retry at {state.retry_at:%H:%M:%S}: {state.last_exception}"[:80]
     if state.name == "Scheduled":
-        return f"at {state.enqueue_at:%Y-%m-%d %H:%M:%S}"  # type: ignore[union-attr]
+        return f"at {state.enqueue_at:%Y-%m-%d %H:%M:%S}"
     if state.name == "Succeeded":
-        return json.dumps(state.result, ensure_ascii=False)[:80]  # type: ignore[union-attr]
+        return json.dumps(state.result, ensure_ascii=False)[:80]
     return ""
 
 

@@ -36,7 +36,8 @@ action = Depends(guard_action)
 
 def service_of(request: Request) -> DashboardService:
     """The dashboard's view model (``app.state.service``)."""
-    return request.app.state.service  # type: ignore[no-any-return]
+    service: DashboardService = request.app.state.service
+    return service
 
 
 Service = Depends(service_of)

@@ -69,11 +69,13 @@ def render(request: Request, name: str, *, status_code: int = 200,
 
 
 def _service(request: Request) -> DashboardService:
-    return request.app.state.service  # type: ignore[no-any-return]
+    service: DashboardService = request.app.state.service
+    return service
 
 
 def _config(request: Request) -> DashboardConfig:
-    return request.app.state.config  # type: ignore[no-any-return]
+    config: DashboardConfig = request.app.state.config
+    return config
 
 
 @router.get("/", response_class=HTMLResponse)

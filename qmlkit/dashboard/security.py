@@ -105,9 +105,10 @@ def unauthorized(request: Request) -> Response:
                             headers={"WWW-Authenticate": 'Bearer realm="qmlkit", Basic '
                                                          'realm="qmlkit"'})
     target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-    return request.app.state.templates.TemplateResponse(request, "login.html", {  # type: ignore[no-any-return]
+    page: Response = request.app.state.templates.TemplateResponse(request, "login.html", {
         "csrf": "", "read_only": False, "auth_required": True, "nav": "", "logged_in": False,
         "next": safe_next(target), "error": None}, status_code=401)
+    return page
 
 
 async def guard(request: Request, call_next: Callable[[Request], Awaitable[Response]]

@@ -50,9 +50,9 @@ def state_time(state: JobState) -> datetime | None:
     """Return when ``state`` was entered (UTC), from whichever field the state has."""
     for field in ("enqueued_at", "scheduled_at", "started_at", "succeeded_at", "failed_at",
                   "deleted_at"):
-        value = getattr(state, field, None)
+        value: datetime | None = getattr(state, field, None)
         if value is not None:
-            return value  # type: ignore[no-any-return]
+            return value
     return None
 
 
@@ -60,19 +60,19 @@ def _detail(job: Job) -> str:
     state = job.state
     text = ""
     if state.name == "Failed":
-        text = f"{state.exception_type}: {state.message}"  # type: ignore[union-attr]
+        text = f"{state.exception_type}: {state.message}"
     elif state.name == "AwaitingRetry":
-        text = (f"retry {state.retry_count} at {state.retry_at:%Y-%m-%d %H:%M:%S} UTC: "  # type: ignore[union-attr]
-                f"{state.last_exception}")  # type: ignore[union-attr]
+        text = (f"retry {state.retry_count} at {state.retry_at:%Y-%m-%d %H:%M:%S} UTC: "
+                f"{state.last_exception}")
     elif state.name == "Scheduled":
-        text = f"runs at {state.enqueue_at:%Y-%m-%d %H:%M:%S} UTC"  # type: ignore[union-attr]
+        text = f"runs at {state.enqueue_at:%Y-%m-%d %H:%M:%S} UTC"
     elif state.name == "Succeeded":
-        text = (f"{state.duration_ms:.0f} ms → "  # type: ignore[union-attr]
-                + json.dumps(state.result, ensure_ascii=False))  # type: ignore[union-attr]
+        text = (f"{state.duration_ms:.0f} ms → "
+                + json.dumps(state.result, ensure_ascii=False))
     elif state.name == "Processing":
-        text = f"on {state.worker_id}"  # type: ignore[union-attr]
-    elif state.name in ("Enqueued", "Deleted") and state.reason:  # type: ignore[union-attr]
-        text = state.reason  # type: ignore[union-attr]
+        text = f"on {state.worker_id}"
+    elif state.name in ("Enqueued", "Deleted") and state.reason:
+        text = state.reason
     return text if len(text) <= 200 else text[:199] + "…"
 
 
@@ -209,11 +209,11 @@ class DashboardService:
         state = job.state
         error: ErrorInfo | None = None
         if state.name == "Failed":
-            error = ErrorInfo(type=state.exception_type, message=state.message,  # type: ignore[union-attr]
-                              stack_trace=state.stack_trace)  # type: ignore[union-attr]
+            error = ErrorInfo(type=state.exception_type, message=state.message,
+                              stack_trace=state.stack_trace)
         elif state.name == "AwaitingRetry":
-            error = ErrorInfo(type=None, message=state.last_exception,  # type: ignore[union-attr]
-                              stack_trace=state.stack_trace)  # type: ignore[union-attr]
+            error = ErrorInfo(type=None, message=state.last_exception,
+                              stack_trace=state.stack_trace)
         row = job_row(job)
         return JobDetail(
             **row.model_dump(), args=job.args, kwargs=job.kwargs, metadata=job.metadata,

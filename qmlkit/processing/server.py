@@ -23,6 +23,7 @@ worker thread's loop).
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -205,7 +206,7 @@ class Server:
             self._start_wakeups()
             for duty in self.duties:
                 if duty.enabled(cfg):
-                    self._spawn(duty.name, lambda d=duty: run_duty(d, self),
+                    self._spawn(duty.name, functools.partial(run_duty, duty, self),
                                 through_grace=getattr(duty, "through_grace", False))
             # Logged before the workers start, so no job's log line comes first.
             log.info("server %s started with %d worker(s) on %r, queues %s",

@@ -8,6 +8,7 @@ nothing came, pass the wake-up on if the claim came back full, run the batch.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -149,7 +150,7 @@ class Worker:
                     runtime.store_outcomes(claims.take_outcomes(worker_id))
                     flushed = time.perf_counter()
                 ctx = claims.start(job, worker_id, stopping=runtime.stopping.is_set(),
-                                   make_context=lambda job=job: self._context(job))  # type: ignore[misc]
+                                   make_context=functools.partial(self._context, job))
                 if ctx == SKIP:
                     continue
                 if ctx == RELEASE:

@@ -4,7 +4,7 @@ methods of `qmlkit.storage.base.Storage` a backend may leave out."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeGuard, runtime_checkable
 
 from qmlkit.job import Job
 from qmlkit.storage.base import Storage
@@ -36,7 +36,7 @@ class TransactionalStorage(Protocol):
         """Return those of ``ids`` that are stored (committed) now."""
 
 
-def is_transactional(storage: object) -> bool:
+def is_transactional(storage: object) -> TypeGuard[TransactionalStorage]:
     """Whether ``storage`` declares transactional enqueue and has it switched on."""
     return isinstance(storage, TransactionalStorage) and bool(
         storage.supports_transactional_enqueue)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import select
 import socket
 import threading
+from collections.abc import Callable
 
 __all__ = ["TcpProxy"]
 
@@ -99,7 +100,7 @@ class TcpProxy:
             if thread is not threading.current_thread():
                 thread.join(timeout)
 
-    def _start(self, target: object, name: str, *args: object) -> None:
+    def _start(self, target: Callable[..., object], name: str, *args: object) -> None:
         thread = threading.Thread(target=target, args=args, name=f"tcp-proxy-{name}",
                                   daemon=True)
         with self._lock:

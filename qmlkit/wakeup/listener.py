@@ -11,9 +11,10 @@ import uuid
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
-from kombu import Connection, Queue
+from kombu.connection import Connection
+from kombu.entity import Queue
 
 from qmlkit.backoff import Backoff
 from qmlkit.config import mask_url
@@ -29,6 +30,9 @@ from qmlkit.wakeup.transports import (
     forget_connection,
     prune_filesystem,
 )
+
+if TYPE_CHECKING:
+    from kombu.transport import redis as kombu_redis
 
 log = logging.getLogger("qmlkit.wakeup")
 
@@ -70,7 +74,8 @@ class _RedisProbe(_Probe):
 
     def __init__(self, conn: Connection) -> None:
         super().__init__(conn)
-        self._channel = conn.default_channel
+        # A redis:// connection's channel: its listen state is not on kombu's base type.
+        self._channel = cast("kombu_redis.Channel", conn.default_channel)
         self._waiting_since: float | None = None  # oldest unanswered PING
         self._next_ping = 0.0
         self._ready = False

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from kombu import Connection, Exchange
+from kombu.connection import Connection
+from kombu.entity import Exchange
 
 from qmlkit.config import mask_url
 from qmlkit.errors import ConfigurationError
@@ -72,7 +73,9 @@ def redis_transport() -> type:
                 return
             cached = self._publish_client
             if cached is None or cached.connection_pool is not self.pool:
-                cached = self._publish_client = self._create_client()
+                # kombu leaves _create_client unannotated (a redis.Redis)
+                made = self._create_client()  # type: ignore[no-untyped-call]
+                cached = self._publish_client = made
             yield cached
 
     class Transport(kombu_redis.Transport):
@@ -99,7 +102,9 @@ def filesystem_transport() -> type:
     from kombu.utils.json import dumps
 
     class Channel(kombu_fs.Channel):
-        def _put(self, queue: str, payload: Any, **kwargs: Any) -> None:
+        # As kombu's filesystem Channel, which already renames its base's ``message``
+        # (kombu passes both positionally): no signature can match both.
+        def _put(self, queue: str, payload: Any, **kwargs: Any) -> None:  # type: ignore[override]
             name = f"{round(time.monotonic() * 1000)}_{uuid.uuid4()}.{queue}.msg"
             final = os.path.join(self.data_folder_out, name)
             try:

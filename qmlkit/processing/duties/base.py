@@ -16,17 +16,20 @@ log = logging.getLogger("qmlkit.processing.server")  # the logger these lines al
 
 
 class Duty(Protocol):
-    """One background duty of a server.
+    """One background duty of a server: a name, when it runs, and one run."""
 
-    Attributes:
-        name: Short name; the thread is ``qmlkit-<name>``.
-        run_at_start: Run once as soon as started (else wait one interval first).
-        failure: What a failed run logs, e.g. ``"promoting due jobs failed"``.
-    """
+    # Read-only members: a class attribute (as on `DutyBase`) or an instance one will do.
+    @property
+    def name(self) -> str:
+        """Short name; the thread is ``qmlkit-<name>``."""
 
-    name: str
-    run_at_start: bool
-    failure: str
+    @property
+    def run_at_start(self) -> bool:
+        """Run once as soon as started (else wait one interval first)."""
+
+    @property
+    def failure(self) -> str:
+        """What a failed run logs, e.g. ``"promoting due jobs failed"``."""
 
     def enabled(self, config: ServerConfig) -> bool:
         """Whether a server with ``config`` runs this duty."""

@@ -36,10 +36,10 @@ def fire_due_recurring(runtime: Runtime) -> datetime | None:
     for template in runtime.storage.list_recurring():
         if not template.enabled or template.next_run_at is None:
             continue
-        upcoming = template.next_run_at
-        if template.next_run_at <= now:
+        upcoming = due = template.next_run_at
+        if due <= now:
             try:  # one broken template must never hold up the others
-                upcoming = _fire(runtime, template, now)
+                upcoming = _fire(runtime, template, due, now)
             except Exception as exc:
                 log.error("recurring job %s: tick %s not fired: %s: %s", template.id,
                           template.next_run_at.isoformat(), type(exc).__name__, exc)
@@ -49,8 +49,11 @@ def fire_due_recurring(runtime: Runtime) -> datetime | None:
     return earliest
 
 
-def _fire(runtime: Runtime, template: RecurringJob, now: datetime) -> datetime:
-    """Materialise one due template's tick (if this server wins it); return its next."""
+def _fire(runtime: Runtime, template: RecurringJob, due: datetime, now: datetime) -> datetime:
+    """Materialise one due template's tick (if this server wins it); return its next.
+
+    ``due`` is the template's ``next_run_at`` as read, the compare-and-set's expectation.
+    """
     tick, following = template.plan(now)
     job = runtime.tick_job(template, tick) if tick is not None else None
     if tick is not None and job is None:
@@ -58,21 +61,20 @@ def _fire(runtime: Runtime, template: RecurringJob, now: datetime) -> datetime:
                     template.id, tick.isoformat())
     storage = runtime.storage
     try:
-        won = storage.fire_recurring(template.id, expected_next_run_at=template.next_run_at,
+        won = storage.fire_recurring(template.id, expected_next_run_at=due,
                                      next_run_at=following, job=job)
     except DuplicateJob:
         # The tick's job exists already (its schedule was rolled back under us):
         # advance the schedule without storing it twice.
-        won = storage.fire_recurring(template.id, expected_next_run_at=template.next_run_at,
+        won = storage.fire_recurring(template.id, expected_next_run_at=due,
                                      next_run_at=following, job=None)
         job = None
     if won and job is not None:
         runtime.notify([StateChange(job, None)])
         runtime.runnable([StateChange(job, None)])
     elif won and tick is None:
-        assert template.next_run_at is not None
         log.warning("recurring job %s: missed tick %s skipped (misfire=skip)",
-                    template.id, template.next_run_at.isoformat())
+                    template.id, due.isoformat())
     return following
 
 

@@ -25,7 +25,8 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from qmlkit.backoff import Backoff
 from qmlkit.errors import StorageError, StorageUnavailable
 
-__all__ = ["RETRY_CAP_S", "RETRY_INITIAL_S", "Executor", "TransactionPolicy", "as_tuple"]
+__all__ = ["RETRY_CAP_S", "RETRY_INITIAL_S", "Executor", "TransactionPolicy", "as_tuple",
+           "driver_cursor"]
 
 #: The SQL storage's logger (its name is part of the documented behaviour).
 log = logging.getLogger("qmlkit.storage.sql")
@@ -39,6 +40,19 @@ _JITTER = random.Random()  # noqa: S311 - jitter, not cryptography; shared, seed
 def as_tuple(value: Any) -> tuple[Any, ...]:
     """``itemgetter`` with one key returns a bare value; parameters need a tuple."""
     return value if isinstance(value, tuple) else (value,)
+
+
+def driver_cursor(conn: Connection) -> Any:
+    """A DBAPI cursor on the driver connection under ``conn``, in its transaction.
+
+    Raises:
+        sqlalchemy.exc.ResourceClosedError: ``conn`` was closed (it has no driver
+            connection any more).
+    """
+    driver = conn.connection.driver_connection
+    if driver is None:
+        raise sa.exc.ResourceClosedError("the connection is closed")
+    return driver.cursor()
 
 
 class TransactionPolicy(Protocol):
@@ -195,7 +209,7 @@ class Executor:
         engine = engine or self.engine
         dbapi = engine.dialect.loaded_dbapi
 
-        def wrapped(exc: Exception) -> DBAPIError:
+        def wrapped(exc: Exception) -> sa.exc.StatementError:  # a DBAPIError for driver errors
             return sa.exc.DBAPIError.instance(None, None, exc, dbapi.Error, dialect=engine.dialect)
 
         def attempt() -> T:

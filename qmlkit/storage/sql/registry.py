@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -14,10 +14,12 @@ from qmlkit.errors import DuplicateJob
 from qmlkit.job import Job
 from qmlkit.recurring import RecurringJob
 from qmlkit.storage.base import ServerInfo
+from qmlkit.storage.sql.executor import driver_cursor
 
 if TYPE_CHECKING:
     from qmlkit.storage.sql.dialect import SQLDialect
     from qmlkit.storage.sql.executor import Executor
+    from qmlkit.storage.sql.seam import SQLStore
 
 __all__ = ["SQLRegistry"]
 
@@ -114,9 +116,9 @@ class SQLRegistry:
             if conn.execute(stmt).rowcount != 1:
                 return False  # another server advanced it first
             if rows:
-                cursor = conn.connection.driver_connection.cursor()
-                try:
-                    self.dialect.insert_jobs(self, cursor, rows)  # type: ignore[arg-type]
+                cursor = driver_cursor(conn)
+                try:  # this mixin is only ever part of an SQLStorage, an SQLStore
+                    self.dialect.insert_jobs(cast("SQLStore", self), cursor, rows)
                 finally:
                     cursor.close()
             return True

@@ -29,8 +29,11 @@ def state_is(column: Any, *names: str) -> sa.ColumnElement[bool]:
     uses such an index when its own condition is written the same way, so every state
     test in this module goes through here.
     """
-    literals = [sa.literal_column(f"'{name}'") for name in names]
-    return column == literals[0] if len(literals) == 1 else column.in_(literals)
+    literals: list[sa.ColumnElement[Any]] = [sa.literal_column(f"'{name}'") for name in names]
+    column_element: sa.ColumnElement[Any] = column
+    if len(literals) == 1:
+        return column_element == literals[0]
+    return column_element.in_(literals)
 
 
 class UTCTimestamp(sa.types.TypeDecorator[datetime]):

@@ -13,7 +13,7 @@ import json
 import threading
 from collections.abc import Mapping, Sequence
 from datetime import datetime
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import sqlalchemy as sa
 from pydantic import Field
@@ -39,7 +39,7 @@ from qmlkit.storage.codec import (
 )
 from qmlkit.storage.options import StorageOptions
 from qmlkit.storage.sql.dialect import SQLDialect
-from qmlkit.storage.sql.executor import Executor, log
+from qmlkit.storage.sql.executor import Executor, driver_cursor, log
 from qmlkit.storage.sql.registry import SQLRegistry
 from qmlkit.storage.sql.schema import UTCTimestamp, build_metadata, state_is
 from qmlkit.storage.sql.sqlite import SQLiteDialect
@@ -176,7 +176,9 @@ class SQLStorage(SQLRegistry, Storage):
 
     def decode(self, row: sa.Row[Any] | Mapping[str, Any]) -> tuple[Job, str | None]:
         """A job row -> ``(job, None)``, or ``(quarantine stand-in, reason)``."""
-        return decode_row(row._mapping if isinstance(row, sa.Row) else row)
+        # A row of our own tables is keyed by column name (RowMapping allows columns too).
+        mapping = cast("Mapping[str, Any]", row._mapping) if isinstance(row, sa.Row) else row
+        return decode_row(mapping)
 
     def insert_rows(self, jobs: Sequence[Job]) -> list[tuple[Any, ...]]:
         """Encode jobs as insert rows (tuples in ``INSERT_COLUMNS`` order), checking each.
@@ -308,7 +310,7 @@ class SQLStorage(SQLRegistry, Storage):
             values = {**state_columns(state), "expires_at": expires_at,
                       "history": self.dialect.history_append()}
             conn.execute(self.jobs.update().where(c.id == job_id).values(values))
-            cursor = conn.connection.driver_connection.cursor()
+            cursor = driver_cursor(conn)
             try:
                 self.dialect.count_outcomes(self, cursor, [state])
             finally:

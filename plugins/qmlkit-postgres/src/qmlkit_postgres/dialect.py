@@ -54,6 +54,8 @@ from qmlkit_postgres.connections import (
 )
 
 if TYPE_CHECKING:
+    import psycopg
+
     from qmlkit.storage.sql.seam import SQLStore
 
 __all__ = ["PRE_PING_AFTER_IDLE_S", "PostgresDialect", "describe"]
@@ -243,7 +245,7 @@ class PostgresDialect(SQLDialect):
 
         backends: list[int] = []
 
-        def claim(cursor: Any) -> list[tuple[Any, ...]]:
+        def claim(cursor: psycopg.Cursor[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
             attempt[0] += 1
             if attempt[0] > 1:
                 # The lost attempt may still be running on the server, holding its rows
@@ -299,6 +301,7 @@ class PostgresDialect(SQLDialect):
         """The claim statement, the recovery query of a retried claim, and their
         parameters."""
         state_data = processing.model_dump_json()
+        qparams: dict[str, Any]
         if len(queues) == 1:
             where, qparams = "AND queue = %(queue)s", {"queue": queues[0]}
         elif queues:

@@ -68,6 +68,8 @@ class PostgresStorage(SQLStorage):
         ConfigurationError: The URL cannot be parsed or an option is unknown.
     """
 
+    dialect: PostgresDialect  # the one __init__ builds
+
     #: `qmlkit.App.transaction` may pass a caller's connection to `enqueue_many`.
     supports_transactional_enqueue = True
 
@@ -141,11 +143,11 @@ class PostgresStorage(SQLStorage):
     def auto_migrate(self) -> bool:
         """Whether `open` applies pending migrations (else it only checks the version).
         May be changed before `open` (``qmlkit`` inspection commands turn it off)."""
-        return self.dialect.auto_migrate  # type: ignore[attr-defined, no-any-return]
+        return self.dialect.auto_migrate
 
     @auto_migrate.setter
     def auto_migrate(self, value: bool) -> None:
-        self.dialect.auto_migrate = value  # type: ignore[attr-defined]
+        self.dialect.auto_migrate = value
 
     def __repr__(self) -> str:
         """``PostgresStorage(host:port/database, schema='name')``, never the password."""
@@ -333,15 +335,16 @@ def _connection_of(connection: Any) -> Connection:
                 f"not {type(connection).__name__}"
             )
         conn = getter()
+        if not isinstance(conn, Connection):
+            raise ConfigurationError(
+                f"transactional enqueue needs a SQLAlchemy Connection or Session; "
+                f"{type(connection).__name__}.connection() gave {type(conn).__name__}"
+            )
     if conn.dialect.name != "postgresql":
         raise ConfigurationError(
             f"transactional enqueue needs a connection to PostgreSQL, not {conn.dialect.name}"
         )
     return conn
-
-
-#: Callers' DBAPI connections already checked by `PostgresStorage._check_same_database`.
-_VERIFIED: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
 
 
 #: Callers' DBAPI connections already checked by `PostgresStorage._check_same_database`.

@@ -233,14 +233,14 @@ class RedisConnection:
         client = self.client
         expected = {self.prefix + k: t for k, t in FIXED_KEYS.items()}
         for key in keys:
-            found = client.type(key)
+            found = _key_type(client, key)
             want = expected.get(key) or ("hash" if key.startswith(self.prefix + "job:") else
                                          "zset" if key.startswith(self.prefix + "queue:") else
                                          "set")
             if found not in ("none", want):
                 return ForeignKeyType(key, found, want)
         for key, want in expected.items():
-            found = client.type(key)
+            found = _key_type(client, key)
             if found not in ("none", want):
                 return ForeignKeyType(key, found, want)
         return None
@@ -339,12 +339,12 @@ class RedisConnection:
         Connections of threads that have ended are closed when another one is made, and
         all of them by `close`.
         """
-        mine = getattr(self._local, "conn", None)
+        mine: tuple[int, redis.Connection] | None = getattr(self._local, "conn", None)
         if mine is not None and mine[0] == self._generation:
             return mine[1]
         pool = self._pool
         assert pool is not None
-        conn = pool.connection_class(**pool.connection_kwargs)
+        conn: redis.Connection = pool.connection_class(**pool.connection_kwargs)
         with self._conns_lock:
             alive = []
             for thread, other in self._conns:
@@ -425,3 +425,9 @@ class RedisConnection:
                 continue
             changes.append(StateChange(job, decode_state(flat[i])))
         return changes
+
+
+def _key_type(client: redis.Redis, key: str) -> str:
+    """``TYPE key``; a str, as the client decodes replies (typed ``bytes | str``)."""
+    found = client.type(key)
+    return found.decode() if isinstance(found, bytes) else found

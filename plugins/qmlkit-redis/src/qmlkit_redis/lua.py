@@ -38,7 +38,9 @@ def source(name: str) -> str:
     Raises:
         FileNotFoundError: No such script (a broken installation).
     """
-    return files(__package__).joinpath("lua", f"{name}.lua").read_text(encoding="utf-8")
+    # One name per ``joinpath`` call: Traversable takes several only from Python 3.11.
+    script = files(__package__).joinpath("lua").joinpath(f"{name}.lua")
+    return script.read_text(encoding="utf-8")
 
 
 #: Key prefix, gathered index writes, counts and ``flush()``: what every script needs.

@@ -1,18 +1,19 @@
-"""Recurring templates and the server registry of `RedisStorage` (a mixin).
+"""Recurring templates and the server registry of `RedisStorage`.
 
-Each write is one Lua script (`qmlkit_redis.lua`), called through the storage's
+Each write is one Lua script (`qmlkit_redis.lua`), called through the connection's
 ``_script``/``_call`` with retry, like every other operation.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from qmlkit.errors import DuplicateJob
 from qmlkit.job import Job
 from qmlkit.recurring import RecurringJob
 from qmlkit.storage.base import ServerInfo, StateChange
+from qmlkit_redis.connection import RedisConnection
 from qmlkit_redis.encoding import from_us, opt_us, pad, to_us
 
 __all__ = ["RedisRegistry"]
@@ -20,8 +21,16 @@ __all__ = ["RedisRegistry"]
 T = TypeVar("T")
 
 
-class RedisRegistry:
-    """The recurring-template and server-registry half of `RedisStorage`."""
+class RedisRegistry(RedisConnection):
+    """The recurring-template and server-registry half of `RedisStorage`.
+
+    Built on `RedisConnection` (its client, key prefix and scripts with retry), as
+    `RedisStorage` is; the method resolution order is the same as with a mixin.
+    """
+
+    if TYPE_CHECKING:  # supplied by RedisStorage
+        @staticmethod
+        def _enqueued_json(now: datetime, reason: str | None) -> tuple[str, str]: ...
 
     # --- recurring templates ----------------------------------------------------------------
 
@@ -87,7 +96,7 @@ class RedisRegistry:
         ], replay=lambda a: [*a[:5], "1", *a[6:]])
         if out[0] == "DUP":
             raise DuplicateJob(out[1])
-        return out[0] == 1
+        return bool(out[0] == 1)
 
     # --- server registry ----------------------------------------------------------------------
 

@@ -37,7 +37,7 @@ import json
 import logging
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, cast
 
 import qmlkit_redis.lua as lua
 from qmlkit.errors import (
@@ -181,13 +181,17 @@ class RedisStorage(RedisRegistry, RedisConnection, Storage):
         """
         index = self._k(f"state:{state}" if state else "jobs")
         client = self.client
+
+        def page(start: int, count: int) -> list[str]:
+            reply = self._call(lambda _: client.zrevrange(index, start, start + count - 1))
+            return cast("list[str]", reply)  # without scores, and decoded: the ids
+
         if queue is None and method is None:
-            ids = self._call(lambda _: client.zrevrange(index, offset, offset + limit - 1))
-            return self._fetch(ids)
+            return self._fetch(page(offset, limit))
         wanted: list[str] = []
         start, chunk = 0, 500
         while len(wanted) < offset + limit:
-            ids = self._call(lambda _, s=start: client.zrevrange(index, s, s + chunk - 1))
+            ids = page(start, chunk)
             if not ids:
                 break
 
@@ -205,8 +209,9 @@ class RedisStorage(RedisRegistry, RedisConnection, Storage):
 
     def count_jobs(self) -> dict[tuple[str, str], int]:
         """See `Storage.count_jobs`. Reads the ``counts`` hash the scripts keep exact."""
-        raw = self._call(lambda _: self.client.hgetall(self._k("counts")), [self._k("counts")])
-        counts = {}
+        reply = self._call(lambda _: self.client.hgetall(self._k("counts")), [self._k("counts")])
+        raw = cast("dict[str, str]", reply)  # decoded: "queue|state" -> count
+        counts: dict[tuple[str, str], int] = {}
         for field, n in raw.items():
             queue, _, state = field.rpartition("|")
             if int(n) > 0:
@@ -310,7 +315,7 @@ class RedisStorage(RedisRegistry, RedisConnection, Storage):
         if replayed:
             log.warning("a claim whose reply was lost is handed back: %d job(s) for %s",
                         (len(out) - 2 - n_foreign) // (2 + len(lua.JOB_FIELDS)), worker_id)
-        processing = decode_state(argv[3])
+        processing = Processing.model_validate_json(argv[3])  # the state this claim stamped
         return self._claimed(out[2 + n_foreign:], processing, bool(replayed), with_previous)
 
     def _claimed(self, flat: list[Any], processing: Processing, replayed: bool,
