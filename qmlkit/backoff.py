@@ -38,7 +38,7 @@ class Backoff:
         self.initial_s = initial_s
         self.cap_s = cap_s
         self.factor = factor
-        self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
+        self._rng = rng or random.Random()  # jitter, not cryptography
         self._delay = 0.0
 
     @property

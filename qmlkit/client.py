@@ -224,7 +224,8 @@ class App(JobManagement, RecurringClient):
         """
         name = getattr(worker, "method_name", None)
         if not isinstance(name, str) or not name or not callable(getattr(worker, "execute", None)):
-            raise ConfigurationError("a class-based worker needs a method_name and execute(job, context)")
+            raise ConfigurationError(
+                "a class-based worker needs a method_name and execute(job, context)")
         options = JobOptions(queue=queue, priority=priority, max_retries=max_retries,
                              timeout=timeout, retry=retry)
         self._register(name, RegisteredWorker(worker, options))

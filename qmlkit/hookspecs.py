@@ -100,9 +100,10 @@ def qmlkit_job_state_changed(job: Job, previous: JobState | None, current: JobSt
 
     Fired after the storage write commits, never before, for changes made by workers,
     the scheduler and clients (enqueue, delete, retry), claims (Enqueued -> Processing)
-    included. Within one server, the changes of one transaction are reported in order. Runs on the thread that made the
-    change, so keep it under about a millisecond. The return value is ignored; a raise is
-    logged with the plugin's name and reaches neither the job nor other observers.
+    included. Within one server, the changes of one transaction are reported in order.
+    Runs on the thread that made the change, so keep it under about a millisecond. The
+    return value is ignored; a raise is logged with the plugin's name and reaches neither
+    the job nor other observers.
     """
 
 

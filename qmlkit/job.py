@@ -23,7 +23,7 @@ import random
 import threading
 import time
 from datetime import datetime, timezone
-from typing import Annotated, Any, ClassVar, Literal, TypeVar, Union
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
 
@@ -256,7 +256,7 @@ class Deleted(_State):
 
 #: Any one job state; the ``name`` field tells them apart in JSON.
 JobState = Annotated[
-    Union[Enqueued, Scheduled, Processing, Succeeded, Failed, AwaitingRetry, Deleted],
+    Enqueued | Scheduled | Processing | Succeeded | Failed | AwaitingRetry | Deleted,
     Field(discriminator="name"),
 ]
 

@@ -161,7 +161,9 @@ class JobFunction(Generic[P, R]):
             raise ConfigurationError("schedule() takes exactly one of at= or delay=")
         return self.app.enqueue(self.name, args=args, kwargs=kwargs, at=at, delay=delay)
 
-    def enqueue_many(self, calls: Iterable[Sequence[Any] | tuple[Sequence[Any], Mapping[str, Any]]]) -> list[str]:
+    def enqueue_many(
+        self, calls: Iterable[Sequence[Any] | tuple[Sequence[Any], Mapping[str, Any]]]
+    ) -> list[str]:
         """Store many jobs of this function in one transaction; return their ids.
 
         Args:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import click
@@ -74,10 +75,8 @@ def jobs_show(job_id: str, app_spec: str | None, storage: str | None) -> None:
     if job is None:
         raise click.ClickException(f"no job with id {job_id!r}")
     shown = job.model_dump(mode="json")
-    try:
+    with contextlib.suppress(NotImplementedError):  # a third-party backend without history
         shown["history"] = [state.model_dump(mode="json") for state in store.job_history(job_id)]
-    except NotImplementedError:
-        pass  # a third-party backend without history
     click.echo(json.dumps(shown, indent=2, ensure_ascii=False))
 
 

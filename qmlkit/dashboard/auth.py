@@ -43,7 +43,7 @@ CSRF_FIELD = "csrf_token"
 MAX_SESSIONS = 10_000
 
 
-class LockedOut(Exception):  # noqa: N818 - a condition, as StaleClaim is
+class LockedOut(Exception):  # a condition, as StaleClaim is
     """A client made too many wrong token guesses: its token is not even looked at.
 
     Attributes:

@@ -149,7 +149,7 @@ async def answer(request: Request, call_next: Callable[[Request], Awaitable[Resp
         log.warning("dashboard request %s failed: %s: %s", path, type(exc).__name__, exc)
         return JSONResponse({"detail": f"the storage is unavailable: {type(exc).__name__}"},
                             status_code=503, headers={"Retry-After": "5"})
-    except Exception:  # noqa: BLE001 - answered, with the security headers
+    except Exception:  # answered, with the security headers
         log.exception("dashboard request %s failed", path)
         return JSONResponse({"detail": "internal error"}, status_code=500)
 

@@ -2,10 +2,11 @@
 
 Port of qml-rs's ``JobProcessor``: look up the job's function, run it inside the
 middleware chain with a timeout, and turn the outcome into Succeeded, AwaitingRetry
-(per the retry policy) or Failed through `qmlkit.processing.outcome`. It never raises for anything a job does: a bad
-payload, an unknown name, an unprintable exception or an unstorable result all end as a
-Failed state with the reason (field cases C11, C13). Storing the transition is the
-caller's job, so a worker can store a whole batch in one transaction.
+(per the retry policy) or Failed through `qmlkit.processing.outcome`. It never raises
+for anything a job does: a bad payload, an unknown name, an unprintable exception or an
+unstorable result all end as a Failed state with the reason (field cases C11, C13).
+Storing the transition is the caller's job, so a worker can store a whole batch in one
+transaction.
 """
 
 from __future__ import annotations
@@ -91,7 +92,8 @@ class JobProcessor:
             return job.timeout_s
         return self.job_timeout.total_seconds() if self.job_timeout else None
 
-    def run(self, job: Job, context: JobContext, loop: asyncio.AbstractEventLoop | None) -> Transition:
+    def run(self, job: Job, context: JobContext,
+            loop: asyncio.AbstractEventLoop | None) -> Transition:
         """Run one attempt of ``job`` and return the transition that records its outcome.
 
         Args:
@@ -112,7 +114,7 @@ class JobProcessor:
             if context.timed_out:
                 raise JobTimeout(self.timeout_for(job) or 0.0)
             stored = result.value if isinstance(result, _Encoded) else self._encode_result(result)
-        except BaseException as exc:  # noqa: BLE001 - every failure of a job is recorded
+        except BaseException as exc:  # every failure of a job is recorded
             # Even SystemExit or KeyboardInterrupt raised by job code fails only that job:
             # on a worker thread, it would otherwise end the thread and strand the batch.
             if context.timed_out and not isinstance(exc, JobTimeout):

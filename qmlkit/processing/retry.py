@@ -38,7 +38,7 @@ class RetryPolicy(BaseModel):
         multiplier: Growth factor per retry (``>= 1``).
         max_delay: Cap on the computed delay (before jitter).
         jitter: Fraction added at random, ``0`` to ``1``: ``0.5`` spreads a 10 s delay
-            over 10–15 s.
+            over 10 to 15 s.
         retry_on: Exception type names (``"ValueError"``, ``"mymod.MyError"``) that retry;
             empty means every exception except those in ``never_retry``.
         never_retry: Exception type names that never retry. By default: unknown job
@@ -88,7 +88,8 @@ class RetryPolicy(BaseModel):
         spread = (rng or random).uniform(0.0, self.jitter) if self.jitter else 0.0
         return timedelta(seconds=delay * (1.0 + spread))
 
-    def should_retry(self, exc: BaseException, retry_count: int, max_retries: int | None = None) -> bool:
+    def should_retry(self, exc: BaseException, retry_count: int,
+                     max_retries: int | None = None) -> bool:
         """Decide whether an attempt that raised ``exc`` gets another try.
 
         Args:

@@ -34,15 +34,14 @@ from typing import TYPE_CHECKING, Any
 
 import pluggy
 
+import qmlkit.processing.duties as duties
 from qmlkit.errors import ConfigurationError, QmlError
 from qmlkit.job import Enqueued, Job, utcnow
 from qmlkit.plugins import call_safely, notify_state_changed
 from qmlkit.processing.assembly import CallableObserver, assemble
 from qmlkit.processing.claims import ClaimLedger
-from qmlkit.processing.connect import open_storage
 from qmlkit.processing.config import ServerConfig
-from qmlkit.processing.duties import Duty, RecurringDuty, SchedulerDuty, default_duties, run_duty
-from qmlkit.processing.duties import fire_due_recurring, promote_due
+from qmlkit.processing.connect import open_storage
 from qmlkit.processing.duties.stranded import warn_recent_processing
 from qmlkit.processing.idle import IdleGate
 from qmlkit.processing.middleware import Middleware
@@ -95,7 +94,7 @@ class Server:
         self.middleware = tuple(middleware)
         self.server_id: str | None = None
         self.claims = ClaimLedger()
-        self.duties: list[Duty] = default_duties()
+        self.duties: list[duties.Duty] = duties.default_duties()
         self._threads: list[threading.Thread] = []
         self._running = False
         self._lock = threading.Lock()
@@ -206,7 +205,7 @@ class Server:
             self._start_wakeups()
             for duty in self.duties:
                 if duty.enabled(cfg):
-                    self._spawn(duty.name, functools.partial(run_duty, duty, self),
+                    self._spawn(duty.name, functools.partial(duties.run_duty, duty, self),
                                 through_grace=getattr(duty, "through_grace", False))
             # Logged before the workers start, so no job's log line comes first.
             log.info("server %s started with %d worker(s) on %r, queues %s",
@@ -385,11 +384,11 @@ class Server:
 
     def nudge_scheduler(self) -> None:
         """Make the scheduler look for due jobs now (after a schedule in this process)."""
-        self._duty(SchedulerDuty).nudge()
+        self._duty(duties.SchedulerDuty).nudge()
 
     def nudge_recurring(self) -> None:
         """Make the recurring poller look at the templates now."""
-        self._duty(RecurringDuty).nudge()
+        self._duty(duties.RecurringDuty).nudge()
 
     @property
     def idle_workers(self) -> int:
@@ -485,7 +484,7 @@ class Server:
 
     def promote_due(self) -> int:
         """Promote every due Scheduled/AwaitingRetry job now; return how many."""
-        return promote_due(self)
+        return duties.promote_due(self)
 
     def fire_due_recurring(self) -> datetime | None:
         """Materialise every due tick this server wins; return the earliest next tick.
@@ -493,4 +492,4 @@ class Server:
         Each due template is advanced with one compare-and-set (`Storage.fire_recurring`),
         so with several servers polling, each tick becomes exactly one job.
         """
-        return fire_due_recurring(self)
+        return duties.fire_due_recurring(self)

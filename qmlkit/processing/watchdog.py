@@ -52,7 +52,8 @@ class Watchdog:
                         ctx.timed_out = True
                         ctx.cancelled.set()
                 self._next_wake = min((d for d, _ in self._running.values()), default=float("inf"))
-                wait = None if self._next_wake == float("inf") else max(self._next_wake - now, 0.001)
+                wait = (None if self._next_wake == float("inf")
+                        else max(self._next_wake - now, 0.001))
                 self._cond.wait(wait)
 
     def close(self) -> None:

@@ -10,6 +10,7 @@ comes back.
 
 from __future__ import annotations
 
+import contextlib
 import select
 import socket
 import threading
@@ -70,10 +71,8 @@ class TcpProxy:
         with self._lock:
             sockets, self._sockets = self._sockets, []
         for sock in sockets:
-            try:
+            with contextlib.suppress(OSError):
                 sock.close()
-            except OSError:
-                pass
 
     @property
     def paused(self) -> bool:
@@ -92,10 +91,8 @@ class TcpProxy:
             sockets, self._sockets = self._sockets, []
             threads = list(self._threads)
         for sock in [self._listener, *sockets]:
-            try:
+            with contextlib.suppress(OSError):
                 sock.close()
-            except OSError:
-                pass
         for thread in threads:
             if thread is not threading.current_thread():
                 thread.join(timeout)
@@ -145,7 +142,5 @@ class TcpProxy:
         except (OSError, ValueError):
             pass  # one side closed or reset: close the pair
         for sock in (source, sink):
-            try:
+            with contextlib.suppress(OSError):
                 sock.close()
-            except OSError:
-                pass

@@ -73,7 +73,7 @@ class SQLDialect(abc.ABC):
 
     # --- primitives ----------------------------------------------------------------
 
-    def check_url(self, url: sa.URL, text: str) -> None:
+    def check_url(self, url: sa.URL, text: str) -> None:  # noqa: B027 - optional, no-op
         """Refuse a URL this dialect cannot use; called by ``SQLStorage.__init__``.
 
         Args:
@@ -120,7 +120,7 @@ class SQLDialect(abc.ABC):
         """Whether an ``OperationalError`` is worth retrying (the default: all are)."""
         return True
 
-    def begin_raw(self, cursor: Any) -> None:
+    def begin_raw(self, cursor: Any) -> None:  # noqa: B027 - optional, no-op
         """Start a raw write transaction on a DBAPI cursor (the default: the driver's own)."""
 
     def bind_ts(self, value: datetime | None) -> Any:
@@ -175,9 +175,10 @@ class SQLDialect(abc.ABC):
         sql, order, _ = storage.executor.compiled(("insert",), lambda: storage.jobs.insert().values(
             {k: sa.bindparam(k) for k in cols}))
         if order is not None:
-            cursor.executemany(sql, [as_tuple(order(dict(zip(cols, r)))) for r in rows])
+            cursor.executemany(
+                sql, [as_tuple(order(dict(zip(cols, r, strict=False)))) for r in rows])
         else:
-            cursor.executemany(sql, [dict(zip(cols, r)) for r in rows])
+            cursor.executemany(sql, [dict(zip(cols, r, strict=False)) for r in rows])
 
     def claim(self, storage: SQLStore, *, worker_id: str, server_name: str,
               queues: Sequence[str], limit: int, now: datetime,
@@ -211,7 +212,8 @@ class SQLDialect(abc.ABC):
     def reclaim_dead_servers(self, storage: SQLStore, *, heartbeat_before: datetime,
                              now: datetime) -> list[StateChange]:
         """See ``Storage.reclaim_dead_servers``."""
-        return portable.reclaim_dead_servers(self, storage, heartbeat_before=heartbeat_before, now=now)
+        return portable.reclaim_dead_servers(self, storage, heartbeat_before=heartbeat_before,
+                                             now=now)
 
     def count_outcomes(self, storage: SQLStore, cursor: Any, states: Sequence[JobState]) -> None:
         """Add Succeeded/Failed states to the per-minute counters, on ``cursor``."""

@@ -34,7 +34,7 @@ T = TypeVar("T")
 
 #: First and largest wait between retries of a busy or dropped database, in seconds.
 RETRY_INITIAL_S, RETRY_CAP_S = 0.005, 0.5
-_JITTER = random.Random()  # noqa: S311 - jitter, not cryptography; shared, seeded once
+_JITTER = random.Random()  # jitter, not cryptography; shared, seeded once
 
 
 def as_tuple(value: Any) -> tuple[Any, ...]:

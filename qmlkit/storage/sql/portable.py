@@ -38,7 +38,8 @@ __all__ = ["acknowledge", "claim", "count_outcomes", "move", "promote_due",
 ClaimResult = list[tuple[Job, JobState | None]]
 
 
-def count_outcomes(dialect: Primitives, storage: SQLStore, cursor: Any, states: Sequence[JobState]) -> None:
+def count_outcomes(dialect: Primitives, storage: SQLStore, cursor: Any,
+                   states: Sequence[JobState]) -> None:
     """Add Succeeded/Failed outcomes to the per-minute counters (one upsert)."""
     counts: dict[tuple[Any, str], int] = {}
     for state in states:
@@ -82,20 +83,21 @@ def _claim_rows(dialect: Primitives, storage: SQLStore, cursor: Any, queues: Seq
             query = query.where(sa.or_(*(c.queue == sa.bindparam(n) for n in names)))
         return dialect.lock_rows(query)
 
-    params = dict(zip(names, queues), limit=limit)
+    params = dict(zip(names, queues, strict=False), limit=limit)
     result = storage.executor.run(cursor, ("claim", len(names)), build, params)
     keys = [col.key for col in claimed_columns]
     rows = []
     for raw in result.fetchall():
-        row = dict(zip(keys, raw))
+        row = dict(zip(keys, raw, strict=False))
         for k in ("created_at", "expires_at"):
             row[k] = dialect.result_ts(row[k])
         rows.append(row)
     return rows
 
 
-def claim(dialect: Primitives, storage: SQLStore, *, worker_id: str, server_name: str, queues: Sequence[str],
-          limit: int, now: datetime, with_previous: bool) -> ClaimResult:
+def claim(dialect: Primitives, storage: SQLStore, *, worker_id: str, server_name: str,
+          queues: Sequence[str], limit: int, now: datetime,
+          with_previous: bool) -> ClaimResult:
     """Select up to ``limit`` Enqueued rows (locked where the dialect can), then update
     them to Processing in the same write transaction; undecodable rows are quarantined."""
     limit = max(1, min(limit, MAX_CLAIM))
@@ -147,7 +149,8 @@ def claim(dialect: Primitives, storage: SQLStore, *, worker_id: str, server_name
     return storage.executor.write_raw(write)
 
 
-def acknowledge(dialect: Primitives, storage: SQLStore, items: Sequence[Transition]) -> list[Job | StaleClaim]:
+def acknowledge(dialect: Primitives, storage: SQLStore,
+                items: Sequence[Transition]) -> list[Job | StaleClaim]:
     """Check which items still hold their claim, update those (one ``executemany``) and
     count their outcomes, in one write transaction."""
     if not items:
@@ -157,7 +160,7 @@ def acknowledge(dialect: Primitives, storage: SQLStore, items: Sequence[Transiti
     applied = [item.applied() for item in items]
     params = []
     cache: dict[int, dict[str, Any]] = {}
-    for item, job in zip(items, applied):
+    for item, job in zip(items, applied, strict=True):
         columns = cache.get(id(job.state))
         if columns is None:
             columns = cache[id(job.state)] = state_columns(job.state)
@@ -191,14 +194,15 @@ def acknowledge(dialect: Primitives, storage: SQLStore, items: Sequence[Transiti
         if ok:
             executor.run(cursor, ("ack-update",), build_update, ok, many=True)
             done_ids = {p["b_id"] for p in ok}
-            count_outcomes(dialect, storage, cursor, [job.state for item, job in zip(items, applied)
-                                             if item.job.id in done_ids])
+            count_outcomes(dialect, storage, cursor,
+                           [job.state for item, job in zip(items, applied, strict=True)
+                            if item.job.id in done_ids])
         return {p["b_id"] for p in ok}
 
     done = executor.write_raw(write)
     return [
         job if item.job.id in done else StaleClaim(item.job.id, item.token)
-        for item, job in zip(items, applied)
+        for item, job in zip(items, applied, strict=True)
     ]
 
 
@@ -225,7 +229,8 @@ def move(dialect: Primitives, storage: SQLStore, conn: Connection, where: sa.Col
     return changes
 
 
-def promote_due(dialect: Primitives, storage: SQLStore, *, now: datetime, limit: int) -> list[StateChange]:
+def promote_due(dialect: Primitives, storage: SQLStore, *, now: datetime,
+                limit: int) -> list[StateChange]:
     """Move due Scheduled and AwaitingRetry jobs to Enqueued."""
     c = storage.jobs.c
     where = state_is(c.state, "Scheduled", "AwaitingRetry") & (c.due_at <= now)
@@ -233,8 +238,8 @@ def promote_due(dialect: Primitives, storage: SQLStore, *, now: datetime, limit:
         dialect, storage, conn, where, lambda j: Enqueued(enqueued_at=now, queue=j.queue), limit))
 
 
-def requeue_stranded(dialect: Primitives, storage: SQLStore, *, started_before: datetime, now: datetime,
-                     exclude_servers: Sequence[str]) -> list[StateChange]:
+def requeue_stranded(dialect: Primitives, storage: SQLStore, *, started_before: datetime,
+                     now: datetime, exclude_servers: Sequence[str]) -> list[StateChange]:
     """Move Processing jobs started before ``started_before`` back to Enqueued."""
     c = storage.jobs.c
     where = state_is(c.state, "Processing") & (c.started_at < started_before)

@@ -153,6 +153,7 @@ def add_missing_columns(engine: Engine, table: sa.Table) -> None:
         for column in table.columns:
             if column.name not in have and column.nullable:
                 kind = column.type.compile(dialect=engine.dialect)
-                conn.exec_driver_sql(f'ALTER TABLE "{table.name}" ADD COLUMN "{column.name}" {kind}')
+                conn.exec_driver_sql(
+                    f'ALTER TABLE "{table.name}" ADD COLUMN "{column.name}" {kind}')
         for index in table.indexes:
             index.create(conn, checkfirst=True)

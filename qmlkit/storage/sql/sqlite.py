@@ -125,7 +125,8 @@ class SQLiteDialect(SQLDialect):
                 continue
             many = self._multi_sql.get(len(chunk))
             if many is None:
-                many = self._multi_sql[len(chunk)] = f"{head} VALUES {','.join([group] * len(chunk))}"
+                values = ",".join([group] * len(chunk))
+                many = self._multi_sql[len(chunk)] = f"{head} VALUES {values}"
             cursor.execute(many, [value for row in chunk for value in row])
 
 

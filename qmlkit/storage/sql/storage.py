@@ -393,7 +393,8 @@ class SQLStorage(SQLRegistry, Storage):
     def next_due_at(self) -> datetime | None:
         """See `Storage.next_due_at`."""
         c = self.jobs.c
-        query = sa.select(sa.func.min(c.due_at)).where(state_is(c.state, "Scheduled", "AwaitingRetry"))
+        query = sa.select(sa.func.min(c.due_at)).where(
+            state_is(c.state, "Scheduled", "AwaitingRetry"))
 
         def read() -> datetime | None:
             with self.executor.read() as conn:

@@ -222,7 +222,7 @@ class PostgresDialect(SQLDialect):
             return
         for start in range(0, len(rows), ROWS_PER_INSERT):
             chunk = rows[start:start + ROWS_PER_INSERT]
-            cursor.execute(self.insert_sql(), [list(col) for col in zip(*chunk)])
+            cursor.execute(self.insert_sql(), [list(col) for col in zip(*chunk, strict=False)])
 
     def claim(
         self,
@@ -274,7 +274,7 @@ class PostgresDialect(SQLDialect):
         claimed: list[tuple[Job, JobState | None]] = []
         corrupt: list[tuple[str, str]] = []
         for raw in rows:
-            row = dict(zip(_RETURNED, raw))
+            row = dict(zip(_RETURNED, raw, strict=False))
             try:
                 row["created_at"] = row["created_at"].astimezone(timezone.utc)
                 if row["expires_at"] is not None:
@@ -282,7 +282,8 @@ class PostgresDialect(SQLDialect):
                 job = claimed_job(row, row["attempts"], processing)  # RETURNING: incremented
                 previous = None
                 prev = raw[-2]
-                if prev is not None and (with_previous or not prev.startswith('{"name":"Enqueued"')):
+                if prev is not None and (
+                        with_previous or not prev.startswith('{"name":"Enqueued"')):
                     previous = JOB_STATE.validate_json(prev)  # a row that lies is quarantined
                     if previous.name != "Enqueued":
                         raise ValueError(
@@ -350,7 +351,7 @@ class PostgresDialect(SQLDialect):
         applied = [item.applied() for item in items]
         cols: list[list[Any]] = [[] for _ in range(11)]
         cache: dict[int, tuple[dict[str, Any], datetime | None]] = {}
-        for item, job in zip(items, applied):
+        for item, job in zip(items, applied, strict=True):
             found = cache.get(id(job.state))
             if found is None:
                 state = job.state
@@ -398,7 +399,7 @@ class PostgresDialect(SQLDialect):
         done = storage.executor.write_one(write)
         return [
             job if item.job.id in done else StaleClaim(item.job.id, item.token)
-            for item, job in zip(items, applied)
+            for item, job in zip(items, applied, strict=True)
         ]
 
     # --- background duties: one statement each ---------------------------------------
@@ -423,7 +424,7 @@ class PostgresDialect(SQLDialect):
                              "now_iso": now.isoformat().replace("+00:00", "Z")})
         changes = []
         for raw in cursor.fetchall():
-            row = dict(zip(_RETURNED, raw))
+            row = dict(zip(_RETURNED, raw, strict=False))
             job, problem = storage.decode(row)
             try:
                 previous = JOB_STATE.validate_json(raw[-1])

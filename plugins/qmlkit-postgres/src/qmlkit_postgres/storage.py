@@ -208,7 +208,7 @@ class PostgresStorage(SQLStorage):
         rows = self.insert_rows(jobs)
         conn = _connection_of(connection)
         self._check_same_database(conn)
-        params = tuple(list(col) for col in zip(*rows))
+        params = tuple(list(col) for col in zip(*rows, strict=False))
         try:
             conn.exec_driver_sql(self.dialect.insert_sql(), params)
         except IntegrityError as exc:
@@ -237,7 +237,8 @@ class PostgresStorage(SQLStorage):
                             len(ids))
 
         try:
-            self.executor.write_one(insert) if len(rows) <= 5000 else self.executor.write_raw(insert)
+            self.executor.write_one(insert) if len(rows) <= 5000 else (
+                self.executor.write_raw(insert))
         except IntegrityError as exc:
             raise DuplicateJob(self.duplicate_id(ids)) from exc
         return list(jobs)

@@ -392,7 +392,7 @@ class RedisConnection:
         """JOB_FIELDS values -> (job, None), or (a Failed stand-in, reason) if undecodable."""
 
         def build() -> Job:
-            check_utf8(dict(zip(lua.JOB_FIELDS, v)))
+            check_utf8(dict(zip(lua.JOB_FIELDS, v, strict=False)))
             payload = json.loads(v[0])
             return Job(
                 id=job_id, method=v[2], args=payload["args"], kwargs=payload["kwargs"],

@@ -460,7 +460,7 @@ class RedisStorage(RedisRegistry, RedisConnection, Storage):
                 pipe.hmget(self._k(f"stats:{m}"), "Succeeded", "Failed")
             counts = pipe.execute() if minutes else []
             return [(datetime.fromtimestamp(m, timezone.utc), int(ok or 0), int(bad or 0))
-                    for m, (ok, bad) in zip(minutes, counts)]
+                    for m, (ok, bad) in zip(minutes, counts, strict=False)]
 
         return self._call(read, [minutes_key])
 
