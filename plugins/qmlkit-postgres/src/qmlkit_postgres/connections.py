@@ -4,12 +4,34 @@ telling configuration errors from outages in the server's messages."""
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from typing import Any
 
+import psycopg
 import sqlalchemy as sa
 
-__all__ = ["PRE_PING_AFTER_IDLE_S", "end_backends", "first_line", "is_config_error",
-           "ping_idle_connections"]
+__all__ = ["PRE_PING_AFTER_IDLE_S", "end_backends", "execute_script", "first_line",
+           "is_config_error", "ping_idle_connections"]
+
+def execute_script(cursor: psycopg.Cursor[Any], script: str,
+                   params: Mapping[str, Any]) -> list[tuple[Any, ...]]:
+    """Run the statements of ``script`` in one message on ``cursor``'s connection; return
+    the rows of the last one.
+
+    One message is one round trip and, outside a transaction, one implicit transaction,
+    so a ``SET LOCAL`` in it holds for the statements after it and no longer. Parameters
+    (``%(name)s``) are bound client-side, as the server binds them only in a message of
+    one statement.
+    """
+    client = psycopg.ClientCursor(cursor.connection)
+    try:
+        client.execute(script, params)
+        while client.nextset():
+            pass
+        return client.fetchall()
+    finally:
+        client.close()
+
 
 def end_backends(cursor: Any, pids: list[int]) -> None:
     """Terminate those of ``pids`` still running a statement, and wait until they are gone.
