@@ -35,6 +35,7 @@ from qmlkit.job import (
 from qmlkit.management import JobManagement
 from qmlkit.notify import Notifier
 from qmlkit.plugins import make_plugin_manager, resolve_storage
+from qmlkit.processing.inline import InlineMode
 from qmlkit.processing.middleware import EnqueueMiddleware, compose_enqueue, describe
 from qmlkit.processing.retry import RetryPolicy
 from qmlkit.recurring_client import RecurringClient
@@ -79,6 +80,7 @@ class App(JobManagement, RecurringClient):
             names their queues so idle servers start them at once (`qmlkit.wakeup`).
             Servers built with `server()` listen on it too. ``None``: servers poll.
         wakeup_exchange: The fanout exchange's name on that broker.
+        inline: Run every enqueue inline, for a whole test session (see `inline`).
     """
 
     def __init__(
@@ -92,6 +94,7 @@ class App(JobManagement, RecurringClient):
         max_payload_bytes: int | None = None,
         wakeup_url: str | None = None,
         wakeup_exchange: str = "qmlkit.wakeup",
+        inline: bool = False,
     ) -> None:
         self.name = name
         if wakeup_url:
@@ -110,6 +113,7 @@ class App(JobManagement, RecurringClient):
         self._notifier = Notifier(lambda: self.plugin_manager, wakeup_url=wakeup_url,
                                   wakeup_exchange=wakeup_exchange)
         self._transactional = Transactional(lambda: self.storage, self._notifier)
+        self._inline = InlineMode(self, enabled=inline)
 
     @property
     def wakeup_url(self) -> str | None:
@@ -262,6 +266,7 @@ class App(JobManagement, RecurringClient):
 
     def close(self) -> None:
         """Close the storage (it reopens on next use) and the wake-up publisher."""
+        self._inline.close()
         with self._lock:
             self._notifier.close()
             if self._storage is not None:
@@ -382,7 +387,28 @@ class App(JobManagement, RecurringClient):
             self._transactional.announce_after_commit(connection, stored)
         else:
             self._notifier.announce(stored)
+            if self._inline.active:
+                self._inline.run(stored)
         return [j.id for j in stored]
+
+    def inline(self, *, raise_errors: bool = False,
+               config: Any = None) -> AbstractContextManager[None]:
+        """Run this app's enqueues at once, in the caller, inside the ``with`` block (tests).
+
+        Each enqueue stores its jobs, then runs them to their end before returning, with
+        a worker's own code (`qmlkit.processing.inline`): claimed from the real storage,
+        through the middleware and retries (backoff waits and ``schedule`` delays
+        skipped, attempts counted), so ``app.storage.get(job_id)`` shows what a worker
+        would store. Jobs enqueued by an inline job run after it, before the outermost
+        enqueue returns. Celery's ``task_always_eager``, RQ's ``is_async=False``.
+
+        Args:
+            raise_errors: Re-raise a Failed job's exception from the enqueue (Celery's
+                ``task_eager_propagates``); by default only its stored state says Failed.
+            config: ``ServerConfig`` fields for the attempts (``retry``, ``job_timeout``,
+                ``log_attempts``...); default those of `server`.
+        """
+        return self._inline.block(raise_errors=raise_errors, config=config)
 
     @property
     def _publisher(self) -> WakeupPublisher | None:
