@@ -41,7 +41,7 @@ import copy
 import logging
 import threading
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any, Protocol
 
 from qmlkit.errors import InvalidTransition
@@ -50,7 +50,7 @@ from qmlkit.processing.idle import IdleGate
 from qmlkit.processing.watchdog import Watchdog
 from qmlkit.processing.worker import Worker
 
-__all__ = ["MAX_INLINE_STEPS", "InlineMode", "InlineRunner"]
+__all__ = ["MAX_INLINE_STEPS", "InlineClient", "InlineMode", "InlineRunner"]
 
 log = logging.getLogger(__name__)
 
@@ -240,3 +240,32 @@ class InlineMode:
             runners, self._runners = self._runners, []
         for _, runner in runners:
             runner.close()
+
+
+class InlineClient:
+    """The inline half of the client API (``qmlkit.client.App`` inherits it)."""
+
+    _inline: InlineMode
+
+    def inline(self, *, raise_errors: bool = False,
+               config: Any = None) -> AbstractContextManager[None]:
+        """Run this app's enqueues at once, in the caller, inside the ``with`` block (tests).
+
+        Each enqueue stores its jobs, then runs them to their end before returning, with
+        a worker's own code (`qmlkit.processing.inline`): claimed from the real storage,
+        through the middleware and retries (backoff waits and ``schedule`` delays
+        skipped, attempts counted), so ``app.storage.get(job_id)`` shows what a worker
+        would store. Jobs enqueued by an inline job run after it, before the outermost
+        enqueue returns. Celery's ``task_always_eager``, RQ's ``is_async=False``.
+
+        Args:
+            raise_errors: Re-raise a Failed job's exception from the enqueue (Celery's
+                ``task_eager_propagates``); by default only its stored state says Failed.
+            config: ``ServerConfig`` fields for the attempts (``retry``, ``job_timeout``,
+                ``log_attempts``...); default those of `server`.
+
+        Returns:
+            A context manager (not re-entrant per object; nested blocks: the innermost's
+            settings apply).
+        """
+        return self._inline.block(raise_errors=raise_errors, config=config)

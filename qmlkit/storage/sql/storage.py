@@ -250,6 +250,19 @@ class SQLStorage(SQLRegistry, Storage):
         row = self.executor.retry(read)
         return None if row is None else self.decode(row)[0]
 
+    def get_many(self, job_ids: Sequence[str]) -> dict[str, Job]:
+        """See `Storage.get_many`: one ``SELECT ... WHERE id IN (...)``."""
+        ids = sorted({i for i in job_ids if storable_id(i)})
+        if not ids:
+            return {}
+
+        def read() -> list[sa.Row[Any]]:
+            with self.executor.read() as conn:
+                return list(conn.execute(self.jobs.select().where(self.jobs.c.id.in_(ids))))
+
+        jobs = (self.decode(row)[0] for row in self.executor.retry(read))
+        return {job.id: job for job in jobs}
+
     def list_jobs(
         self,
         *,

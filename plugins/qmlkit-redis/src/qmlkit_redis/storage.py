@@ -153,6 +153,11 @@ class RedisStorage(RedisRegistry, RedisConnection, Storage):
             return None
         return self._decode(job_id, v)[0]
 
+    def get_many(self, job_ids: Sequence[str]) -> dict[str, Job]:
+        """See `Storage.get_many`: one pipeline of ``HMGET`` s, one round trip."""
+        ids = sorted({i for i in job_ids if storable_id(i)})
+        return {job.id: job for job in self._fetch(ids)} if ids else {}
+
     def _fetch(self, ids: Sequence[str]) -> list[Job]:
         def read(_: int) -> list[Any]:
             pipe = self.client.pipeline(transaction=False)

@@ -1,0 +1,240 @@
+"""Waiting for jobs to finish: one shared reader per app, polling in batches with backoff.
+
+`ResultWaiter` is what ``JobHandle.result()`` and ``result_async()`` wait on (see
+`qmlkit.handle`). Every job waited on is an entry with its own poll interval, starting
+at `FIRST_POLL_S` and doubling up to `MAX_POLL_S`; one daemon thread per app reads
+every due entry's job in one ``get_many`` call
+(`qmlkit.storage.capabilities.BatchRead`), so waiting on 1,000 handles at
+once costs one storage query per poll, and each job is read at most once per its poll
+interval. Nothing ever spins: the thread sleeps until the next entry is due or it is
+poked, and ends when nothing is waited on.
+
+Wake-ups over kombu only say "queue Q has runnable jobs", so they cannot tell a waiter
+that a job finished. Servers of this process can: after storing outcomes they call
+``Notifier.settled`` (`qmlkit.notify`), which pokes this waiter, and the jobs named are
+read again at once. Jobs finished by other processes are found by the poll, at most
+`MAX_POLL_S` late. The same pattern as Celery's result backends without a pub/sub
+channel (``AsyncResult.get(interval=0.5)``) and Dramatiq's ``get_result(block=True)``
+with a capped backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+
+import qmlkit.storage.capabilities as capabilities
+from qmlkit.backoff import Backoff
+from qmlkit.job import Job
+from qmlkit.storage.base import Storage
+
+__all__ = ["FIRST_POLL_S", "MAX_POLL_S", "ResultWaiter", "is_settled"]
+
+log = logging.getLogger("qmlkit.waiting")
+
+#: First poll interval of a waited job, in seconds; each unfinished read doubles it.
+FIRST_POLL_S = 0.01
+#: Longest poll interval, in seconds.
+MAX_POLL_S = 0.5
+#: Most job ids read in one ``get_many`` call.
+BATCH = 500
+
+
+def is_settled(job: Job) -> bool:
+    """Whether a waiter stops at ``job``: Succeeded, Failed or Deleted (terminal states)."""
+    return bool(job.state.terminal)
+
+
+class _Entry:
+    """One wait: a job id, when to read it next, and what to call with the answer."""
+
+    __slots__ = ("deliver", "interval", "job_id", "next_at", "poked")
+
+    def __init__(self, job_id: str, deliver: Callable[[Job | None], None], now: float) -> None:
+        self.job_id = job_id
+        self.deliver = deliver  # called once, from the waiter thread: the job or None
+        self.interval = FIRST_POLL_S
+        self.next_at = now
+        self.poked = False  # poked while being read: read again at once
+
+
+class ResultWaiter:
+    """Waits for jobs of one storage to settle; shared by every handle of an app.
+
+    Thread-safe. The reading thread starts on the first wait and ends when nothing is
+    waited on any more.
+
+    Args:
+        storage: Returns the opened storage (an app's ``storage`` property).
+    """
+
+    def __init__(self, storage: Callable[[], Storage]) -> None:
+        self._storage = storage
+        self._cond = threading.Condition()
+        self._entries: set[_Entry] = set()
+        self._thread: threading.Thread | None = None
+
+    # --- waiting -------------------------------------------------------------------
+
+    def wait(self, job_id: str, deadline: float | None) -> Job | None:
+        """Block until job ``job_id`` settles, it is gone, or ``deadline`` passes.
+
+        Args:
+            job_id: The job to wait for.
+            deadline: A ``time.monotonic()`` value, or ``None`` to wait for ever.
+
+        Returns:
+            The settled job, or ``None`` when no job has this id (any more).
+
+        Raises:
+            TimeoutError: ``deadline`` passed first (the built-in exception).
+        """
+        done = threading.Event()
+        answer: list[Job | None] = []
+
+        def deliver(job: Job | None) -> None:
+            answer.append(job)
+            done.set()
+
+        entry = self.add(job_id, deliver)
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        if not done.wait(timeout):
+            self.discard(entry)
+            if not done.is_set():
+                raise TimeoutError(f"job {job_id} did not finish within the timeout")
+        return answer[0]
+
+    async def wait_async(self, job_id: str, deadline: float | None) -> Job | None:
+        """As `wait`, without blocking the event loop (the reading thread answers it).
+
+        Raises:
+            TimeoutError: ``deadline`` passed first.
+        """
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Job | None] = loop.create_future()
+
+        def settle(job: Job | None) -> None:
+            if not future.done():
+                future.set_result(job)
+
+        def deliver(job: Job | None) -> None:
+            try:
+                loop.call_soon_threadsafe(settle, job)
+            except RuntimeError:  # the loop closed while we waited: nobody listens
+                pass
+
+        entry = self.add(job_id, deliver)
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        try:
+            return await asyncio.wait_for(future, timeout)
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"job {job_id} did not finish within the timeout") from None
+        finally:
+            self.discard(entry)
+
+    def add(self, job_id: str, deliver: Callable[[Job | None], None]) -> _Entry:
+        """Wait for ``job_id``: ``deliver`` is called once, from the reading thread, with
+        the settled job or ``None`` (no such job). It is read at once, then with backoff.
+        """
+        with self._cond:
+            entry = _Entry(job_id, deliver, time.monotonic())
+            self._entries.add(entry)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="qmlkit-result-waiter",
+                                                daemon=True)
+                self._thread.start()
+            self._cond.notify()
+            return entry
+
+    def discard(self, entry: _Entry) -> None:
+        """Stop waiting on ``entry`` (its ``deliver`` may still run once if it is being
+        read right now)."""
+        with self._cond:
+            self._entries.discard(entry)
+
+    def poke(self, job_ids: Iterable[str]) -> None:
+        """Jobs ``job_ids`` may have settled: read the waited ones now (from
+        ``Notifier.settled``, after a local server stored their outcomes)."""
+        with self._cond:
+            if not self._entries:
+                return
+            wanted = set(job_ids)
+            now = time.monotonic()
+            hit = False
+            for entry in self._entries:
+                if entry.job_id in wanted:
+                    entry.next_at = now
+                    entry.poked = True
+                    hit = True
+            if hit:
+                self._cond.notify()
+
+    @property
+    def waiting(self) -> int:
+        """How many waits are pending (tests, diagnostics)."""
+        with self._cond:
+            return len(self._entries)
+
+    # --- the reading thread --------------------------------------------------------
+
+    def _due(self) -> list[_Entry] | None:
+        """Sleep until some entries are due; ``None`` ends the thread (nothing waited)."""
+        with self._cond:
+            while True:
+                if not self._entries:
+                    self._thread = None
+                    return None
+                now = time.monotonic()
+                first = min(e.next_at for e in self._entries)
+                if first <= now:
+                    due = [e for e in self._entries if e.next_at <= now]
+                    for entry in due:
+                        entry.poked = False
+                    return due
+                self._cond.wait(first - now)
+
+    def _run(self) -> None:
+        backoff = Backoff(FIRST_POLL_S * 10, MAX_POLL_S * 10)
+        while (due := self._due()) is not None:
+            try:
+                found = self._read(sorted({e.job_id for e in due}))
+            except Exception as exc:  # storage down: keep waiting, read again later
+                delay = backoff.jittered(backoff.next())
+                log.warning("reading %d waited job(s) failed (%s: %s); retrying in %.2f s",
+                            len(due), type(exc).__name__, exc, delay)
+                with self._cond:
+                    for entry in due:
+                        entry.next_at = time.monotonic() + delay
+                continue
+            backoff.reset()
+            self._settle(due, found)
+
+    def _read(self, ids: Sequence[str]) -> dict[str, Job]:
+        store = self._storage()
+        found: dict[str, Job] = {}
+        for start in range(0, len(ids), BATCH):
+            found.update(capabilities.get_many(store, ids[start:start + BATCH]))
+        return found
+
+    def _settle(self, due: list[_Entry], found: dict[str, Job]) -> None:
+        finished: list[tuple[_Entry, Job | None]] = []
+        with self._cond:
+            now = time.monotonic()
+            for entry in due:
+                if entry not in self._entries:
+                    continue  # given up meanwhile (a timeout)
+                job = found.get(entry.job_id)
+                if job is None or is_settled(job):
+                    self._entries.discard(entry)
+                    finished.append((entry, job))
+                elif not entry.poked:
+                    entry.interval = min(entry.interval * 2, MAX_POLL_S)
+                    entry.next_at = now + entry.interval
+        for entry, job in finished:
+            try:
+                entry.deliver(job)
+            except Exception:  # a waiter's own bug must not stop the others
+                log.exception("delivering job %s to its waiter failed", entry.job_id)
