@@ -3,7 +3,8 @@
 A marker is an HTML comment (invisible on the rendered page) on the line before a fence:
 
 - ``<!-- file: NAME -->``: write the block to ``NAME``;
-- ``<!-- run -->``: run each line of the block as a shell command, in order;
+- ``<!-- run -->``: run each line of the block as a shell command, in order (a line
+  with a ``<placeholder>`` such as ``<job-id>`` is shown, not run);
 - ``<!-- output -->``: the exact standard output of the ``run`` block before it;
 - ``<!-- background -->``: start the block's one command and keep it running;
 - ``<!-- skip -->``: documented, not run here (installs, long examples).
