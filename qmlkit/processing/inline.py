@@ -23,7 +23,9 @@ result, or Failed with the exception. What differs from a worker, and why:
   worker would see. A chain longer than `MAX_INLINE_STEPS` steps stops with a warning,
   leaving the rest Enqueued.
 - A claim takes the job's queue's next job, as a worker's does: a job already Enqueued
-  in that queue before (with a higher priority, or older) runs first, inline too.
+  in that queue before (with a higher priority, or older) runs first, inline too. If
+  another thread's inline run or a worker claims the job first, the enqueue waits for it
+  to end (looking every `PROCESSING_POLL_S`), so it still returns a finished job.
 - By default the job's exception does not reach the caller (the stored state says
   Failed). ``raise_errors=True`` re-raises it from the enqueue once the job is Failed
   (its retries spent), like Celery's ``task_eager_propagates``; jobs enqueued but not yet
@@ -40,6 +42,7 @@ import contextvars
 import copy
 import logging
 import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any, Protocol
@@ -57,6 +60,9 @@ log = logging.getLogger(__name__)
 #: Claims one outermost inline enqueue may make (its jobs, their retries, the jobs they
 #: enqueue) before it stops with a warning and leaves the rest Enqueued.
 MAX_INLINE_STEPS = 10_000
+
+#: While another thread or a worker runs the job, how often to look again, in seconds.
+PROCESSING_POLL_S = 0.005
 
 _WAITING = ("Scheduled", "AwaitingRetry")
 
@@ -132,6 +138,11 @@ class InlineRunner:
         steps = [0]
         try:
             while pending:
+                if steps[0] >= MAX_INLINE_STEPS:
+                    log.warning("inline mode: %d claims in one enqueue, the limit; %d job(s) "
+                                "left as stored (Enqueued) for a worker or drain()",
+                                steps[0], len(pending))
+                    break
                 self._run_to_end(pending.popleft(), worker, loop, steps, raise_errors)
         finally:
             self._local.pending = None
@@ -147,15 +158,16 @@ class InlineRunner:
             if state in _WAITING:
                 self._promote(job)
                 continue
-            if state != "Enqueued":  # ended (or another worker has it): done here
+            if state == "Processing":  # another thread's inline run or a worker has it
+                time.sleep(PROCESSING_POLL_S)
+                continue
+            if state != "Enqueued":  # it has ended: done here
                 error = self._errors.pop(job_id, None)
                 if raise_errors and state == "Failed" and error is not None:
                     raise error
                 return
             if steps[0] >= MAX_INLINE_STEPS:
-                log.warning("inline mode: %d claims in one enqueue; job %s and the jobs "
-                            "after it stay Enqueued", steps[0], job_id)
-                return
+                return  # the caller says so
             steps[0] += 1
             claimed = self._claim(worker, job.queue)
             if not claimed:

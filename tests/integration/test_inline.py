@@ -238,3 +238,67 @@ def test_app_inline_true_runs_every_enqueue(memory_url: str) -> None:
     job_id = application.enqueue(hello.name, args=["you"])
     assert application.storage.get(job_id).state.result == "hello you"  # type: ignore[union-attr]
     application.close()
+
+
+def test_inline_handle_result_needs_no_wait(app: App) -> None:
+    @app.job
+    def square(x: int) -> int:
+        return x * x
+
+    with app.inline():
+        handle = square.enqueue(9)
+    assert handle.result(timeout=0) == 81
+
+
+def test_inline_raise_errors_for_qmlkits_own_failures(app: App) -> None:
+    from qmlkit.errors import JobTimeout, UnknownJobName
+
+    @app.job(timeout=0.05, max_retries=0)
+    async def slow() -> None:
+        await asyncio.sleep(5)
+
+    with app.inline(raise_errors=True):
+        with pytest.raises(UnknownJobName):
+            app.enqueue("nobody.registered.this", max_retries=0)
+        with pytest.raises(JobTimeout):
+            slow.enqueue()
+    assert sorted(j.state.exception_type.rpartition(".")[2]  # type: ignore[union-attr]
+                  for j in app.storage.list_jobs(state="Failed")) == ["JobTimeout",
+                                                                      "UnknownJobName"]
+
+
+def test_inline_from_many_threads_returns_finished_jobs(app: App) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    @app.job
+    def work(i: int) -> int:
+        return i
+
+    def one(i: int) -> str:
+        with app.inline():
+            handle = work.enqueue(i)
+        return app.storage.get(handle).state.name  # type: ignore[union-attr]
+
+    with ThreadPoolExecutor(4) as pool:
+        states = list(pool.map(one, range(40)))
+    assert states == ["Succeeded"] * 40
+
+
+def test_inline_chain_stops_at_the_step_limit(memory_url: str, monkeypatch: pytest.MonkeyPatch,
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    import qmlkit.processing.inline as inline
+
+    monkeypatch.setattr(inline, "MAX_INLINE_STEPS", 5)
+    application = App("chain", storage=memory_url, autoload=False)
+
+    @application.job
+    def forever(n: int) -> int:
+        forever.enqueue(n + 1)
+        return n
+
+    with application.inline():
+        forever.enqueue(0)
+    assert len(application.storage.list_jobs(state="Succeeded")) == 5
+    assert len(application.storage.list_jobs(state="Enqueued")) == 1
+    assert "1 job(s) left as stored" in caplog.text
+    application.close()
