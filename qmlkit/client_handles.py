@@ -91,8 +91,8 @@ class HandleClient:
         apply); at most `ENQUEUE_THREADS` calls run at once per app, the rest queue.
         The loop is blocked only for handing the call over (microseconds).
 
-        Raises:
-            Whatever ``fn`` raises, in the awaiting task.
+        Returns:
+            What ``fn`` returns; whatever it raises is raised in the awaiting task.
         """
         if self._executor is None:
             with self._handles_lock:

@@ -90,10 +90,7 @@ class JobHandle(str, Generic[R_co]):
     Pickling gives the plain id string. Typed with the job function's return type
     (``JobHandle[int]`` for ``def add(...) -> int``; an ``async def`` job's awaited
     type). Reads are never cached: each property or method call reads the storage.
-
-    Args:
-        job_id: The job's id.
-        source: Its app (`HandleSource`).
+    Made by ``JobHandle(job_id, source)``, with ``source`` its app (`HandleSource`).
     """
 
     _source: HandleSource
