@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
+import os
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -36,6 +37,7 @@ class HandleClient:
     _handles_lock = threading.Lock()  # guards lazy creation below, per process
     _waiter: ResultWaiter | None = None
     _executor: ThreadPoolExecutor | None = None
+    _executor_pid = 0  # the process that made it: a forked child makes its own
 
     if TYPE_CHECKING:
         @property
@@ -94,13 +96,16 @@ class HandleClient:
         Returns:
             What ``fn`` returns; whatever it raises is raised in the awaiting task.
         """
-        if self._executor is None:
+        executor = self._executor
+        if executor is None or self._executor_pid != os.getpid():
             with self._handles_lock:
-                if self._executor is None:
+                if self._executor is None or self._executor_pid != os.getpid():
                     self._executor = ThreadPoolExecutor(ENQUEUE_THREADS,
                                                         thread_name_prefix="qmlkit-enqueue")
+                    self._executor_pid = os.getpid()
+                executor = self._executor
         call = functools.partial(contextvars.copy_context().run, fn, *args, **kwargs)
-        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+        return await asyncio.get_running_loop().run_in_executor(executor, call)
 
     async def enqueue_async(self, method: str, **options: Any) -> JobHandle[Any]:
         """`qmlkit.client.App.enqueue`, awaited: same options, middleware, validation,

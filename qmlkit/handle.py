@@ -19,6 +19,7 @@ backoff in batches and is poked by this process's servers when they store outcom
 
 from __future__ import annotations
 
+import asyncio
 import time
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast
@@ -175,6 +176,11 @@ class JobHandle(str, Generic[R_co]):
             JobFailed, JobDeleted, JobNotFound, TimeoutError: As `result`.
         """
         deadline = _deadline(timeout)
+        if deadline is not None and deadline <= time.monotonic():  # timeout=0: look once
+            job = await asyncio.to_thread(self.refresh)
+            if not job.state.terminal:
+                raise TimeoutError(f"job {self.id} is {job.state.name}, not finished")
+            return cast(R_co, outcome(job))
         settled = await self._source.result_waiter.wait_async(self.id, deadline)
         if settled is None:
             raise JobNotFound(self.id)

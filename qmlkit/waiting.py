@@ -151,7 +151,7 @@ class ResultWaiter:
         with self._cond:
             entry = _Entry(job_id, deliver, time.monotonic() + COALESCE_S)
             self._entries.add(entry)
-            if self._thread is None:
+            if self._thread is None or not self._thread.is_alive():  # none, or forked
                 self._thread = threading.Thread(target=self._run, name="qmlkit-result-waiter",
                                                 daemon=True)
                 self._thread.start()

@@ -100,6 +100,8 @@ def test_result_raises_the_builtin_timeout_error_when_the_deadline_passes(app: A
         handle.result(timeout=0.2)
     with pytest.raises(TimeoutError):
         handle.result(timeout=0)
+    with pytest.raises(TimeoutError):
+        asyncio.run(handle.result_async(timeout=timedelta(0)))
     assert app.result_waiter.waiting == 0  # the timed-out wait was withdrawn
 
 

@@ -79,6 +79,8 @@ def test_result_of_a_finished_job_costs_one_storage_read(
     calls = count_calls(monkeypatch, local_app.storage)
     assert handle.result(timeout=5) == {"n": 1}
     assert calls == Counter({"get": 1})
+    assert asyncio.run(handle.result_async(timeout=0)) == {"n": 1}  # looks once too
+    assert calls == Counter({"get": 2})
 
 
 def test_waiting_on_1000_handles_costs_at_most_one_read_per_handle_per_poll(
