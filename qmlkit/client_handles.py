@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import qmlkit.limits as limits
 from qmlkit.handle import JobHandle
+from qmlkit.handle import handles as make_handles
 from qmlkit.waiting import ResultWaiter
 
 if TYPE_CHECKING:
@@ -82,7 +83,7 @@ class HandleClient:
 
     def handles(self, job_ids: Sequence[str]) -> list[JobHandle[Any]]:
         """Handles of ids this app just stored (unchecked: they came from storage)."""
-        return [JobHandle(i, self) for i in job_ids]
+        return make_handles(job_ids, self)
 
     # --- async enqueue -------------------------------------------------------------
 

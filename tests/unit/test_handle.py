@@ -186,7 +186,7 @@ def test_async_enqueue_never_blocks_the_event_loop_for_long(tmp_path: Path) -> N
     """
     app = App("lag", storage=f"sqlite:///{tmp_path / 'lag.db'}", autoload=False)
     fn = app.job(name="m.f")(lambda x: x)
-    app.storage  # opened (and the schema made) before measuring
+    assert app.storage.list_jobs() == []  # opened (and the schema made) before measuring
 
     async def main() -> float:
         lags: list[float] = []

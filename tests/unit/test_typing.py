@@ -48,7 +48,8 @@ def expected_errors(path: Path) -> set[tuple[int, str]]:
     return {(number, mark[1]) for number, mark in enumerate(marks, start=1) if mark}
 
 
-def test_a_typed_user_module_passes_mypy_strict(mypy_report: dict[str, set[tuple[int, str]]]) -> None:
+def test_a_typed_user_module_passes_mypy_strict(
+        mypy_report: dict[str, set[tuple[int, str]]]) -> None:
     assert mypy_report[GOOD.name] == set()
 
 
