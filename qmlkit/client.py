@@ -352,7 +352,7 @@ class App(HandleClient, InlineClient, JobManagement, RecurringClient):
                 ", ".join(describe(m) for m in self._enqueue_chain()),
                 "stored nothing for this enqueue: an enqueue middleware must call "
                 "call_next(jobs), or raise to refuse the job")
-        return JobHandle(ids[0], self)
+        return self.handles(ids)[0]
 
     def transaction(self, connection: Any) -> AbstractContextManager[None]:
         """Enqueue inside the caller's own database transaction (transactional enqueue).

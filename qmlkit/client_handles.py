@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
+import os
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -13,6 +14,7 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import qmlkit.limits as limits
 from qmlkit.handle import JobHandle
+from qmlkit.handle import handles as make_handles
 from qmlkit.waiting import ResultWaiter
 
 if TYPE_CHECKING:
@@ -36,6 +38,7 @@ class HandleClient:
     _handles_lock = threading.Lock()  # guards lazy creation below, per process
     _waiter: ResultWaiter | None = None
     _executor: ThreadPoolExecutor | None = None
+    _executor_pid = 0  # the process that made it: a forked child makes its own
 
     if TYPE_CHECKING:
         @property
@@ -80,7 +83,7 @@ class HandleClient:
 
     def handles(self, job_ids: Sequence[str]) -> list[JobHandle[Any]]:
         """Handles of ids this app just stored (unchecked: they came from storage)."""
-        return [JobHandle(i, self) for i in job_ids]
+        return make_handles(job_ids, self)
 
     # --- async enqueue -------------------------------------------------------------
 
@@ -91,16 +94,19 @@ class HandleClient:
         apply); at most `ENQUEUE_THREADS` calls run at once per app, the rest queue.
         The loop is blocked only for handing the call over (microseconds).
 
-        Raises:
-            Whatever ``fn`` raises, in the awaiting task.
+        Returns:
+            What ``fn`` returns; whatever it raises is raised in the awaiting task.
         """
-        if self._executor is None:
+        executor = self._executor
+        if executor is None or self._executor_pid != os.getpid():
             with self._handles_lock:
-                if self._executor is None:
+                if self._executor is None or self._executor_pid != os.getpid():
                     self._executor = ThreadPoolExecutor(ENQUEUE_THREADS,
                                                         thread_name_prefix="qmlkit-enqueue")
+                    self._executor_pid = os.getpid()
+                executor = self._executor
         call = functools.partial(contextvars.copy_context().run, fn, *args, **kwargs)
-        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+        return await asyncio.get_running_loop().run_in_executor(executor, call)
 
     async def enqueue_async(self, method: str, **options: Any) -> JobHandle[Any]:
         """`qmlkit.client.App.enqueue`, awaited: same options, middleware, validation,

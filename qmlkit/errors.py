@@ -282,7 +282,9 @@ class JobFailed(ResultError):
         self.stack_trace = stack_trace
         self.retry_count = retry_count
         self.note = note
-        tries = f" after {retry_count} retr{'y' if retry_count == 1 else 'ies'}" if retry_count else ""
+        tries = ""
+        if retry_count:
+            tries = f" after {retry_count} retr{'y' if retry_count == 1 else 'ies'}"
         super().__init__(f"job {job_id} failed{tries}: {exception_type}: {message}")
 
 

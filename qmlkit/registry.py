@@ -94,7 +94,8 @@ class Enqueuer(Protocol):
     def enqueue(self, method: str, **options: Any) -> JobHandle[Any]:
         """Store one job for ``method``; return its handle."""
 
-    def make_job(self, method: str, **options: Any) -> Job:
+    def make_job(self, method: str, *, args: Sequence[Any] = (),
+                 kwargs: Mapping[str, Any] | None = None) -> Job:
         """Build (not store) a job for ``method``."""
 
     def enqueue_jobs(self, jobs: Sequence[Job]) -> list[str]:
@@ -128,7 +129,7 @@ class JobFunction(Generic[P, R]):
         self.name = name
         self.options = options
         self.retry = options.retry
-        functools.update_wrapper(self, fn)  # type: ignore[arg-type]
+        functools.update_wrapper(self, fn)
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         """Run the function directly, in this process (no storage involved)."""

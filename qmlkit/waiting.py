@@ -2,10 +2,12 @@
 
 `ResultWaiter` is what ``JobHandle.result()`` and ``result_async()`` wait on (see
 `qmlkit.handle`). Every job waited on is an entry with its own poll interval, starting
-at `FIRST_POLL_S` and doubling up to `MAX_POLL_S`; one daemon thread per app reads
+at `FIRST_POLL_S` and doubling up to `MAX_POLL_S`. Reads fall on a grid shared by all
+entries of the same interval (each read is one to two intervals after the previous
+one), so handles waited on together are read together: one daemon thread per app reads
 every due entry's job in one ``get_many`` call
-(`qmlkit.storage.capabilities.BatchRead`), so waiting on 1,000 handles at
-once costs one storage query per poll, and each job is read at most once per its poll
+(`qmlkit.storage.capabilities.BatchRead`). Waiting on 1,000 handles at once costs one
+query per poll (two above `BATCH` ids), and each job is read at most once per its poll
 interval. Nothing ever spins: the thread sleeps until the next entry is due or it is
 poked, and ends when nothing is waited on.
 
@@ -13,15 +15,16 @@ Wake-ups over kombu only say "queue Q has runnable jobs", so they cannot tell a 
 that a job finished. Servers of this process can: after storing outcomes they call
 ``Notifier.settled`` (`qmlkit.notify`), which pokes this waiter, and the jobs named are
 read again at once. Jobs finished by other processes are found by the poll, at most
-`MAX_POLL_S` late. The same pattern as Celery's result backends without a pub/sub
-channel (``AsyncResult.get(interval=0.5)``) and Dramatiq's ``get_result(block=True)``
-with a capped backoff.
+about two `MAX_POLL_S` late. The same pattern as Celery's result backends without a
+pub/sub channel (``AsyncResult.get(interval=0.5)``) and Dramatiq's
+``get_result(block=True)`` with a capped backoff.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -37,10 +40,15 @@ log = logging.getLogger("qmlkit.waiting")
 
 #: First poll interval of a waited job, in seconds; each unfinished read doubles it.
 FIRST_POLL_S = 0.01
-#: Longest poll interval, in seconds.
-MAX_POLL_S = 0.5
+#: Longest poll interval, in seconds (``FIRST_POLL_S`` times a power of two, so the
+#: grids of all intervals line up).
+MAX_POLL_S = 0.32
 #: Most job ids read in one ``get_many`` call.
 BATCH = 500
+#: Entries due within this many seconds are read together (so handles waited on at
+#: about the same time share their reads from then on); new waits are first read
+#: this long after they start.
+COALESCE_S = 0.002
 
 
 def is_settled(job: Job) -> bool:
@@ -56,7 +64,7 @@ class _Entry:
     def __init__(self, job_id: str, deliver: Callable[[Job | None], None], now: float) -> None:
         self.job_id = job_id
         self.deliver = deliver  # called once, from the waiter thread: the job or None
-        self.interval = FIRST_POLL_S
+        self.interval = FIRST_POLL_S / 2  # doubled at the first unfinished read
         self.next_at = now
         self.poked = False  # poked while being read: read again at once
 
@@ -137,12 +145,13 @@ class ResultWaiter:
 
     def add(self, job_id: str, deliver: Callable[[Job | None], None]) -> _Entry:
         """Wait for ``job_id``: ``deliver`` is called once, from the reading thread, with
-        the settled job or ``None`` (no such job). It is read at once, then with backoff.
+        the settled job or ``None`` (no such job). It is read within `COALESCE_S`
+        seconds, then with backoff.
         """
         with self._cond:
-            entry = _Entry(job_id, deliver, time.monotonic())
+            entry = _Entry(job_id, deliver, time.monotonic() + COALESCE_S)
             self._entries.add(entry)
-            if self._thread is None:
+            if self._thread is None or not self._thread.is_alive():  # none, or forked
                 self._thread = threading.Thread(target=self._run, name="qmlkit-result-waiter",
                                                 daemon=True)
                 self._thread.start()
@@ -190,7 +199,7 @@ class ResultWaiter:
                 now = time.monotonic()
                 first = min(e.next_at for e in self._entries)
                 if first <= now:
-                    due = [e for e in self._entries if e.next_at <= now]
+                    due = [e for e in self._entries if e.next_at <= now + COALESCE_S]
                     for entry in due:
                         entry.poked = False
                     return due
@@ -231,8 +240,8 @@ class ResultWaiter:
                     self._entries.discard(entry)
                     finished.append((entry, job))
                 elif not entry.poked:
-                    entry.interval = min(entry.interval * 2, MAX_POLL_S)
-                    entry.next_at = now + entry.interval
+                    entry.interval = step = min(entry.interval * 2, MAX_POLL_S)
+                    entry.next_at = (math.floor(now / step) + 2) * step  # on the grid
         for entry, job in finished:
             try:
                 entry.deliver(job)
