@@ -211,7 +211,8 @@ class InlineMode:
 
     def __init__(self, app: InlineApp, *, enabled: bool = False) -> None:
         self._app = app
-        self._base = {"raise_errors": False, "config": None} if enabled else None
+        self._base: dict[str, Any] | None = (
+            {"raise_errors": False, "config": None} if enabled else None)
         self._stack: list[dict[str, Any]] = []
         self._runners: list[tuple[Any, InlineRunner]] = []  # (config, its runner)
         self._lock = threading.Lock()

@@ -302,3 +302,33 @@ def test_inline_chain_stops_at_the_step_limit(memory_url: str, monkeypatch: pyte
     assert len(application.storage.list_jobs(state="Enqueued")) == 1
     assert "1 job(s) left as stored" in caplog.text
     application.close()
+
+
+def test_inline_async_enqueue_returns_a_finished_job(app: App) -> None:
+    @app.job
+    def triple(x: int) -> int:
+        return 3 * x
+
+    async def body() -> int:
+        with app.inline():
+            handle = await triple.enqueue_async(5)
+        assert handle.state == "Succeeded"
+        return await handle.result_async(timeout=5)
+
+    assert asyncio.run(body()) == 15
+
+
+def test_inline_raise_errors_from_a_nested_job_after_its_parent(app: App) -> None:
+    @app.job(max_retries=0)
+    def child() -> None:
+        raise LookupError("child broke")
+
+    @app.job
+    def parent() -> str:
+        child.enqueue()
+        return "parent done"
+
+    with app.inline(raise_errors=True), pytest.raises(LookupError, match="child broke"):
+        parent.enqueue()
+    (done,) = app.storage.list_jobs(method=parent.name)
+    assert done.state.name == "Succeeded"  # the parent ended first, and was stored
