@@ -150,6 +150,7 @@ class InlineRunner:
 
     def _run_to_end(self, job_id: str, worker: Worker, loop: asyncio.AbstractEventLoop,
                     steps: list[int], raise_errors: bool) -> None:
+        held_since: float | None = None
         while True:
             job = self.storage.get(job_id)
             if job is None:
@@ -159,6 +160,9 @@ class InlineRunner:
                 self._promote(job)
                 continue
             if state == "Processing":  # another thread's inline run or a worker has it
+                held_since = held_since or time.monotonic()
+                if self._given_up(job, time.monotonic() - held_since):
+                    return
                 time.sleep(PROCESSING_POLL_S)
                 continue
             if state != "Enqueued":  # it has ended: done here
@@ -176,6 +180,16 @@ class InlineRunner:
             for other in claimed:
                 if other.id != job_id:
                     self._errors.pop(other.id, None)
+
+    def _given_up(self, job: Job, waited_s: float) -> bool:
+        """Whether to stop waiting for a job someone else holds: after the server's
+        ``stale_processing_after`` (a holder that died leaves it Processing)."""
+        limit = self.server.config.stale_processing_after.total_seconds()
+        if waited_s < limit:
+            return False
+        log.warning("inline mode: job %s is still Processing by %s after %.0f s; not "
+                    "waiting longer", job.id, getattr(job.state, "worker_id", "?"), waited_s)
+        return True
 
     def _promote(self, job: Job) -> None:
         """Skip the wait of a Scheduled or AwaitingRetry job: store it Enqueued now."""
@@ -214,7 +228,7 @@ class InlineMode:
         self._base: dict[str, Any] | None = (
             {"raise_errors": False, "config": None} if enabled else None)
         self._stack: list[dict[str, Any]] = []
-        self._runners: list[tuple[Any, InlineRunner]] = []  # (config, its runner)
+        self._runners: list[tuple[str, InlineRunner]] = []  # (config's key, its runner)
         self._lock = threading.Lock()
 
     @property
@@ -240,11 +254,12 @@ class InlineMode:
         if settings is None or not jobs:
             return
         config = settings["config"]
+        key = repr(sorted(dict(config).items())) if isinstance(config, Mapping) else repr(config)
         with self._lock:
-            runner = next((r for c, r in self._runners if c is config), None)
-            if runner is None:
+            runner = next((r for k, r in self._runners if k == key), None)
+            if runner is None:  # one per distinct config, however often it is passed
                 runner = InlineRunner(self._app, config)
-                self._runners.append((config, runner))
+                self._runners.append((key, runner))
         runner.run(jobs, raise_errors=settings["raise_errors"])
 
     def close(self) -> None:

@@ -332,3 +332,21 @@ def test_inline_raise_errors_from_a_nested_job_after_its_parent(app: App) -> Non
         parent.enqueue()
     (done,) = app.storage.list_jobs(method=parent.name)
     assert done.state.name == "Succeeded"  # the parent ended first, and was stored
+
+
+def test_inline_config_applies_and_one_runner_serves_equal_configs(memory_url: str) -> None:
+    application = App("cfg", storage=memory_url, autoload=False)
+
+    @application.job(max_retries=0)
+    def sleepy() -> None:
+        import time
+
+        time.sleep(0.3)  # past the 0.05 s limit (a sync job stops cooperatively)
+
+    for _ in range(3):  # a new but equal dict each time
+        with application.inline(config={"job_timeout": 0.05, "log_attempts": False}):
+            job_id = sleepy.enqueue()
+        job = application.storage.get(job_id)
+        assert job is not None and job.state.exception_type.endswith("JobTimeout")
+    assert len(application._inline._runners) == 1
+    application.close()
