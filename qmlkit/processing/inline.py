@@ -159,23 +159,22 @@ class InlineRunner:
             if state in _WAITING:
                 self._promote(job)
                 continue
-            if state == "Processing":  # another thread's inline run or a worker has it
-                held_since = held_since or time.monotonic()
-                if self._given_up(job, time.monotonic() - held_since):
-                    return
-                time.sleep(PROCESSING_POLL_S)
-                continue
-            if state != "Enqueued":  # it has ended: done here
+            if state not in ("Enqueued", "Processing"):  # it has ended: done here
                 error = self._errors.pop(job_id, None)
                 if raise_errors and state == "Failed" and error is not None:
                     raise error
                 return
             if steps[0] >= MAX_INLINE_STEPS:
                 return  # the caller says so
+            claimed = self._claim(worker, job.queue) if state == "Enqueued" else []
+            if not claimed:  # another thread's inline run or a worker has it, or is taking it
+                held_since = held_since or time.monotonic()
+                if self._given_up(job, time.monotonic() - held_since):
+                    return
+                time.sleep(PROCESSING_POLL_S)
+                continue
+            held_since = None
             steps[0] += 1
-            claimed = self._claim(worker, job.queue)
-            if not claimed:
-                return  # taken by a worker elsewhere meanwhile
             worker.run_batch(claimed, loop)
             for other in claimed:
                 if other.id != job_id:
@@ -187,8 +186,9 @@ class InlineRunner:
         limit = self.server.config.stale_processing_after.total_seconds()
         if waited_s < limit:
             return False
-        log.warning("inline mode: job %s is still Processing by %s after %.0f s; not "
-                    "waiting longer", job.id, getattr(job.state, "worker_id", "?"), waited_s)
+        log.warning("inline mode: job %s is still %s (held by %s) after %.0f s; not "
+                    "waiting longer", job.id, job.state.name,
+                    getattr(job.state, "worker_id", "another claimer"), waited_s)
         return True
 
     def _promote(self, job: Job) -> None:
