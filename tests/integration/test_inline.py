@@ -350,3 +350,17 @@ def test_inline_config_applies_and_one_runner_serves_equal_configs(memory_url: s
         assert job is not None and job.state.exception_type.endswith("JobTimeout")
     assert len(application._inline._runners) == 1
     application.close()
+
+
+def test_inline_enqueue_many_runs_every_job_in_order(app: App) -> None:
+    ran: list[int] = []
+
+    @app.job
+    def record(i: int) -> int:
+        ran.append(i)
+        return i
+
+    with app.inline():
+        handles = record.enqueue_many([(i,) for i in range(5)])
+    assert ran == [0, 1, 2, 3, 4]
+    assert [h.result(timeout=0) for h in handles] == [0, 1, 2, 3, 4]
