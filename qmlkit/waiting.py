@@ -163,6 +163,8 @@ class ResultWaiter:
         read right now)."""
         with self._cond:
             self._entries.discard(entry)
+            if not self._entries:
+                self._cond.notify()  # the reading thread ends now, not at its next poll
 
     def poke(self, job_ids: Iterable[str]) -> None:
         """Jobs ``job_ids`` may have settled: read the waited ones now (from
