@@ -9,8 +9,8 @@ the state names of every due entry's job in one ``job_states`` query, and the wh
 jobs of those that are final in one ``get_many``
 (`qmlkit.storage.capabilities.BatchRead`). Waiting on 1,000 unfinished handles at once
 costs one light query per poll (two above `BATCH` ids), and each job is read at most
-once per its poll interval. Nothing ever spins: the thread sleeps until the next entry is due or it is
-poked, and ends when nothing is waited on.
+once per its poll interval. Nothing ever spins: the thread sleeps until the next entry
+is due or it is poked, and ends when nothing is waited on.
 
 Wake-ups over kombu only say "queue Q has runnable jobs", so they cannot tell a waiter
 that a job finished. Servers of this process can: after storing outcomes they call
