@@ -92,7 +92,8 @@ class JobHandle(str, Generic[R_co]):
     app, so a handle costs no more memory than its string. Typed with the job
     function's return type (``JobHandle[int]`` for ``def add(...) -> int``; an
     ``async def`` job's awaited type). Reads are never cached: each property or method
-    call reads the storage. Made by ``JobHandle(job_id, source)``, with ``source`` its app (`HandleSource`).
+    call reads the storage. Made by ``JobHandle(job_id, source)``, with ``source`` its
+    app (`HandleSource`).
     """
 
     __slots__ = ()
