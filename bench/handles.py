@@ -4,8 +4,8 @@
   time to make 1,000 handles (`qmlkit.handle.handles`), medians of ``--repeat`` runs:
   the handles' share of a bulk enqueue.
 * Storage reads while 1,000 handles of Scheduled jobs are awaited at once for
-  ``--wait`` seconds (``result_async``, all timing out): ``get_many`` calls, ids read,
-  and the most reads of one job.
+  ``--wait`` seconds (``result_async``, all timing out): ``job_states`` and
+  ``get_many`` calls, ids read, and the most reads of one job.
 
     python bench/handles.py [--repeat 15] [--wait 1.0]
 """
@@ -51,16 +51,18 @@ def waiting_reads(url: str, wait_s: float) -> Counter[str]:
     later = [fn.schedule(i, delay=3600) for i in range(1000)]
     store: Any = app.storage
     calls: Counter[str] = Counter()
-    read_many = store.get_many
 
-    def counted(ids: list[str]) -> Any:
-        calls["get_many calls"] += 1
-        calls["ids read"] += len(ids)
-        for job_id in ids:
-            calls[job_id] += 1
-        return read_many(ids)
+    def counted(name: str, read: Any) -> Any:
+        def call(ids: list[str]) -> Any:
+            calls[f"{name} calls"] += 1
+            calls["ids read"] += len(ids)
+            for job_id in ids:
+                calls[job_id] += 1
+            return read(ids)
+        return call
 
-    store.get_many = counted
+    store.get_many = counted("get_many", store.get_many)
+    store.job_states = counted("job_states", store.job_states)
 
     async def main() -> None:
         await asyncio.gather(*(h.result_async(timeout=wait_s) for h in later),
@@ -69,7 +71,8 @@ def waiting_reads(url: str, wait_s: float) -> Counter[str]:
     asyncio.run(main())
     app.close()
     most = max(calls[h] for h in later)
-    return Counter({"get_many calls": calls["get_many calls"], "ids read": calls["ids read"],
+    return Counter({"job_states calls": calls["job_states calls"],
+                    "get_many calls": calls["get_many calls"], "ids read": calls["ids read"],
                     "most reads of one job": most})
 
 

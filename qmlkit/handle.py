@@ -88,11 +88,12 @@ class JobHandle(str, Generic[R_co]):
 
     A ``str`` subclass: ``handle == job_id``, ``hash(handle) == hash(job_id)``, and it
     can be stored, logged, JSON-encoded or passed as a job argument as the id string.
-    Pickling gives the plain id string. Each app has its own subclass, holding the app,
-    so a handle costs no more memory than its string. Typed with the job function's return type
-    (``JobHandle[int]`` for ``def add(...) -> int``; an ``async def`` job's awaited
-    type). Reads are never cached: each property or method call reads the storage.
-    Made by ``JobHandle(job_id, source)``, with ``source`` its app (`HandleSource`).
+    Pickling gives the plain id string. Each app has its own subclass, holding the
+    app, so a handle costs no more memory than its string. Typed with the job
+    function's return type (``JobHandle[int]`` for ``def add(...) -> int``; an
+    ``async def`` job's awaited type). Reads are never cached: each property or method
+    call reads the storage. Made by ``JobHandle(job_id, source)``, with ``source`` its
+    app (`HandleSource`).
     """
 
     __slots__ = ()
@@ -121,7 +122,7 @@ class JobHandle(str, Generic[R_co]):
         """Read the stored job now (one storage read).
 
         Returns:
-            The `qmlkit.job.Job` as stored, with its state and history-free details.
+            The `qmlkit.job.Job` as stored, in its current state.
 
         Raises:
             JobNotFound: No job has this id (never stored, or deleted after its TTL).
@@ -137,7 +138,7 @@ class JobHandle(str, Generic[R_co]):
 
         A finished job costs one storage read. An unfinished one is waited on through
         the app's shared `qmlkit.waiting.ResultWaiter`: polled from 10 ms growing to
-        0.5 s, and read at once when a server of this process stores its outcome.
+        0.32 s, and read at once when a server of this process stores its outcome.
         Retries in between (AwaitingRetry) are waited through.
 
         Args:

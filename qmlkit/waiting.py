@@ -5,11 +5,12 @@
 at `FIRST_POLL_S` and doubling up to `MAX_POLL_S`. Reads fall on a grid shared by all
 entries of the same interval (each read is one to two intervals after the previous
 one), so handles waited on together are read together: one daemon thread per app reads
-every due entry's job in one ``get_many`` call
-(`qmlkit.storage.capabilities.BatchRead`). Waiting on 1,000 handles at once costs one
-query per poll (two above `BATCH` ids), and each job is read at most once per its poll
-interval. Nothing ever spins: the thread sleeps until the next entry is due or it is
-poked, and ends when nothing is waited on.
+the state names of every due entry's job in one ``job_states`` query, and the whole
+jobs of those that are final in one ``get_many``
+(`qmlkit.storage.capabilities.BatchRead`). Waiting on 1,000 unfinished handles at once
+costs one light query per poll (two above `BATCH` ids), and each job is read at most
+once per its poll interval. Nothing ever spins: the thread sleeps until the next entry
+is due or it is poked, and ends when nothing is waited on.
 
 Wake-ups over kombu only say "queue Q has runnable jobs", so they cannot tell a waiter
 that a job finished. Servers of this process can: after storing outcomes they call
@@ -28,13 +29,14 @@ import math
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import qmlkit.storage.capabilities as capabilities
 from qmlkit.backoff import Backoff
-from qmlkit.job import Job
+from qmlkit.job import Deleted, Failed, Job, Succeeded
 from qmlkit.storage.base import Storage
 
-__all__ = ["FIRST_POLL_S", "MAX_POLL_S", "ResultWaiter", "is_settled"]
+__all__ = ["FIRST_POLL_S", "MAX_POLL_S", "SETTLED", "ResultWaiter", "is_settled"]
 
 log = logging.getLogger("qmlkit.waiting")
 
@@ -54,6 +56,12 @@ COALESCE_S = 0.002
 def is_settled(job: Job) -> bool:
     """Whether a waiter stops at ``job``: Succeeded, Failed or Deleted (terminal states)."""
     return bool(job.state.terminal)
+
+
+#: The state names a waiter stops at.
+SETTLED = frozenset(cls.__name__ for cls in (Succeeded, Failed, Deleted) if cls.terminal)
+
+_UNFINISHED: Any = object()  # a job read and found not settled
 
 
 class _Entry:
@@ -83,6 +91,9 @@ class ResultWaiter:
         self._storage = storage
         self._cond = threading.Condition()
         self._entries: set[_Entry] = set()
+        self._by_id: dict[str, set[_Entry]] = {}  # for pokes: job id -> its waits
+        self._poked: set[_Entry] = set()  # to read at once
+        self._next_scan = math.inf  # no entry is due before this (time.monotonic())
         self._thread: threading.Thread | None = None
 
     # --- waiting -------------------------------------------------------------------
@@ -151,6 +162,8 @@ class ResultWaiter:
         with self._cond:
             entry = _Entry(job_id, deliver, time.monotonic() + COALESCE_S)
             self._entries.add(entry)
+            self._by_id.setdefault(job_id, set()).add(entry)
+            self._next_scan = min(self._next_scan, entry.next_at)
             if self._thread is None or not self._thread.is_alive():  # none, or forked
                 self._thread = threading.Thread(target=self._run, name="qmlkit-result-waiter",
                                                 daemon=True)
@@ -162,23 +175,31 @@ class ResultWaiter:
         """Stop waiting on ``entry`` (its ``deliver`` may still run once if it is being
         read right now)."""
         with self._cond:
-            self._entries.discard(entry)
+            self._forget(entry)
             if not self._entries:
                 self._cond.notify()  # the reading thread ends now, not at its next poll
+
+    def _forget(self, entry: _Entry) -> None:
+        """Drop ``entry`` from every index (the caller holds the lock)."""
+        self._entries.discard(entry)
+        self._poked.discard(entry)
+        same = self._by_id.get(entry.job_id)
+        if same is not None:
+            same.discard(entry)
+            if not same:
+                del self._by_id[entry.job_id]
 
     def poke(self, job_ids: Iterable[str]) -> None:
         """Jobs ``job_ids`` may have settled: read the waited ones now (from
         ``Notifier.settled``, after a local server stored their outcomes)."""
         with self._cond:
-            if not self._entries:
+            if not self._by_id:
                 return
-            wanted = set(job_ids)
-            now = time.monotonic()
             hit = False
-            for entry in self._entries:
-                if entry.job_id in wanted:
-                    entry.next_at = now
+            for job_id in job_ids:
+                for entry in self._by_id.get(job_id, ()):
                     entry.poked = True
+                    self._poked.add(entry)
                     hit = True
             if hit:
                 self._cond.notify()
@@ -199,13 +220,19 @@ class ResultWaiter:
                     self._thread = None
                     return None
                 now = time.monotonic()
-                first = min(e.next_at for e in self._entries)
-                if first <= now:
-                    due = [e for e in self._entries if e.next_at <= now + COALESCE_S]
+                due = set(self._poked)
+                self._poked.clear()
+                if self._next_scan <= now:  # a timed poll: scan everything once
+                    soon = now + COALESCE_S
+                    due.update(e for e in self._entries if e.next_at <= soon)
+                    self._next_scan = min((e.next_at for e in self._entries if e not in due),
+                                          default=math.inf)
+                if due:
                     for entry in due:
                         entry.poked = False
-                    return due
-                self._cond.wait(first - now)
+                    return list(due)
+                self._cond.wait(None if self._next_scan == math.inf
+                                else self._next_scan - now)
 
     def _run(self) -> None:
         backoff = Backoff(FIRST_POLL_S * 10, MAX_POLL_S * 10)
@@ -219,31 +246,41 @@ class ResultWaiter:
                 with self._cond:
                     for entry in due:
                         entry.next_at = time.monotonic() + delay
+                        self._next_scan = min(self._next_scan, entry.next_at)
                 continue
             backoff.reset()
             self._settle(due, found)
 
-    def _read(self, ids: Sequence[str]) -> dict[str, Job]:
+    def _read(self, ids: Sequence[str]) -> dict[str, Job | None]:
+        """The settled jobs among ``ids`` by id (``None``: not stored); unfinished ones are
+        left out. State names first, whole jobs only for the settled ones."""
         store = self._storage()
-        found: dict[str, Job] = {}
+        found: dict[str, Job | None] = {}
         for start in range(0, len(ids), BATCH):
-            found.update(capabilities.get_many(store, ids[start:start + BATCH]))
+            chunk = ids[start:start + BATCH]
+            states = capabilities.job_states(store, chunk)
+            found.update((i, None) for i in chunk if i not in states)
+            final = [i for i, name in states.items() if name in SETTLED]
+            if final:
+                jobs = capabilities.get_many(store, final)
+                found.update((i, jobs.get(i)) for i in final)
         return found
 
-    def _settle(self, due: list[_Entry], found: dict[str, Job]) -> None:
+    def _settle(self, due: list[_Entry], found: dict[str, Job | None]) -> None:
         finished: list[tuple[_Entry, Job | None]] = []
         with self._cond:
             now = time.monotonic()
             for entry in due:
                 if entry not in self._entries:
                     continue  # given up meanwhile (a timeout)
-                job = found.get(entry.job_id)
-                if job is None or is_settled(job):
-                    self._entries.discard(entry)
+                job = found.get(entry.job_id, _UNFINISHED)
+                if job is None or (job is not _UNFINISHED and is_settled(job)):
+                    self._forget(entry)
                     finished.append((entry, job))
-                elif not entry.poked:
+                elif not entry.poked:  # (a poked one is read again at once)
                     entry.interval = step = min(entry.interval * 2, MAX_POLL_S)
                     entry.next_at = (math.floor(now / step) + 2) * step  # on the grid
+                    self._next_scan = min(self._next_scan, entry.next_at)
         for entry, job in finished:
             try:
                 entry.deliver(job)

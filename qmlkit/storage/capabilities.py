@@ -10,7 +10,7 @@ from qmlkit.job import Job
 from qmlkit.storage.base import Storage
 
 __all__ = ["OPTIONAL_METHODS", "BatchRead", "TransactionalStorage", "get_many", "is_transactional",
-           "supports"]
+           "job_states", "supports"]
 
 
 @runtime_checkable
@@ -76,6 +76,16 @@ class BatchRead(Protocol):
             StorageUnavailable: The backend cannot be reached.
         """
 
+    def job_states(self, job_ids: Sequence[str]) -> dict[str, str]:
+        """The state names of the stored ones among ``job_ids`` (up to 1,000), in one
+        read that decodes no job: ``{job_id: "Succeeded"}``. A waiter polls with it and
+        reads whole jobs only once they are final. An undecodable row answers its
+        stored state name here, where `Storage.get` gives a Failed stand-in.
+
+        Raises:
+            StorageUnavailable: The backend cannot be reached.
+        """
+
 
 def get_many(storage: Storage, job_ids: Sequence[str]) -> dict[str, Job]:
     """Read ``job_ids`` from ``storage``: in one query through its `BatchRead`
@@ -90,3 +100,18 @@ def get_many(storage: Storage, job_ids: Sequence[str]) -> dict[str, Job]:
     if isinstance(storage, BatchRead):
         return storage.get_many(job_ids)
     return {i: job for i in job_ids if (job := storage.get(i)) is not None}
+
+
+def job_states(storage: Storage, job_ids: Sequence[str]) -> dict[str, str]:
+    """The state names of ``job_ids`` in ``storage``: through its `BatchRead`
+    ``job_states``, else read from `get_many`.
+
+    Returns:
+        ``{job_id: state_name}`` for the ids that are stored.
+
+    Raises:
+        StorageUnavailable: The backend cannot be reached.
+    """
+    if isinstance(storage, BatchRead):
+        return storage.job_states(job_ids)
+    return {i: job.state.name for i, job in get_many(storage, job_ids).items()}

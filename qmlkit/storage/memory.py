@@ -145,6 +145,11 @@ class MemoryStorage(Storage):
         jobs = self._jobs
         return {i: job for i in job_ids if (job := jobs.get(i)) is not None}
 
+    def job_states(self, job_ids: Sequence[str]) -> dict[str, str]:
+        """See `qmlkit.storage.capabilities.BatchRead.job_states`."""
+        jobs = self._jobs
+        return {i: job.state.name for i in job_ids if (job := jobs.get(i)) is not None}
+
     def list_jobs(
         self,
         *,

@@ -1,10 +1,13 @@
-"""``get_many`` (`qmlkit.storage.capabilities.BatchRead`) on every backend: what ``get``
-answers for each id, in one read."""
+"""``get_many`` and ``job_states`` (`qmlkit.storage.capabilities.BatchRead`) on every
+backend: what ``get`` answers for each id, in one read."""
 
 from __future__ import annotations
 
+from datetime import timedelta
+
+from qmlkit.job import Deleted, Scheduled, utcnow
 from qmlkit.storage.base import Storage
-from qmlkit.storage.capabilities import BatchRead, get_many
+from qmlkit.storage.capabilities import BatchRead, get_many, job_states
 from qmlkit.testing import make_job
 
 
@@ -24,3 +27,19 @@ def test_get_many_answers_what_get_answers_for_each_stored_id(storage: Storage) 
 
 def test_get_many_of_no_ids_is_empty(storage: Storage) -> None:
     assert get_many(storage, []) == {}
+
+
+def test_job_states_names_the_state_of_each_stored_id(storage: Storage) -> None:
+    # Given an Enqueued, a Scheduled and a Deleted job
+    now = utcnow()
+    enqueued = storage.enqueue(make_job())
+    scheduled = storage.enqueue(make_job(state=Scheduled(enqueue_at=now + timedelta(hours=1),
+                                                         scheduled_at=now)))
+    deleted = storage.enqueue(make_job())
+    storage.change_state(deleted.id, Deleted(deleted_at=now))
+    # When their states are read with duplicate, unknown and unstorable ids
+    ids = [enqueued.id, scheduled.id, deleted.id, deleted.id, "no-such-id", "a\x00b"]
+    # Then each stored job's state name comes back, and nothing else
+    assert job_states(storage, ids) == {enqueued.id: "Enqueued", scheduled.id: "Scheduled",
+                                        deleted.id: "Deleted"}
+    assert job_states(storage, []) == {}

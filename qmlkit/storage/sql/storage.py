@@ -38,6 +38,7 @@ from qmlkit.storage.codec import (
     state_columns,
 )
 from qmlkit.storage.options import StorageOptions
+from qmlkit.storage.sql.batch import SQLBatchRead
 from qmlkit.storage.sql.dialect import SQLDialect
 from qmlkit.storage.sql.executor import Executor, log
 from qmlkit.storage.sql.registry import SQLRegistry
@@ -75,7 +76,7 @@ class SQLOptions(StorageOptions):
     engine_options: dict[str, Any] | None = None
 
 
-class SQLStorage(SQLRegistry, Storage):
+class SQLStorage(SQLBatchRead, SQLRegistry, Storage):
     """SQL storage on SQLAlchemy 2 Core. See the module docstring.
 
     Args:
@@ -249,19 +250,6 @@ class SQLStorage(SQLRegistry, Storage):
 
         row = self.executor.retry(read)
         return None if row is None else self.decode(row)[0]
-
-    def get_many(self, job_ids: Sequence[str]) -> dict[str, Job]:
-        """See `Storage.get_many`: one ``SELECT ... WHERE id IN (...)``."""
-        ids = sorted({i for i in job_ids if storable_id(i)})
-        if not ids:
-            return {}
-
-        def read() -> list[sa.Row[Any]]:
-            with self.executor.read() as conn:
-                return list(conn.execute(self.jobs.select().where(self.jobs.c.id.in_(ids))))
-
-        jobs = (self.decode(row)[0] for row in self.executor.retry(read))
-        return {job.id: job for job in jobs}
 
     def list_jobs(
         self,
