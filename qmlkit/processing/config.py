@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import socket
 from datetime import timedelta
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -28,7 +28,14 @@ class ServerConfig(BaseModel):
             poll only. With it, ``polling_interval`` can be long without delaying jobs.
         wakeup_exchange: The fanout exchange's name; apps sharing a broker use their own.
         server_name: Name of this server; default the host name (qml-rs: "qml-server").
-        worker_count: Worker threads.
+        pool: The execution pool (`qmlkit.processing.pools`): ``"threads"`` (worker
+            threads, the default: every ``def`` job works as written, nothing to learn),
+            ``"asyncio"`` (one event loop running up to ``worker_count`` attempts at once,
+            for ``async def`` I/O fan-out; ``def`` jobs in a bounded executor beside it),
+            or ``"processes"`` (child processes, started by ``qmlkit worker --pool
+            processes``; a `Server` refuses it).
+        worker_count: The concurrency (``qmlkit worker -c``): worker threads in the thread
+            pool, the most attempts running at once in the asyncio pool.
         polling_interval: How long an idle worker waits before polling again.
         job_timeout: Default per-attempt limit (a job's ``timeout_s`` overrides it);
             ``None`` for none.
@@ -75,7 +82,8 @@ class ServerConfig(BaseModel):
     wakeup_url: str | None = None
     wakeup_exchange: str = Field(default="qmlkit.wakeup", min_length=1)
     server_name: str = Field(default_factory=socket.gethostname, min_length=1)
-    worker_count: int = Field(default=5, ge=1, le=1024)
+    pool: Literal["threads", "asyncio", "processes"] = "threads"
+    worker_count: int = Field(default=5, ge=1, le=10_000)
     polling_interval: timedelta = timedelta(seconds=1)
     job_timeout: timedelta | None = timedelta(minutes=5)
     queues: tuple[str, ...] = ("default",)

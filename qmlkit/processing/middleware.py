@@ -5,18 +5,24 @@ A middleware is any callable ``middleware(job, context, call_next) -> result``.
 a middleware may act before and after it, return its own result without calling it, or
 catch and translate the exception it raises. The first middleware in the chain is the
 outermost.
+
+In the asyncio pool (`compose_async`) a middleware may also be ``async def
+middleware(job, context, call_next)``, awaiting ``call_next()``; a sync one works there
+unchanged, around ``def`` and ``async def`` jobs alike (`qmlkit.processing.syncbridge`).
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
 from qmlkit.errors import MiddlewareError
 from qmlkit.job import Job
 from qmlkit.processing.context import JobContext
+from qmlkit.processing.syncbridge import run_sync, wait_for
 
 log = logging.getLogger("qmlkit.attempt")
 
@@ -93,6 +99,55 @@ def compose(
         return result
 
     return step(0)
+
+
+def is_async_middleware(middleware: object) -> bool:
+    """Whether ``middleware`` is ``async def`` (a function, or an object whose
+    ``__call__`` is): `compose_async` then awaits it and hands it an awaitable
+    ``call_next``."""
+    return inspect.iscoroutinefunction(middleware) or inspect.iscoroutinefunction(
+        getattr(middleware, "__call__", None))
+
+
+async def compose_async(
+    middleware: Sequence[Any], job: Job, context: JobContext,
+    run: Callable[[], Awaitable[Any]],
+) -> Any:
+    """Await ``run()`` inside ``middleware`` (first = outermost) on the running loop.
+
+    An ``async def`` middleware gets a ``call_next`` returning an awaitable; a sync one
+    runs on the loop's thread through `qmlkit.processing.syncbridge.run_sync`, and its
+    ``call_next()`` returns the result as in `compose`. Any exception propagates
+    unchanged; a job's ``asyncio.CancelledError`` reaches sync middleware as raised.
+
+    Raises:
+        MiddlewareError: A middleware neither called ``call_next`` nor returned a result.
+    """
+
+    async def step(i: int) -> Any:
+        if i == len(middleware):
+            return await run()
+        called = False
+        current = middleware[i]
+        if is_async_middleware(current):
+            def call_next() -> Awaitable[Any]:
+                nonlocal called
+                called = True
+                return step(i + 1)
+
+            result = await current(job, context, call_next)
+        else:
+            def call_next_sync() -> Any:
+                nonlocal called
+                called = True
+                return wait_for(step(i + 1))
+
+            result = await run_sync(current, job, context, call_next_sync)
+        if result is None and not called:
+            raise MiddlewareError(describe(current))
+        return result
+
+    return await step(0)
 
 
 def compose_enqueue(

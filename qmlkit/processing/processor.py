@@ -6,15 +6,21 @@ middleware chain with a timeout, and turn the outcome into Succeeded, AwaitingRe
 payload, an unknown name, an unprintable exception or an unstorable result all end as a
 Failed state with the reason (field cases C11, C13). Storing the transition is the
 caller's job, so a worker can store a whole batch in one transaction.
+
+`JobProcessor.run` runs an attempt on the calling thread (the thread pool);
+`JobProcessor.run_async` awaits it on a running event loop (the asyncio pool), with
+``def`` jobs handed to an executor and the middleware chain run by
+`qmlkit.processing.middleware.compose_async`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import timedelta
 from typing import Any, Protocol
 
@@ -22,12 +28,16 @@ from qmlkit.errors import JobTimeout, PayloadError, UnknownJobName
 from qmlkit.job import Job, encode_json
 from qmlkit.processing import outcome
 from qmlkit.processing.context import JobContext, reset_current, set_current
-from qmlkit.processing.middleware import Middleware, compose
+from qmlkit.processing.middleware import Middleware, compose, compose_async
 from qmlkit.processing.outcome import describe_exception
 from qmlkit.processing.retry import RetryPolicy
 from qmlkit.storage.base import Transition
 
-__all__ = ["JobProcessor", "Runnable", "describe_exception"]
+__all__ = ["JobProcessor", "Offload", "Runnable", "describe_exception", "is_async_runnable"]
+
+#: How the asyncio pool runs a ``def`` job: ``await offload(fn)`` calls ``fn()`` on an
+#: executor thread (with the attempt's context variables) and returns its result.
+Offload = Callable[[Callable[[], Any]], Awaitable[Any]]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +58,16 @@ class Runnable(Protocol):
 
     def execute(self, job: Job, context: JobContext) -> Any:
         """Run the job; return its result (a coroutine for ``async def`` jobs)."""
+
+
+def is_async_runnable(runnable: object) -> bool:
+    """Whether a registered runnable is ``async def`` (its function, or a class-based
+    worker's ``execute``): the asyncio pool then runs it on the loop, not the executor."""
+    target = getattr(runnable, "fn", None)
+    if target is None:
+        target = getattr(getattr(runnable, "worker", None), "execute", None)
+    return inspect.iscoroutinefunction(target if target is not None
+                                       else getattr(runnable, "execute", None))
 
 
 class JobProcessor:
@@ -164,6 +184,79 @@ class JobProcessor:
         finally:
             if own:
                 run_on.close()
+
+    async def run_async(self, job: Job, context: JobContext, offload: Offload) -> Transition:
+        """Run one attempt of ``job`` on the running event loop (the asyncio pool).
+
+        As `run`, but the middleware chain is awaited (`compose_async`): an ``async
+        def`` job runs as part of this task, under ``asyncio.wait_for`` with its timeout
+        (a timeout cancels it and ends the attempt with ``JobTimeout``); a ``def`` job
+        runs through ``offload`` and, like in the thread pool, is only told of its
+        timeout through ``context.cancelled``.
+
+        Args:
+            job: The claimed job (Processing).
+            context: Its context.
+            offload: Runs a ``def`` job's call on an executor thread.
+
+        Returns:
+            The transition to store. Never raises for a failure of the job.
+
+        Raises:
+            asyncio.CancelledError: The task itself was cancelled (the pool aborts).
+        """
+        runnable = self.lookup(job.method)
+        start = time.perf_counter()
+        try:
+            if runnable is None:
+                raise UnknownJobName(job.method, self.registered())
+            result = await self._call_async(runnable, job, context, offload)
+            if context.timed_out:
+                raise JobTimeout(self.timeout_for(job) or 0.0)
+            stored = result.value if isinstance(result, _Encoded) else self._encode_result(result)
+        except asyncio.CancelledError:
+            if not context.timed_out:
+                raise  # the pool is aborting: the server released the job already
+            return self._failure(job, JobTimeout(self.timeout_for(job) or 0.0), runnable)
+        except BaseException as exc:  # noqa: BLE001 - every failure of a job is recorded
+            if context.timed_out and not isinstance(exc, JobTimeout):
+                exc = JobTimeout(self.timeout_for(job) or 0.0)
+            return self._failure(job, exc, runnable)
+        duration_ms = (time.perf_counter() - start) * 1000
+        return outcome.succeeded(job, stored, duration_ms, ttl=self.succeeded_ttl)
+
+    async def _call_async(self, runnable: Runnable, job: Job, context: JobContext,
+                          offload: Offload) -> Any:
+        token = set_current(context)
+        try:
+            encoded: list[Any] = []
+            on_loop = is_async_runnable(runnable)
+
+            async def invoke() -> Any:
+                if on_loop:
+                    result = runnable.execute(job, context)
+                else:
+                    result = await offload(lambda: runnable.execute(job, context))
+                if inspect.isawaitable(result):
+                    result = await self._await_on_loop(result, job, context)
+                encoded.append((result, self._encode_result(result)))
+                return result
+
+            result = await compose_async(self.middleware, job, context, invoke)
+            if encoded and encoded[0][0] is result:
+                return _Encoded(encoded[0][1])
+            return result
+        finally:
+            reset_current(token)
+
+    async def _await_on_loop(self, awaitable: Any, job: Job, context: JobContext) -> Any:
+        timeout = self.timeout_for(job)
+        try:
+            return await asyncio.wait_for(awaitable, timeout)
+        except (asyncio.TimeoutError, TimeoutError) as exc:
+            context.timed_out = True
+            context.cancelled.set()
+            raise JobTimeout(timeout or 0.0) from exc
 
     def _encode_result(self, result: Any) -> Any:
         if result is None:
