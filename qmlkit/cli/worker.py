@@ -61,6 +61,9 @@ class Flag:
         help: What it does; the environment variable and default are appended.
         default_text: The default shown on ``--help``; ``None`` derives it from the field.
         metavar: The value's name on ``--help``; ``None``: click's.
+        aliases: More declarations of the same option (e.g. ``("-c", "--threads")``),
+            kept so that older scripts work.
+        env_aliases: More environment variables, read when ``env`` is not set.
     """
 
     field: str
@@ -71,6 +74,8 @@ class Flag:
     help: str
     default_text: str | None = None
     metavar: str | None = None
+    aliases: tuple[str, ...] = ()
+    env_aliases: tuple[str, ...] = ()
 
     @property
     def param(self) -> str:
@@ -94,7 +99,8 @@ class Flag:
         """The click option for this row (given or ``None``)."""
         is_pair = "/" in self.flag  # "--on/--off": click makes it a boolean pair
         return click.option(
-            self.flag, self.param, envvar=self.env, default=None,
+            self.flag, *self.aliases, self.param, envvar=[self.env, *self.env_aliases],
+            default=None,
             type=None if is_pair else self.type, metavar=self.metavar,
             show_default=self.shown_default(), help=f"{self.help} [env: {self.env}]")
 
@@ -105,8 +111,13 @@ FLAGS: tuple[Flag, ...] = (
          "Storage URL.", default_text="the app's", metavar="URL"),
     Flag("queues", "--queues", "QMLKIT_QUEUES", str, queue_list,
          "Comma-separated queues to serve; '*' for all."),
-    Flag("worker_count", "--threads", "QMLKIT_THREADS", click.IntRange(1, 1024), same,
-         "Worker threads."),
+    Flag("pool", "--pool", "QMLKIT_POOL", click.Choice(["threads", "asyncio", "processes"]),
+         same, "Execution pool: worker threads; one event loop running up to -c attempts "
+         "(async def jobs); or child processes.", default_text="threads"),
+    Flag("worker_count", "--concurrency", "QMLKIT_CONCURRENCY", click.IntRange(1, 10_000),
+         same, "Concurrency: worker threads (threads pool), or attempts at once (asyncio "
+         "pool). --threads and QMLKIT_THREADS are the same.", aliases=("-c", "--threads"),
+         env_aliases=("QMLKIT_THREADS",), metavar="N"),
     Flag("polling_interval", "--polling-interval", "QMLKIT_POLLING_INTERVAL", SECONDS, seconds,
          "Seconds an idle worker waits between polls."),
     Flag("shutdown_timeout", "--shutdown-timeout", "QMLKIT_SHUTDOWN_TIMEOUT", SECONDS, seconds,
