@@ -28,12 +28,15 @@ from qmlkit.errors import JobTimeout, PayloadError, UnknownJobName
 from qmlkit.job import Job, encode_json
 from qmlkit.processing import outcome
 from qmlkit.processing.context import JobContext, reset_current, set_current
-from qmlkit.processing.middleware import Middleware, compose, compose_async
+from qmlkit.processing.middleware import Middleware, async_form, compose, compose_async
 from qmlkit.processing.outcome import describe_exception
 from qmlkit.processing.retry import RetryPolicy
 from qmlkit.storage.base import Transition
 
 __all__ = ["JobProcessor", "Offload", "Runnable", "describe_exception", "is_async_runnable"]
+
+#: ``asyncio.timeout`` where the Python has it (3.11+), else ``None`` (``wait_for``).
+_TIMEOUT = getattr(asyncio, "timeout", None)
 
 #: How the asyncio pool runs a ``def`` job: ``await offload(fn)`` calls ``fn()`` on an
 #: executor thread (with the attempt's context variables) and returns its result.
@@ -100,6 +103,8 @@ class JobProcessor:
         self.registered = registered
         self.retry_policy = retry_policy
         self.middleware = tuple(middleware)
+        self._async_forms = tuple(async_form(m) for m in self.middleware)
+        self._on_loop: dict[int, tuple[object, bool]] = {}  # id(runnable) -> (it, async?)
         self.job_timeout = job_timeout
         self.succeeded_ttl = succeeded_ttl
         self.failed_ttl = failed_ttl
@@ -230,7 +235,10 @@ class JobProcessor:
         token = set_current(context)
         try:
             encoded: list[Any] = []
-            on_loop = is_async_runnable(runnable)
+            known = self._on_loop.get(id(runnable))
+            if known is None or known[0] is not runnable:
+                known = self._on_loop[id(runnable)] = (runnable, is_async_runnable(runnable))
+            on_loop = known[1]
 
             async def invoke() -> Any:
                 if on_loop:
@@ -242,7 +250,8 @@ class JobProcessor:
                 encoded.append((result, self._encode_result(result)))
                 return result
 
-            result = await compose_async(self.middleware, job, context, invoke)
+            result = await compose_async(self.middleware, job, context, invoke,
+                                         self._async_forms)
             if encoded and encoded[0][0] is result:
                 return _Encoded(encoded[0][1])
             return result
@@ -252,6 +261,11 @@ class JobProcessor:
     async def _await_on_loop(self, awaitable: Any, job: Job, context: JobContext) -> Any:
         timeout = self.timeout_for(job)
         try:
+            if timeout is None:
+                return await awaitable
+            if _TIMEOUT is not None:  # Python 3.11+: no extra task per attempt
+                async with _TIMEOUT(timeout):
+                    return await awaitable
             return await asyncio.wait_for(awaitable, timeout)
         except (asyncio.TimeoutError, TimeoutError) as exc:
             context.timed_out = True

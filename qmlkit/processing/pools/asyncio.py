@@ -164,7 +164,7 @@ class AsyncioPool:
         runtime, claims = self.parts.runtime, self.parts.runtime.claims
         with self._slots:  # only this thread takes slots: there are enough
             slots = [self._free.pop() for _ in jobs]
-        released = []
+        released, started = [], []
         for job, slot in zip(jobs, slots, strict=True):
             slot_id = f"{runtime.config.server_name}:slot:{slot}"
             claims.hold([job], slot_id)
@@ -172,12 +172,14 @@ class AsyncioPool:
                                make_context=lambda job=job, slot_id=slot_id:  # type: ignore[misc]
                                self._context(job, slot_id))
             if isinstance(ctx, JobContext):
-                self._loop.call_soon_threadsafe(self._spawn, job, ctx, slot, slot_id)
+                started.append((job, ctx, slot, slot_id))
                 continue
             if ctx == RELEASE:
                 released.append(job)
             claims.end_batch(slot_id, [job])
             self._free_slot(slot)
+        if started:  # one wake-up of the loop for the whole claim
+            self._loop.call_soon_threadsafe(self._spawn, started)
         if released:  # (a skipped claim was released by the server already)
             runtime.release(released, "released unstarted: server stopping")
 
@@ -222,10 +224,11 @@ class AsyncioPool:
             with self._out:
                 self._out.notify()
 
-    def _spawn(self, job: Job, ctx: JobContext, slot: int, slot_id: str) -> None:
-        task = self._loop.create_task(self._attempt(job, ctx, slot, slot_id))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    def _spawn(self, started: list[tuple[Job, JobContext, int, str]]) -> None:
+        for job, ctx, slot, slot_id in started:
+            task = self._loop.create_task(self._attempt(job, ctx, slot, slot_id))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     def _cancel_all(self) -> None:
         for task in self._tasks:
