@@ -7,8 +7,9 @@ Three threads of the server's process (arq's and saq's shape, with qmlkit's clai
   beside the loop (``min(SYNC_THREADS_MAX, worker_count)`` threads), so a mixed app
   works, and the task awaits it.
 - the **claimer** thread makes every storage claim: it waits for free slots, claims up
-  to ``min(free slots, fetch_batch_size)`` jobs in one call, records them in the
-  server's `qmlkit.processing.claims.ClaimLedger` and hands each to the loop at once.
+  to ``min(free slots, fetch_batch_size)`` jobs in one call (while the pool is busy it
+  lets freed slots gather for up to `GATHER_S` first, so one claim serves many slots),
+  records them in the server's `qmlkit.processing.claims.ClaimLedger` and hands each to the loop at once.
   It waits at the server's idle gate when a claim comes back empty, so wake-ups reach
   it as they reach worker threads. Nothing is claimed that cannot start now, so no job
   waits behind a slow one (what ``prefetch_window`` guards against in the thread pool).
@@ -54,6 +55,9 @@ SYNC_THREADS_MAX = 32
 FLUSH_AT = 200
 #: Longest wait of the claimer for a free slot, or of the storer for outcomes, seconds.
 POLL_S = 0.1
+#: While some slots are busy, how long the claimer lets freed slots gather before it
+#: claims for them (seconds): one claim for many slots, not one per slot.
+GATHER_S = 0.005
 
 
 class AsyncioPool:
@@ -75,6 +79,7 @@ class AsyncioPool:
         self.sync_threads = min(SYNC_THREADS_MAX, self.size)
         self._slots = threading.Condition()
         self._free = list(range(self.size))  # free slot numbers, under _slots
+        self._want = min(parts.runtime.config.fetch_batch_size, self.size)  # a full claim
         self._claimer_done = False  # under _slots
         self._out = threading.Condition()
         self._pending: list[Transition] = []  # outcomes not stored yet, under _out
@@ -157,6 +162,10 @@ class AsyncioPool:
         with self._slots:
             while not self._free and not stopping.is_set():
                 self._slots.wait(POLL_S)
+            deadline = time.monotonic() + GATHER_S
+            while (len(self._free) < self._want and not stopping.is_set()
+                   and (left := deadline - time.monotonic()) > 0):
+                self._slots.wait(left)  # let more slots free up: one claim for them all
             return 0 if stopping.is_set() else len(self._free)
 
     def _dispatch(self, jobs: list[Job]) -> None:
@@ -191,7 +200,8 @@ class AsyncioPool:
     def _free_slot(self, slot: int) -> None:
         with self._slots:
             self._free.append(slot)
-            self._slots.notify()
+            if len(self._free) in (1, self._want):  # what the claimer waits for
+                self._slots.notify()
         self._stop_loop_if_done()
 
     def _stop_loop_if_done(self) -> None:
