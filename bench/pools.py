@@ -1,18 +1,20 @@
 """I/O-bound drain through qmlkit's pools and peers (issue #14): jobs that wait 100 ms.
 
-For each system and each number in flight: the store is emptied, ``--jobs`` jobs are
-enqueued, then ONE worker process is started with the system's own CLI (``qmlkit worker
-qmlkit_app:app --pool asyncio -c 500``, ``taskiq worker``, ``saq``, ``dramatiq``) and
-drains them. Every system runs the same job (`bench/pools_apps/stamp.py`): wait 100 ms
-(``await asyncio.sleep`` or ``time.sleep``, the system's natural form), then one
-pipelined Redis round trip stamping the first start, the last end and a count. Reported:
+For each system and each number in flight: ``--jobs`` jobs are enqueued, then ONE
+worker process is started with the system's own CLI (``qmlkit worker qmlkit_app:app
+--pool asyncio -c 500``, ``taskiq worker``, ``saq``, ``dramatiq``) and drains them.
+Every system runs the same job (`bench/pools_apps/stamp.py`): wait 100 ms (``await
+asyncio.sleep`` or ``time.sleep``, the system's natural form) and count it in the
+worker process's memory, which a thread of that process writes to Redis every 20 ms.
+Reported:
 
 - ``jobs/s``: done / (last end - first start), so the worker's start-up is left out;
 - ``% of ceiling``: of ``in_flight / 0.1 s``, the rate with every slot always busy;
-- ``VmHWM MiB``: peak RSS of the worker process(es), the kernel's ``/proc/PID/status``;
-- ``CPU ms/job``: utime + stime of the worker (and its children, from
-  ``/proc/PID/stat``) from the first job done to the last, per job done meanwhile, so
-  the start-up's imports are left out;
+- ``VmHWM MiB``: peak RSS of the worker process and its children, summed, from the
+  kernel's ``/proc/PID/status``;
+- ``CPU ms/job``: the CPU time (``time.process_time()``: utime + stime of every thread)
+  of each worker process that ran jobs, from its first job's start to its last job's
+  end, summed, per job: the drain's cost without the start-up's imports;
 - the 1-minute load average (``/proc/loadavg``) before and after each run.
 
 Storage: Redis on 127.0.0.1:6379 for every system (qmlkit through qmlkit-redis).
@@ -46,7 +48,6 @@ QMLKIT_PY = ROOT / ".venv" / "bin" / "python"
 PEERS_BIN = ROOT / ".venv-bench" / "bin"
 REDIS_URL = "redis://127.0.0.1:6379/0"
 WAIT_S = 0.1
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass(frozen=True)
@@ -65,8 +66,7 @@ def _qmlkit(pool: str, form: str) -> System:
         f"qmlkit-{pool}", QMLKIT_PY,
         lambda n: [str(APPS / "qmlkit_app.py"), str(n), form],
         lambda c: [str(QMLKIT_PY), "-m", "qmlkit.cli", "--log-level", "WARNING", "worker",
-                   "qmlkit_app:app", "--pool", pool, "-c", str(c), "--polling-interval",
-                   "0.05", "--shutdown-timeout", "30"],
+                   "qmlkit_app:app", "--pool", pool, "-c", str(c), "--shutdown-timeout", "30"],
         f"`qmlkit worker --pool {pool} -c N`, `{form} def` job, qmlkit-redis storage")
 
 
@@ -138,17 +138,6 @@ def family(pid: int) -> list[int]:
     return found
 
 
-def cpu_s(pids: list[int]) -> float:
-    total = 0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime (stat fields 14, 15)
-    return total / CLK_TCK
-
-
 def hwm_mib(pids: list[int]) -> float:
     total = 0
     for pid in pids:
@@ -166,7 +155,19 @@ def empty(client: redis.Redis, prefix: str) -> None:
         client.delete(*keys[i:i + 500])
 
 
+def stamps(client: redis.Redis, keys: str) -> tuple[float, float, int, float]:
+    """(first start, last end, jobs done, CPU seconds between), over every worker
+    process's hash."""
+    rows = [client.hgetall(key) for key in client.scan_iter(match=f"{keys}proc:*")]
+    if not rows:
+        return 0.0, 0.0, 0, 0.0
+    return (min(float(r[b"first"]) for r in rows), max(float(r[b"last"]) for r in rows),
+            sum(int(r[b"done"]) for r in rows),
+            sum(float(r[b"cpu_last"]) - float(r[b"cpu_first"]) for r in rows))
+
+
 def run_one(system: System, in_flight: int, jobs: int, timeout_s: float) -> Result:
+    """Enqueue every job, then start the worker and wait for the drain."""
     client = redis.Redis.from_url(REDIS_URL)
     run = uuid.uuid4().hex[:8]
     prefix, keys = f"bench-pools:{run}:", f"bench-pools:{run}:stamps:"
@@ -174,23 +175,19 @@ def run_one(system: System, in_flight: int, jobs: int, timeout_s: float) -> Resu
            "BENCH_KEYS": keys, "BENCH_PREFIX": prefix, "BENCH_CONCURRENCY": str(in_flight),
            "BENCH_QMLKIT_STORAGE": f"{REDIS_URL}?prefix={prefix}q:"}
     subprocess.run([str(system.python), *system.enqueue(jobs)], env=env, cwd=APPS, check=True)
+    err = open(f"/tmp/bench-pools-{system.name}.err", "w")  # noqa: SIM115
     load_before = loadavg()
     worker = subprocess.Popen(system.worker(in_flight), env=env, cwd=APPS,
-                              stdout=subprocess.DEVNULL,
-                              stderr=open(f"/tmp/bench-pools-{system.name}.err", "w"))  # noqa: SIM115
-    done, hwm, cpu, base = 0, 0.0, 0.0, None
+                              stdout=subprocess.DEVNULL, stderr=err)
+    hwm = 0.0
     try:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline and worker.poll() is None:
-            done = int(client.get(keys + "done") or 0)
-            pids = family(worker.pid)
-            hwm, cpu = max(hwm, hwm_mib(pids)), max(cpu, cpu_s(pids))
-            if done and base is None:
-                base = (cpu, done)  # start-up is over: the first job has ended
-            if done >= jobs:
+            hwm = max(hwm, hwm_mib(family(worker.pid)))
+            if stamps(client, keys)[2] >= jobs:
                 break
-            time.sleep(0.1)
-        load_after = loadavg()
+            time.sleep(0.05)
+        hwm, load_after = max(hwm, hwm_mib(family(worker.pid))), loadavg()
     finally:
         worker.send_signal(signal.SIGTERM)
         try:
@@ -198,13 +195,12 @@ def run_one(system: System, in_flight: int, jobs: int, timeout_s: float) -> Resu
         except subprocess.TimeoutExpired:
             for pid in family(worker.pid):
                 os.kill(pid, signal.SIGKILL)
-    first, last = (float(client.get(keys + k) or 0) for k in ("first", "last"))
+        err.close()
+    first, last, done, cpu = stamps(client, keys)
     empty(client, prefix)
     client.close()
     rate = done / (last - first) if last > first else 0.0
-    base_cpu, base_done = base or (0.0, 0)
-    per_job_ms = 1000 * (cpu - base_cpu) / max(done - base_done, 1)
-    return Result(system.name, in_flight, jobs, done, rate, hwm, per_job_ms,
+    return Result(system.name, in_flight, jobs, done, rate, hwm, 1000 * cpu / max(done, 1),
                   load_before, load_after)
 
 

@@ -127,8 +127,8 @@ def async_form(middleware: object) -> Callable[..., Awaitable[Any]] | None:
     ``__call__`` is), else its ``call_async`` method if it has one (a middleware that
     works in both pools, like `LoggingMiddleware`), else ``None`` (a sync middleware).
     """
-    if inspect.iscoroutinefunction(middleware) or inspect.iscoroutinefunction(
-            getattr(middleware, "__call__", None)):
+    if inspect.iscoroutinefunction(middleware) or (
+            callable(middleware) and inspect.iscoroutinefunction(middleware.__call__)):
         return middleware  # type: ignore[return-value]
     method = getattr(middleware, "call_async", None)
     return method if inspect.iscoroutinefunction(method) else None

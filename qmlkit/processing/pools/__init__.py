@@ -1,5 +1,5 @@
 """Execution pools: how a server runs its attempts (Celery's ``concurrency``, Dramatiq's
-processes × threads).
+processes and threads).
 
 A server composes one pool, chosen by ``ServerConfig.pool``:
 

@@ -9,7 +9,8 @@ Three threads of the server's process (arq's and saq's shape, with qmlkit's clai
 - the **claimer** thread makes every storage claim: it waits for free slots, claims up
   to ``min(free slots, fetch_batch_size)`` jobs in one call (while the pool is busy it
   lets freed slots gather for up to `GATHER_S` first, so one claim serves many slots),
-  records them in the server's `qmlkit.processing.claims.ClaimLedger` and hands each to the loop at once.
+  records them in the server's `qmlkit.processing.claims.ClaimLedger` and hands them
+  to the loop at once.
   It waits at the server's idle gate when a claim comes back empty, so wake-ups reach
   it as they reach worker threads. Nothing is claimed that cannot start now, so no job
   waits behind a slow one (what ``prefetch_window`` guards against in the thread pool).

@@ -28,8 +28,8 @@ from qmlkit.processing.context import JobContext
 
 if TYPE_CHECKING:
     from qmlkit.processing.config import ServerConfig
-    from qmlkit.processing.pools.base import PoolParts
     from qmlkit.processing.idle import IdleGate
+    from qmlkit.processing.pools.base import PoolParts
     from qmlkit.processing.processor import JobProcessor
     from qmlkit.processing.runtime import Runtime
     from qmlkit.processing.watchdog import Watchdog
