@@ -385,7 +385,8 @@ class Server:
 
     @property
     def idle_workers(self) -> int:
-        """Worker threads in their idle wait now (tests, metrics)."""
+        """Claimers in their idle wait now: worker threads (threads pool), or the one
+        claimer of the asyncio pool (tests, metrics)."""
         return self._idle.idle_workers
 
     @property
