@@ -24,6 +24,7 @@ from qmlkit.errors import (
     StorageUnavailable,
     UnknownJobName,
     UnknownStorageScheme,
+    WorkerLost,
 )
 from qmlkit.hookspecs import hookimpl
 from qmlkit.job import (
@@ -61,6 +62,7 @@ __all__ = [
     "JobNotFound",
     "JobState",
     "JobTimeout",
+    "WorkerLost",
     "PayloadError",
     "PluginError",
     "PluginLoadError",

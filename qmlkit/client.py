@@ -419,6 +419,8 @@ class App(JobManagement, RecurringClient):
         elif config is not None:
             base = dict(config)
         base.update(fields)
+        if base.get("pool") == "processes":
+            return self._process_pool(base)
         storage: str | Storage = self._storage_spec
         if "storage_url" in base:
             storage = base["storage_url"]
@@ -438,6 +440,28 @@ class App(JobManagement, RecurringClient):
             raise ConfigurationError(f"invalid server configuration: {exc}") from exc
         return Server.from_plugins(app=self, storage=storage, config=cfg,
                                    plugin_manager=self.plugin_manager)
+
+    def _process_pool(self, base: dict[str, Any]) -> Any:
+        """``server(pool="processes")``: a supervisor over child servers, built without
+        opening any storage in this process (`qmlkit.processing.pools.processes`)."""
+        from qmlkit.processing.config import ServerConfig
+        from qmlkit.processing.pools.processes import ProcessPool
+
+        if "storage_url" not in base:
+            if not isinstance(self._storage_spec, str):
+                raise ConfigurationError(
+                    "storage_url: pool='processes' needs a storage URL every child can "
+                    f"open, not the object {self._storage_spec!r}")
+            base["storage_url"] = self._storage_spec
+            base.setdefault("storage_options", self.storage_options)
+        if self.wakeup_url and "wakeup_url" not in base:
+            base["wakeup_url"] = self.wakeup_url
+        base.setdefault("wakeup_exchange", self.wakeup_exchange)
+        try:
+            cfg = ServerConfig(**base)
+        except ValueError as exc:
+            raise ConfigurationError(f"invalid server configuration: {exc}") from exc
+        return ProcessPool(self, cfg, plugin_manager=self.plugin_manager)
 
     def __iter__(self) -> Iterator[str]:
         """Iterate over the registered job names."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import socket
 from datetime import timedelta
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -66,6 +66,24 @@ class ServerConfig(BaseModel):
         max_result_bytes: Largest stored job result, in bytes of UTF-8 JSON.
         log_attempts: Let the built-in ``qmlkit.logging`` plugin add its
             ``LoggingMiddleware``.
+        pool: How attempts run: ``"threads"`` (``worker_count`` threads), ``"asyncio"``
+            (one event loop), ``"processes"`` (a supervisor and ``processes`` child
+            processes, each a server of its own running ``child_pool`` with
+            ``worker_count`` slots: Dramatiq's processes x threads). See docs/pools.md.
+        processes: Child processes of the ``"processes"`` pool; ``None``: the number of
+            cores (``os.cpu_count()``).
+        child_pool: The pool each child process runs, ``"threads"`` or ``"asyncio"``.
+        max_jobs_per_child: Recycle a child after about this many attempts (it stops
+            claiming, finishes what runs, exits, and is replaced; Celery's
+            ``--max-tasks-per-child``); ``None``: never.
+        max_memory_per_child: Recycle a child whose resident memory passes this many
+            MiB after an attempt (Celery's ``--max-memory-per-child``); ``None``: never.
+        start_method: How children start: ``"forkserver"`` (Linux default: forks from a
+            clean server process that opened nothing) or ``"spawn"`` (a fresh
+            interpreter; the default elsewhere). Plain ``fork`` is refused: the parent's
+            threads and connections would be copied mid-use.
+        app_spec: ``module:attribute`` of the app the children import; ``None``: found
+            by looking the app up in ``sys.modules`` (the CLI passes its ``APP``).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -99,6 +117,13 @@ class ServerConfig(BaseModel):
     retry: RetryPolicy = Field(default_factory=RetryPolicy)
     max_result_bytes: int = Field(default=DEFAULT_MAX_PAYLOAD_BYTES, ge=1)
     log_attempts: bool = True
+    pool: Literal["threads", "asyncio", "processes"] = "threads"
+    processes: int | None = Field(default=None, ge=1, le=256)
+    child_pool: Literal["threads", "asyncio"] = "threads"
+    max_jobs_per_child: int | None = Field(default=None, ge=1)
+    max_memory_per_child: int | None = Field(default=None, ge=1)
+    start_method: Literal["forkserver", "spawn"] | None = None
+    app_spec: str | None = Field(default=None, pattern=r"^[\w.]+:[\w.]+$")
 
     @field_validator(
         "polling_interval", "shutdown_timeout", "scheduler_poll_interval", "cleanup_interval",
