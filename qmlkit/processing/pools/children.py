@@ -181,16 +181,21 @@ def child_main(spec: ChildSpec, reports: Connection, control: Connection) -> Non
     recycle_reason: list[str] = []
     recycle = threading.Event()
 
+    servers: list[Any] = []
+
     def ask_recycle(reason: str) -> None:
         if not recycle.is_set():
             recycle_reason.append(reason)
             recycle.set()
+            if servers:  # claim nothing more from now on; the main thread stops it
+                servers[0].stopping.set()
 
     app = import_app(spec.app_spec)
     reporter = Reporter(outbox.send, spec.config, ask_recycle)
     app.plugin_manager.register(reporter, name="qmlkit:process-pool-reporter")
     fields = spec.config.model_dump()
     server = app.server(**fields)
+    servers.append(server)
     server.start()
     outbox.send(("ready", server.server_id, os.getpid()))
     _serve(server, control, outbox, recycle, recycle_reason)

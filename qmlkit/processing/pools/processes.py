@@ -331,12 +331,12 @@ class ProcessPool:
                 log.exception("settling child %s failed; heartbeat reclaim will take its "
                               "jobs", ending.server_name)
                 continue
-            self.stats["timed_out"] += counts["timeout"]
-            self.stats["lost"] += counts["lost"]
-            self.stats["released"] += counts["released"]
             log.warning("child %s settled: %d attempt(s) ended as JobTimeout, %d as "
                         "WorkerLost, %d job(s) released to their queues", ending.server_name,
                         counts["timeout"], counts["lost"], counts["released"])
+            self.stats["timed_out"] += counts["timeout"]
+            self.stats["lost"] += counts["lost"]
+            self.stats["released"] += counts["released"]
             if counts["released"]:
                 for child in self._live():
                     child.tell("wake")
