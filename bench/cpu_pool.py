@@ -39,7 +39,7 @@ import redis
 
 REDIS = "redis://127.0.0.1:6379/0"
 #: Iterations of the burn loop: about 5 ms on an idle core here (calibrated once).
-BURN_N = int(os.environ.get("BENCH_BURN_N", "20000"))
+BURN_N = int(os.environ.get("BENCH_BURN_N", "110000"))
 
 JOB_BODY = '''
 import time, redis
@@ -107,7 +107,7 @@ def _write(folder: Path, name: str, text: str, key: str) -> None:
 
 def _enqueue(system: str, python: str, folder: Path, module: str, jobs: int) -> None:
     if system.startswith("qmlkit"):
-        code = (f"import {module} as m\nm.app.enqueue_many([m.app.make_job('cpu') "
+        code = (f"import {module} as m\nm.app.enqueue_jobs([m.app.make_job('cpu') "
                 f"for _ in range({jobs})])\nm.app.close()")
     elif system == "dramatiq":
         code = f"import {module} as m\nfor _ in range({jobs}): m.cpu.send()"

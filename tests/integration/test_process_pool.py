@@ -429,3 +429,46 @@ def test_bad_process_pool_fields_name_the_field(field: str, value: Any) -> None:
     app = App("bad", storage="sqlite:///unused.db", autoload=False)
     with pytest.raises(ConfigurationError, match=field):
         app.server(pool="processes", **{field: value})
+
+
+# --- storage restart mid-drain --------------------------------------------------------
+
+
+@pytest.fixture(params=[pytest.param("redis", marks=pytest.mark.redis),
+                        pytest.param("postgres", marks=pytest.mark.postgres)])
+def proxied_app(request: pytest.FixtureRequest, tmp_path: Path,
+                monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[PoolApp, Any]]:
+    """An app whose storage (Redis or PostgreSQL) is reached through a TcpProxy."""
+    from qmlkit.testing.proxy import TcpProxy
+
+    url = request.getfixturevalue(f"{request.param}_url")
+    port = 6379 if request.param == "redis" else 5432
+    with TcpProxy("127.0.0.1", port) as proxy:
+        proxied = url.replace(f"127.0.0.1:{port}", f"127.0.0.1:{proxy.port}")
+        for made in _make_app(proxied, tmp_path, monkeypatch):
+            yield made, proxy
+
+
+def _quietly(check: Any) -> Any:
+    def predicate() -> bool:
+        try:
+            return bool(check())
+        except Exception:  # the storage is being cut: ask again
+            return False
+    return predicate
+
+
+def test_storage_restart_mid_drain_loses_no_job(proxied_app: tuple[PoolApp, Any],
+                                                make_pool: Any) -> None:
+    made, proxy = proxied_app
+    make_pool(made, processes=2, worker_count=2)
+    ids = [made.app.enqueue("pid", args=(0.05,)) for _ in range(60)]
+    wait_until(_quietly(lambda: sum(made.state(i) == "Succeeded" for i in ids) >= 10),
+               timeout=60)
+    # The storage "restarts": every connection is cut, twice, half a second apart
+    proxy.drop_connections()
+    wait_until(lambda: proxy.accepted > 0, timeout=5)
+    before = proxy.accepted
+    wait_until(lambda: proxy.accepted > before, timeout=30)
+    proxy.drop_connections()
+    wait_until(_quietly(lambda: all(made.succeeded_once(i) for i in ids)), timeout=120)
