@@ -29,7 +29,7 @@ from qmlkit.testing import wait_until
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 APP_MODULE = '''
-import os, signal, time
+import os, signal, threading, time
 from qmlkit import App
 {imports}
 app = App("pp-test", storage={url!r}, autoload=False, plugins=[{plugins}])
@@ -55,7 +55,12 @@ def spin():
 
 @app.job(name="segv", max_retries=0)
 def segv():
-    os.kill(os.getpid(), signal.SIGSEGV)
+    # As a crash in C code: the signal lands on the job's own thread, at once
+    signal.pthread_kill(threading.get_ident(), signal.SIGSEGV)
+
+@app.job(name="segv_process", max_retries=0)
+def segv_process():
+    os.kill(os.getpid(), signal.SIGSEGV)  # may land on another thread of the child first
 
 @app.job(name="exit3", max_retries=0)
 def exit3():
@@ -228,6 +233,19 @@ def test_segfault_fails_running_attempt_naming_signal(pool_app: PoolApp,
     assert pool.stats["lost"] == 1
     ids = [pool_app.app.enqueue("add", args=(i, 2)) for i in range(6)]
     wait_until(lambda: all(pool_app.succeeded_once(i) for i in ids), timeout=30)
+
+
+def test_segfault_sent_to_the_process_ends_the_job_not_a_release_loop(
+        sqlite_app: PoolApp, make_pool: Any) -> None:
+    # os.kill(getpid(), SIGSEGV) may kill the child a moment after the job reported its
+    # end: the attempt still counts as the crash's suspect, so it is not released for ever
+    make_pool(sqlite_app, processes=2, worker_count=2)
+    job_id = sqlite_app.app.enqueue("segv_process")
+    wait_until(lambda: sqlite_app.state(job_id) in ("Failed", "Succeeded"), timeout=60)
+    job = sqlite_app.job(job_id)
+    if job.state.name == "Failed":
+        assert job.state.exception_type.endswith("WorkerLost")
+        assert "SIGSEGV" in job.state.message
 
 
 @pytest.mark.parametrize(("method", "named"), [("exit3", "exit code 3"),

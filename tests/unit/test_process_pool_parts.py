@@ -132,7 +132,8 @@ def test_child_handle_finds_overdue_attempts_from_reports() -> None:
     assert child.overdue(101.0) == []
     assert child.overdue(101.0 + HARD_TIMEOUT_MARGIN_S) == [("a", 1)]
     ending = child.ending(stopping=True)
-    assert ending.running == {("a", 1): 1.0, ("b", 1): None}
+    # "c" ended a moment ago: a suspect of the crash too (released here, as running ones)
+    assert ending.running == {("a", 1): 1.0, ("b", 1): None, ("c", 2): 5.0}
     assert ending.release_running  # SIGTERM while the pool stops: released, not failed
 
 
@@ -144,3 +145,17 @@ def test_process_pool_refuses_memory_storage_and_unimportable_app() -> None:
         app.server(pool="processes", app_spec="no_such_module_xyz:app")
     with pytest.raises(ConfigurationError, match="not a module-level attribute"):
         app.server(pool="processes")
+
+
+def test_child_handle_suspects_an_attempt_that_ended_just_before_a_crash() -> None:
+    class FakeProcess:
+        pid, exitcode = 124, -11
+
+    child = ChildHandle(slot=0, server_name="h:proc0-y", process=FakeProcess(),  # type: ignore[arg-type]
+                        reports=None, control=None)  # type: ignore[arg-type]
+    child._apply(("begin", "a", 1, None, 100.0))
+    child._apply(("end", "a", 1))
+    assert child.running == {}
+    assert child.ending(stopping=False).running == {("a", 1): None}
+    child.killed_at = 1.0  # killed by the supervisor: nothing is suspect
+    assert child.ending(stopping=False).running == {}

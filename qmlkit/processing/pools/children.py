@@ -10,8 +10,9 @@ It tells the parent, over a one-way pipe (`multiprocessing.connection.Connection
 each attempt begins (job id, fencing token, timeout, start time on the shared monotonic
 clock) and ends: that is all the parent needs to enforce hard timeouts and to settle
 the attempts of a child that died. The parent steers it over a second pipe:
-``"drain"`` (stop gracefully), ``"abort"`` (release everything now), ``"wake"`` (poll
-now). End of file on that pipe means the parent died: the child drains and exits.
+``("drain", grace_s)`` (stop gracefully within ``grace_s`` seconds), ``"abort"``
+(release everything now), ``"wake"`` (poll now). End of file on that pipe means the
+parent died: the child drains and exits.
 
 Signals: SIGINT is ignored (Ctrl-C reaches the whole process group; the parent decides),
 SIGTERM keeps the default action (the process ends at once, even inside a C call), so
@@ -225,6 +226,9 @@ def _serve(server: Any, control: Connection, outbox: _Outbox, recycle: threading
             server.wake()
         elif message == "drain":
             server.stop()
+            return
+        elif isinstance(message, tuple) and message[0] == "drain":
+            server.stop(message[1])  # the supervisor's grace period, seconds
             return
         elif message == "abort":
             server.abort()

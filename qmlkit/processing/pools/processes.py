@@ -160,6 +160,9 @@ class ProcessPool:
             if self._running:
                 raise ConfigurationError("process pool is already running")
             self._running = True
+            self._stopping, self._closed = threading.Event(), threading.Event()
+            self._hard_stop, self._aborted = threading.Event(), False
+            self._slots = [None] * self.size
         log.info("process pool: %d child process(es) x %d %s slot(s), start method %s, "
                  "app %s", self.size, self.config.worker_count, self.config.child_pool,
                  self._ctx.get_start_method(), self.app_spec)
@@ -189,7 +192,7 @@ class ProcessPool:
                  len(self.children()), grace_s)
         self._stopping.set()
         for child in self._live():
-            child.tell("drain")
+            child.tell(("drain", grace_s))
         deadline = time.monotonic() + grace_s + CHILD_EXIT_MARGIN_S
         while self._live() and not self._hard_stop.is_set() and time.monotonic() < deadline:
             time.sleep(0.05)

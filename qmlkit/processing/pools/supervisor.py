@@ -36,6 +36,10 @@ HARD_TIMEOUT_MARGIN_S = 0.2
 KILL_GRACE_S = 1.0
 #: The supervisor loop's longest wait between looks, seconds.
 WATCH_TICK_S = 0.1
+#: An attempt that ended this shortly before its child died is treated as running when
+#: it is still Processing in the storage (its outcome was never stored): the crash may
+#: be its doing (a signal sent to the process lands on another thread first), seconds.
+SUSPECT_WINDOW_S = 1.0
 
 
 @dataclass
@@ -81,6 +85,7 @@ class ChildHandle:
     retiring: bool = False
     said_bye: bool = False
     aborted: bool = False
+    ended: dict[tuple[str, int], tuple[float, Attempt]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -88,8 +93,9 @@ class ChildHandle:
         """Whether its server started (it reported its registry id)."""
         return self.server_id is not None
 
-    def tell(self, message: str) -> None:
-        """Send ``"drain"``, ``"abort"`` or ``"wake"``; a child already gone is ignored."""
+    def tell(self, message: str | tuple[str, float]) -> None:
+        """Send ``("drain", grace_s)``, ``"abort"`` or ``"wake"``; a child already gone
+        is ignored."""
         with self._lock:
             try:
                 self.control.send(message)
@@ -121,7 +127,12 @@ class ChildHandle:
             deadline = started + timeout_s if timeout_s is not None else None
             self.running[(job_id, token)] = Attempt(timeout_s, deadline)
         elif kind == "end":
-            self.running.pop((message[1], message[2]), None)
+            key, now = (message[1], message[2]), time.monotonic()
+            attempt = self.running.pop(key, None)
+            if attempt is not None:
+                self.ended[key] = (now, attempt)
+            for old in [k for k, (at, _) in self.ended.items() if now - at > SUSPECT_WINDOW_S]:
+                del self.ended[old]
         elif kind == "ready":
             self.server_id = message[1]
         elif kind == "retiring":
@@ -141,9 +152,13 @@ class ChildHandle:
         """How this (exited) child ended, for `qmlkit.processing.pools.settle`."""
         exitcode = self.process.exitcode
         by_sigterm = exitcode == -signal.SIGTERM
+        running = {key: a.timeout_s for key, a in self.running.items()}
+        if self.killed_at is None:  # a crash: recent ends may be its cause
+            now = time.monotonic()
+            running.update({key: a.timeout_s for key, (at, a) in self.ended.items()
+                            if now - at <= SUSPECT_WINDOW_S})
         return Ending(
-            server_name=self.server_name, exitcode=exitcode,
-            running={key: a.timeout_s for key, a in self.running.items()},
+            server_name=self.server_name, exitcode=exitcode, running=running,
             overran=set(self.overran),
             release_running=self.release_running or (stopping and by_sigterm),
         )
