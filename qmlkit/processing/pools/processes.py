@@ -48,6 +48,9 @@ log = logging.getLogger("qmlkit.processing.pools")
 CHILD_EXIT_MARGIN_S = 5.0
 #: How long ``abort()`` waits for children to release and exit before SIGKILL, seconds.
 ABORT_WAIT_S = 3.0
+#: In ``stop()``, after the children were told to go, how long to wait for the last
+#: ones to be reaped, seconds.
+KILL_WAIT_S = 5.0
 #: Restart delay of a slot whose children die before they are ready: first, cap (s).
 RESTART_INITIAL_S, RESTART_CAP_S = 0.5, 10.0
 
@@ -137,6 +140,38 @@ class ProcessPool:
         self._aborted = False
         self._state = threading.Lock()
         self._gone: list[ChildHandle] = []  # children that exited (their bye says aborted)
+
+    @classmethod
+    def for_app(cls, app: Any, fields: dict[str, Any]) -> ProcessPool:
+        """The pool ``App.server(pool="processes", **fields)`` returns, built without
+        opening any storage in this process.
+
+        Args:
+            app: The app (``storage_spec``, ``storage_options``, ``wakeup_url``,
+                ``wakeup_exchange``, ``plugin_manager``, ``registry``).
+            fields: ``ServerConfig`` fields; the app's storage URL and wake-up settings
+                fill those not given.
+
+        Raises:
+            ConfigurationError: A bad field (named), or an app storage that is an object
+                rather than a URL the children can open.
+        """
+        base = dict(fields)
+        if "storage_url" not in base:
+            if not isinstance(app.storage_spec, str):
+                raise ConfigurationError(
+                    "storage_url: pool='processes' needs a storage URL every child can "
+                    f"open, not the object {app.storage_spec!r}")
+            base["storage_url"] = app.storage_spec
+            base.setdefault("storage_options", app.storage_options)
+        if app.wakeup_url and "wakeup_url" not in base:
+            base["wakeup_url"] = app.wakeup_url
+        base.setdefault("wakeup_exchange", app.wakeup_exchange)
+        try:
+            config = ServerConfig(**base)
+        except ValueError as exc:
+            raise ConfigurationError(f"invalid server configuration: {exc}") from exc
+        return cls(app, config, plugin_manager=app.plugin_manager)
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -350,13 +385,3 @@ class ProcessPool:
         if changes and self.pm.hook.qmlkit_job_state_changed.get_hookimpls():
             notify_state_changed(self.pm, changes)
         return changes
-
-
-#: In ``stop()``, after the children were told to go, how long to wait for the last
-#: ones to be reaped, seconds.
-KILL_WAIT_S = 5.0
-
-
-def pool_for(app: Any, config: ServerConfig, plugin_manager: Any) -> ProcessPool:
-    """The process pool ``App.server(pool="processes")`` returns."""
-    return ProcessPool(app, config, plugin_manager=plugin_manager)
