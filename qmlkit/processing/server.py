@@ -98,8 +98,9 @@ class Server:
         if config.pool not in POOLS:
             raise ConfigurationError(
                 f"pool={config.pool!r}: the process pool is not run by a Server directly; "
-                "start it with `qmlkit worker APP --pool processes` (the process-pool "
-                f"supervisor), or use one of {sorted(POOLS)} here")
+                "start it with `qmlkit worker APP --pool processes` or "
+                f"`App.server(pool='processes')` (the supervisor), or use one of "
+                f"{sorted(POOLS)} here")
         self.server_id: str | None = None
         self.claims = ClaimLedger()
         self.duties: list[Duty] = default_duties()

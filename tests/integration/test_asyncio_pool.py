@@ -303,5 +303,9 @@ def test_progress_from_an_async_job_is_stored(app: App) -> None:
 
 @pytest.mark.parametrize("backend_url", ["memory"], indirect=True)
 def test_a_server_refuses_the_process_pool_naming_the_worker_command(app: App) -> None:
+    # App.server(pool="processes") returns the supervisor; a Server itself refuses it.
+    from qmlkit.processing.config import ServerConfig
+
     with pytest.raises(ConfigurationError, match="qmlkit worker APP --pool processes"):
-        app.server(pool="processes")
+        Server(app, app.storage, ServerConfig(storage_url="memory://", pool="processes"),
+               plugin_manager=app.plugin_manager)

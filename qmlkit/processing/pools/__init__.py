@@ -8,8 +8,9 @@ A server composes one pool, chosen by ``ServerConfig.pool``:
 - ``asyncio`` (`qmlkit.processing.pools.asyncio`): one event loop running up to
   ``worker_count`` attempts at once; ``async def`` jobs as tasks, ``def`` jobs in a
   bounded thread executor beside it. Best for I/O fan-out.
-- ``processes``: a supervising parent and child processes, each running one of the
-  above (started by ``qmlkit worker --pool processes``).
+- ``processes`` (`qmlkit.processing.pools.processes`): a supervising parent and child
+  processes, each a server of its own running one of the above (``qmlkit worker --pool
+  processes``, or ``App.server(pool="processes")``); see docs/pools.md.
 
 Every pool gives the layer above the same guarantees through the same parts: claims
 recorded in the server's `qmlkit.processing.claims.ClaimLedger`, outcomes turned into
