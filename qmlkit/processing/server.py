@@ -93,7 +93,7 @@ class Server:
         self.pm = plugin_manager
         self.middleware = tuple(middleware)
         self.server_id: str | None = None
-        self.claims = ClaimLedger()
+        self.claims = ClaimLedger.for_config(config)
         self.duties: list[Duty] = default_duties()
         self._threads: list[threading.Thread] = []
         self._running = False
@@ -198,7 +198,9 @@ class Server:
             stamped = cfg.server_name
             if cfg.enable_heartbeat:
                 self.server_id = f"{cfg.server_name}#{uuid.uuid4()}"
+                began = self.claims.clock()
                 self.storage.register_server(self.server_info())
+                self.claims.beat(began)  # workers trust their claims from now on
                 stamped = self.server_id
             self._watchdog = Watchdog()
             self._threads, self._beating = [], []

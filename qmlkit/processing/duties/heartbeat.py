@@ -22,6 +22,13 @@ class HeartbeatDuty(DutyBase):
     server dead), then requeue the Processing jobs of servers whose heartbeat is older
     than ``dead_server_timeout``.
 
+    Each success is recorded in the claim ledger (`ClaimLedger.beat`), which is how a
+    worker knows, without a storage round trip, that it may start its next job. Before
+    each heartbeat, a beat older than the ledger's trust window (a SIGSTOP'd or cut off
+    server) loses the server's claims (`ClaimLedger.check`: running attempts cancelled,
+    unstarted ones not started); so does an answer that this server's row is gone
+    (`ClaimLedger.presumed_dead`), before the server registers again.
+
     It beats through the whole grace period of ``stop()`` (``through_grace``), until
     every attempt is stored or released; only then does the server deregister. So a
     peer never presumes a draining server dead and reruns the job it is finishing.
@@ -45,12 +52,22 @@ class HeartbeatDuty(DutyBase):
         """Heartbeat once and reclaim the jobs of dead servers."""
         if runtime.server_id is None:
             return None
-        storage = runtime.storage
+        storage, claims = runtime.storage, runtime.claims
+        if claims.check():
+            log.warning("server %s: last heartbeat %.1f s ago, peers may presume it dead: "
+                        "running attempts cancelled, unstarted claims dropped",
+                        runtime.server_id, claims.heartbeat_age() or 0.0)
+        began = claims.clock()
         now = utcnow()
-        if not storage.heartbeat(runtime.server_id, now=now):
-            log.warning("server %s was presumed dead by a peer; registering again",
-                        runtime.server_id)
+        if storage.heartbeat(runtime.server_id, now=now):
+            claims.beat(began)
+        else:
+            cancelled = claims.presumed_dead()
+            log.warning("server %s was presumed dead by a peer (%d running attempt(s) "
+                        "cancelled); registering again", runtime.server_id, len(cancelled))
+            began = claims.clock()
             storage.register_server(runtime.server_info())
+            claims.beat(began)
         changes = storage.reclaim_dead_servers(
             heartbeat_before=now - runtime.config.dead_server_timeout, now=now
         )
