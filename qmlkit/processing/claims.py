@@ -20,8 +20,10 @@ claim lost (issue #17, "a zombie stops at once"):
   ``stale_processing_after``, past which any server's stranded sweep may requeue it).
 
 When a claim is lost, `start` answers `LOST` instead of starting it, every running
-attempt's ``context.cancelled`` is set (cooperative jobs stop), and every held batch
-of the server is lost too (a new *epoch* begins). Fencing makes the rest safe: the
+attempt's ``context.cancelled`` is set (cooperative jobs stop), and every batch whose
+claim *began* (the clock reading the pool passes to `hold`) before that moment is lost
+too, even one the worker only holds after the server was trusted again (a process
+stopped between its claim's commit and `hold`). Fencing makes the rest safe: the
 caller gives its unstarted claims back with a fenced release, which the storage rejects
 for a job already reclaimed, so a reclaimed job is never touched by the zombie.
 
@@ -29,8 +31,9 @@ How any pool (threads, asyncio, processes) uses it, per batch::
 
     if not ledger.trusted():                 # before claiming: wait for a heartbeat
         ledger.wait_trusted(timeout_s)
+    began = ledger.clock()                   # before the claim's storage call
     jobs = storage.claim(...)
-    ledger.hold(jobs, worker_id)
+    ledger.hold(jobs, worker_id, claimed_at=began)
     for job in jobs:
         ctx = ledger.start(job, worker_id, stopping=..., make_context=...)
         if ctx == LOST:                      # no storage round trip was needed to know
@@ -121,8 +124,8 @@ class ClaimLedger:
         self.clock = clock
         self._last_beat: float | None = None  # clock reading when the last good beat began
         self._suspect = False  # lost since the last good beat (cancelled once per episode)
-        self._epoch = 0  # bumped when every held claim is lost
-        self._batch: dict[str, tuple[int, float]] = {}  # worker id -> (epoch, clock) at hold
+        self._lost_at: float | None = None  # clock reading when claims were last lost
+        self._batch: dict[str, float] = {}  # worker id -> clock reading before its claim
         self._held: dict[tuple[str, int], Job] = {}
         self._owner: dict[tuple[str, int], str] = {}  # held claim -> the worker holding it
         self._running: dict[str, tuple[Job, JobContext]] = {}  # job id -> running attempt
@@ -162,8 +165,8 @@ class ClaimLedger:
         """The storage answered that this server's registry row is gone (a peer presumed it
         dead and reclaimed its jobs, or it was pruned): lose every claim held now.
 
-        Every running attempt's ``context.cancelled`` is set, and every held batch
-        answers `LOST` at its next `start`. The caller then registers again and `beat`s.
+        Every running attempt's ``context.cancelled`` is set, and every batch claimed
+        before now answers `LOST` at its next `start`. The caller then registers again and `beat`s.
 
         Returns:
             The jobs of the attempts cancelled (a copy), for the log.
@@ -209,7 +212,7 @@ class ClaimLedger:
                 and self.clock() - self._last_beat < self.heartbeat_trust_s)
 
     def _lose_locked(self) -> list[Job]:
-        self._epoch += 1
+        self._lost_at = self.clock()
         self._suspect = True
         for _, context in self._running.values():
             context.cancelled.set()
@@ -220,20 +223,32 @@ class ClaimLedger:
             if not self._suspect:
                 self._lose_locked()
             return True
-        epoch, held_at = self._batch.get(worker_id, (self._epoch, self.clock()))
-        return epoch != self._epoch or (
-            self.claim_trust_s is not None and self.clock() - held_at >= self.claim_trust_s)
+        began = self._batch.get(worker_id)
+        if began is None:
+            return False
+        return (self._lost_at is not None and began <= self._lost_at) or (
+            self.claim_trust_s is not None and self.clock() - began >= self.claim_trust_s)
 
     # --- a worker's batch ------------------------------------------------------------------
 
-    def hold(self, jobs: Iterable[Job], worker_id: str) -> None:
-        """Record a batch just claimed by ``worker_id``, and open its outcome box."""
+    def hold(self, jobs: Iterable[Job], worker_id: str, *,
+             claimed_at: float | None = None) -> None:
+        """Record a batch just claimed by ``worker_id``, and open its outcome box.
+
+        Args:
+            jobs: The claimed jobs, in claim order.
+            worker_id: The worker that claimed them.
+            claimed_at: A `clock` reading taken before the claim's storage call; the
+                batch's claims are lost if claims were lost after it, or once it is
+                older than the claim trust window. ``None``: now (only for a batch
+                claimed without a storage call, e.g. in tests).
+        """
         with self._lock:
             for job in jobs:
                 self._held[claim_key(job)] = job
                 self._owner[claim_key(job)] = worker_id
             self._outcomes[worker_id] = []
-            self._batch[worker_id] = (self._epoch, self.clock())
+            self._batch[worker_id] = self.clock() if claimed_at is None else claimed_at
 
     def start(self, job: Job, worker_id: str, *, stopping: bool,
               make_context: Callable[[], JobContext]) -> JobContext | Literal["skip", "release"]:

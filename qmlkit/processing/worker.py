@@ -99,6 +99,7 @@ class Worker:
                     continue
                 limit = size.limit()
                 seen = self.idle.seen()
+                began = self.runtime.claims.clock()  # the claim's lease starts before it
                 try:
                     jobs = self._claim(queues, limit)
                     backoff.reset()
@@ -117,7 +118,7 @@ class Worker:
                 else:
                     self.idle.keep_a_poller()
                 started = time.perf_counter()
-                self.run_batch(jobs, loop)
+                self.run_batch(jobs, loop, claimed_at=began)
                 size.observe((time.perf_counter() - started) / len(jobs))
         finally:
             loop.close()
@@ -137,7 +138,8 @@ class Worker:
                           stopping=self.runtime.stopping,
                           progress_sink=self.runtime.storage.report_progress)
 
-    def run_batch(self, jobs: list[Job], loop: asyncio.AbstractEventLoop) -> None:
+    def run_batch(self, jobs: list[Job], loop: asyncio.AbstractEventLoop, *,
+                  claimed_at: float | None = None) -> None:
         """Run a claimed batch in order and store its outcomes.
 
         Outcomes are stored together, and at least every prefetch window, so finished
@@ -147,9 +149,15 @@ class Worker:
         When the ledger answers `LOST` (this server may have been presumed dead, so its
         claims reclaimed), nothing more of the batch starts: the unstarted claims are
         released, fenced, so a job a peer has reclaimed is left alone.
+
+        Args:
+            jobs: The claimed jobs, in claim order.
+            loop: This worker's event loop (for ``async def`` jobs).
+            claimed_at: The ledger's clock read before the claim's storage call (see
+                `ClaimLedger.hold`); ``None``: now.
         """
         runtime, claims, worker_id = self.runtime, self.runtime.claims, self.worker_id
-        claims.hold(jobs, worker_id)
+        claims.hold(jobs, worker_id, claimed_at=claimed_at)
         window = runtime.config.prefetch_window.total_seconds()
         flushed = time.perf_counter()
         try:

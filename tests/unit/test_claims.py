@@ -164,6 +164,7 @@ def test_a_batch_held_before_presumed_dead_stays_lost_after_registering_again() 
     # ...but nothing claimed before the loss starts, even with a fresh heartbeat.
     assert ledger.start(old[0], "w0", stopping=False, make_context=lambda: _ctx(old[0])) == LOST
     ledger.end_batch("w0", old)
+    clock.now += 0.1
     fresh = [_job(4)]
     ledger.hold(fresh, "w0")  # a batch claimed afterwards starts as usual
     assert isinstance(ledger.start(fresh[0], "w0", stopping=False,
@@ -218,3 +219,21 @@ def test_without_trust_windows_claims_never_expire() -> None:
     ledger.hold([job], "w0")
     assert isinstance(ledger.start(job, "w0", stopping=False, make_context=lambda: _ctx(job)),
                       JobContext)
+
+
+def test_a_claim_begun_before_the_loss_is_lost_even_if_held_after_trust_returns() -> None:
+    # The process was stopped between its claim's commit and hold(): by the time the
+    # worker holds the batch, the heartbeat duty has registered again.
+    clock = FakeClock()
+    ledger = _trusting(clock)
+    began = clock()  # read before the claim's storage call
+    clock.now += 12.0  # SIGSTOP
+    ledger.presumed_dead()
+    ledger.beat(clock())
+    jobs = [_job(1), _job(2)]
+    ledger.hold(jobs, "w0", claimed_at=began)
+    assert ledger.trusted()
+    assert ledger.start(jobs[0], "w0", stopping=False, make_context=lambda: _ctx(jobs[0])) == LOST
+    assert ledger.release_waiting({"w0"}) == jobs
+    ledger.end_batch("w0", jobs)
+    assert ledger.is_empty()
