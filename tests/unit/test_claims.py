@@ -237,3 +237,64 @@ def test_a_claim_begun_before_the_loss_is_lost_even_if_held_after_trust_returns(
     assert ledger.release_waiting({"w0"}) == jobs
     ledger.end_batch("w0", jobs)
     assert ledger.is_empty()
+
+
+class _Runtime:
+    """The few names of `Runtime` the heartbeat duty uses."""
+
+    def __init__(self, storage, claims: ClaimLedger) -> None:
+        from qmlkit.processing.config import ServerConfig
+
+        self.config = ServerConfig(storage_url="memory://")
+        self.storage, self.claims, self.server_id = storage, claims, "me#1"
+        self.notified: list[object] = []
+
+    def server_info(self):
+        from qmlkit.storage.base import ServerInfo
+
+        now = utcnow()
+        return ServerInfo(id="me#1", name="me", worker_count=1, queues=[], started_at=now,
+                          last_heartbeat=now)
+
+    def notify(self, changes) -> None:
+        self.notified.extend(changes)
+
+    def runnable(self, changes) -> None:
+        pass
+
+
+def test_the_heartbeat_duty_loses_the_claims_when_its_row_is_gone() -> None:
+    from qmlkit.processing.duties import HeartbeatDuty
+    from qmlkit.storage.memory import MemoryStorage
+
+    clock = FakeClock()
+    ledger = _trusting(clock)
+    runtime = _Runtime(MemoryStorage(), ledger)  # the row "me#1" was never written: gone
+    jobs = [_job(1), _job(2)]
+    ledger.hold(jobs, "w0")
+    ctx = ledger.start(jobs[0], "w0", stopping=False, make_context=lambda: _ctx(jobs[0]))
+    assert isinstance(ctx, JobContext)
+    clock.now += 1.0
+    HeartbeatDuty().run_once(runtime)
+    assert ctx.cancelled.is_set()
+    assert [s.id for s in runtime.storage.list_servers()] == ["me#1"]  # registered again
+    assert ledger.trusted()
+    assert ledger.start(jobs[1], "w0", stopping=False, make_context=lambda: _ctx(jobs[1])) == LOST
+
+
+def test_the_heartbeat_duty_loses_the_claims_of_a_paused_server_before_beating() -> None:
+    from qmlkit.processing.duties import HeartbeatDuty
+    from qmlkit.storage.memory import MemoryStorage
+
+    clock = FakeClock()
+    ledger = _trusting(clock)
+    runtime = _Runtime(MemoryStorage(), ledger)
+    runtime.storage.register_server(runtime.server_info())
+    job = _job(1)
+    ledger.hold([job], "w0")
+    ctx = ledger.start(job, "w0", stopping=False, make_context=lambda: _ctx(job))
+    assert isinstance(ctx, JobContext)
+    clock.now += 30.0  # SIGSTOP; nobody reclaimed yet, so the heartbeat itself succeeds
+    HeartbeatDuty().run_once(runtime)
+    assert ctx.cancelled.is_set()  # but its attempts may have been reclaimed meanwhile
+    assert ledger.trusted()
