@@ -176,7 +176,13 @@ class ClaimLedger:
 
     def trusted(self) -> bool:
         """Whether the last successful heartbeat is recent enough that no peer can have
-        presumed this server dead (always, without heartbeats). No storage round trip."""
+        presumed this server dead. No storage round trip.
+
+        Always true without heartbeats, and before the first `beat`: a server that has
+        not registered (an unstarted one, as inline mode's) stamps its claims with its
+        plain name, which heartbeat reclaim never takes; only the claim trust window
+        applies to them.
+        """
         with self._lock:
             return self._trusted_locked()
 
@@ -206,10 +212,9 @@ class ClaimLedger:
             return None if self._last_beat is None else self.clock() - self._last_beat
 
     def _trusted_locked(self) -> bool:
-        if self.heartbeat_trust_s is None:
-            return True
-        return (self._last_beat is not None
-                and self.clock() - self._last_beat < self.heartbeat_trust_s)
+        if self.heartbeat_trust_s is None or self._last_beat is None:
+            return True  # not registered (yet): its claims carry no registered id
+        return self.clock() - self._last_beat < self.heartbeat_trust_s
 
     def _lose_locked(self) -> list[Job]:
         self._lost_at = self.clock()

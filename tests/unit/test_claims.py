@@ -202,7 +202,10 @@ def test_a_batch_older_than_the_claim_trust_window_is_lost_alone() -> None:
 def test_waiting_for_trust_returns_when_a_heartbeat_lands() -> None:
     clock = FakeClock()
     ledger = ClaimLedger(heartbeat_trust_s=10.0, clock=clock)
-    assert not ledger.trusted()  # no heartbeat yet
+    assert ledger.trusted()  # never registered: its claims carry no registered id
+    ledger.beat(clock())
+    clock.now += 10.0
+    assert not ledger.trusted()
     assert ledger.wait_trusted(0.01) is False
     beater = threading.Timer(0.05, lambda: ledger.beat(clock()))
     beater.start()
