@@ -102,7 +102,7 @@ class Server:
                 f"`App.server(pool='processes')` (the supervisor), or use one of "
                 f"{sorted(POOLS)} here")
         self.server_id: str | None = None
-        self.claims = ClaimLedger()
+        self.claims = ClaimLedger.for_config(config)
         self.duties: list[Duty] = default_duties()
         self.pool: Pool | None = None
         self._started_at = utcnow()
@@ -210,7 +210,9 @@ class Server:
             if cfg.enable_heartbeat:
                 self.server_id = f"{cfg.server_name}#{uuid.uuid4()}"
                 self._started_at = utcnow()
+                began = self.claims.clock()
                 self.storage.register_server(self.server_info())
+                self.claims.beat(began)  # workers trust their claims from now on
                 stamped = self.server_id
             self._watchdog = Watchdog()
             self._duty_threads, self._beating = [], []

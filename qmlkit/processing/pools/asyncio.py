@@ -38,9 +38,14 @@ from typing import TYPE_CHECKING, Any
 
 from qmlkit.backoff import Backoff
 from qmlkit.job import Job
-from qmlkit.processing.claims import RELEASE
+from qmlkit.processing.claims import LOST, RELEASE
 from qmlkit.processing.context import JobContext
-from qmlkit.processing.pools.threads import CLAIM_RETRY_CAP_S, CLAIM_RETRY_INITIAL_S, claim_jobs
+from qmlkit.processing.pools.threads import (
+    CLAIM_RETRY_CAP_S,
+    CLAIM_RETRY_INITIAL_S,
+    DISTRUST_WAIT_S,
+    claim_jobs,
+)
 
 if TYPE_CHECKING:
     from qmlkit.processing.pools.base import PoolParts
@@ -133,10 +138,14 @@ class AsyncioPool:
         backoff = Backoff(CLAIM_RETRY_INITIAL_S, CLAIM_RETRY_CAP_S)
         try:
             while not stopping.is_set():
+                if not runtime.claims.trusted():  # claim nothing until a heartbeat
+                    runtime.claims.wait_trusted(min(interval_s, DISTRUST_WAIT_S))
+                    continue
                 free = self._wait_for_free_slots(stopping)
                 if not free:
                     continue
                 seen = idle.seen()
+                began = runtime.claims.clock()  # the claim's lease starts before it
                 try:
                     jobs = claim_jobs(runtime, worker_id=self._worker_id,
                                       server_name=self.parts.server_name, queues=queues,
@@ -153,7 +162,7 @@ class AsyncioPool:
                     idle.wait(seen, interval_s, stopping=stopping,
                               shared_poll=self.parts.wakeups_live())
                     continue
-                self._dispatch(jobs)
+                self._dispatch(jobs, began)
         finally:
             with self._slots:
                 self._claimer_done = True
@@ -169,29 +178,43 @@ class AsyncioPool:
                 self._slots.wait(left)  # let more slots free up: one claim for them all
             return 0 if stopping.is_set() else len(self._free)
 
-    def _dispatch(self, jobs: list[Job]) -> None:
-        """Give each claimed job a slot, start it in the ledger, hand it to the loop."""
+    def _dispatch(self, jobs: list[Job], claimed_at: float) -> None:
+        """Give each claimed job a slot, start it in the ledger, hand it to the loop.
+
+        When the ledger answers `LOST` (this server may have been presumed dead, its
+        claims reclaimed: `ClaimLedger.start`), that job and every later one of the
+        claim are not started but released, fenced, so a reclaimed job is left alone.
+        """
         runtime, claims = self.parts.runtime, self.parts.runtime.claims
         with self._slots:  # only this thread takes slots: there are enough
             slots = [self._free.pop() for _ in jobs]
-        released, started = [], []
+        released, started, lost = [], [], []
         for job, slot in zip(jobs, slots, strict=True):
             slot_id = f"{runtime.config.server_name}:slot:{slot}"
-            claims.hold([job], slot_id)
-            ctx = claims.start(job, slot_id, stopping=runtime.stopping.is_set(),
-                               make_context=lambda job=job, slot_id=slot_id:  # type: ignore[misc]
-                               self._context(job, slot_id))
+            claims.hold([job], slot_id, claimed_at=claimed_at)
+            ctx = LOST if lost else claims.start(
+                job, slot_id, stopping=runtime.stopping.is_set(),
+                make_context=lambda job=job, slot_id=slot_id:  # type: ignore[misc]
+                self._context(job, slot_id))
             if isinstance(ctx, JobContext):
                 started.append((job, ctx, slot, slot_id))
                 continue
             if ctx == RELEASE:
                 released.append(job)
+            elif ctx == LOST:
+                lost.extend(claims.release_waiting({slot_id}))
             claims.end_batch(slot_id, [job])
             self._free_slot(slot)
         if started:  # one wake-up of the loop for the whole claim
             self._loop.call_soon_threadsafe(self._spawn, started)
         if released:  # (a skipped claim was released by the server already)
             runtime.release(released, "released unstarted: server stopping")
+        if lost:
+            age = claims.heartbeat_age()
+            log.warning("asyncio pool: not starting %d claimed job(s): this server may have "
+                        "been presumed dead (last heartbeat %s ago); releasing those still "
+                        "ours", len(lost), "never" if age is None else f"{age:.1f} s")
+            runtime.release(lost, "released unstarted: claim may have been reclaimed")
 
     def _context(self, job: Job, slot_id: str) -> JobContext:
         runtime = self.parts.runtime

@@ -1,7 +1,8 @@
 """The thread pool: ``worker_count`` worker threads, each claiming a batch and running it.
 
 `ThreadPool` starts the threads; each runs one `Worker` loop. Read `Worker.run` top to
-bottom (as arq's ``_poll_iteration``): size the batch, claim
+bottom (as arq's ``_poll_iteration``): wait while this server may be presumed dead
+(`ClaimLedger.trusted`), size the batch, claim
 (retrying with `qmlkit.backoff.Backoff` while storage fails), wait at the idle gate if
 nothing came, pass the wake-up on if the claim came back full, run the batch.
 
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from qmlkit.backoff import Backoff
 from qmlkit.job import Job, utcnow
-from qmlkit.processing.claims import RELEASE, SKIP
+from qmlkit.processing.claims import LOST, RELEASE, SKIP
 from qmlkit.processing.context import JobContext
 
 if TYPE_CHECKING:
@@ -42,6 +43,8 @@ log = logging.getLogger("qmlkit.processing.server")  # the logger these lines al
 #: Claim retries while storage fails: first and longest wait, seconds (jittered).
 CLAIM_RETRY_INITIAL_S = 0.1
 CLAIM_RETRY_CAP_S = 5.0
+#: Longest wait, seconds, for a heartbeat while this server may be presumed dead.
+DISTRUST_WAIT_S = 0.5
 
 
 class BatchSize:
@@ -118,8 +121,12 @@ class Worker:
         loop = asyncio.new_event_loop()
         try:
             while not stopping.is_set():
+                if not self.runtime.claims.trusted():  # claim nothing until a heartbeat
+                    self.runtime.claims.wait_trusted(min(interval_s, DISTRUST_WAIT_S))
+                    continue
                 limit = size.limit()
                 seen = self.idle.seen()
+                began = self.runtime.claims.clock()  # the claim's lease starts before it
                 try:
                     jobs = self._claim(queues, limit)
                     backoff.reset()
@@ -138,7 +145,7 @@ class Worker:
                 else:
                     self.idle.keep_a_poller()
                 started = time.perf_counter()
-                self.run_batch(jobs, loop)
+                self.run_batch(jobs, loop, claimed_at=began)
                 size.observe((time.perf_counter() - started) / len(jobs))
         finally:
             loop.close()
@@ -152,16 +159,26 @@ class Worker:
                           stopping=self.runtime.stopping,
                           progress_sink=self.runtime.storage.report_progress)
 
-    def run_batch(self, jobs: list[Job], loop: asyncio.AbstractEventLoop) -> None:
+    def run_batch(self, jobs: list[Job], loop: asyncio.AbstractEventLoop, *,
+                  claimed_at: float | None = None) -> None:
         """Run a claimed batch in order and store its outcomes.
 
         Outcomes are stored together, and at least every prefetch window, so finished
         jobs show as finished and a crash re-runs no more than the last window's work;
         the straggler duty may store them earlier. A job given back meanwhile (stop,
         abort, the straggler duty) is skipped; once stopping, the rest are released.
+        When the ledger answers `LOST` (this server may have been presumed dead, so its
+        claims reclaimed), nothing more of the batch starts: the unstarted claims are
+        released, fenced, so a job a peer has reclaimed is left alone.
+
+        Args:
+            jobs: The claimed jobs, in claim order.
+            loop: This worker's event loop (for ``async def`` jobs).
+            claimed_at: The ledger's clock read before the claim's storage call (see
+                `ClaimLedger.hold`); ``None``: now.
         """
         runtime, claims, worker_id = self.runtime, self.runtime.claims, self.worker_id
-        claims.hold(jobs, worker_id)
+        claims.hold(jobs, worker_id, claimed_at=claimed_at)
         window = runtime.config.prefetch_window.total_seconds()
         flushed = time.perf_counter()
         try:
@@ -176,11 +193,23 @@ class Worker:
                 if ctx == RELEASE:
                     runtime.release([job], "released unstarted: server stopping")
                     continue
+                if ctx == LOST:
+                    self._drop_lost()
+                    break
                 assert isinstance(ctx, JobContext)
                 claims.add_outcome(worker_id, self._run_one(job, ctx, loop))
         finally:
             runtime.store_outcomes(claims.take_outcomes(worker_id))
             claims.end_batch(worker_id, jobs)
+
+    def _drop_lost(self) -> None:
+        """Release (fenced) the unstarted claims of a batch whose claim may be lost."""
+        lost = self.runtime.claims.release_waiting({self.worker_id})
+        age = self.runtime.claims.heartbeat_age()
+        log.warning("%s: not starting %d claimed job(s): this server may have been presumed "
+                    "dead (last heartbeat %s ago); releasing those still ours", self.worker_id,
+                    len(lost), "never" if age is None else f"{age:.1f} s")
+        self.runtime.release(lost, "released unstarted: claim may have been reclaimed")
 
     def _run_one(self, job: Job, ctx: JobContext, loop: asyncio.AbstractEventLoop) -> Transition:
         timeout = self.processor.timeout_for(job)
