@@ -26,6 +26,7 @@ from qmlkit.errors import (
     StorageUnavailable,
     UnknownJobName,
     UnknownStorageScheme,
+    WorkerLost,
 )
 from qmlkit.handle import JobHandle
 from qmlkit.hookspecs import hookimpl
@@ -68,6 +69,7 @@ __all__ = [
     "JobNotFound",
     "JobState",
     "JobTimeout",
+    "WorkerLost",
     "PayloadError",
     "PluginError",
     "PluginLoadError",

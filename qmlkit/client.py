@@ -465,6 +465,10 @@ class App(HandleClient, InlineClient, JobManagement, RecurringClient):
         elif config is not None:
             base = dict(config)
         base.update(fields)
+        if base.get("pool") == "processes":  # a supervisor; this process opens nothing
+            from qmlkit.processing.pools.processes import ProcessPool
+
+            return ProcessPool.for_app(self, base)
         storage: str | Storage = self._storage_spec
         if "storage_url" in base:
             storage = base["storage_url"]

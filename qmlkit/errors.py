@@ -247,6 +247,35 @@ class JobTimeout(JobError):
         super().__init__(f"the attempt ran longer than its timeout of {timeout_s:g} s")
 
 
+class WorkerLost(JobError):
+    """The worker process running an attempt died before the attempt ended.
+
+    Stored by the process pool's supervisor for each attempt a child process was running
+    when it died (a segfault, ``os._exit``, an OOM kill); the attempt follows the retry
+    policy like any other failure (Celery's ``WorkerLostError``).
+
+    Attributes:
+        exitcode: The child's exit status as `multiprocessing` reports it: ``-N`` when
+            signal ``N`` ended it, else the code it passed to ``exit``.
+        signal_name: ``"SIGSEGV"``, ``"SIGKILL"``...; ``None`` for a plain exit.
+    """
+
+    def __init__(self, exitcode: int | None) -> None:
+        import signal
+
+        self.exitcode = exitcode
+        self.signal_name: str | None = None
+        if exitcode is not None and exitcode < 0:
+            try:
+                self.signal_name = signal.Signals(-exitcode).name
+            except ValueError:
+                self.signal_name = f"signal {-exitcode}"
+        how = (f"killed by {self.signal_name}" if self.signal_name
+               else f"exited with code {exitcode}")
+        super().__init__(f"the worker process running this attempt died ({how}, exit code "
+                         f"{exitcode}); see the worker's log and the system log (OOM killer)")
+
+
 # --- results -----------------------------------------------------------------------
 
 

@@ -141,7 +141,9 @@ class Enqueued(_State):
     """Waiting in ``queue`` for a worker to claim it.
 
     Attributes:
-        enqueued_at: When it became runnable (UTC); FIFO order within a priority.
+        enqueued_at: When it became runnable (UTC); FIFO order within a priority. A job
+            requeued from Processing (reclaimed, stranded) keeps the one it was claimed
+            from, so it keeps its place in the queue.
         queue: The queue it waits in.
         reason: Why it was (re)enqueued, e.g. ``"released on shutdown"``, or ``None``.
     """

@@ -140,7 +140,8 @@ def stats(app_spec: str | None, storage: str | None, as_json: bool) -> None:
               help="Seconds without a heartbeat after which a server counts as dead.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 def servers(app_spec: str | None, storage: str | None, dead_after: float, as_json: bool) -> None:
-    """List registered servers (those run with heartbeats), live and dead."""
+    """List registered servers (those run with heartbeats), live and dead, with each one's
+    pool, concurrency and busy slots (as of its last heartbeat)."""
     _, store = open_storage(app_spec, storage)
     now = utcnow()
     rows = []
@@ -152,10 +153,12 @@ def servers(app_spec: str | None, storage: str | None, dead_after: float, as_jso
             click.echo(json.dumps({**info.model_dump(mode="json"), "heartbeat_age_s": round(age, 3),
                                    "status": status}))
         return
-    table = Table("server", "status", "heartbeat age (s)", "workers", "queues", "started (UTC)")
+    table = Table("server", "status", "heartbeat age (s)", "pool", "concurrency", "busy",
+                  "queues", "started (UTC)")
     for info, age, status in rows:
-        table.add_row(info.id, status, f"{age:.1f}", str(info.worker_count),
-                      ",".join(info.queues) or "all", f"{info.started_at:%Y-%m-%d %H:%M:%S}")
+        table.add_row(info.id, status, f"{age:.1f}", info.pool, str(info.worker_count),
+                      str(info.busy), ",".join(info.queues) or "all",
+                      f"{info.started_at:%Y-%m-%d %H:%M:%S}")
     console.print(table)
 
 

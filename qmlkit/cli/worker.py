@@ -23,6 +23,7 @@ import click
 
 from qmlkit.cli.apploading import load_app, wakeup_exchange_option
 from qmlkit.errors import QmlError
+from qmlkit.processing.pools.processes import ProcessPool
 from qmlkit.processing.server import Server, ServerConfig
 
 log = logging.getLogger("qmlkit.cli")
@@ -61,6 +62,9 @@ class Flag:
         help: What it does; the environment variable and default are appended.
         default_text: The default shown on ``--help``; ``None`` derives it from the field.
         metavar: The value's name on ``--help``; ``None``: click's.
+        aliases: More declarations of the same option (e.g. ``("-c", "--threads")``),
+            kept so that older scripts work.
+        env_aliases: More environment variables, read when ``env`` is not set.
     """
 
     field: str
@@ -71,6 +75,8 @@ class Flag:
     help: str
     default_text: str | None = None
     metavar: str | None = None
+    aliases: tuple[str, ...] = ()
+    env_aliases: tuple[str, ...] = ()
 
     @property
     def param(self) -> str:
@@ -94,7 +100,8 @@ class Flag:
         """The click option for this row (given or ``None``)."""
         is_pair = "/" in self.flag  # "--on/--off": click makes it a boolean pair
         return click.option(
-            self.flag, self.param, envvar=self.env, default=None,
+            self.flag, *self.aliases, self.param, envvar=[self.env, *self.env_aliases],
+            default=None,
             type=None if is_pair else self.type, metavar=self.metavar,
             show_default=self.shown_default(), help=f"{self.help} [env: {self.env}]")
 
@@ -105,8 +112,30 @@ FLAGS: tuple[Flag, ...] = (
          "Storage URL.", default_text="the app's", metavar="URL"),
     Flag("queues", "--queues", "QMLKIT_QUEUES", str, queue_list,
          "Comma-separated queues to serve; '*' for all."),
-    Flag("worker_count", "--threads", "QMLKIT_THREADS", click.IntRange(1, 1024), same,
-         "Worker threads."),
+    Flag("pool", "--pool", "QMLKIT_POOL", click.Choice(["threads", "asyncio", "processes"]),
+         same, "Execution pool: worker threads; one event loop running up to -c attempts "
+         "(async def jobs); or child processes.", default_text="threads"),
+    Flag("worker_count", "--concurrency", "QMLKIT_CONCURRENCY", click.IntRange(1, 10_000),
+         same, "Concurrency: worker threads (threads pool), or attempts at once (asyncio "
+         "pool). --threads and QMLKIT_THREADS are the same.", aliases=("-c", "--threads"),
+         env_aliases=("QMLKIT_THREADS",), metavar="N"),
+    Flag("processes", "--processes", "QMLKIT_PROCESSES", click.IntRange(1, 256), same,
+         "With --pool processes: child processes, each a server of its own.",
+         default_text="the number of cores"),
+    Flag("child_pool", "--child-pool", "QMLKIT_CHILD_POOL", click.Choice(["threads", "asyncio"]),
+         same, "With --pool processes: the pool each child runs."),
+    Flag("max_jobs_per_child", "--max-jobs-per-child", "QMLKIT_MAX_JOBS_PER_CHILD",
+         click.IntRange(1), same, "With --pool processes: recycle a child after about N "
+         "attempts (it finishes what runs; a new one replaces it).", default_text="never",
+         metavar="N"),
+    Flag("max_memory_per_child", "--max-memory-per-child", "QMLKIT_MAX_MEMORY_PER_CHILD",
+         click.IntRange(1), same, "With --pool processes: recycle a child whose resident "
+         "memory passes this many MiB after an attempt.", default_text="never",
+         metavar="MIB"),
+    Flag("start_method", "--start-method", "QMLKIT_START_METHOD",
+         click.Choice(["forkserver", "spawn"]), same,
+         "With --pool processes: how children start.",
+         default_text="forkserver on Linux, else spawn"),
     Flag("polling_interval", "--polling-interval", "QMLKIT_POLLING_INTERVAL", SECONDS, seconds,
          "Seconds an idle worker waits between polls."),
     Flag("shutdown_timeout", "--shutdown-timeout", "QMLKIT_SHUTDOWN_TIMEOUT", SECONDS, seconds,
@@ -165,6 +194,8 @@ def worker(app_spec: str, wakeup_exchange: str | None, **flags: Any) -> None:
     fields = config_fields(flags)
     if wakeup_exchange:
         fields["wakeup_exchange"] = wakeup_exchange
+    if fields.get("pool") == "processes":
+        fields["app_spec"] = app_spec  # what the child processes import
     if "storage_url" not in fields and isinstance(app.storage_spec, str):
         # The server opens its own storage in start(), retrying while it is unreachable
         # (--connect-timeout); the app's storage opens on first use, once it is up.
@@ -207,7 +238,7 @@ def warn_unserved(registry: Mapping[str, Any], served: Sequence[str]) -> None:
                     ",".join(served), names, ",".join((*served, *missing)))
 
 
-def run_until_signalled(server: Server) -> bool:
+def run_until_signalled(server: Server | ProcessPool) -> bool:
     """Start ``server``, drain it on the first SIGINT/SIGTERM, abort it on the second.
 
     Handlers go in before the server claims anything, so no signal can end the process

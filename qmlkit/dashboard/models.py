@@ -200,7 +200,9 @@ class ServerRow(BaseModel):
     Attributes:
         id: ``name#uuid``.
         name: Configured name.
-        worker_count: Worker threads.
+        worker_count: Its concurrency (worker threads, or asyncio slots).
+        pool: Its execution pool (``threads``, ``asyncio``).
+        busy: Slots running an attempt as of its last heartbeat.
         queues: Queues served (empty: all).
         started_at: When it registered (UTC).
         last_heartbeat: Last heartbeat (UTC).
@@ -211,6 +213,8 @@ class ServerRow(BaseModel):
     id: str
     name: str
     worker_count: int
+    pool: str = "threads"
+    busy: int = 0
     queues: list[str]
     started_at: datetime
     last_heartbeat: datetime

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import socket
 from datetime import timedelta
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -28,7 +28,17 @@ class ServerConfig(BaseModel):
             poll only. With it, ``polling_interval`` can be long without delaying jobs.
         wakeup_exchange: The fanout exchange's name; apps sharing a broker use their own.
         server_name: Name of this server; default the host name (qml-rs: "qml-server").
-        worker_count: Worker threads.
+        pool: The execution pool (`qmlkit.processing.pools`): ``"threads"`` (worker
+            threads, the default: every ``def`` job works as written, nothing to learn),
+            ``"asyncio"`` (one event loop running up to ``worker_count`` attempts at once,
+            for ``async def`` I/O fan-out; ``def`` jobs in a bounded executor beside it),
+            or ``"processes"`` (a supervisor and ``processes`` child processes, each a
+            server of its own running ``child_pool`` with ``worker_count`` slots:
+            Dramatiq's processes x threads; started by ``qmlkit worker --pool processes``
+            or ``App.server(pool="processes")``; a `Server` refuses it). See docs/pools.md.
+        worker_count: The concurrency (``qmlkit worker -c``): worker threads in the thread
+            pool, the most attempts running at once in the asyncio pool; per child
+            process in the process pool.
         polling_interval: How long an idle worker waits before polling again.
         job_timeout: Default per-attempt limit (a job's ``timeout_s`` overrides it);
             ``None`` for none.
@@ -66,6 +76,20 @@ class ServerConfig(BaseModel):
         max_result_bytes: Largest stored job result, in bytes of UTF-8 JSON.
         log_attempts: Let the built-in ``qmlkit.logging`` plugin add its
             ``LoggingMiddleware``.
+        processes: Child processes of the ``"processes"`` pool; ``None``: the number of
+            cores (``os.cpu_count()``).
+        child_pool: The pool each child process runs, ``"threads"`` or ``"asyncio"``.
+        max_jobs_per_child: Recycle a child after about this many attempts (it stops
+            claiming, finishes what runs, exits, and is replaced; Celery's
+            ``--max-tasks-per-child``); ``None``: never.
+        max_memory_per_child: Recycle a child whose resident memory passes this many
+            MiB after an attempt (Celery's ``--max-memory-per-child``); ``None``: never.
+        start_method: How children start: ``"forkserver"`` (Linux default: forks from a
+            clean server process that opened nothing) or ``"spawn"`` (a fresh
+            interpreter; the default elsewhere). Plain ``fork`` is refused: the parent's
+            threads and connections would be copied mid-use.
+        app_spec: ``module:attribute`` of the app the children import; ``None``: found
+            by looking the app up in ``sys.modules`` (the CLI passes its ``APP``).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -75,7 +99,8 @@ class ServerConfig(BaseModel):
     wakeup_url: str | None = None
     wakeup_exchange: str = Field(default="qmlkit.wakeup", min_length=1)
     server_name: str = Field(default_factory=socket.gethostname, min_length=1)
-    worker_count: int = Field(default=5, ge=1, le=1024)
+    pool: Literal["threads", "asyncio", "processes"] = "threads"
+    worker_count: int = Field(default=5, ge=1, le=10_000)
     polling_interval: timedelta = timedelta(seconds=1)
     job_timeout: timedelta | None = timedelta(minutes=5)
     queues: tuple[str, ...] = ("default",)
@@ -99,6 +124,12 @@ class ServerConfig(BaseModel):
     retry: RetryPolicy = Field(default_factory=RetryPolicy)
     max_result_bytes: int = Field(default=DEFAULT_MAX_PAYLOAD_BYTES, ge=1)
     log_attempts: bool = True
+    processes: int | None = Field(default=None, ge=1, le=256)
+    child_pool: Literal["threads", "asyncio"] = "threads"
+    max_jobs_per_child: int | None = Field(default=None, ge=1)
+    max_memory_per_child: int | None = Field(default=None, ge=1)
+    start_method: Literal["forkserver", "spawn"] | None = None
+    app_spec: str | None = Field(default=None, pattern=r"^[\w.]+:[\w.]+$")
 
     @field_validator(
         "polling_interval", "shutdown_timeout", "scheduler_poll_interval", "cleanup_interval",

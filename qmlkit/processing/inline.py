@@ -51,7 +51,7 @@ from qmlkit.errors import InvalidTransition
 from qmlkit.job import Enqueued, Job, utcnow
 from qmlkit.processing.idle import IdleGate
 from qmlkit.processing.watchdog import Watchdog
-from qmlkit.processing.worker import Worker
+from qmlkit.processing.pools.threads import Worker
 
 __all__ = ["MAX_INLINE_STEPS", "InlineClient", "InlineMode", "InlineRunner"]
 

@@ -5,18 +5,26 @@ A middleware is any callable ``middleware(job, context, call_next) -> result``.
 a middleware may act before and after it, return its own result without calling it, or
 catch and translate the exception it raises. The first middleware in the chain is the
 outermost.
+
+In the asyncio pool (`compose_async`) a middleware may also be ``async def
+middleware(job, context, call_next)``, awaiting ``call_next()`` (or offer such a
+``call_async`` method beside its sync ``__call__``, to work in both pools); a sync one
+works there unchanged, around ``def`` and ``async def`` jobs alike
+(`qmlkit.processing.syncbridge`).
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
 from qmlkit.errors import MiddlewareError
 from qmlkit.job import Job
 from qmlkit.processing.context import JobContext
+from qmlkit.processing.syncbridge import run_sync, wait_for
 
 log = logging.getLogger("qmlkit.attempt")
 
@@ -53,13 +61,30 @@ class LoggingMiddleware:
             outcome = type(exc).__name__
             raise
         finally:
-            if log.isEnabledFor(logging.INFO):
-                ms = (time.perf_counter() - start) * 1000
-                fields = {"job_id": job.id, "method": job.method, "queue": job.queue,
-                          "attempt": context.attempt, "duration_ms": round(ms, 3),
-                          "outcome": outcome}
-                level = logging.INFO if outcome == "ok" else logging.WARNING
-                log.log(level, " ".join(f"{k}={v}" for k, v in fields.items()), extra=fields)
+            self._log(job, context, start, outcome)
+
+    async def call_async(self, job: Job, context: JobContext,
+                         call_next: Callable[[], Awaitable[Any]]) -> Any:
+        """The same, awaited in the asyncio pool (no greenlet needed)."""
+        start = time.perf_counter()
+        outcome = "ok"
+        try:
+            return await call_next()
+        except BaseException as exc:
+            outcome = type(exc).__name__
+            raise
+        finally:
+            self._log(job, context, start, outcome)
+
+    @staticmethod
+    def _log(job: Job, context: JobContext, start: float, outcome: str) -> None:
+        if log.isEnabledFor(logging.INFO):
+            ms = (time.perf_counter() - start) * 1000
+            fields = {"job_id": job.id, "method": job.method, "queue": job.queue,
+                      "attempt": context.attempt, "duration_ms": round(ms, 3),
+                      "outcome": outcome}
+            level = logging.INFO if outcome == "ok" else logging.WARNING
+            log.log(level, " ".join(f"{k}={v}" for k, v in fields.items()), extra=fields)
 
 
 def compose(
@@ -93,6 +118,72 @@ def compose(
         return result
 
     return step(0)
+
+
+def async_form(middleware: object) -> Callable[..., Awaitable[Any]] | None:
+    """The ``async def`` form of ``middleware`` for `compose_async`, or ``None``.
+
+    That is the middleware itself if it is ``async def`` (a function, or an object whose
+    ``__call__`` is), else its ``call_async`` method if it has one (a middleware that
+    works in both pools, like `LoggingMiddleware`), else ``None`` (a sync middleware).
+    """
+    if inspect.iscoroutinefunction(middleware) or (
+            callable(middleware) and inspect.iscoroutinefunction(middleware.__call__)):
+        return middleware  # type: ignore[return-value]
+    method = getattr(middleware, "call_async", None)
+    return method if inspect.iscoroutinefunction(method) else None
+
+
+async def compose_async(
+    middleware: Sequence[Any], job: Job, context: JobContext,
+    run: Callable[[], Awaitable[Any]],
+    forms: Sequence[Callable[..., Awaitable[Any]] | None] | None = None,
+) -> Any:
+    """Await ``run()`` inside ``middleware`` (first = outermost) on the running loop.
+
+    An ``async def`` middleware (see `async_form`) gets a ``call_next`` returning an
+    awaitable; a sync one runs on the loop's thread through
+    `qmlkit.processing.syncbridge.run_sync`, and its ``call_next()`` returns the result
+    as in `compose`. Any exception propagates unchanged.
+
+    Args:
+        middleware: The chain, outermost first.
+        job: The attempt's job.
+        context: Its context.
+        run: Awaits the job itself.
+        forms: ``async_form`` of each middleware, computed once by the caller;
+            ``None`` computes them now.
+
+    Raises:
+        MiddlewareError: A middleware neither called ``call_next`` nor returned a result.
+    """
+    if forms is None:
+        forms = [async_form(m) for m in middleware]
+
+    async def step(i: int) -> Any:
+        if i == len(middleware):
+            return await run()
+        called = False
+        current, form = middleware[i], forms[i]
+        if form is not None:
+            def call_next() -> Awaitable[Any]:
+                nonlocal called
+                called = True
+                return step(i + 1)
+
+            result = await form(job, context, call_next)
+        else:
+            def call_next_sync() -> Any:
+                nonlocal called
+                called = True
+                return wait_for(step(i + 1))
+
+            result = await run_sync(current, job, context, call_next_sync)
+        if result is None and not called:
+            raise MiddlewareError(describe(current))
+        return result
+
+    return await step(0)
 
 
 def compose_enqueue(

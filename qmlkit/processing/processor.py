@@ -7,15 +7,21 @@ for anything a job does: a bad payload, an unknown name, an unprintable exceptio
 unstorable result all end as a Failed state with the reason (field cases C11, C13).
 Storing the transition is the caller's job, so a worker can store a whole batch in one
 transaction.
+
+`JobProcessor.run` runs an attempt on the calling thread (the thread pool);
+`JobProcessor.run_async` awaits it on a running event loop (the asyncio pool), with
+``def`` jobs handed to an executor and the middleware chain run by
+`qmlkit.processing.middleware.compose_async`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import timedelta
 from typing import Any, Protocol
 
@@ -23,12 +29,19 @@ from qmlkit.errors import JobTimeout, PayloadError, UnknownJobName
 from qmlkit.job import Job, encode_json
 from qmlkit.processing import outcome
 from qmlkit.processing.context import JobContext, reset_current, set_current
-from qmlkit.processing.middleware import Middleware, compose
+from qmlkit.processing.middleware import Middleware, async_form, compose, compose_async
 from qmlkit.processing.outcome import describe_exception
 from qmlkit.processing.retry import RetryPolicy
 from qmlkit.storage.base import Transition
 
-__all__ = ["JobProcessor", "Runnable", "describe_exception"]
+__all__ = ["JobProcessor", "Offload", "Runnable", "describe_exception", "is_async_runnable"]
+
+#: ``asyncio.timeout`` where the Python has it (3.11+), else ``None`` (``wait_for``).
+_TIMEOUT = getattr(asyncio, "timeout", None)
+
+#: How the asyncio pool runs a ``def`` job: ``await offload(fn)`` calls ``fn()`` on an
+#: executor thread (with the attempt's context variables) and returns its result.
+Offload = Callable[[Callable[[], Any]], Awaitable[Any]]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +62,16 @@ class Runnable(Protocol):
 
     def execute(self, job: Job, context: JobContext) -> Any:
         """Run the job; return its result (a coroutine for ``async def`` jobs)."""
+
+
+def is_async_runnable(runnable: object) -> bool:
+    """Whether a registered runnable is ``async def`` (its function, or a class-based
+    worker's ``execute``): the asyncio pool then runs it on the loop, not the executor."""
+    target = getattr(runnable, "fn", None)
+    if target is None:
+        target = getattr(getattr(runnable, "worker", None), "execute", None)
+    return inspect.iscoroutinefunction(target if target is not None
+                                       else getattr(runnable, "execute", None))
 
 
 class JobProcessor:
@@ -85,6 +108,8 @@ class JobProcessor:
         self.registered = registered
         self.retry_policy = retry_policy
         self.middleware = tuple(middleware)
+        self._async_forms = tuple(async_form(m) for m in self.middleware)
+        self._on_loop: dict[int, tuple[object, bool]] = {}  # id(runnable) -> (it, async?)
         self.job_timeout = job_timeout
         self.succeeded_ttl = succeeded_ttl
         self.failed_ttl = failed_ttl
@@ -171,6 +196,88 @@ class JobProcessor:
         finally:
             if own:
                 run_on.close()
+
+    async def run_async(self, job: Job, context: JobContext, offload: Offload) -> Transition:
+        """Run one attempt of ``job`` on the running event loop (the asyncio pool).
+
+        As `run`, but the middleware chain is awaited (`compose_async`): an ``async
+        def`` job runs as part of this task, under ``asyncio.wait_for`` with its timeout
+        (a timeout cancels it and ends the attempt with ``JobTimeout``); a ``def`` job
+        runs through ``offload`` and, like in the thread pool, is only told of its
+        timeout through ``context.cancelled``.
+
+        Args:
+            job: The claimed job (Processing).
+            context: Its context.
+            offload: Runs a ``def`` job's call on an executor thread.
+
+        Returns:
+            The transition to store. Never raises for a failure of the job.
+
+        Raises:
+            asyncio.CancelledError: The task itself was cancelled (the pool aborts).
+        """
+        runnable = self.lookup(job.method)
+        start = time.perf_counter()
+        try:
+            if runnable is None:
+                raise UnknownJobName(job.method, self.registered())
+            result = await self._call_async(runnable, job, context, offload)
+            if context.timed_out:
+                raise JobTimeout(self.timeout_for(job) or 0.0)
+            stored = result.value if isinstance(result, _Encoded) else self._encode_result(result)
+        except asyncio.CancelledError:
+            if not context.timed_out:
+                raise  # the pool is aborting: the server released the job already
+            return self._failure(job, JobTimeout(self.timeout_for(job) or 0.0), runnable)
+        except BaseException as exc:  # noqa: BLE001 - every failure of a job is recorded
+            if context.timed_out and not isinstance(exc, JobTimeout):
+                exc = JobTimeout(self.timeout_for(job) or 0.0)
+            return self._failure(job, exc, runnable)
+        duration_ms = (time.perf_counter() - start) * 1000
+        return outcome.succeeded(job, stored, duration_ms, ttl=self.succeeded_ttl)
+
+    async def _call_async(self, runnable: Runnable, job: Job, context: JobContext,
+                          offload: Offload) -> Any:
+        token = set_current(context)
+        try:
+            encoded: list[Any] = []
+            known = self._on_loop.get(id(runnable))
+            if known is None or known[0] is not runnable:
+                known = self._on_loop[id(runnable)] = (runnable, is_async_runnable(runnable))
+            on_loop = known[1]
+
+            async def invoke() -> Any:
+                if on_loop:
+                    result = runnable.execute(job, context)
+                else:
+                    result = await offload(lambda: runnable.execute(job, context))
+                if inspect.isawaitable(result):
+                    result = await self._await_on_loop(result, job, context)
+                encoded.append((result, self._encode_result(result)))
+                return result
+
+            result = await compose_async(self.middleware, job, context, invoke,
+                                         self._async_forms)
+            if encoded and encoded[0][0] is result:
+                return _Encoded(encoded[0][1])
+            return result
+        finally:
+            reset_current(token)
+
+    async def _await_on_loop(self, awaitable: Any, job: Job, context: JobContext) -> Any:
+        timeout = self.timeout_for(job)
+        try:
+            if timeout is None:
+                return await awaitable
+            if _TIMEOUT is not None:  # Python 3.11+: no extra task per attempt
+                async with _TIMEOUT(timeout):
+                    return await awaitable
+            return await asyncio.wait_for(awaitable, timeout)
+        except (asyncio.TimeoutError, TimeoutError) as exc:
+            context.timed_out = True
+            context.cancelled.set()
+            raise JobTimeout(timeout or 0.0) from exc
 
     def _encode_result(self, result: Any) -> Any:
         if result is None:

@@ -1,24 +1,18 @@
-"""``Server``: worker threads and background duties (qml-rs ``BackgroundJobServer``).
+"""``Server``: an execution pool and background duties (qml-rs ``BackgroundJobServer``).
 
 ``start()`` requeues jobs a crashed predecessor left in Processing, registers the server
 (``name#uuid``) when heartbeats are on, then starts the duties of
 `qmlkit.processing.duties` in order (stragglers, scheduler, recurring, cleanup,
-heartbeat) and ``worker_count`` worker threads. ``stop()`` stops claiming, releases
-claimed-but-unstarted jobs at once, lets running attempts finish within
-``shutdown_timeout``, then cancels and releases whatever is still held (so nothing is
-left in Processing, field case C10), deregisters and returns.
-
-Each worker thread claims a small batch, runs it, and stores every outcome of the batch
-in one transaction. The batch size adapts: it is the number of recent average-length jobs
-that fit in ``prefetch_window`` (at least 1, at most ``fetch_batch_size``), so fast jobs
-are claimed and acknowledged many at a time while a slow job is never held back behind
-another one claimed ahead of it (field case C18).
+heartbeat) and its pool (`qmlkit.processing.pools`: ``threads`` or ``asyncio``, of
+``worker_count`` slots). ``stop()`` stops claiming, releases claimed-but-unstarted jobs
+at once, lets running attempts finish within ``shutdown_timeout``, then cancels and
+releases whatever is still held (so nothing is left in Processing, field case C10),
+deregisters and returns. How each pool claims, runs and stores outcomes is in its module.
 
 The parts live in rooms of their own: `qmlkit.processing.config` (``ServerConfig``,
 re-exported here), `claims` (the claim ledger), `idle` (the idle gate), `watchdog`,
 `outcome` (exception or result -> Succeeded / AwaitingRetry / Failed, and storing
-outcomes), `runtime` (what a duty may ask of this server), `duties` and `worker` (one
-worker thread's loop).
+outcomes), `runtime` (what a duty may ask of this server), `duties` and `pools`.
 """
 
 from __future__ import annotations
@@ -42,13 +36,15 @@ from qmlkit.processing.assembly import CallableObserver, assemble
 from qmlkit.processing.claims import ClaimLedger
 from qmlkit.processing.config import ServerConfig
 from qmlkit.processing.connect import open_storage
-from qmlkit.processing.duties.stranded import warn_recent_processing
+from qmlkit.processing.duties.stranded import requeue_stranded_on_start
 from qmlkit.processing.idle import IdleGate
 from qmlkit.processing.middleware import Middleware
 from qmlkit.processing.outcome import store_outcomes
+from qmlkit.processing.pools.asyncio import AsyncioPool
+from qmlkit.processing.pools.base import Pool, PoolParts
+from qmlkit.processing.pools.threads import ThreadPool
 from qmlkit.processing.processor import JobProcessor
 from qmlkit.processing.watchdog import Watchdog
-from qmlkit.processing.worker import Worker
 from qmlkit.storage.base import ServerInfo, StateChange, Storage, Transition
 from qmlkit.wakeup import RECURRING, SCHEDULED, WakeupListener, WakeupPublisher, connection_for
 
@@ -62,9 +58,12 @@ log = logging.getLogger(__name__)
 
 _CallableObserver = CallableObserver  # its name before it moved
 
+#: ``ServerConfig.pool`` -> the pool a server composes in its own process.
+POOLS: dict[str, Callable[[PoolParts], Pool]] = {"threads": ThreadPool, "asyncio": AsyncioPool}
+
 
 class Server:
-    """A job server: worker threads plus scheduler, cleanup and heartbeat duties.
+    """A job server: an execution pool plus scheduler, cleanup and heartbeat duties.
 
     Build it with `from_plugins` (or ``App.server()``), which resolves the storage
     and middleware through the plugin manager. A server is also the
@@ -76,6 +75,10 @@ class Server:
         config: The configuration.
         plugin_manager: The manager whose observers and lifecycle hooks are called.
         middleware: The middleware chain, outermost first.
+
+    Raises:
+        ConfigurationError: ``config.pool`` is ``"processes"``: that pool is a supervisor
+            of servers, started by ``qmlkit worker --pool processes``.
     """
 
     def __init__(
@@ -92,14 +95,22 @@ class Server:
         self.config = config
         self.pm = plugin_manager
         self.middleware = tuple(middleware)
+        if config.pool not in POOLS:
+            raise ConfigurationError(
+                f"pool={config.pool!r}: the process pool is not run by a Server directly; "
+                "start it with `qmlkit worker APP --pool processes` or "
+                f"`App.server(pool='processes')` (the supervisor), or use one of "
+                f"{sorted(POOLS)} here")
         self.server_id: str | None = None
-        self.claims = ClaimLedger()
+        self.claims = ClaimLedger.for_config(config)
         self.duties: list[duties.Duty] = duties.default_duties()
-        self._threads: list[threading.Thread] = []
+        self.pool: Pool | None = None
+        self._started_at = utcnow()
         self._running = False
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._halted = threading.Event()  # set once every attempt is stored or released
+        self._duty_threads: list[threading.Thread] = []  # duties that end on stopping
         self._beating: list[threading.Thread] = []  # duties that outlive the grace period
         self._hard_stop = threading.Event()
         self._abort_lock = threading.Lock()
@@ -191,58 +202,38 @@ class Server:
             cfg = self.config
             open_storage(self.storage.open, timeout=cfg.connect_timeout,
                          what=repr(self.storage))  # retries while unreachable
-            self._requeue_stranded()
+            requeue_stranded_on_start(self)  # what a crashed predecessor left
             self._stopping, self._halted = threading.Event(), threading.Event()
             self._hard_stop = threading.Event()
             self._abort_done = False
             stamped = cfg.server_name
             if cfg.enable_heartbeat:
                 self.server_id = f"{cfg.server_name}#{uuid.uuid4()}"
+                self._started_at = utcnow()
+                began = self.claims.clock()
                 self.storage.register_server(self.server_info())
+                self.claims.beat(began)  # workers trust their claims from now on
                 stamped = self.server_id
             self._watchdog = Watchdog()
-            self._threads, self._beating = [], []
+            self._duty_threads, self._beating = [], []
+            self._started_at = utcnow()
             self._start_wakeups()
             for duty in self.duties:
                 if duty.enabled(cfg):
                     self._spawn(duty.name, functools.partial(duties.run_duty, duty, self),
                                 through_grace=getattr(duty, "through_grace", False))
             # Logged before the workers start, so no job's log line comes first.
-            log.info("server %s started with %d worker(s) on %r, queues %s",
-                     self.server_id or cfg.server_name, cfg.worker_count, self.storage,
-                     list(cfg.queues) or "all")
-            for i in range(cfg.worker_count):
-                worker_id = f"{cfg.server_name}:worker:{i}"
-                worker = Worker(self, worker_id=worker_id, server_name=stamped,
-                                processor=self.processor, idle=self._idle,
-                                watchdog=self._watchdog, observed=self._observed,
-                                wakeups_live=lambda: self._wakeups_live)
-                self._spawn(f"worker-{i}", worker.run)
+            log.info("server %s started with a %s pool of %d on %r, queues %s",
+                     self.server_id or cfg.server_name, cfg.pool, cfg.worker_count,
+                     self.storage, list(cfg.queues) or "all")
+            self.pool = POOLS[cfg.pool](PoolParts(
+                runtime=self, processor=self.processor, idle=self._idle,
+                watchdog=self._watchdog, server_name=stamped, observed=self._observed,
+                wakeups_live=lambda: self._wakeups_live))
+            self.pool.start()
             self._running = True
             self.app.notifier.subscribe(self)
         call_safely(self.pm, "qmlkit_server_started", server=self)
-
-    def _requeue_stranded(self) -> None:
-        """Requeue Processing jobs a crashed predecessor left (or warn about them)."""
-        cfg = self.config
-        now = utcnow()
-        try:
-            # Registered servers' jobs are left to heartbeat reclaim, which knows
-            # whether they are alive: a long job of a live server is never taken.
-            registered = ([s.id for s in self.storage.list_servers()]
-                          if cfg.enable_heartbeat else [])
-            stranded = self.storage.requeue_stranded(
-                started_before=now - cfg.stale_processing_after, now=now,
-                exclude_servers=registered,
-            )
-        except QmlError as exc:
-            log.warning("could not requeue stranded jobs on start: %s", exc)
-            stranded = []
-        if stranded:
-            log.info("requeued %d stranded Processing job(s) on start", len(stranded))
-            self.notify(stranded)
-        if not cfg.enable_heartbeat:
-            warn_recent_processing(self.storage, cfg.stale_processing_after)
 
     def _start_wakeups(self) -> None:
         cfg = self.config
@@ -278,21 +269,26 @@ class Server:
             duty.nudge()
         self._release_unstarted()
         self._join(grace_s)
-        if any(t.is_alive() for t in self._threads):
+        if self._pool_alive():
             self.abort()
         self._finish()
 
+    def _pool_alive(self) -> bool:
+        """Whether the pool or a duty (other than the heartbeat) still runs."""
+        return ((self.pool is not None and self.pool.alive())
+                or any(t.is_alive() for t in self._duty_threads))
+
     def _join(self, grace_s: float) -> None:
-        """Wait up to ``grace_s`` seconds for every thread, less if ``abort()`` runs."""
+        """Wait up to ``grace_s`` seconds for the pool, less if ``abort()`` runs."""
         deadline = time.monotonic() + grace_s
-        while any(t.is_alive() for t in self._threads) and not self._hard_stop.is_set():
+        while self._pool_alive() and not self._hard_stop.is_set():
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
-            for thread in self._threads:
-                thread.join(min(0.1, remaining))
-                if self._hard_stop.is_set():
-                    break
+            if self.pool is not None:
+                self.pool.join(min(0.1, remaining))
+            for thread in self._duty_threads:
+                thread.join(max(0.0, min(0.1, deadline - time.monotonic())))
 
     def abort(self) -> None:
         """Stop at once: cancel running attempts and release every held job to Enqueued.
@@ -318,9 +314,9 @@ class Server:
         released += self._release_unstarted()
         if released:
             log.warning("released %d unfinished job(s) back to their queues", released)
-        deadline = time.monotonic() + 0.5  # let threads that can end quickly do so
-        for thread in self._threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
+        if self.pool is not None:
+            self.pool.abort()
+            self.pool.join(0.5)  # let threads that can end quickly do so
 
     def _release_unstarted(self) -> int:
         """Release held jobs that no worker has started; return how many."""
@@ -350,7 +346,7 @@ class Server:
     def _spawn(self, name: str, target: Callable[[], None], *, through_grace: bool = False) -> None:
         thread = threading.Thread(target=target, name=f"qmlkit-{name}", daemon=True)
         thread.start()
-        (self._beating if through_grace else self._threads).append(thread)
+        (self._beating if through_grace else self._duty_threads).append(thread)
 
     # --- wake-ups and nudges ----------------------------------------------------------
 
@@ -392,7 +388,8 @@ class Server:
 
     @property
     def idle_workers(self) -> int:
-        """Worker threads in their idle wait now (tests, metrics)."""
+        """Claimers in their idle wait now: worker threads (threads pool), or the one
+        claimer of the asyncio pool (tests, metrics)."""
         return self._idle.idle_workers
 
     @property
@@ -436,7 +433,13 @@ class Server:
         assert self.server_id is not None
         return ServerInfo(id=self.server_id, name=self.config.server_name,
                           worker_count=self.config.worker_count, queues=list(self.config.queues),
-                          started_at=now, last_heartbeat=now)
+                          started_at=self._started_at, last_heartbeat=now,
+                          pool=self.config.pool, busy=self.busy_slots)
+
+    @property
+    def busy_slots(self) -> int:
+        """Slots of the pool running an attempt now (0 when stopped)."""
+        return self.pool.busy() if self.pool is not None else 0
 
     def notify(self, changes: Sequence[StateChange]) -> None:
         """Tell the state-change observers about committed ``changes`` (if any listen)."""

@@ -377,7 +377,8 @@ class Storage(abc.ABC):
         Used at server start for jobs a crashed process left behind. Jobs whose
         ``server_name`` is in ``exclude_servers`` (registered servers, which heartbeat
         reclaim looks after) are left alone, so a long job of a live server is never
-        taken from it (field case C03). Each requeued job's old claim becomes stale.
+        taken from it (field case C03). Each requeued job's old claim becomes stale;
+        it keeps its place in the queue (the ``enqueued_at`` it was claimed from).
 
         Returns:
             The changes made (Processing -> Enqueued, reason ``"stranded"``).
@@ -486,7 +487,7 @@ class Storage(abc.ABC):
         Orphans too: a job stamped ``"name#uuid"`` (a registered id) with no row
         (pruned, half-finished stop, never written) and claimed before the bound,
         whichever came first, pruning or a pass; plain stamps are `requeue_stranded`'s.
-        A reclaimed job is enqueued at ``now`` (after waiting jobs of its priority).
+        A reclaimed job keeps its place: the ``enqueued_at`` it was claimed from.
 
         Returns:
             The changes made.

@@ -73,6 +73,7 @@ class MemoryStorage(Storage):
         self._jobs: dict[str, Job] = {}
         self._heaps: dict[str, list[tuple[int, float, int, str]]] = {}
         self._seq = itertools.count()
+        self._seqs: dict[str, int] = {}  # job id -> FIFO number of its last enqueue (its place)
         self._servers: dict[str, ServerInfo] = {}
         self._recurring: dict[str, RecurringJob] = {}
         self._waiting: dict[str, datetime] = {}  # Scheduled/AwaitingRetry job id -> due time
@@ -96,21 +97,24 @@ class MemoryStorage(Storage):
 
     # --- helpers (lock held) -------------------------------------------------------
 
-    def _push(self, job: Job) -> None:
+    def _push(self, job: Job, seq: int | None = None) -> None:
         state = job.state
         assert isinstance(state, Enqueued)
         heap = self._heaps.setdefault(job.queue, [])
-        key = (-job.priority, state.enqueued_at.timestamp(), next(self._seq), job.id)
-        heapq.heappush(heap, key)
+        seq = next(self._seq) if seq is None else seq
+        self._seqs[job.id] = seq
+        heapq.heappush(heap, (-job.priority, state.enqueued_at.timestamp(), seq, job.id))
 
-    def _store(self, job: Job) -> None:
+    def _store(self, job: Job, seq: int | None = None) -> None:
         old = self._jobs.get(job.id)
         if old is not None and old.state is not job.state:
             self._history.setdefault(job.id, []).append(old.state)
         self._jobs[job.id] = job
         state = job.state
         if isinstance(state, Enqueued):
-            self._push(job)
+            self._push(job, seq)
+        elif state.terminal:
+            self._seqs.pop(job.id, None)
         due = due_at(state)  # the promotion index: Scheduled and AwaitingRetry only
         if due is not None:
             self._waiting[job.id] = due
@@ -286,11 +290,16 @@ class MemoryStorage(Storage):
             return min(self._waiting.values(), default=None)
 
     def _requeue_where(self, now: datetime, reason: str, pred: Any) -> list[StateChange]:
+        """Requeue matching Processing jobs at their place: the ``enqueued_at`` of the
+        Enqueued state they were claimed from, and its FIFO number."""
         changes = []
         for job in list(self._jobs.values()):
             if isinstance(job.state, Processing) and pred(job.state):
-                requeued = job.with_state(Enqueued(enqueued_at=now, queue=job.queue, reason=reason))
-                self._store(requeued)
+                before = self._history.get(job.id, [])[-1:]
+                placed = before[0] if before and isinstance(before[0], Enqueued) else None
+                at = placed.enqueued_at if placed is not None else now
+                requeued = job.with_state(Enqueued(enqueued_at=at, queue=job.queue, reason=reason))
+                self._store(requeued, self._seqs.get(job.id) if placed is not None else None)
                 changes.append(StateChange(requeued, job.state))
         return changes
 

@@ -80,10 +80,13 @@ class ServerInfo(BaseModel):
     Attributes:
         id: Unique id, ``"{name}#{uuid4}"``.
         name: The configured server name.
-        worker_count: Worker threads it runs.
+        worker_count: Its concurrency: worker threads, or the asyncio pool's slots.
         queues: The queues it serves (empty means all).
         started_at: When it registered (UTC).
         last_heartbeat: When it last reported alive (UTC).
+        pool: Its execution pool: ``"threads"``, ``"asyncio"`` (``ServerConfig.pool``).
+        busy: Slots running an attempt when it last registered or refreshed its entry
+            (the heartbeat refreshes it when it changed), 0 to ``worker_count``.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -93,3 +96,5 @@ class ServerInfo(BaseModel):
     queues: list[str] = Field(default_factory=list)
     started_at: UtcDateTime
     last_heartbeat: UtcDateTime
+    pool: str = "threads"  # a row written before pools existed ran worker threads
+    busy: int = Field(default=0, ge=0)

@@ -198,7 +198,12 @@ def start_worker(tmp_path: Path, *flags: str) -> subprocess.Popen[bytes]:
         cwd=tmp_path, env=env, stderr=open(tmp_path / "worker.err", "ab"))
 
 
-def test_killed_worker_job_is_reclaimed_and_its_zombie_write_rejected(tmp_path: Path) -> None:
+POOLS = pytest.mark.parametrize("pool", ["threads", "asyncio"])
+
+
+@POOLS
+def test_killed_worker_job_is_reclaimed_and_its_zombie_write_rejected(tmp_path: Path,
+                                                                      pool: str) -> None:
     write_app(tmp_path, """
         @app.job(name="slow")
         def slow(tag):
@@ -208,7 +213,7 @@ def test_killed_worker_job_is_reclaimed_and_its_zombie_write_rejected(tmp_path: 
     """)
     app = load_app(tmp_path)
     job_id = app.enqueue("slow", args=["a"])
-    victim = start_worker(tmp_path)
+    victim = start_worker(tmp_path, "--pool", pool)
     try:
         wait_until(lambda: app.storage.get(job_id).state.name == "Processing", timeout=20)
         claimed = app.storage.get(job_id)
@@ -218,7 +223,7 @@ def test_killed_worker_job_is_reclaimed_and_its_zombie_write_rejected(tmp_path: 
     finally:
         if victim.poll() is None:
             victim.kill()
-    rescuer = app.server(**beat(), worker_count=1)
+    rescuer = app.server(**beat(), worker_count=1, pool=pool)
     rescuer.start()
     try:
         wait_until(lambda: app.storage.get(job_id).state.name == "Succeeded", timeout=20)
@@ -238,7 +243,8 @@ def test_killed_worker_job_is_reclaimed_and_its_zombie_write_rejected(tmp_path: 
     app.close()
 
 
-def test_killed_worker_running_and_prefetched_jobs_all_complete(tmp_path: Path) -> None:
+@POOLS
+def test_killed_worker_running_and_prefetched_jobs_all_complete(tmp_path: Path, pool: str) -> None:
     # C01: 2 threads, 6 slow jobs, kill -9 while the first ones run; a fresh worker finishes all
     write_app(tmp_path, """
         @app.job(name="slow")
@@ -248,7 +254,7 @@ def test_killed_worker_running_and_prefetched_jobs_all_complete(tmp_path: Path) 
     """)
     app = load_app(tmp_path)
     ids = [app.enqueue("slow", args=[str(i)]) for i in range(6)]
-    victim = start_worker(tmp_path, "--threads", "2")
+    victim = start_worker(tmp_path, "--threads", "2", "--pool", pool)
     try:
         wait_until(lambda: app.storage.count_jobs().get(("default", "Processing"), 0) == 2,
                    timeout=20)
@@ -258,7 +264,7 @@ def test_killed_worker_running_and_prefetched_jobs_all_complete(tmp_path: Path) 
         if victim.poll() is None:
             victim.kill()
     assert len(app.storage.list_jobs(limit=100)) == 6  # nothing lost with the process
-    fresh = start_worker(tmp_path, "--threads", "2")
+    fresh = start_worker(tmp_path, "-c", "2", "--pool", pool)
     try:
         wait_until(lambda: all(app.storage.get(i).state.name == "Succeeded" for i in ids),
                    timeout=40)
@@ -272,7 +278,8 @@ def test_killed_worker_running_and_prefetched_jobs_all_complete(tmp_path: Path) 
     app.close()
 
 
-def test_long_job_of_a_live_server_runs_once(tmp_path: Path) -> None:
+@POOLS
+def test_long_job_of_a_live_server_runs_once(tmp_path: Path, pool: str) -> None:
     # C03: a job longer than the dead-server timeout and the stranded threshold, on a
     # server that keeps heartbeating, is never taken by a peer or a newly started server.
     url = f"sqlite:///{tmp_path / 'q.db'}"
@@ -292,7 +299,7 @@ def test_long_job_of_a_live_server_runs_once(tmp_path: Path) -> None:
     first = make("first")
     job_id = first.enqueue("long")
     owner = first.server(**beat(stale_processing_after=timedelta(seconds=0.5)),
-                         server_name="owner", worker_count=1)
+                         server_name="owner", worker_count=1, pool=pool)
     owner.start()
     peers: list[Server] = []
     try:
@@ -301,7 +308,7 @@ def test_long_job_of_a_live_server_runs_once(tmp_path: Path) -> None:
         for name in ("peer", "late"):
             app = make(name)
             peer = app.server(**beat(stale_processing_after=timedelta(seconds=0.5)),
-                              server_name=name, worker_count=1)
+                              server_name=name, worker_count=1, pool=pool)
             peer.start()
             peers.append(peer)
             # Time passing is what is under test: longer than the dead-server timeout.
@@ -361,6 +368,43 @@ def test_servers_command_lists_live_and_dead_servers(tmp_path: Path) -> None:
     rows = {r["id"]: r for r in map(json.loads, result.output.splitlines())}
     assert rows["alive#1"]["status"] == "live" and rows["dead#2"]["status"] == "dead"
     assert rows["alive#1"]["worker_count"] == 3
+    app.close()
+
+
+def test_servers_command_shows_a_workers_pool_concurrency_and_busy_slots(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from qmlkit.cli import main
+
+    write_app(tmp_path, """
+        import asyncio
+        @app.job(name="hold")
+        async def hold():
+            while not (MARKS / "go").exists():
+                await asyncio.sleep(0.02)
+    """)
+    app = load_app(tmp_path)
+    ids = [app.enqueue("hold") for _ in range(3)]
+    url = f"sqlite:///{tmp_path / 'q.db'}"
+    worker = start_worker(tmp_path, "--pool", "asyncio", "-c", "7")
+
+    def rows() -> list[dict[str, object]]:
+        result = CliRunner().invoke(main, ["servers", "--storage", url, "--json"])
+        assert result.exit_code == 0, result.output
+        return [json.loads(line) for line in result.output.splitlines()]
+
+    try:
+        (row,) = wait_until(lambda: [r for r in rows() if r["busy"] == 3], timeout=30)
+        assert row["pool"] == "asyncio" and row["worker_count"] == 7
+        table = CliRunner().invoke(main, ["servers", "--storage", url]).output
+        assert "asyncio" in table and "busy" in table
+        (tmp_path / "go").touch()
+        wait_until(lambda: all(app.storage.get(i).state.name == "Succeeded" for i in ids),
+                   timeout=30)
+    finally:
+        (tmp_path / "go").touch()
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(30) == 0
     app.close()
 
 

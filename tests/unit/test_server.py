@@ -26,9 +26,20 @@ from qmlkit.testing import make_job, wait_until
 from tests.conftest import backend_plugins
 
 
+#: The pool `fast` builds servers with: every test here runs on each pool in turn.
+POOL = {"name": "threads"}
+
+
+@pytest.fixture(autouse=True, params=["threads", "asyncio"])
+def pool(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setitem(POOL, "name", request.param)
+    return request.param
+
+
 def fast(app: App, **fields: object):
     defaults = {"worker_count": 2, "polling_interval": timedelta(milliseconds=20),
-                "shutdown_timeout": timedelta(seconds=10), "log_attempts": False}
+                "shutdown_timeout": timedelta(seconds=10), "log_attempts": False,
+                "pool": POOL["name"]}
     return app.server(**{**defaults, **fields})
 
 
@@ -402,6 +413,7 @@ def test_middleware_wraps_in_order_and_can_short_circuit(app: App) -> None:
     server = Server.from_plugins(app=app, storage=app.storage, autoload=False,
                                  middleware=[outer, inner],
                                  config={"worker_count": 1, "log_attempts": False,
+                                         "pool": POOL["name"],
                                          "polling_interval": timedelta(milliseconds=20)})
     a, b = echo.enqueue("run"), echo.enqueue("skip")
     server.start()

@@ -32,8 +32,9 @@ class StragglerDuty(DutyBase):
     nudgeable = False
 
     def enabled(self, config: ServerConfig) -> bool:
-        """See `Duty.enabled`: only batches (``fetch_batch_size > 1``) can straggle."""
-        return config.fetch_batch_size > 1 and config.worker_count > 0
+        """See `Duty.enabled`: only batches (``fetch_batch_size > 1``) of the thread pool
+        can straggle; the asyncio pool starts every job it claims at once."""
+        return config.fetch_batch_size > 1 and config.worker_count > 0 and config.pool == "threads"
 
     def interval(self, runtime: Runtime) -> float:
         """See `Duty.interval`: one prefetch window, 0.02 s at least."""

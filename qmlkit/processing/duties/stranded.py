@@ -6,6 +6,7 @@ import logging
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
+from qmlkit.errors import QmlError
 from qmlkit.job import utcnow
 from qmlkit.processing.duties.base import DutyBase
 
@@ -14,7 +15,7 @@ if TYPE_CHECKING:
     from qmlkit.processing.runtime import Runtime
     from qmlkit.storage.base import Storage
 
-__all__ = ["StrandedDuty", "warn_recent_processing"]
+__all__ = ["StrandedDuty", "requeue_stranded_on_start", "warn_recent_processing"]
 
 log = logging.getLogger("qmlkit.processing.server")
 
@@ -75,3 +76,27 @@ def warn_recent_processing(storage: Storage, stale_after: timedelta) -> None:
             "they are requeued by the stranded sweep once older than that, or at once by "
             "heartbeat reclaim (enable_heartbeat / qmlkit worker --heartbeat)",
             held, stale_after)
+
+
+def requeue_stranded_on_start(runtime: Runtime) -> None:
+    """On a server's start: requeue Processing jobs a crashed predecessor left (claimed
+    longer than ``stale_processing_after`` ago), or, without heartbeats, warn about
+    recent ones. Registered servers' jobs are left to heartbeat reclaim, which knows
+    whether they are alive: a long job of a live server is never taken. A storage error
+    is logged, not raised (the server starts anyway)."""
+    cfg, storage = runtime.config, runtime.storage
+    now = utcnow()
+    try:
+        registered = [s.id for s in storage.list_servers()] if cfg.enable_heartbeat else []
+        stranded = storage.requeue_stranded(
+            started_before=now - cfg.stale_processing_after, now=now,
+            exclude_servers=registered,
+        )
+    except QmlError as exc:
+        log.warning("could not requeue stranded jobs on start: %s", exc)
+        stranded = []
+    if stranded:
+        log.info("requeued %d stranded Processing job(s) on start", len(stranded))
+        runtime.notify(stranded)
+    if not cfg.enable_heartbeat:
+        warn_recent_processing(storage, cfg.stale_processing_after)

@@ -112,7 +112,7 @@ def claim(dialect: Primitives, storage: SQLStore, *, worker_id: str, server_name
             jobs.update()
             .where(c.id == sa.bindparam("b_id"))
             .values(state=sa.bindparam("state"), state_data=sa.bindparam("state_data"),
-                    enqueued_at=None, due_at=None,
+                    due_at=None,  # enqueued_at kept: a requeue restores the place
                     started_at=sa.bindparam("started_at", type_=sa.Float),
                     server_name=sa.bindparam("server_name"),
                     attempts=c.attempts + 1, history=dialect.history_append())
@@ -207,9 +207,12 @@ def acknowledge(dialect: Primitives, storage: SQLStore,
 
 
 def move(dialect: Primitives, storage: SQLStore, conn: Connection, where: sa.ColumnElement[bool],
-         make_state: Callable[[Job], JobState], limit: int | None = None) -> list[StateChange]:
+         make_state: Callable[[Job], JobState], limit: int | None = None, *,
+         keep_place: bool = False) -> list[StateChange]:
     """Move every job matching ``where`` to ``make_state(job)`` in this transaction;
-    rows that will not decode are left where they are."""
+    rows that will not decode are left where they are. With ``keep_place``, a job moved
+    to Enqueued keeps the ``enqueued_at`` its row still holds (claims keep the column),
+    so a requeued job goes back to its place in the queue."""
     jobs = storage.jobs
     c = jobs.c
     query = jobs.select().where(where).order_by(c.id)
@@ -222,6 +225,8 @@ def move(dialect: Primitives, storage: SQLStore, conn: Connection, where: sa.Col
         if corrupt:
             continue
         state = make_state(job)
+        if keep_place and isinstance(state, Enqueued) and row.enqueued_at is not None:
+            state = state.model_copy(update={"enqueued_at": row.enqueued_at})
         moved = job.with_state(state)
         conn.execute(jobs.update().where(c.id == job.id).values(
             {**state_columns(state), "history": dialect.history_append()}))
@@ -247,7 +252,7 @@ def requeue_stranded(dialect: Primitives, storage: SQLStore, *, started_before: 
         where = where & c.server_name.not_in(list(exclude_servers))
     return storage.executor.write(lambda conn: move(
         dialect, storage, conn, where,
-        lambda j: Enqueued(enqueued_at=now, queue=j.queue, reason="stranded")))
+        lambda j: Enqueued(enqueued_at=now, queue=j.queue, reason="stranded"), keep_place=True))
 
 
 def reclaim_dead_servers(dialect: Primitives, storage: SQLStore, *, heartbeat_before: datetime,
@@ -268,6 +273,7 @@ def reclaim_dead_servers(dialect: Primitives, storage: SQLStore, *, heartbeat_be
         owner_dead = c.server_name.in_(dead) | orphaned if dead else orphaned
         where = state_is(c.state, "Processing") & owner_dead
         return move(dialect, storage, conn, where,
-                    lambda j: Enqueued(enqueued_at=now, queue=j.queue, reason="reclaimed"))
+                    lambda j: Enqueued(enqueued_at=now, queue=j.queue, reason="reclaimed"),
+                    keep_place=True)
 
     return storage.executor.write(write)

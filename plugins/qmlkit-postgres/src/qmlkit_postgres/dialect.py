@@ -328,7 +328,7 @@ class PostgresDialect(SQLDialect):
             f"FROM {self.jobs_sql} WHERE state = 'Enqueued' {where} "
             f"ORDER BY priority DESC, enqueued_at, id LIMIT %(limit)s FOR UPDATE SKIP LOCKED) "
             f"UPDATE {self.jobs_sql} AS j SET state = 'Processing', state_data = %(data)s, "
-            f"enqueued_at = NULL, due_at = NULL, started_at = %(now)s, "
+            f"due_at = NULL, started_at = %(now)s, "  # enqueued_at kept: requeues restore it
             f"server_name = %(server)s, attempts = j.attempts + 1, {_HISTORY} "
             f"FROM picked WHERE j.id = picked.id "
             f"RETURNING {returning}, picked.prev, picked.prev_enqueued"
@@ -420,16 +420,24 @@ class PostgresDialect(SQLDialect):
     def _requeue(
         self, storage: SQLStore, cursor: Any, condition: str, params: dict[str, Any], now: datetime,
         reason: str | None, limit: int | None, order: str = "id", prefix: str = "",
+        keep_place: bool = False,
     ) -> list[StateChange]:
-        """Move rows matching ``condition`` to Enqueued in one statement; return the changes."""
+        """Move rows matching ``condition`` to Enqueued in one statement; return the changes.
+
+        With ``keep_place``, a row keeps the ``enqueued_at`` it still holds (claims keep
+        the column), so a requeued job goes back to its place in the queue.
+        """
         returning = ", ".join(f"j.{c}" for c in _RETURNED)
+        at = "coalesce(j.enqueued_at, %(now)s)" if keep_place else "%(now)s"
+        at_iso = (f"""to_char({at} AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')"""
+                  if keep_place else "%(now_iso)s::text")
         sql = (
             f"{prefix}{', ' if prefix else 'WITH '}picked AS (SELECT id, state_data AS prev "
             f"FROM {self.jobs_sql} WHERE {condition} ORDER BY {order} "
             f"{'LIMIT %(limit)s ' if limit is not None else ''}FOR UPDATE SKIP LOCKED) "
-            f"UPDATE {self.jobs_sql} AS j SET state = 'Enqueued', enqueued_at = %(now)s, "
+            f"UPDATE {self.jobs_sql} AS j SET state = 'Enqueued', enqueued_at = {at}, "
             f"due_at = NULL, started_at = NULL, server_name = NULL, {_HISTORY}, "
-            "state_data = json_build_object('name', 'Enqueued', 'enqueued_at', %(now_iso)s::text, "
+            f"state_data = json_build_object('name', 'Enqueued', 'enqueued_at', {at_iso}, "
             "'queue', j.queue, 'reason', %(reason)s::text)::text "
             f"FROM picked WHERE j.id = picked.id RETURNING {returning}, picked.prev"
         )
@@ -469,7 +477,7 @@ class PostgresDialect(SQLDialect):
             condition += " AND NOT (server_name = ANY(%(excluded)s))"
         params = {"before": started_before, "excluded": list(exclude_servers)}
         return storage.executor.write_one(lambda cursor: self._requeue(
-            storage, cursor, condition, params, now, "stranded", None))
+            storage, cursor, condition, params, now, "stranded", None, keep_place=True))
 
     def reclaim_dead_servers(
         self, storage: SQLStore, *, heartbeat_before: datetime, now: datetime
@@ -486,4 +494,4 @@ class PostgresDialect(SQLDialect):
             "WHERE srv.id = server_name AND srv.last_heartbeat >= %(before)s)))")
         return storage.executor.write_one(lambda cursor: self._requeue(
             storage, cursor, condition, {"before": heartbeat_before}, now, "reclaimed", None,
-            prefix=prefix))
+            prefix=prefix, keep_place=True))

@@ -68,8 +68,11 @@ for _, m in ipairs(picked) do
   elseif v[1] == 'Enqueued' then
     local q = v[2] or '?'
     local a = (tonumber(v[3]) or 0) + 1
+    -- place/placed_at: the queue entry and its enqueue time, so a requeue (stranded,
+    -- reclaimed) puts the job back at its place in the queue
     redis.call('HSET', k, 'state', 'Processing', 'state_data', sj, 'attempts', a,
-               'server', srv, 'started_at', started, 'qmember', '',
+               'server', srv, 'started_at', started, 'qmember', '', 'place', m,
+               'placed_at', string.match(v[5 + 13] or '', '"enqueued_at":"([^"]*)"') or '',
                'history', (v[5] or '') .. (v[5 + 13] or '') .. '\n')
     zrem(P .. 'state:Enqueued', id)
     zadd(P .. 'state:Processing', tonumber(v[4]) or 0, id)  -- a hand-edited time cannot fail it

@@ -66,12 +66,22 @@ local function append_job(out, id)
 end
 
 -- Move job id (index fields h) to Enqueued now, its state JSON built around its queue
--- from pre and post; the job and its previous state are kept for moved_reply().
+-- from pre and post; the job and its previous state are kept for moved_reply(). With
+-- keep (a Processing job requeued), it goes back to the place its claim took it from
+-- (the 'place' entry and 'placed_at' time the claim recorded), when known.
 local moved = {}
-local function requeue(id, h, pre, post, tm)
+local function requeue(id, h, pre, post, tm, keep)
+  local sj = pre .. cjson.encode(h[2] or '?') .. post
+  if keep then
+    local pl = redis.call('HMGET', jk(id), 'place', 'placed_at')
+    if pl[1] and pl[1] ~= '' and pl[2] and pl[2] ~= '' then
+      tm = string.sub(pl[1], 1, 16)
+      sj = (string.gsub(sj, '"enqueued_at":"[^"]*"', '"enqueued_at":"' .. pl[2] .. '"', 1))
+    end
+  end
   moved[#moved + 1] = {id, redis.call('HGET', jk(id), 'state_data')}
   leave(id, h)
-  enter(id, h, 'Enqueued', pre .. cjson.encode(h[2] or '?') .. post, tm, '', {})
+  enter(id, h, 'Enqueued', sj, tm, '', {})
 end
 -- The reply of a script that requeued: per job, previous state JSON, id, JOB_FIELDS.
 local function moved_reply()

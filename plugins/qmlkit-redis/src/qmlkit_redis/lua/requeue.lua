@@ -38,7 +38,7 @@ for _, s in ipairs(servers) do
     if h and h[1] == 'Processing' and h[5] == s then
       local started = redis.call('HGET', jk(id), 'started_at')
       if dead[s] or (tonumber(started) or 0) < bnum then
-        requeue(id, h, ARGV[5], ARGV[6], pad)
+        requeue(id, h, ARGV[5], ARGV[6], pad, true)
       end
     else
       srem(pkey, id) -- stale entry

@@ -1,8 +1,16 @@
-"""One worker thread's loop: claim a batch, run it, store its outcomes, wait when idle.
+"""The thread pool: ``worker_count`` worker threads, each claiming a batch and running it.
 
-Read `Worker.run` top to bottom (as arq's ``_poll_iteration``): size the batch, claim
+`ThreadPool` starts the threads; each runs one `Worker` loop. Read `Worker.run` top to
+bottom (as arq's ``_poll_iteration``): wait while this server may be presumed dead
+(`ClaimLedger.trusted`), size the batch, claim
 (retrying with `qmlkit.backoff.Backoff` while storage fails), wait at the idle gate if
 nothing came, pass the wake-up on if the claim came back full, run the batch.
+
+Each worker thread stores every outcome of its batch in one transaction. The batch size
+adapts: it is the number of recent average-length jobs that fit in ``prefetch_window``
+(at least 1, at most ``fetch_batch_size``), so fast jobs are claimed and acknowledged many
+at a time while a slow job is never held back behind another one claimed ahead of it
+(field case C18; the straggler duty covers a job that turns out slow).
 """
 
 from __future__ import annotations
@@ -10,30 +18,34 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from qmlkit.backoff import Backoff
 from qmlkit.job import Job, utcnow
-from qmlkit.processing.claims import RELEASE, SKIP
+from qmlkit.processing.claims import LOST, RELEASE, SKIP
 from qmlkit.processing.context import JobContext
 
 if TYPE_CHECKING:
     from qmlkit.processing.config import ServerConfig
     from qmlkit.processing.idle import IdleGate
+    from qmlkit.processing.pools.base import PoolParts
     from qmlkit.processing.processor import JobProcessor
     from qmlkit.processing.runtime import Runtime
     from qmlkit.processing.watchdog import Watchdog
     from qmlkit.storage.base import Transition
 
-__all__ = ["BatchSize", "Worker"]
+__all__ = ["BatchSize", "ThreadPool", "Worker", "claim_jobs"]
 
 log = logging.getLogger("qmlkit.processing.server")  # the logger these lines always had
 
 #: Claim retries while storage fails: first and longest wait, seconds (jittered).
 CLAIM_RETRY_INITIAL_S = 0.1
 CLAIM_RETRY_CAP_S = 5.0
+#: Longest wait, seconds, for a heartbeat while this server may be presumed dead.
+DISTRUST_WAIT_S = 0.5
 
 
 class BatchSize:
@@ -54,6 +66,24 @@ class BatchSize:
     def observe(self, per_job_s: float) -> None:
         """Fold one batch's mean attempt length (seconds) into the moving average."""
         self.avg = per_job_s if self.avg == 0 else 0.8 * self.avg + 0.2 * per_job_s
+
+
+def claim_jobs(runtime: Runtime, *, worker_id: str, server_name: str, queues: list[str],
+               limit: int, observed: bool) -> list[Job]:
+    """Claim up to ``limit`` jobs (`Storage.claim`), reporting the claims to observers
+    when they listen (`Storage.claim_changes`).
+
+    Raises:
+        StorageError: The claim failed (nothing was claimed); callers retry with backoff.
+    """
+    storage = runtime.storage
+    if not observed:
+        return storage.claim(worker_id=worker_id, server_name=server_name,
+                             queues=queues, limit=limit, now=utcnow())
+    changes = storage.claim_changes(worker_id=worker_id, server_name=server_name,
+                                    queues=queues, limit=limit, now=utcnow())
+    runtime.notify(changes)
+    return [change.job for change in changes]
 
 
 class Worker:
@@ -92,8 +122,12 @@ class Worker:
         loop = asyncio.new_event_loop()
         try:
             while not stopping.is_set():
+                if not self.runtime.claims.trusted():  # claim nothing until a heartbeat
+                    self.runtime.claims.wait_trusted(min(interval_s, DISTRUST_WAIT_S))
+                    continue
                 limit = size.limit()
                 seen = self.idle.seen()
+                began = self.runtime.claims.clock()  # the claim's lease starts before it
                 try:
                     jobs = self._claim(queues, limit)
                     backoff.reset()
@@ -112,36 +146,40 @@ class Worker:
                 else:
                     self.idle.keep_a_poller()
                 started = time.perf_counter()
-                self.run_batch(jobs, loop)
+                self.run_batch(jobs, loop, claimed_at=began)
                 size.observe((time.perf_counter() - started) / len(jobs))
         finally:
             loop.close()
 
     def _claim(self, queues: list[str], limit: int) -> list[Job]:
-        storage = self.runtime.storage
-        if not self.observed:
-            return storage.claim(worker_id=self.worker_id, server_name=self.server_name,
-                                 queues=queues, limit=limit, now=utcnow())
-        changes = storage.claim_changes(worker_id=self.worker_id, server_name=self.server_name,
-                                        queues=queues, limit=limit, now=utcnow())
-        self.runtime.notify(changes)
-        return [change.job for change in changes]
+        return claim_jobs(self.runtime, worker_id=self.worker_id, server_name=self.server_name,
+                          queues=queues, limit=limit, observed=self.observed)
 
     def _context(self, job: Job) -> JobContext:
         return JobContext(job=job, worker_id=self.worker_id, server_name=self.server_name,
                           stopping=self.runtime.stopping,
                           progress_sink=self.runtime.storage.report_progress)
 
-    def run_batch(self, jobs: list[Job], loop: asyncio.AbstractEventLoop) -> None:
+    def run_batch(self, jobs: list[Job], loop: asyncio.AbstractEventLoop, *,
+                  claimed_at: float | None = None) -> None:
         """Run a claimed batch in order and store its outcomes.
 
         Outcomes are stored together, and at least every prefetch window, so finished
         jobs show as finished and a crash re-runs no more than the last window's work;
         the straggler duty may store them earlier. A job given back meanwhile (stop,
         abort, the straggler duty) is skipped; once stopping, the rest are released.
+        When the ledger answers `LOST` (this server may have been presumed dead, so its
+        claims reclaimed), nothing more of the batch starts: the unstarted claims are
+        released, fenced, so a job a peer has reclaimed is left alone.
+
+        Args:
+            jobs: The claimed jobs, in claim order.
+            loop: This worker's event loop (for ``async def`` jobs).
+            claimed_at: The ledger's clock read before the claim's storage call (see
+                `ClaimLedger.hold`); ``None``: now.
         """
         runtime, claims, worker_id = self.runtime, self.runtime.claims, self.worker_id
-        claims.hold(jobs, worker_id)
+        claims.hold(jobs, worker_id, claimed_at=claimed_at)
         window = runtime.config.prefetch_window.total_seconds()
         flushed = time.perf_counter()
         try:
@@ -156,11 +194,23 @@ class Worker:
                 if ctx == RELEASE:
                     runtime.release([job], "released unstarted: server stopping")
                     continue
+                if ctx == LOST:
+                    self._drop_lost()
+                    break
                 assert isinstance(ctx, JobContext)
                 claims.add_outcome(worker_id, self._run_one(job, ctx, loop))
         finally:
             runtime.store_outcomes(claims.take_outcomes(worker_id))
             claims.end_batch(worker_id, jobs)
+
+    def _drop_lost(self) -> None:
+        """Release (fenced) the unstarted claims of a batch whose claim may be lost."""
+        lost = self.runtime.claims.release_waiting({self.worker_id})
+        age = self.runtime.claims.heartbeat_age()
+        log.warning("%s: not starting %d claimed job(s): this server may have been presumed "
+                    "dead (last heartbeat %s ago); releasing those still ours", self.worker_id,
+                    len(lost), "never" if age is None else f"{age:.1f} s")
+        self.runtime.release(lost, "released unstarted: claim may have been reclaimed")
 
     def _run_one(self, job: Job, ctx: JobContext, loop: asyncio.AbstractEventLoop) -> Transition:
         timeout = self.processor.timeout_for(job)
@@ -173,3 +223,54 @@ class Worker:
             if watchdog is not None:
                 watchdog.done(ctx)
             self.runtime.claims.finish(job)  # finished: its outcome is stored with the batch
+
+
+class ThreadPool:
+    """``worker_count`` worker threads, each running one `Worker` loop (the
+    `qmlkit.processing.pools.base.Pool` named ``"threads"``).
+
+    Each thread claims a batch sized by `BatchSize`, runs it in order, and stores its
+    outcomes in one transaction; an ``async def`` job runs on the thread's own event loop
+    (one coroutine per thread at a time). qml-rs's worker threads; Celery's ``threads``
+    pool.
+
+    Args:
+        parts: What the pool needs from its server.
+    """
+
+    name = "threads"
+
+    def __init__(self, parts: PoolParts) -> None:
+        self.parts = parts
+        self.size = parts.runtime.config.worker_count
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        """Start the worker threads (daemons named ``qmlkit-worker-<n>``)."""
+        parts, cfg = self.parts, self.parts.runtime.config
+        for i in range(self.size):
+            worker = Worker(parts.runtime, worker_id=f"{cfg.server_name}:worker:{i}",
+                            server_name=parts.server_name, processor=parts.processor,
+                            idle=parts.idle, watchdog=parts.watchdog, observed=parts.observed,
+                            wakeups_live=parts.wakeups_live)
+            thread = threading.Thread(target=worker.run, name=f"qmlkit-worker-{i}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def busy(self) -> int:
+        """Worker threads running an attempt now."""
+        return len(self.parts.runtime.claims.running())
+
+    def alive(self) -> bool:
+        """Whether any worker thread still runs."""
+        return any(t.is_alive() for t in self._threads)
+
+    def join(self, timeout_s: float) -> None:
+        """Wait up to ``timeout_s`` seconds in all for the worker threads to end."""
+        deadline = time.monotonic() + timeout_s
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+    def abort(self) -> None:
+        """Nothing to cancel: a thread cannot be stopped; its attempt was told through
+        ``context.cancelled`` and its outcome will be rejected by fencing."""

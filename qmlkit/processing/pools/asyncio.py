@@ -1,0 +1,321 @@
+"""The asyncio pool: one event loop running up to ``worker_count`` attempts at once.
+
+Three threads of the server's process (arq's and saq's shape, with qmlkit's claim ledger):
+
+- the **loop** thread runs the event loop. Every attempt is a task on it: an ``async
+  def`` job runs in the task itself; a ``def`` job runs in a bounded thread executor
+  beside the loop (``min(SYNC_THREADS_MAX, worker_count)`` threads), so a mixed app
+  works, and the task awaits it.
+- the **claimer** thread makes every storage claim: it waits for free slots, claims up
+  to ``min(free slots, fetch_batch_size)`` jobs in one call (while the pool is busy it
+  lets freed slots gather for up to `GATHER_S` first, so one claim serves many slots),
+  records them in the server's `qmlkit.processing.claims.ClaimLedger` and hands them
+  to the loop at once.
+  It waits at the server's idle gate when a claim comes back empty, so wake-ups reach
+  it as they reach worker threads. Nothing is claimed that cannot start now, so no job
+  waits behind a slow one (what ``prefetch_window`` guards against in the thread pool).
+- the **storer** thread stores outcomes in batches (`Runtime.store_outcomes`, one
+  transaction each): at least every ``prefetch_window``, sooner once `FLUSH_AT` wait.
+
+So storage calls never block the loop, and 500 attempts in flight use two storage
+connections (claimer and storer), not 500. Timeouts: an ``async def`` job is cancelled
+at its timeout (``asyncio.wait_for``) and ends with ``JobTimeout``, following the retry
+policy; a ``def`` job is told through ``context.cancelled`` (the watchdog), as in the
+thread pool. Stop: the claimer stops, running attempts get the grace period, then the
+server releases what still runs and `AsyncioPool.abort` cancels their tasks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+from qmlkit.backoff import Backoff
+from qmlkit.job import Job
+from qmlkit.processing.claims import LOST, RELEASE
+from qmlkit.processing.context import JobContext
+from qmlkit.processing.pools.threads import (
+    CLAIM_RETRY_CAP_S,
+    CLAIM_RETRY_INITIAL_S,
+    DISTRUST_WAIT_S,
+    claim_jobs,
+)
+
+if TYPE_CHECKING:
+    from qmlkit.processing.pools.base import PoolParts
+    from qmlkit.storage.base import Transition
+
+__all__ = ["FLUSH_AT", "SYNC_THREADS_MAX", "AsyncioPool"]
+
+log = logging.getLogger("qmlkit.processing.server")
+
+#: Most threads of the executor running ``def`` jobs (fewer if ``worker_count`` is less).
+SYNC_THREADS_MAX = 32
+#: Outcomes waiting that make the storer store at once instead of at the window's end.
+FLUSH_AT = 200
+#: Longest wait of the claimer for a free slot, or of the storer for outcomes, seconds.
+POLL_S = 0.1
+#: While some slots are busy, how long the claimer lets freed slots gather before it
+#: claims for them (seconds): one claim for many slots, not one per slot.
+GATHER_S = 0.005
+
+
+class AsyncioPool:
+    """One event loop running up to ``worker_count`` attempts (the
+    `qmlkit.processing.pools.base.Pool` named ``"asyncio"``; see the module's text).
+
+    Args:
+        parts: What the pool needs from its server.
+
+    Attributes:
+        sync_threads: Threads of the executor for ``def`` jobs.
+    """
+
+    name = "asyncio"
+
+    def __init__(self, parts: PoolParts) -> None:
+        self.parts = parts
+        self.size = parts.runtime.config.worker_count
+        self.sync_threads = min(SYNC_THREADS_MAX, self.size)
+        self._slots = threading.Condition()
+        self._free = list(range(self.size))  # free slot numbers, under _slots
+        self._want = min(parts.runtime.config.fetch_batch_size, self.size)  # a full claim
+        self._claimer_done = False  # under _slots
+        self._out = threading.Condition()
+        self._pending: list[Transition] = []  # outcomes not stored yet, under _out
+        self._first_pending = 0.0  # monotonic time the oldest of them was added
+        self._attempts_over = threading.Event()  # the loop has ended: no more outcomes
+        self._loop = asyncio.new_event_loop()
+        self._executor = ThreadPoolExecutor(self.sync_threads, thread_name_prefix="qmlkit-sync")
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._threads: list[threading.Thread] = []
+        self._worker_id = f"{parts.runtime.config.server_name}:asyncio"
+
+    # --- the Pool protocol ----------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the loop, claimer and storer threads (``qmlkit-asyncio-*`` daemons)."""
+        for name, target in (("loop", self._run_loop), ("claimer", self._claim_loop),
+                             ("storer", self._store_loop)):
+            thread = threading.Thread(target=target, name=f"qmlkit-asyncio-{name}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def busy(self) -> int:
+        """Slots running an attempt now."""
+        with self._slots:
+            return self.size - len(self._free)
+
+    def alive(self) -> bool:
+        """Whether the loop, claimer or storer still runs."""
+        return any(t.is_alive() for t in self._threads)
+
+    def join(self, timeout_s: float) -> None:
+        """Wait up to ``timeout_s`` seconds in all for the pool's threads to end."""
+        deadline = time.monotonic() + timeout_s
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+    def abort(self) -> None:
+        """Cancel every running task (the server has released their jobs)."""
+        try:
+            self._loop.call_soon_threadsafe(self._cancel_all)
+        except RuntimeError:  # the loop has closed already: nothing runs
+            pass
+
+    # --- the claimer thread ---------------------------------------------------------------
+
+    def _claim_loop(self) -> None:
+        runtime, idle = self.parts.runtime, self.parts.idle
+        config, stopping = runtime.config, runtime.stopping
+        queues, interval_s = list(config.queues), config.polling_interval.total_seconds()
+        backoff = Backoff(CLAIM_RETRY_INITIAL_S, CLAIM_RETRY_CAP_S)
+        try:
+            while not stopping.is_set():
+                if not runtime.claims.trusted():  # claim nothing until a heartbeat
+                    runtime.claims.wait_trusted(min(interval_s, DISTRUST_WAIT_S))
+                    continue
+                free = self._wait_for_free_slots(stopping)
+                if not free:
+                    continue
+                seen = idle.seen()
+                began = runtime.claims.clock()  # the claim's lease starts before it
+                try:
+                    jobs = claim_jobs(runtime, worker_id=self._worker_id,
+                                      server_name=self.parts.server_name, queues=queues,
+                                      limit=min(free, config.fetch_batch_size),
+                                      observed=self.parts.observed)
+                    backoff.reset()
+                except Exception as exc:  # the loop must outlive any storage failure
+                    delay = backoff.next()
+                    log.warning("claim failed (%s: %s); retrying in %.1f s",
+                                type(exc).__name__, exc, delay)
+                    stopping.wait(backoff.jittered(delay))
+                    continue
+                if not jobs:
+                    idle.wait(seen, interval_s, stopping=stopping,
+                              shared_poll=self.parts.wakeups_live())
+                    continue
+                self._dispatch(jobs, began)
+        finally:
+            with self._slots:
+                self._claimer_done = True
+            self._stop_loop_if_done()
+
+    def _wait_for_free_slots(self, stopping: threading.Event) -> int:
+        with self._slots:
+            while not self._free and not stopping.is_set():
+                self._slots.wait(POLL_S)
+            deadline = time.monotonic() + GATHER_S
+            while (len(self._free) < self._want and not stopping.is_set()
+                   and (left := deadline - time.monotonic()) > 0):
+                self._slots.wait(left)  # let more slots free up: one claim for them all
+            return 0 if stopping.is_set() else len(self._free)
+
+    def _dispatch(self, jobs: list[Job], claimed_at: float) -> None:
+        """Give each claimed job a slot, start it in the ledger, hand it to the loop.
+
+        When the ledger answers `LOST` (this server may have been presumed dead, its
+        claims reclaimed: `ClaimLedger.start`), that job and every later one of the
+        claim are not started but released, fenced, so a reclaimed job is left alone.
+        """
+        runtime, claims = self.parts.runtime, self.parts.runtime.claims
+        with self._slots:  # only this thread takes slots: there are enough
+            slots = [self._free.pop() for _ in jobs]
+        released, started, lost = [], [], []
+        for job, slot in zip(jobs, slots, strict=True):
+            slot_id = f"{runtime.config.server_name}:slot:{slot}"
+            claims.hold([job], slot_id, claimed_at=claimed_at)
+            ctx = LOST if lost else claims.start(
+                job, slot_id, stopping=runtime.stopping.is_set(),
+                make_context=lambda job=job, slot_id=slot_id:  # type: ignore[misc]
+                self._context(job, slot_id))
+            if isinstance(ctx, JobContext):
+                started.append((job, ctx, slot, slot_id))
+                continue
+            if ctx == RELEASE:
+                released.append(job)
+            elif ctx == LOST:
+                lost.extend(claims.release_waiting({slot_id}))
+            claims.end_batch(slot_id, [job])
+            self._free_slot(slot)
+        if started:  # one wake-up of the loop for the whole claim
+            self._loop.call_soon_threadsafe(self._spawn, started)
+        if released:  # (a skipped claim was released by the server already)
+            runtime.release(released, "released unstarted: server stopping")
+        if lost:
+            age = claims.heartbeat_age()
+            log.warning("asyncio pool: not starting %d claimed job(s): this server may have "
+                        "been presumed dead (last heartbeat %s ago); releasing those still "
+                        "ours", len(lost), "never" if age is None else f"{age:.1f} s")
+            runtime.release(lost, "released unstarted: claim may have been reclaimed")
+
+    def _context(self, job: Job, slot_id: str) -> JobContext:
+        runtime = self.parts.runtime
+        return JobContext(job=job, worker_id=slot_id, server_name=self.parts.server_name,
+                          stopping=runtime.stopping, progress_sink=runtime.storage.report_progress)
+
+    def _free_slot(self, slot: int) -> None:
+        with self._slots:
+            self._free.append(slot)
+            if len(self._free) in (1, self._want):  # what the claimer waits for
+                self._slots.notify()
+        self._stop_loop_if_done()
+
+    def _stop_loop_if_done(self) -> None:
+        """Once the claimer has ended and every slot is free, end the loop."""
+        with self._slots:
+            done = self._claimer_done and len(self._free) == self.size
+        if done:
+            try:
+                self._loop.call_soon_threadsafe(self._loop.stop)
+            except RuntimeError:  # closed already
+                pass
+
+    # --- the loop thread ------------------------------------------------------------------
+
+    def _run_loop(self) -> None:
+        loop = self._loop
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_forever()
+            leftover = [t for t in self._tasks if not t.done()]
+            for task in leftover:  # only after an abort
+                task.cancel()
+            if leftover:
+                loop.run_until_complete(asyncio.gather(*leftover, return_exceptions=True))
+            loop.run_until_complete(loop.shutdown_asyncgens())
+        finally:
+            loop.close()
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._attempts_over.set()
+            with self._out:
+                self._out.notify()
+
+    def _spawn(self, started: list[tuple[Job, JobContext, int, str]]) -> None:
+        for job, ctx, slot, slot_id in started:
+            task = self._loop.create_task(self._attempt(job, ctx, slot, slot_id))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def _cancel_all(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+
+    async def _attempt(self, job: Job, ctx: JobContext, slot: int, slot_id: str) -> None:
+        parts = self.parts
+        timeout = parts.processor.timeout_for(job)
+        if timeout is not None:
+            parts.watchdog.watch(ctx, timeout)
+        outcome = None
+        try:
+            outcome = await parts.processor.run_async(job, ctx, self._offload)
+        except asyncio.CancelledError:
+            pass  # aborted: the server has released the job; no outcome to store
+        except Exception:  # run_async records every failure of a job; this is a bug
+            log.exception("attempt of job %s ended without an outcome", job.id)
+        finally:
+            if timeout is not None:
+                parts.watchdog.done(ctx)
+            parts.runtime.claims.finish(job)
+            parts.runtime.claims.end_batch(slot_id, [job])
+            if outcome is not None:
+                self._add_outcome(outcome)
+            self._free_slot(slot)
+
+    async def _offload(self, fn: Callable[[], Any]) -> Any:
+        """Run a ``def`` job's call on the executor, with the task's context variables."""
+        return await self._loop.run_in_executor(self._executor, contextvars.copy_context().run, fn)
+
+    # --- the storer thread ----------------------------------------------------------------
+
+    def _add_outcome(self, outcome: Transition) -> None:
+        with self._out:
+            if not self._pending:
+                self._first_pending = time.monotonic()
+            self._pending.append(outcome)
+            if len(self._pending) in (1, FLUSH_AT):
+                self._out.notify()
+
+    def _store_loop(self) -> None:
+        window = self.parts.runtime.config.prefetch_window.total_seconds()
+        while True:
+            with self._out:
+                while not self._pending and not self._attempts_over.is_set():
+                    self._out.wait(POLL_S)
+                if not self._pending:
+                    return  # the loop has ended and everything is stored
+                while (len(self._pending) < FLUSH_AT and not self._attempts_over.is_set()
+                       and (left := self._first_pending + window - time.monotonic()) > 0):
+                    self._out.wait(left)
+                batch, self._pending = self._pending, []
+            try:
+                self.parts.runtime.store_outcomes(batch)  # retried while storage is down
+            except Exception:  # the storer must outlive any failure
+                log.exception("storing %d outcome(s) failed", len(batch))

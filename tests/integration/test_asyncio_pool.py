@@ -1,0 +1,311 @@
+"""The asyncio pool (issue #14, item 1) on every backend: many async attempts on one loop,
+def jobs beside it, timeouts, middleware, stop, busy slots and wake-ups.
+
+The pool-agnostic server tests (tests/unit/test_server.py) run on this pool too; these
+are the behaviours particular to it. Deadlines are generous bounds derived from the
+structure (e.g. 200 jobs of 0.2 s run one at a time take 40 s), never speed figures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from datetime import timedelta
+
+import pytest
+
+from qmlkit import App, ConfigurationError, RetryPolicy, Server, current_context
+from qmlkit.testing import wait_until
+
+
+def asyncio_server(app: App, **fields: object) -> Server:
+    defaults = {"pool": "asyncio", "worker_count": 20, "log_attempts": False,
+                "polling_interval": timedelta(milliseconds=50),
+                "shutdown_timeout": timedelta(seconds=10)}
+    return app.server(**{**defaults, **fields})
+
+
+def states(app: App, ids: list[str]) -> set[str]:
+    return {app.storage.get(i).state.name for i in ids}
+
+
+class Peak:
+    """How many attempts ran at once, at most."""
+
+    def __init__(self) -> None:
+        self.now = self.most = 0
+        self.lock = threading.Lock()
+
+    def enter(self) -> None:
+        with self.lock:
+            self.now += 1
+            self.most = max(self.most, self.now)
+
+    def leave(self) -> None:
+        with self.lock:
+            self.now -= 1
+
+
+def test_200_async_jobs_run_at_once_on_one_loop(app: App) -> None:
+    peak = Peak()
+    threads_seen: set[str] = set()
+
+    @app.job(name="nap")
+    async def nap(i: int) -> int:
+        peak.enter()
+        threads_seen.add(threading.current_thread().name)
+        try:
+            await asyncio.sleep(0.2)
+        finally:
+            peak.leave()
+        return i
+
+    ids = [nap.enqueue(i) for i in range(200)]
+    server = asyncio_server(app, worker_count=200)
+    threads_before = threading.active_count()
+    started = time.monotonic()
+    server.start()
+    try:
+        wait_until(lambda: states(app, ids) == {"Succeeded"}, timeout=60)
+        elapsed = time.monotonic() - started
+        threads_during = threading.active_count()
+    finally:
+        server.stop()
+    # One at a time would take 200 x 0.2 s = 40 s; on one loop it is a few rounds.
+    assert elapsed < 20, elapsed
+    assert peak.most >= 50  # at least one whole claim (fetch_batch_size) at once
+    assert threads_seen == {"qmlkit-asyncio-loop"}  # every attempt on the one loop
+    # 200 in flight did not take 200 threads (nor 200 storage connections): the pool
+    # adds a loop, a claimer, a storer and the def executor's threads (none used here).
+    assert threads_during - threads_before < 40
+    assert [app.storage.get(i).state.result for i in ids] == list(range(200))
+
+
+def test_mixed_def_and_async_jobs_each_run_where_they_belong(app: App) -> None:
+    where: dict[str, set[str]] = {"def": set(), "async": set()}
+
+    @app.job(name="blocking")
+    def blocking(i: int) -> str:
+        where["def"].add(threading.current_thread().name)
+        time.sleep(0.05)  # a blocking call: it must not stall the loop
+        return current_context().job.id
+
+    @app.job(name="awaiting")
+    async def awaiting(i: int) -> str:
+        where["async"].add(threading.current_thread().name)
+        await asyncio.sleep(0.05)
+        return current_context().job.id
+
+    ids = [blocking.enqueue(i) for i in range(10)] + [awaiting.enqueue(i) for i in range(10)]
+    server = asyncio_server(app)
+    server.start()
+    try:
+        wait_until(lambda: states(app, ids) == {"Succeeded"}, timeout=30)
+    finally:
+        server.stop()
+    assert where["async"] == {"qmlkit-asyncio-loop"}
+    assert where["def"] and all(name.startswith("qmlkit-sync") for name in where["def"])
+    assert len(where["def"]) <= min(32, 20)  # the executor is bounded
+    # current_context() is the attempt's own, on the loop and on executor threads alike
+    assert [app.storage.get(i).state.result for i in ids] == ids
+
+
+def test_async_job_past_its_timeout_is_cancelled_then_retried(app: App) -> None:
+    cancelled: list[int] = []
+
+    @app.job(name="stuck", timeout=0.2,
+             retry=RetryPolicy(max_retries=1, base_delay=timedelta(0), jitter=0))
+    async def stuck() -> None:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.append(current_context().attempt)
+            raise
+
+    job_id = stuck.enqueue()
+    server = asyncio_server(app)
+    server.start()
+    try:
+        wait_until(lambda: app.storage.get(job_id).state.name == "Failed", timeout=30)
+    finally:
+        server.stop()
+    job = app.storage.get(job_id)
+    assert job.attempts == 2 and job.state.retry_count == 1  # the policy's one retry
+    assert job.state.exception_type == "qmlkit.errors.JobTimeout"
+    assert cancelled == [1, 2]  # the task itself was cancelled, each attempt
+
+
+def test_sync_and_async_middleware_wrap_an_async_job(app: App) -> None:
+    seen: list[str] = []
+
+    def sync_outer(job, context, call_next):
+        seen.append(f"sync-before:{current_context().job.id == job.id}")
+        try:
+            return call_next()
+        finally:
+            seen.append(f"sync-after:{threading.current_thread().name}")
+
+    async def async_inner(job, context, call_next):
+        seen.append("async-before")
+        if job.args == ["skip"]:
+            return "short-circuited"
+        try:
+            return await call_next()
+        except ValueError as exc:
+            return f"translated {exc}"
+
+    @app.job(name="work")
+    async def work(mode: str) -> str:
+        await asyncio.sleep(0.01)
+        seen.append("job")
+        if mode == "fail":
+            raise ValueError("boom")
+        return mode
+
+    server = Server.from_plugins(app=app, storage=app.storage, autoload=False,
+                                 middleware=[sync_outer, async_inner],
+                                 config={"pool": "asyncio", "worker_count": 1,
+                                         "log_attempts": False,
+                                         "polling_interval": timedelta(milliseconds=20)})
+    ids = [work.enqueue(mode) for mode in ("run", "skip", "fail")]
+    server.start()
+    try:
+        for job_id in ids:  # one slot: in order
+            wait_until(lambda job_id=job_id: app.storage.get(job_id).state.name == "Succeeded",
+                       timeout=20)
+    finally:
+        server.stop()
+    after = "sync-after:qmlkit-asyncio-loop"  # sync middleware ran on the loop's thread
+    assert seen == ["sync-before:True", "async-before", "job", after,
+                    "sync-before:True", "async-before", after,
+                    "sync-before:True", "async-before", "job", after]
+    assert [app.storage.get(i).state.result for i in ids] == [
+        "run", "short-circuited", "translated boom"]
+
+
+def test_stop_lets_quick_attempts_finish_and_releases_the_rest(app: App) -> None:
+    started: list[str] = []
+
+    @app.job(name="quick")
+    async def quick() -> str:
+        started.append("quick")
+        await asyncio.sleep(0.3)
+        return "done"
+
+    @app.job(name="stubborn")
+    async def stubborn() -> str:
+        started.append("stubborn")
+        await asyncio.sleep(60)  # ignores context.stopping
+        return "never"
+
+    quick_ids = [quick.enqueue() for _ in range(5)]
+    stubborn_ids = [stubborn.enqueue() for _ in range(5)]
+    server = asyncio_server(app)
+    server.start()
+    wait_until(lambda: len(started) == 10, timeout=20)  # every one has started
+    server.stop(timeout=3.0)  # 0.3 s jobs finish within it; 60 s ones do not
+    assert server.aborted
+    assert states(app, quick_ids) == {"Succeeded"}
+    for job_id in stubborn_ids:
+        job = app.storage.get(job_id)
+        assert job.state.name == "Enqueued" and job.retry_count == 0  # no retry used
+    assert server.claims.is_empty() and not server.pool.alive()
+
+
+def test_stop_releases_claims_it_never_started(app: App) -> None:
+    release = threading.Event()
+    started: list[str] = []
+
+    @app.job(name="gate")
+    async def gate() -> None:
+        started.append(current_context().job.id)
+        while not release.is_set():
+            await asyncio.sleep(0.01)
+
+    ids = [gate.enqueue() for _ in range(6)]
+    server = asyncio_server(app, worker_count=2, shutdown_timeout=timedelta(seconds=20))
+    server.start()
+    wait_until(lambda: len(started) == 2 and server.busy_slots == 2, timeout=20)
+    stopper = threading.Thread(target=server.stop)
+    stopper.start()
+    wait_until(lambda: server.stopping.is_set(), timeout=10)
+    release.set()  # the two running ones finish within the grace period
+    stopper.join(30)
+    assert not server.aborted
+    names = [app.storage.get(i).state.name for i in ids]
+    assert names.count("Succeeded") == 2 and names.count("Enqueued") == 4  # never claimed
+
+
+def test_busy_slots_and_pool_show_in_the_server_registry(app: App) -> None:
+    go = threading.Event()
+
+    @app.job(name="hold")
+    async def hold() -> None:
+        while not go.is_set():
+            await asyncio.sleep(0.01)
+
+    ids = [hold.enqueue() for _ in range(3)]
+    server = asyncio_server(app, worker_count=7, enable_heartbeat=True,
+                            heartbeat_interval=timedelta(seconds=0.2))
+    server.start()
+    try:
+        wait_until(lambda: server.busy_slots == 3, timeout=20)
+        info = wait_until(lambda: next((s for s in app.storage.list_servers()
+                                        if s.busy == 3), None), timeout=20)
+        assert info.pool == "asyncio" and info.worker_count == 7
+        go.set()
+        wait_until(lambda: states(app, ids) == {"Succeeded"}, timeout=20)
+        wait_until(lambda: [s.busy for s in app.storage.list_servers()] == [0], timeout=20)
+    finally:
+        go.set()
+        server.stop()
+
+
+def test_an_idle_pool_is_woken_by_an_enqueue(app: App) -> None:
+    @app.job(name="ping")
+    async def ping() -> str:
+        return "pong"
+
+    # Polls every 60 s: only the wake-up (the app's local notifier) can start the job.
+    server = asyncio_server(app, polling_interval=timedelta(seconds=60))
+    server.start()
+    try:
+        wait_until(lambda: server.idle_workers == 1, timeout=20)  # the claimer waits
+        job_id = ping.enqueue()
+        wait_until(lambda: app.storage.get(job_id).state.name == "Succeeded", timeout=20)
+    finally:
+        server.stop()
+
+
+def test_progress_from_an_async_job_is_stored(app: App) -> None:
+    go = threading.Event()
+
+    @app.job(name="steps")
+    async def steps() -> None:
+        current_context().report_progress(0.5, "half")
+        while not go.is_set():
+            await asyncio.sleep(0.01)
+
+    job_id = steps.enqueue()
+    server = asyncio_server(app)
+    server.start()
+    try:
+        progress = wait_until(lambda: app.storage.get(job_id).metadata.get("progress"),
+                              timeout=20)
+        assert progress["fraction"] == 0.5 and progress["message"] == "half"
+        go.set()
+        wait_until(lambda: app.storage.get(job_id).state.name == "Succeeded", timeout=20)
+    finally:
+        go.set()
+        server.stop()
+
+
+@pytest.mark.parametrize("backend_url", ["memory"], indirect=True)
+def test_a_server_refuses_the_process_pool_naming_the_worker_command(app: App) -> None:
+    # App.server(pool="processes") returns the supervisor; a Server itself refuses it.
+    from qmlkit.processing.config import ServerConfig
+
+    with pytest.raises(ConfigurationError, match="qmlkit worker APP --pool processes"):
+        Server(app, app.storage, ServerConfig(storage_url="memory://", pool="processes"),
+               plugin_manager=app.plugin_manager)

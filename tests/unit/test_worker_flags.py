@@ -1,0 +1,44 @@
+"""``qmlkit worker``'s pool flags (issue #14, item 3): --pool, -c/--concurrency, and the
+--threads / QMLKIT_THREADS spellings older scripts use."""
+
+from __future__ import annotations
+
+import json
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from qmlkit.cli.worker import config_fields, server_flags
+
+
+@click.command()
+@server_flags
+def show(**flags: object) -> None:
+    click.echo(json.dumps(config_fields(flags), default=str))
+
+
+@pytest.mark.parametrize(("args", "env"), [
+    (["-c", "7"], {}),
+    (["--concurrency", "7"], {}),
+    (["--threads", "7"], {}),
+    ([], {"QMLKIT_CONCURRENCY": "7"}),
+    ([], {"QMLKIT_THREADS": "7"}),
+])
+def test_concurrency_has_one_field_under_every_spelling(args, env) -> None:
+    result = CliRunner().invoke(show, args, env=env)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output) == {"worker_count": 7}
+
+
+def test_pool_is_chosen_by_name_or_environment() -> None:
+    assert json.loads(CliRunner().invoke(show, ["--pool", "asyncio", "-c", "500"]).output) == {
+        "pool": "asyncio", "worker_count": 500}
+    env = CliRunner().invoke(show, [], env={"QMLKIT_POOL": "threads"})
+    assert json.loads(env.output) == {"pool": "threads"}
+
+
+def test_an_unknown_pool_is_refused_naming_the_choices() -> None:
+    result = CliRunner().invoke(show, ["--pool", "gevent"])
+    assert result.exit_code == 2
+    assert "gevent" in result.output and "asyncio" in result.output
