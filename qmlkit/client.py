@@ -58,6 +58,7 @@ from qmlkit.transactional import Transactional
 from qmlkit.wakeup import WakeupPublisher, connection_for
 
 if TYPE_CHECKING:
+    from qmlkit.processing.pools.processes import ProcessPool
     from qmlkit.processing.server import Server
 
 __all__ = ["DEFAULT_STORAGE_URL", "App", "ClassWorker", "JobDecorator", "JobFunction",
@@ -447,12 +448,17 @@ class App(HandleClient, InlineClient, JobManagement, RecurringClient):
 
     # --- servers ---------------------------------------------------------------------------
 
-    def server(self, config: Any = None, **fields: Any) -> Server:
+    def server(self, config: Any = None, **fields: Any) -> Server | ProcessPool:
         """Build a server for this app through the plugins; see ``Server.from_plugins``.
 
         Args:
             config: A ``ServerConfig`` or mapping; ``fields`` override its fields.
             **fields: ``ServerConfig`` fields, e.g. ``worker_count=8``.
+
+        Returns:
+            An unstarted `Server`; with ``pool="processes"`` an unstarted
+            `qmlkit.processing.pools.processes.ProcessPool` (a supervisor of child
+            servers, started and stopped like a server).
 
         Raises:
             ConfigurationError: A bad field (named).

@@ -281,7 +281,8 @@ class DashboardService:
         for info in self.storage.list_servers():
             age = (now - info.last_heartbeat).total_seconds()
             rows.append(ServerRow(id=info.id, name=info.name, worker_count=info.worker_count,
-                                  pool=info.pool, busy=info.busy, queues=list(info.queues), started_at=info.started_at,
+                                  pool=info.pool, busy=info.busy, queues=list(info.queues),
+                                  started_at=info.started_at,
                                   last_heartbeat=info.last_heartbeat,
                                   heartbeat_age_s=round(max(age, 0.0), 3),
                                   alive=age <= self.dead_server_after.total_seconds()))

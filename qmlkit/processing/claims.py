@@ -255,8 +255,10 @@ class ClaimLedger:
             self._outcomes[worker_id] = []
             self._batch[worker_id] = self.clock() if claimed_at is None else claimed_at
 
-    def start(self, job: Job, worker_id: str, *, stopping: bool,
-              make_context: Callable[[], JobContext]) -> JobContext | Literal["skip", "release"]:
+    def start(
+        self, job: Job, worker_id: str, *, stopping: bool,
+        make_context: Callable[[], JobContext],
+    ) -> JobContext | Literal["skip", "release", "lost"]:
         """Decide, atomically, whether ``worker_id`` may start its held ``job`` now.
 
         Args:

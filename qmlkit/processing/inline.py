@@ -50,8 +50,8 @@ from typing import Any, Protocol
 from qmlkit.errors import InvalidTransition
 from qmlkit.job import Enqueued, Job, utcnow
 from qmlkit.processing.idle import IdleGate
-from qmlkit.processing.watchdog import Watchdog
 from qmlkit.processing.pools.threads import Worker
+from qmlkit.processing.watchdog import Watchdog
 
 __all__ = ["MAX_INLINE_STEPS", "InlineClient", "InlineMode", "InlineRunner"]
 

@@ -129,7 +129,7 @@ def async_form(middleware: object) -> Callable[..., Awaitable[Any]] | None:
     """
     if inspect.iscoroutinefunction(middleware) or (
             callable(middleware) and inspect.iscoroutinefunction(middleware.__call__)):
-        return middleware  # type: ignore[return-value]
+        return middleware
     method = getattr(middleware, "call_async", None)
     return method if inspect.iscoroutinefunction(method) else None
 

@@ -230,7 +230,7 @@ class JobProcessor:
             if not context.timed_out:
                 raise  # the pool is aborting: the server released the job already
             return self._failure(job, JobTimeout(self.timeout_for(job) or 0.0), runnable)
-        except BaseException as exc:  # noqa: BLE001 - every failure of a job is recorded
+        except BaseException as exc:  # every failure of a job is recorded
             if context.timed_out and not isinstance(exc, JobTimeout):
                 exc = JobTimeout(self.timeout_for(job) or 0.0)
             return self._failure(job, exc, runnable)

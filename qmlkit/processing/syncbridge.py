@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextvars
 import sys
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import greenlet
 
@@ -23,7 +23,7 @@ __all__ = ["run_sync", "wait_for"]
 T = TypeVar("T")
 
 
-class _Bridged(greenlet.greenlet):  # type: ignore[misc]
+class _Bridged(greenlet.greenlet):
     """A greenlet started by `run_sync`: the only kind `wait_for` may be called from."""
 
 
@@ -47,11 +47,11 @@ async def run_sync(fn: Callable[..., T], *args: Any) -> T:
     while not child.dead:  # it switched out to have ``result`` awaited
         try:
             value = await result
-        except BaseException:  # noqa: BLE001 - handed to the greenlet, which decides
+        except BaseException:  # handed to the greenlet, which decides
             result = child.throw(*sys.exc_info())
         else:
             result = child.switch(value)
-    return result  # type: ignore[no-any-return]
+    return cast(T, result)  # what ``fn`` returned, when the greenlet ended
 
 
 def wait_for(awaitable: Awaitable[T]) -> T:
@@ -67,4 +67,6 @@ def wait_for(awaitable: Awaitable[T]) -> T:
     current = greenlet.getcurrent()
     if not isinstance(current, _Bridged):
         raise RuntimeError("wait_for() called outside code run by run_sync()")
-    return current.parent.switch(awaitable)  # type: ignore[no-any-return]
+    parent = current.parent
+    assert parent is not None  # run_sync made the task's greenlet its parent
+    return cast(T, parent.switch(awaitable))  # run_sync switches in with its result

@@ -28,7 +28,9 @@ server releases what still runs and `AsyncioPool.abort` cancels their tasks.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
+import functools
 import logging
 import threading
 import time
@@ -124,10 +126,8 @@ class AsyncioPool:
 
     def abort(self) -> None:
         """Cancel every running task (the server has released their jobs)."""
-        try:
+        with contextlib.suppress(RuntimeError):  # the loop has closed already: nothing runs
             self._loop.call_soon_threadsafe(self._cancel_all)
-        except RuntimeError:  # the loop has closed already: nothing runs
-            pass
 
     # --- the claimer thread ---------------------------------------------------------------
 
@@ -188,14 +188,15 @@ class AsyncioPool:
         runtime, claims = self.parts.runtime, self.parts.runtime.claims
         with self._slots:  # only this thread takes slots: there are enough
             slots = [self._free.pop() for _ in jobs]
-        released, started, lost = [], [], []
+        released: list[Job] = []
+        started: list[tuple[Job, JobContext, int, str]] = []
+        lost: list[Job] = []
         for job, slot in zip(jobs, slots, strict=True):
             slot_id = f"{runtime.config.server_name}:slot:{slot}"
             claims.hold([job], slot_id, claimed_at=claimed_at)
             ctx = LOST if lost else claims.start(
                 job, slot_id, stopping=runtime.stopping.is_set(),
-                make_context=lambda job=job, slot_id=slot_id:  # type: ignore[misc]
-                self._context(job, slot_id))
+                make_context=functools.partial(self._context, job, slot_id))
             if isinstance(ctx, JobContext):
                 started.append((job, ctx, slot, slot_id))
                 continue
@@ -233,10 +234,8 @@ class AsyncioPool:
         with self._slots:
             done = self._claimer_done and len(self._free) == self.size
         if done:
-            try:
+            with contextlib.suppress(RuntimeError):  # closed already
                 self._loop.call_soon_threadsafe(self._loop.stop)
-            except RuntimeError:  # closed already
-                pass
 
     # --- the loop thread ------------------------------------------------------------------
 

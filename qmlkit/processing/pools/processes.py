@@ -27,7 +27,7 @@ import threading
 import time
 import uuid
 from datetime import timedelta
-from typing import Any
+from typing import Any, Literal
 
 from qmlkit.backoff import Backoff
 from qmlkit.errors import ConfigurationError, QmlError
@@ -114,8 +114,11 @@ class ProcessPool:
         self.pm = plugin_manager
         self.app_spec = _check(app, config)
         self.size = config.processes or os.cpu_count() or 1
-        method = config.start_method or ("forkserver" if sys.platform == "linux" else "spawn")
-        self._ctx = multiprocessing.get_context(method)
+        method: Literal["forkserver", "spawn"] = config.start_method or (
+            "forkserver" if sys.platform == "linux" else "spawn")
+        # Spelled out so the context's type has ``Process`` (get_context(str) has none).
+        self._ctx = (multiprocessing.get_context("forkserver") if method == "forkserver"
+                     else multiprocessing.get_context("spawn"))
         # Built (a bad URL or option fails now) but not opened: no connection exists
         # in this process until the children have started.
         self._store_obj: Storage = resolve_storage(plugin_manager, config.storage_url,

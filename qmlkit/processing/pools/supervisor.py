@@ -11,6 +11,7 @@ never delays a kill.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -96,21 +97,16 @@ class ChildHandle:
     def tell(self, message: str | tuple[str, float]) -> None:
         """Send ``("drain", grace_s)``, ``"abort"`` or ``"wake"``; a child already gone
         is ignored."""
-        with self._lock:
-            try:
-                self.control.send(message)
-            except (OSError, EOFError, ValueError):
-                pass
+        with self._lock, contextlib.suppress(OSError, EOFError, ValueError):  # child gone
+            self.control.send(message)
 
     def kill(self, sig: int, why: str) -> None:
         """Signal the process (SIGTERM first; SIGKILL once `KILL_GRACE_S` passed)."""
         if self.killed_at is None:
             self.killed_at = time.monotonic()
             log.warning("killing child %s (pid %s): %s", self.server_name, self.process.pid, why)
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):  # it exited already
             os.kill(self.process.pid or 0, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
 
     def take_reports(self) -> None:
         """Read every report waiting in the pipe (also after the child exited)."""
