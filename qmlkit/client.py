@@ -33,9 +33,7 @@ import qmlkit.limits as limits
 from qmlkit.client_handles import HandleClient
 from qmlkit.errors import ConfigurationError, MiddlewareError
 from qmlkit.handle import JobHandle
-from qmlkit.job import (
-    Job,
-)
+from qmlkit.job import Job
 from qmlkit.management import JobManagement
 from qmlkit.notify import Notifier
 from qmlkit.plugins import make_plugin_manager, resolve_storage
@@ -456,9 +454,7 @@ class App(HandleClient, InlineClient, JobManagement, RecurringClient):
             **fields: ``ServerConfig`` fields, e.g. ``worker_count=8``.
 
         Returns:
-            An unstarted `Server`; with ``pool="processes"`` an unstarted
-            `qmlkit.processing.pools.processes.ProcessPool` (a supervisor of child
-            servers, started and stopped like a server).
+            An unstarted `Server`, or a ``ProcessPool`` supervisor for ``pool="processes"``.
 
         Raises:
             ConfigurationError: A bad field (named).
