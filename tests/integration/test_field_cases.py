@@ -386,12 +386,14 @@ def test_retries_of_jobs_failing_together_are_spread(backend_url: str) -> None:
     app = App("c08", storage=backend_url, autoload=False,
               plugins=[observer, *backend_plugins(backend_url)])
     failed_at: dict[int, float] = {}
+    ran: Counter[int] = Counter()
     lock = threading.Lock()
 
     @app.job(name="c08.fails_once",
              retry=RetryPolicy(base_delay=timedelta(seconds=1), jitter=1.0, max_retries=3))
     def fails_once(i: int) -> int:
         with lock:
+            ran[i] += 1
             if i not in failed_at:
                 failed_at[i] = time.time()
                 raise RuntimeError("database overloaded")
@@ -419,7 +421,11 @@ def test_retries_of_jobs_failing_together_are_spread(backend_url: str) -> None:
         # ... and the delays are spread, not all equal
         assert len({s.retry_at for s in retry_states.values()}) >= 45
         assert max(delays) - min(delays) >= 0.3
-        assert all(app.storage.get(j).attempts == 2 for j in ids)
+        # Each ran twice: one failure, one retry. (``attempts`` counts claims, and a loaded
+        # machine may add claims that run nothing: a batch released unstarted from
+        # behind a job the straggler duty saw as slow is claimed again.)
+        assert ran == dict.fromkeys(range(50), 2)
+        assert all(app.storage.get(j).retry_count == 1 for j in ids)
     finally:
         app.close()
 
