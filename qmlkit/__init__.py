@@ -11,7 +11,9 @@ from qmlkit.errors import (
     ConfigurationError,
     DuplicateJob,
     InvalidTransition,
+    JobDeleted,
     JobError,
+    JobFailed,
     JobNotFound,
     JobTimeout,
     PayloadError,
@@ -25,6 +27,7 @@ from qmlkit.errors import (
     UnknownJobName,
     UnknownStorageScheme,
 )
+from qmlkit.handle import JobHandle
 from qmlkit.hookspecs import hookimpl
 from qmlkit.job import (
     AwaitingRetry,
@@ -41,12 +44,13 @@ from qmlkit.processing.config import ServerConfig
 from qmlkit.processing.context import JobContext, current_context
 from qmlkit.processing.retry import RetryPolicy
 from qmlkit.processing.server import Server
-from qmlkit.registry import JobFunction
+from qmlkit.registry import AsyncJobFunction, JobFunction
 from qmlkit.storage.base import Storage
 from qmlkit.version import __version__
 
 __all__ = [
     "App",
+    "AsyncJobFunction",
     "AwaitingRetry",
     "ConfigurationError",
     "Deleted",
@@ -56,8 +60,11 @@ __all__ = [
     "InvalidTransition",
     "Job",
     "JobContext",
+    "JobDeleted",
     "JobError",
+    "JobFailed",
     "JobFunction",
+    "JobHandle",
     "JobNotFound",
     "JobState",
     "JobTimeout",

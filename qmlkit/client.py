@@ -11,7 +11,8 @@ re-exports everything here.
     @app.job(queue="mail", max_retries=5)
     def send_receipt(order_id: int) -> str: ...
 
-    job_id = send_receipt.enqueue(42)          # runs on a worker
+    handle = send_receipt.enqueue(42)          # runs on a worker; handle == the job id
+    handle.result(timeout=30)                   # "sent 42", once a worker ran it
     send_receipt.schedule(42, delay=60)         # runs in a minute
     send_receipt(42)                            # runs here, now
     app.server(worker_count=8).start()          # or: qmlkit worker shop:app
@@ -19,27 +20,33 @@ re-exports everything here.
 
 from __future__ import annotations
 
+import inspect
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
 import pluggy
 
 import qmlkit.limits as limits
+from qmlkit.client_handles import HandleClient
 from qmlkit.errors import ConfigurationError, MiddlewareError
+from qmlkit.handle import JobHandle
 from qmlkit.job import (
     Job,
 )
 from qmlkit.management import JobManagement
 from qmlkit.notify import Notifier
 from qmlkit.plugins import make_plugin_manager, resolve_storage
+from qmlkit.processing.inline import InlineClient, InlineMode
 from qmlkit.processing.middleware import EnqueueMiddleware, compose_enqueue, describe
 from qmlkit.processing.retry import RetryPolicy
 from qmlkit.recurring_client import RecurringClient
 from qmlkit.registry import (
+    AsyncJobFunction,
     ClassWorker,
+    JobDecorator,
     JobFunction,
     JobOptions,
     RegisteredWorker,
@@ -53,7 +60,8 @@ from qmlkit.wakeup import WakeupPublisher, connection_for
 if TYPE_CHECKING:
     from qmlkit.processing.server import Server
 
-__all__ = ["DEFAULT_STORAGE_URL", "App", "ClassWorker", "JobFunction", "JobOptions"]
+__all__ = ["DEFAULT_STORAGE_URL", "App", "ClassWorker", "JobDecorator", "JobFunction",
+           "JobOptions"]
 
 #: ``App.with_storage``: keep this app's setting.
 _SAME: Any = object()
@@ -65,7 +73,7 @@ R = TypeVar("R")
 DEFAULT_STORAGE_URL = "sqlite:///qmlkit.db"
 
 
-class App(JobManagement, RecurringClient):
+class App(HandleClient, InlineClient, JobManagement, RecurringClient):
     """An application: its job names, its storage, and servers built from it.
 
     Args:
@@ -79,6 +87,7 @@ class App(JobManagement, RecurringClient):
             names their queues so idle servers start them at once (`qmlkit.wakeup`).
             Servers built with `server()` listen on it too. ``None``: servers poll.
         wakeup_exchange: The fanout exchange's name on that broker.
+        inline: Run every enqueue inline, for a whole test session (see `inline`).
     """
 
     def __init__(
@@ -92,6 +101,7 @@ class App(JobManagement, RecurringClient):
         max_payload_bytes: int | None = None,
         wakeup_url: str | None = None,
         wakeup_exchange: str = "qmlkit.wakeup",
+        inline: bool = False,
     ) -> None:
         self.name = name
         if wakeup_url:
@@ -110,6 +120,7 @@ class App(JobManagement, RecurringClient):
         self._notifier = Notifier(lambda: self.plugin_manager, wakeup_url=wakeup_url,
                                   wakeup_exchange=wakeup_exchange)
         self._transactional = Transactional(lambda: self.storage, self._notifier)
+        self._inline = InlineMode(self, enabled=inline)
 
     @property
     def wakeup_url(self) -> str | None:
@@ -167,9 +178,28 @@ class App(JobManagement, RecurringClient):
 
     # --- registration ------------------------------------------------------------------
 
+    @overload
+    def job(self, fn: Callable[P, Coroutine[Any, Any, R]], /, *, name: str | None = None,
+            queue: str = "default", priority: int = 0, max_retries: int | None = None,
+            timeout: timedelta | float | None = None,
+            retry: RetryPolicy | None = None) -> AsyncJobFunction[P, R]: ...
+
+    @overload
+    def job(self, fn: Callable[P, R], /, *, name: str | None = None,
+            queue: str = "default", priority: int = 0, max_retries: int | None = None,
+            timeout: timedelta | float | None = None,
+            retry: RetryPolicy | None = None) -> JobFunction[P, R]: ...
+
+    @overload
+    def job(self, fn: None = None, /, *, name: str | None = None,
+            queue: str = "default", priority: int = 0, max_retries: int | None = None,
+            timeout: timedelta | float | None = None,
+            retry: RetryPolicy | None = None) -> JobDecorator: ...
+
     def job(
         self,
-        fn: Callable[P, R] | None = None,
+        fn: Callable[P, Any] | None = None,
+        /,
         *,
         name: str | None = None,
         queue: str = "default",
@@ -177,8 +207,13 @@ class App(JobManagement, RecurringClient):
         max_retries: int | None = None,
         timeout: timedelta | float | None = None,
         retry: RetryPolicy | None = None,
-    ) -> Any:
+    ) -> JobFunction[P, Any] | JobDecorator:
         """Register a job function; usable as ``@app.job`` or ``@app.job(...)``.
+
+        Typed with ``ParamSpec`` overloads: the result is a ``JobFunction[P, R]`` whose
+        ``enqueue`` takes the function's own parameters and returns a
+        ``JobHandle[R]``; for an ``async def`` function it is an `AsyncJobFunction`
+        and ``R`` is the awaited type.
 
         Args:
             fn: The function (``def`` or ``async def``); its arguments must be JSON.
@@ -190,7 +225,7 @@ class App(JobManagement, RecurringClient):
             retry: Retry policy for this job name.
 
         Returns:
-            A `JobFunction` (or a decorator making one).
+            A `JobFunction` (or a `JobDecorator` making one).
 
         Raises:
             ConfigurationError: The name is taken, or an option is invalid.
@@ -198,13 +233,14 @@ class App(JobManagement, RecurringClient):
         options = JobOptions(queue=queue, priority=priority, max_retries=max_retries,
                              timeout=timeout, retry=retry)
 
-        def register(f: Callable[P, R]) -> JobFunction[P, R]:
+        def register(f: Callable[P, Any]) -> JobFunction[P, Any]:
             job_name = name or f"{f.__module__}.{f.__qualname__}"
+            kind = AsyncJobFunction if inspect.iscoroutinefunction(f) else JobFunction
             self._register(limits.check_name(job_name, "job name"),
-                           JobFunction(self, f, job_name, options))
-            return self.registry[job_name]  # type: ignore[return-value]
+                           kind(self, f, job_name, options))
+            return self.registry[job_name]  # type: ignore[no-any-return]
 
-        return register(fn) if fn is not None else register
+        return register(fn) if fn is not None else register  # type: ignore[return-value]
 
     def register_worker(
         self,
@@ -261,7 +297,10 @@ class App(JobManagement, RecurringClient):
         return self._storage
 
     def close(self) -> None:
-        """Close the storage (it reopens on next use) and the wake-up publisher."""
+        """Close the storage (it reopens on next use), the wake-up publisher, the
+        async-enqueue threads (after their current calls) and inline mode's runners."""
+        self.shutdown_enqueue_threads()
+        self._inline.close()
         with self._lock:
             self._notifier.close()
             if self._storage is not None:
@@ -297,8 +336,9 @@ class App(JobManagement, RecurringClient):
                          priority=priority, at=at, delay=delay, metadata=metadata,
                          job_id=job_id, max_retries=max_retries, timeout=timeout)
 
-    def enqueue(self, method: str, **options: Any) -> str:
-        """Store one job for ``method``; return its id. Options as `make_job`.
+    def enqueue(self, method: str, **options: Any) -> JobHandle[Any]:
+        """Store one job for ``method``; return its `qmlkit.handle.JobHandle` (a ``str``
+        subclass: the id). Options as `make_job`. `enqueue_async` is the awaited form.
 
         Raises:
             PayloadError: Arguments not JSON (the message names the argument) or too
@@ -312,7 +352,7 @@ class App(JobManagement, RecurringClient):
                 ", ".join(describe(m) for m in self._enqueue_chain()),
                 "stored nothing for this enqueue: an enqueue middleware must call "
                 "call_next(jobs), or raise to refuse the job")
-        return ids[0]
+        return self.handles(ids)[0]
 
     def transaction(self, connection: Any) -> AbstractContextManager[None]:
         """Enqueue inside the caller's own database transaction (transactional enqueue).
@@ -382,7 +422,10 @@ class App(JobManagement, RecurringClient):
             self._transactional.announce_after_commit(connection, stored)
         else:
             self._notifier.announce(stored)
+            if self._inline.active:
+                self._inline.run(stored)
         return [j.id for j in stored]
+
 
     @property
     def _publisher(self) -> WakeupPublisher | None:

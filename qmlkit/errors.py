@@ -247,6 +247,63 @@ class JobTimeout(JobError):
         super().__init__(f"the attempt ran longer than its timeout of {timeout_s:g} s")
 
 
+# --- results -----------------------------------------------------------------------
+
+
+class ResultError(QmlError):
+    """A job handle's ``result()`` cannot give a return value (`qmlkit.handle`)."""
+
+
+class JobFailed(ResultError):
+    """The job ended Failed; raised by ``JobHandle.result()`` in the caller.
+
+    Like Celery's ``AsyncResult.get()`` re-raising the task's error, but as one qmlkit
+    type carrying the stored details, since the original exception class may not be
+    importable in the caller (and qmlkit never unpickles). A result that was not JSON
+    fails its job too: ``exception_type`` is then ``qmlkit.errors.PayloadError`` and
+    ``message`` names the unstorable part of the result.
+
+    Attributes:
+        job_id: The job's id.
+        exception_type: Qualified name of what the last attempt raised, e.g.
+            ``"ValueError"``.
+        message: Its message (capped at ``qmlkit.job.MAX_ERROR_TEXT`` characters).
+        stack_trace: The stored formatted traceback, or ``None``.
+        retry_count: Retries made before the final failure.
+        note: What could not be rendered about the exception, or ``None``.
+    """
+
+    def __init__(self, job_id: str, exception_type: str, message: str, *,
+                 stack_trace: str | None = None, retry_count: int = 0,
+                 note: str | None = None) -> None:
+        self.job_id = job_id
+        self.exception_type = exception_type
+        self.message = message
+        self.stack_trace = stack_trace
+        self.retry_count = retry_count
+        self.note = note
+        tries = ""
+        if retry_count:
+            tries = f" after {retry_count} retr{'y' if retry_count == 1 else 'ies'}"
+        super().__init__(f"job {job_id} failed{tries}: {exception_type}: {message}")
+
+
+class JobDeleted(ResultError):
+    """The job was deleted before it finished, so it has no result.
+
+    Attributes:
+        job_id: The job's id.
+        reason: The stored reason of the deletion, or ``None``.
+    """
+
+    def __init__(self, job_id: str, reason: str | None = None) -> None:
+        self.job_id = job_id
+        self.reason = reason
+        why = f" ({reason})" if reason else ""
+        super().__init__(f"job {job_id} was deleted{why}; it has no result. "
+                         "Requeue it (`qmlkit jobs retry`) to run it again.")
+
+
 class Retry(QmlError):
     """Raised by job code to ask for another attempt.
 

@@ -57,6 +57,7 @@ class Notifier:
         self.publisher: WakeupPublisher | None = None  #: this process's, once made
         self._publisher_pid = 0  # the process that made it (see `wakeup_publisher`)
         self._servers: weakref.WeakSet[LocalServer] = weakref.WeakSet()
+        self._settled: list[Callable[[Sequence[str]], None]] = []  # result waiters
 
     def subscribe(self, server: LocalServer) -> None:
         """Wake ``server`` after each commit from now on (held weakly)."""
@@ -65,6 +66,19 @@ class Notifier:
     def unsubscribe(self, server: LocalServer) -> None:
         """Stop waking ``server``; no error if it was not subscribed."""
         self._servers.discard(server)
+
+    def watch_settled(self, callback: Callable[[Sequence[str]], None]) -> None:
+        """Call ``callback(job_ids)`` after commits that may have finished those jobs
+        (an app's `qmlkit.waiting.ResultWaiter` listens here). Held strongly; it must
+        be cheap and must not raise."""
+        with self._lock:
+            self._settled = [*self._settled, callback]
+
+    def settled(self, job_ids: Sequence[str]) -> None:
+        """Jobs ``job_ids`` may have reached a final state (a local server stored their
+        outcomes, or the app deleted them): tell the result waiters. No-op without one."""
+        for callback in self._settled:
+            callback(job_ids)
 
     def wakeup_publisher(self) -> WakeupPublisher:
         """This process's publisher. A process forked after the first wake-up (gunicorn
@@ -80,8 +94,10 @@ class Notifier:
             return self.publisher
 
     def observe(self, changes: Sequence[StateChange]) -> None:
-        """Tell the observers about committed ``changes``."""
+        """Tell the observers and the result waiters about committed ``changes``."""
         notify_state_changed(self._pm(), changes)
+        if self._settled:
+            self.settled([change.job.id for change in changes])
 
     def announce(self, stored: list[Job]) -> None:
         """New jobs were committed: tell the observers (if any), then wake."""

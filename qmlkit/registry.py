@@ -8,9 +8,9 @@ never imports the client API (``qmlkit.client``).
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Protocol, TypeVar, cast, overload
 
 from pydantic import ValidationError
 
@@ -20,16 +20,18 @@ from qmlkit.job import Enqueued, Job, Scheduled, new_job_id, trusted, utcnow
 from qmlkit.processing.retry import RetryPolicy
 
 if TYPE_CHECKING:
+    from qmlkit.handle import JobHandle
     from qmlkit.notify import Notifier
     from qmlkit.processing.context import JobContext
     from qmlkit.processing.processor import Runnable
     from qmlkit.recurring import RecurringJob
 
-__all__ = ["ClassWorker", "Enqueuer", "JobFunction", "JobOptions", "JobSource",
-           "RegisteredWorker", "Registry", "build_job", "seconds"]
+__all__ = ["AsyncJobFunction", "ClassWorker", "Enqueuer", "JobDecorator", "JobFunction",
+           "JobOptions", "JobSource", "RegisteredWorker", "Registry", "build_job", "seconds"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
+T = TypeVar("T")
 
 
 class ClassWorker(Protocol):
@@ -89,18 +91,30 @@ class JobOptions:
 class Enqueuer(Protocol):
     """What a `JobFunction` needs of its app (``qmlkit.client.App`` is one)."""
 
-    def enqueue(self, method: str, **options: Any) -> str:
-        """Store one job for ``method``; return its id."""
+    def enqueue(self, method: str, **options: Any) -> JobHandle[Any]:
+        """Store one job for ``method``; return its handle."""
 
-    def make_job(self, method: str, **options: Any) -> Job:
+    def make_job(self, method: str, *, args: Sequence[Any] = (),
+                 kwargs: Mapping[str, Any] | None = None) -> Job:
         """Build (not store) a job for ``method``."""
 
     def enqueue_jobs(self, jobs: Sequence[Job]) -> list[str]:
         """Store built jobs in one transaction; return their ids."""
 
+    def handles(self, job_ids: Sequence[str]) -> list[JobHandle[Any]]:
+        """Handles of ids just stored."""
+
+    async def offload(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run a blocking client call off the event loop and await it."""
+
 
 class JobFunction(Generic[P, R]):
     """A function registered with ``@app.job``. Calling it runs it here and now.
+
+    Generic over the function's parameters ``P`` and its result type ``R`` (for an
+    ``async def`` job, the awaited type: see `AsyncJobFunction`), so a type checker
+    checks ``enqueue``'s arguments against the signature and types
+    ``enqueue(...).result()`` as ``R``.
 
     Attributes:
         name: The registered job name (default ``module.qualname``).
@@ -108,24 +122,28 @@ class JobFunction(Generic[P, R]):
         options: Its `JobOptions`.
     """
 
-    def __init__(self, app: Enqueuer, fn: Callable[P, R], name: str, options: JobOptions) -> None:
+    def __init__(self, app: Enqueuer, fn: Callable[P, Any], name: str,
+                 options: JobOptions) -> None:
         self.app = app
         self.fn = fn
         self.name = name
         self.options = options
         self.retry = options.retry
-        functools.update_wrapper(self, fn)  # type: ignore[arg-type]
+        functools.update_wrapper(self, fn)
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         """Run the function directly, in this process (no storage involved)."""
-        return self.fn(*args, **kwargs)
+        return cast(R, self.fn(*args, **kwargs))
 
     def execute(self, job: Job, context: JobContext) -> Any:
         """Run the stored job's arguments through the function (used by workers)."""
         return self.fn(*job.args, **job.kwargs)
 
-    def enqueue(self, *args: P.args, **kwargs: P.kwargs) -> str:
-        """Store a job that calls this function with these arguments; return its id.
+    def enqueue(self, *args: P.args, **kwargs: P.kwargs) -> JobHandle[R]:
+        """Store a job that calls this function with these arguments.
+
+        Returns:
+            Its `qmlkit.handle.JobHandle` (a ``str`` subclass: the job id).
 
         Raises:
             PayloadError: An argument is not JSON-serialisable (named) or the arguments
@@ -134,23 +152,32 @@ class JobFunction(Generic[P, R]):
         """
         return self.app.enqueue(self.name, args=args, kwargs=kwargs)
 
+    async def enqueue_async(self, *args: P.args, **kwargs: P.kwargs) -> JobHandle[R]:
+        """`enqueue`, awaited: the same middleware, validation, wake-ups and errors, run
+        on the app's enqueue threads so the event loop is not blocked."""
+        return await self.app.offload(self.app.enqueue, self.name, args=args, kwargs=kwargs)
+
     def schedule(
         self,
         *args: Any,
         at: datetime | None = None,
         delay: timedelta | float | None = None,
         **kwargs: Any,
-    ) -> str:
-        """Store a job that becomes runnable at ``at`` or after ``delay``; return its id.
+    ) -> JobHandle[R]:
+        """Store a job that becomes runnable at ``at`` or after ``delay``.
 
         ``at`` and ``delay`` are reserved here; use `App.enqueue` to pass job
-        arguments with those names.
+        arguments with those names. The job arguments are not type-checked (a
+        signature cannot add keywords to ``P``); `enqueue`'s are.
 
         Args:
             *args: Job arguments.
             at: An aware datetime (naive is refused: it would be ambiguous).
             delay: Seconds or a ``timedelta`` from now.
             **kwargs: Job keyword arguments.
+
+        Returns:
+            Its `qmlkit.handle.JobHandle`.
 
         Raises:
             ConfigurationError: Neither or both of ``at`` and ``delay``, or a naive ``at``.
@@ -160,12 +187,23 @@ class JobFunction(Generic[P, R]):
             raise ConfigurationError("schedule() takes exactly one of at= or delay=")
         return self.app.enqueue(self.name, args=args, kwargs=kwargs, at=at, delay=delay)
 
-    def enqueue_many(self, calls: Iterable[Sequence[Any] | tuple[Sequence[Any], Mapping[str, Any]]]) -> list[str]:
-        """Store many jobs of this function in one transaction; return their ids.
+    async def schedule_async(self, *args: Any, at: datetime | None = None,
+                             delay: timedelta | float | None = None,
+                             **kwargs: Any) -> JobHandle[R]:
+        """`schedule`, awaited (on the app's enqueue threads); same arguments and errors."""
+        return await self.app.offload(functools.partial(self.schedule, at=at, delay=delay),
+                                      *args, **kwargs)
+
+    def enqueue_many(self, calls: Iterable[Sequence[Any] | tuple[Sequence[Any], Mapping[str, Any]]],
+                     ) -> list[JobHandle[R]]:
+        """Store many jobs of this function in one transaction.
 
         Args:
             calls: Each item is an argument tuple/list, or an ``(args, kwargs)`` pair
                 whose second member is a mapping.
+
+        Returns:
+            Their handles, in order.
 
         Raises:
             PayloadError: One call's arguments cannot be stored; none are stored.
@@ -184,7 +222,41 @@ class JobFunction(Generic[P, R]):
             else:  # same options and timestamps: copy the validated first job
                 jobs.append(template._replace(id=new_job_id(), args=args, kwargs=kwargs,
                                               metadata=dict(template.metadata)))
-        return self.app.enqueue_jobs(jobs) if jobs else []
+        return self.app.handles(self.app.enqueue_jobs(jobs)) if jobs else []
+
+    async def enqueue_many_async(
+        self, calls: Iterable[Sequence[Any] | tuple[Sequence[Any], Mapping[str, Any]]],
+    ) -> list[JobHandle[R]]:
+        """`enqueue_many`, awaited (on the app's enqueue threads); same arguments.
+
+        ``calls`` is consumed on the enqueue thread: pass a list, not a generator that
+        shares state with the event loop."""
+        return await self.app.offload(self.enqueue_many, calls)
+
+
+class AsyncJobFunction(JobFunction[P, R]):
+    """A registered ``async def`` function: as `JobFunction`, with ``R`` the awaited type.
+
+    Calling it returns the coroutine, as calling the function would; workers await it.
+    """
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, R]:  # type: ignore[override]
+        """Call the function here: the coroutine to await (no storage involved)."""
+        return cast("Coroutine[Any, Any, R]", self.fn(*args, **kwargs))
+
+
+class JobDecorator(Protocol):
+    """What ``@app.job(...)`` with options returns: it registers the function it gets."""
+
+    @overload
+    def __call__(self, fn: Callable[P, Coroutine[Any, Any, R]], /) -> AsyncJobFunction[P, R]:
+        ...
+
+    @overload
+    def __call__(self, fn: Callable[P, R], /) -> JobFunction[P, R]: ...
+
+    def __call__(self, fn: Callable[P, Any], /) -> JobFunction[P, Any]:
+        """Register ``fn``; see `App.job`."""
 
 
 class RegisteredWorker:

@@ -10,6 +10,7 @@ import math
 import os
 import sys
 from collections.abc import Generator
+from pathlib import Path
 from typing import Any
 
 import click
@@ -130,15 +131,69 @@ class MigrateFirst:
         return store
 
 
-def open_storage(app_spec: str | None, storage: str | None) -> tuple[App, Storage]:
+def missing_sqlite_file(spec: str | Storage) -> Path | None:
+    """The file a SQLite storage URL names, if that file does not exist; else ``None``.
+
+    ``None`` too for any other storage, an in-memory or ``file:`` URI database, or a URL
+    SQLAlchemy cannot parse (opening it reports that).
+
+    Args:
+        spec: A storage URL (``sqlite:///relative.db``, ``sqlite:////abs.db``) or a
+            ``Storage`` object.
+    """
+    if not isinstance(spec, str) or not spec.partition("://")[0].startswith("sqlite"):
+        return None
+    import sqlalchemy as sa
+
+    try:
+        database = sa.make_url(spec).database
+    except sa.exc.ArgumentError:
+        return None
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    path = Path(database).expanduser()
+    return None if path.exists() else path.resolve()
+
+
+def require_existing_storage(app: App) -> None:
+    """Refuse to let a command that reads (or acts on existing jobs) create a database.
+
+    Opening a SQLite URL creates the file; for ``jobs``, ``stats``, ``servers`` and the
+    dashboard that would invent an empty database (a typo'd path prints zeros), so they
+    stop here instead. ``worker``, ``enqueue``, ``migrate`` and ``recurring add`` create
+    it as before.
+
+    Raises:
+        click.UsageError: The SQLite file does not exist (exit status 2); the message
+            names the path and the URL.
+    """
+    missing = missing_sqlite_file(app.storage_spec)
+    if missing is not None:
+        raise click.UsageError(
+            f"no SQLite database at {missing} (storage {app.storage_spec}); this command "
+            "does not create one. Check the path, or run 'qmlkit worker' or enqueue a job "
+            "to create it")
+
+
+def open_storage(app_spec: str | None, storage: str | None, *,
+                 create: bool = False) -> tuple[App, Storage]:
     """The app and its opened storage, for inspection and management commands.
 
     The storage is opened with automatic migrations off (`MigrationsOff`).
 
+    Args:
+        app_spec: ``module:attribute`` or ``None``.
+        storage: A storage URL overriding the app's, or ``None``.
+        create: Allow opening to create a SQLite file (a command that writes new state,
+            ``recurring add``); else a missing file is refused (`require_existing_storage`).
+
     Raises:
+        click.UsageError: ``create`` is false and the SQLite file does not exist (exit 2).
         click.ClickException: The storage cannot be resolved or opened (the message).
     """
     app = app_for(app_spec, storage)
+    if not create:
+        require_existing_storage(app)
     try:
         app.plugin_manager.register(MigrationsOff(), name="qmlkit-cli:migrations-off")
         return app, app.storage

@@ -8,6 +8,7 @@ from qmlkit.cli.apploading import (
     app_for,
     app_option,
     given_wakeup,
+    require_existing_storage,
     storage_option,
     wakeup_exchange_option,
 )
@@ -64,6 +65,7 @@ def dashboard(app_spec: str | None, storage: str | None, host: str, port: int, t
                                  poll_interval_s=poll_interval, dead_server_after_s=dead_after,
                                  wakeup_url=wakeup_url)
         config.check_bind()
+        require_existing_storage(app)  # it shows and acts on stored jobs: invent no database
         app.storage  # noqa: B018 - open it now: a bad URL fails before the server starts
     except QmlError as exc:
         raise click.ClickException(str(exc)) from exc

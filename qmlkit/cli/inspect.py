@@ -212,7 +212,7 @@ def recurring_add(template_id: str, cron: str, method: str, app_spec: str | None
     With --app, METHOD must be a job name the app registers, unless --force is given.
     """
     args, kwargs = json_args(args_json, kwargs_json)
-    app, _ = open_storage(app_spec, storage)
+    app, _ = open_storage(app_spec, storage, create=True)
     if app_spec and method not in app.registry and not force:
         raise click.BadParameter(
             f"{app_spec} registers no job named {method!r}; registered: "

@@ -13,7 +13,7 @@ import logging
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from types import FrameType
@@ -174,9 +174,37 @@ def worker(app_spec: str, wakeup_exchange: str | None, **flags: Any) -> None:
         server = app.server(**fields)
     except QmlError as exc:
         raise click.ClickException(str(exc)) from exc
+    warn_unserved(app.registry, server.config.queues)
     aborted = run_until_signalled(server)
     app.close()
     sys.exit(1 if aborted else 0)
+
+
+def unserved_queues(registry: Mapping[str, Any], served: Sequence[str]) -> list[str]:
+    """The registered job names' default queues that ``served`` leaves out, sorted.
+
+    Args:
+        registry: Job names -> registered entries (each with ``options.queue``).
+        served: ``ServerConfig.queues``; empty serves every queue.
+    """
+    if not served:
+        return []
+    wanted = {entry.options.queue for entry in registry.values() if hasattr(entry, "options")}
+    return sorted(wanted - set(served))
+
+
+def warn_unserved(registry: Mapping[str, Any], served: Sequence[str]) -> None:
+    """Log one warning at start naming the registered queues this worker will not serve.
+
+    Jobs enqueued there would wait for ever for this worker: the usual cause is a
+    ``@app.job(queue="mail")`` and a worker started without ``--queues``.
+    """
+    missing = unserved_queues(registry, served)
+    if missing:
+        names = ", ".join(missing)
+        log.warning("this worker serves %s but jobs are registered on %s too, which it will "
+                    "not run; add --queues '%s' or --queues '*' for every queue",
+                    ",".join(served), names, ",".join((*served, *missing)))
 
 
 def run_until_signalled(server: Server) -> bool:

@@ -62,6 +62,9 @@ class JobProcessor:
         succeeded_ttl: ``expires_at`` offset stamped on Succeeded jobs.
         failed_ttl: ``expires_at`` offset stamped on Failed jobs.
         max_result_bytes: Largest stored result, in bytes of JSON.
+        on_failure: Called with ``(job, exc)`` for every attempt that raised, with the
+            exception its outcome records (after timeout translation), before the
+            outcome is built; inline mode uses it to re-raise. ``None``: nothing called.
     """
 
     def __init__(
@@ -75,6 +78,7 @@ class JobProcessor:
         succeeded_ttl: timedelta | None,
         failed_ttl: timedelta | None,
         max_result_bytes: int,
+        on_failure: Callable[[Job, BaseException], None] | None = None,
     ) -> None:
         self.lookup = lookup
         self.registered = registered
@@ -84,6 +88,7 @@ class JobProcessor:
         self.succeeded_ttl = succeeded_ttl
         self.failed_ttl = failed_ttl
         self.max_result_bytes = max_result_bytes
+        self.on_failure = on_failure
 
     def timeout_for(self, job: Job) -> float | None:
         """Return the attempt's limit in seconds, or ``None`` for none."""
@@ -178,5 +183,7 @@ class JobProcessor:
         return json.loads(text)
 
     def _failure(self, job: Job, exc: BaseException, runnable: Runnable | None) -> Transition:
+        if self.on_failure is not None:
+            self.on_failure(job, exc)
         policy = (runnable.retry if runnable is not None else None) or self.retry_policy
         return outcome.failed(job, exc, policy, ttl=self.failed_ttl)

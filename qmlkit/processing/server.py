@@ -463,6 +463,7 @@ class Server:
                                  observed=self._observed)
         if changes is None:
             return
+        self.app.notifier.settled([item.job.id for item in outcomes])  # result waiters
         self.notify(changes)
         if self._publisher is not None:  # released jobs: let other servers take them
             self.runnable(changes)

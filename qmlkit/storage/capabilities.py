@@ -9,7 +9,8 @@ from typing import Any, Protocol, runtime_checkable
 from qmlkit.job import Job
 from qmlkit.storage.base import Storage
 
-__all__ = ["OPTIONAL_METHODS", "TransactionalStorage", "is_transactional", "supports"]
+__all__ = ["OPTIONAL_METHODS", "BatchRead", "TransactionalStorage", "get_many", "is_transactional",
+           "job_states", "supports"]
 
 
 @runtime_checkable
@@ -58,3 +59,59 @@ def supports(storage: Storage, method: str) -> bool:
         raise ValueError(f"{method!r} is not an optional storage method; "
                          f"those are {', '.join(OPTIONAL_METHODS)}")
     return getattr(type(storage), method) is not getattr(Storage, method)
+
+
+@runtime_checkable
+class BatchRead(Protocol):
+    """A storage that reads many jobs in one query: the memory and SQL storages,
+    qmlkit-redis and qmlkit-postgres have it. Job handles' shared waiter uses it
+    (`qmlkit.waiting`), so waiting on 1,000 jobs costs one query per poll."""
+
+    def get_many(self, job_ids: Sequence[str]) -> dict[str, Job]:
+        """What `Storage.get` answers for each of up to 1,000 ``job_ids``, in one read:
+        ``{job_id: job}`` for the stored ones (duplicates allowed; missing and
+        unstorable ids left out; undecodable rows as `Storage.get`'s stand-ins).
+
+        Raises:
+            StorageUnavailable: The backend cannot be reached.
+        """
+
+    def job_states(self, job_ids: Sequence[str]) -> dict[str, str]:
+        """The state names of the stored ones among ``job_ids`` (up to 1,000), in one
+        read that decodes no job: ``{job_id: "Succeeded"}``. A waiter polls with it and
+        reads whole jobs only once they are final. An undecodable row answers its
+        stored state name here, where `Storage.get` gives a Failed stand-in.
+
+        Raises:
+            StorageUnavailable: The backend cannot be reached.
+        """
+
+
+def get_many(storage: Storage, job_ids: Sequence[str]) -> dict[str, Job]:
+    """Read ``job_ids`` from ``storage``: in one query through its `BatchRead`
+    ``get_many``, else with one `Storage.get` per id.
+
+    Returns:
+        ``{job_id: job}`` for the ids that are stored.
+
+    Raises:
+        StorageUnavailable: The backend cannot be reached.
+    """
+    if isinstance(storage, BatchRead):
+        return storage.get_many(job_ids)
+    return {i: job for i in job_ids if (job := storage.get(i)) is not None}
+
+
+def job_states(storage: Storage, job_ids: Sequence[str]) -> dict[str, str]:
+    """The state names of ``job_ids`` in ``storage``: through its `BatchRead`
+    ``job_states``, else read from `get_many`.
+
+    Returns:
+        ``{job_id: state_name}`` for the ids that are stored.
+
+    Raises:
+        StorageUnavailable: The backend cannot be reached.
+    """
+    if isinstance(storage, BatchRead):
+        return storage.job_states(job_ids)
+    return {i: job.state.name for i, job in get_many(storage, job_ids).items()}

@@ -140,6 +140,16 @@ class MemoryStorage(Storage):
         """See `Storage.get`."""
         return self._jobs.get(job_id)
 
+    def get_many(self, job_ids: Sequence[str]) -> dict[str, Job]:
+        """See `Storage.get_many`."""
+        jobs = self._jobs
+        return {i: job for i in job_ids if (job := jobs.get(i)) is not None}
+
+    def job_states(self, job_ids: Sequence[str]) -> dict[str, str]:
+        """See `qmlkit.storage.capabilities.BatchRead.job_states`."""
+        jobs = self._jobs
+        return {i: job.state.name for i in job_ids if (job := jobs.get(i)) is not None}
+
     def list_jobs(
         self,
         *,

@@ -244,6 +244,7 @@ def test_jobs_show_prints_the_job_as_json(cli_app: CliApp, populated: dict[str, 
 
 
 def test_jobs_show_of_an_unknown_id_fails(cli_app: CliApp) -> None:
+    cli_app.app.storage  # noqa: B018 - the database exists, without that job
     result = invoke("jobs", "show", "no-such-id", "--app", cli_app.spec)
     assert result.exit_code != 0
     assert "no-such-id" in result.output

@@ -39,6 +39,7 @@ from qmlkit.storage.codec import (
     state_columns,
 )
 from qmlkit.storage.options import StorageOptions
+from qmlkit.storage.sql.batch import SQLBatchRead
 from qmlkit.storage.sql.dialect import SQLDialect
 from qmlkit.storage.sql.executor import Executor, log
 from qmlkit.storage.sql.registry import SQLRegistry
@@ -76,7 +77,7 @@ class SQLOptions(StorageOptions):
     engine_options: dict[str, Any] | None = None
 
 
-class SQLStorage(SQLRegistry, Storage):
+class SQLStorage(SQLBatchRead, SQLRegistry, Storage):
     """SQL storage on SQLAlchemy 2 Core. See the module docstring.
 
     Args:

@@ -153,6 +153,25 @@ class RedisStorage(RedisRegistry, RedisConnection, Storage):
             return None
         return self._decode(job_id, v)[0]
 
+    def get_many(self, job_ids: Sequence[str]) -> dict[str, Job]:
+        """See `Storage.get_many`: one pipeline of ``HMGET`` s, one round trip."""
+        ids = sorted({i for i in job_ids if storable_id(i)})
+        return {job.id: job for job in self._fetch(ids)} if ids else {}
+
+    def job_states(self, job_ids: Sequence[str]) -> dict[str, str]:
+        """See `BatchRead.job_states`: one pipeline of ``HGET state``, nothing decoded."""
+        ids = sorted({i for i in job_ids if storable_id(i)})
+
+        def read(_: int) -> list[Any]:
+            pipe = self.client.pipeline(transaction=False)
+            for job_id in ids:
+                pipe.hget(self._k("job:" + job_id), "state")
+            return pipe.execute()
+
+        names = self._call(read) if ids else []
+        return {i: (n.decode() if isinstance(n, bytes) else n)
+                for i, n in zip(ids, names, strict=True) if n is not None}
+
     def _fetch(self, ids: Sequence[str]) -> list[Job]:
         def read(_: int) -> list[Any]:
             pipe = self.client.pipeline(transaction=False)
