@@ -11,7 +11,7 @@ from qmlkit.cli.apploading import (
     storage_option,
     wakeup_exchange_option,
 )
-from qmlkit.errors import QmlError
+from qmlkit.errors import PayloadError, QmlError
 
 
 @click.command()
@@ -48,8 +48,21 @@ def enqueue(app_spec: str, method: str, storage: str | None, args_json: str, kwa
             app = app.with_storage(storage, **given_wakeup(wakeup_url, wakeup_exchange))
         job_id = app.enqueue(method, args=args, kwargs=kwargs, queue=queue, priority=priority,
                              delay=delay)
+    except PayloadError as exc:  # JSON the parser took but qmlkit refuses: still a bad option
+        raise click.BadParameter(str(exc), param_hint=option_of(exc)) from exc
     except QmlError as exc:
         raise click.ClickException(str(exc)) from exc
     finally:
         app.close()  # sends a pending wake-up
     click.echo(job_id)
+
+
+def option_of(exc: PayloadError) -> str | tuple[str, str]:
+    """The option a refused argument came from: ``--args``, ``--kwargs``, or both when
+    the error is about the whole payload (its size, its nesting)."""
+    where = exc.where or ""
+    if where.startswith("kwargs"):
+        return "--kwargs"
+    if where.startswith("args"):
+        return "--args"
+    return ("--args", "--kwargs")

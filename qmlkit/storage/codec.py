@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from typing import Any
@@ -50,6 +51,7 @@ __all__ = [
     "decode_job",
     "decode_state",
     "due_at",
+    "load_json",
     "held_stand_in",
     "outcome_at",
     "quarantine_stand_in",
@@ -89,6 +91,40 @@ def check_utf8(fields: Mapping[str, Any]) -> None:
                 value.encode("utf-8")
             except UnicodeEncodeError:
                 raise ValueError(f"field {name!r} holds invalid UTF-8 bytes") from None
+
+
+#: A JSON escape of a UTF-16 surrogate (``\\ud800``–``\\udfff``), either case.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def load_json(raw: str | bytes, field: str) -> Any:
+    """Decode one stored JSON document (the arguments, the metadata).
+
+    Follows `json.loads`, but refuses a document whose strings hold a lone surrogate
+    written as an escape (``"\\ud800"``): valid UTF-8 text that no encoder takes back,
+    so such a job could never be shown, listed as JSON or re-stored. Valid escaped pairs
+    (``"\\ud83d\\ude00"``) decode to one character and pass. Only a document with a
+    surrogate escape pays for the check.
+
+    Args:
+        raw: The stored JSON text.
+        field: The stored field's name, for the error.
+
+    Returns:
+        The decoded value.
+
+    Raises:
+        ValueError: Not JSON (`json.JSONDecodeError`), or a lone surrogate, naming
+            ``field``; the caller quarantines the record.
+    """
+    value = json.loads(raw)
+    text = raw.decode("utf-8", "surrogateescape") if isinstance(raw, bytes) else raw
+    if _SURROGATE_ESCAPE.search(text):
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"field {field!r} holds an escaped lone surrogate") from None
+    return value
 
 
 def decode_state(raw: str | bytes) -> JobState:
@@ -209,10 +245,10 @@ def claimed_job(row: Mapping[str, Any], attempts: int, processing: Processing) -
         ValueError, TypeError, KeyError: A JSON field does not decode, or holds the wrong
             type; the caller quarantines the record with the reason.
     """
-    payload = json.loads(row["payload"])
+    payload = load_json(row["payload"], "payload")
     metadata = row["job_metadata"]
     if isinstance(metadata, (str, bytes)):
-        metadata = json.loads(metadata)
+        metadata = load_json(metadata, "metadata")
     if not (isinstance(payload["args"], list) and isinstance(payload["kwargs"], dict)
             and isinstance(metadata, dict)):
         raise TypeError("args, kwargs or metadata of the wrong JSON type")

@@ -43,6 +43,42 @@ def wait_until(
         time.sleep(interval)
 
 
+def wait_for_count(
+    count: Callable[[], int], target: int, *, stall: float = 30.0, interval: float = 0.1,
+    message: str = "",
+) -> int:
+    """Wait until ``count()`` reaches ``target``, for as long as it keeps moving.
+
+    For drains whose length depends on the machine (a loaded machine works through
+    2,000 jobs more slowly, but it works through them): the deadline is on a *stall*,
+    not on the whole drain, so the test waits on progress rather than on a guessed time.
+
+    Args:
+        count: How many are done so far (e.g. jobs Succeeded); polled.
+        target: The count to reach.
+        stall: Seconds the count may stay unchanged before giving up.
+        interval: Seconds between polls.
+        message: Added to the error.
+
+    Returns:
+        The count reached (``>= target``).
+
+    Raises:
+        TimeoutError: ``count()`` stayed below ``target`` and unchanged for ``stall`` s;
+            the message includes the last count.
+    """
+    last = count()
+    moved = time.monotonic()
+    while last < target:
+        time.sleep(interval)
+        now_count = count()
+        if now_count != last:
+            last, moved = now_count, time.monotonic()
+        elif time.monotonic() - moved >= stall:
+            raise TimeoutError(f"count stuck at {last} of {target} for {stall} s: {message}")
+    return last
+
+
 def make_job(method: str = "tests.noop", **fields: Any) -> Job:
     """Build an Enqueued job with sensible defaults; ``fields`` override them."""
     now = utcnow()

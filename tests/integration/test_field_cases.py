@@ -117,11 +117,13 @@ class StateLog:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.changes: list[tuple[str, str | None, Any]] = []
+        self.seen_at: dict[tuple[str, str], float] = {}  # (id, state) -> first time.time()
 
     @hookimpl
     def qmlkit_job_state_changed(self, job: Job, previous: Any, current: Any) -> None:
         with self.lock:
             self.changes.append((job.id, previous.name if previous else None, current))
+            self.seen_at.setdefault((job.id, current.name), time.time())
 
     def states(self, name: str) -> dict[str, Any]:
         with self.lock:
@@ -384,12 +386,14 @@ def test_retries_of_jobs_failing_together_are_spread(backend_url: str) -> None:
     app = App("c08", storage=backend_url, autoload=False,
               plugins=[observer, *backend_plugins(backend_url)])
     failed_at: dict[int, float] = {}
+    ran: Counter[int] = Counter()
     lock = threading.Lock()
 
     @app.job(name="c08.fails_once",
              retry=RetryPolicy(base_delay=timedelta(seconds=1), jitter=1.0, max_retries=3))
     def fails_once(i: int) -> int:
         with lock:
+            ran[i] += 1
             if i not in failed_at:
                 failed_at[i] = time.time()
                 raise RuntimeError("database overloaded")
@@ -400,16 +404,28 @@ def test_retries_of_jobs_failing_together_are_spread(backend_url: str) -> None:
         # When a server runs them all at once
         with running(app, worker_count=4):
             wait_until(lambda: state_counts(app)["Succeeded"] == 50, timeout=20)
-        # Then every job waited between 1 s and 2 s (plus slack) after its own failure ...
+        # Then every job waits between 1 s and 2 s after its failure. The backoff starts
+        # when the server handles the failure, some time after the raise (longer on a
+        # loaded machine) and before the observer sees the AwaitingRetry state: so
+        # raised + 1 s <= retry_at <= observed + 2 s, whatever the load.
         retry_states = observer.states("AwaitingRetry")
         assert set(retry_states) == set(ids)
-        by_arg = {app.storage.get(job_id).args[0]: s for job_id, s in retry_states.items()}
+        arg_of = {job_id: app.storage.get(job_id).args[0] for job_id in retry_states}
+        by_arg = {arg_of[job_id]: s for job_id, s in retry_states.items()}
+        observed = {arg_of[job_id]: observer.seen_at[(job_id, "AwaitingRetry")]
+                    for job_id in retry_states}
         delays = [by_arg[i].retry_at.timestamp() - failed_at[i] for i in range(50)]
-        assert min(delays) >= 1.0 and max(delays) <= 3.0, (min(delays), max(delays))
+        assert min(delays) >= 1.0, min(delays)
+        late = [by_arg[i].retry_at.timestamp() - observed[i] for i in range(50)]
+        assert max(late) <= 2.0, max(late)
         # ... and the delays are spread, not all equal
         assert len({s.retry_at for s in retry_states.values()}) >= 45
         assert max(delays) - min(delays) >= 0.3
-        assert all(app.storage.get(j).attempts == 2 for j in ids)
+        # Each ran twice: one failure, one retry. (``attempts`` counts claims, and a loaded
+        # machine may add claims that run nothing: a batch released unstarted from
+        # behind a job the straggler duty saw as slow is claimed again.)
+        assert ran == dict.fromkeys(range(50), 2)
+        assert all(app.storage.get(j).retry_count == 1 for j in ids)
     finally:
         app.close()
 

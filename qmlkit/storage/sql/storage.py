@@ -34,6 +34,7 @@ from qmlkit.storage.codec import (
     decode_history,
     decode_job,
     decode_state,
+    load_json,
     quarantine_stand_in,
     state_columns,
 )
@@ -461,12 +462,12 @@ def decode_row(m: Mapping[str, Any]) -> tuple[Job, str | None]:
     stand-in and the reason (see `qmlkit.storage.codec.decode_job`)."""
 
     def build() -> Job:
-        payload = json.loads(m["payload"])
+        payload = load_json(m["payload"], "payload")
         return Job(
             id=m["id"], method=m["method"], args=payload["args"], kwargs=payload["kwargs"],
             queue=m["queue"], priority=m["priority"], attempts=m["attempts"],
             retry_count=m["retry_count"], max_retries=m["max_retries"],
-            timeout_s=m["timeout_s"], metadata=json.loads(m["job_metadata"]),
+            timeout_s=m["timeout_s"], metadata=load_json(m["job_metadata"], "job_metadata"),
             created_at=m["created_at"], expires_at=m["expires_at"],
             state=decode_state(m["state_data"]),
         )

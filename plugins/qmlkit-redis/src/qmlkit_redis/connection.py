@@ -8,7 +8,6 @@ Scripts are called by SHA over a connection of the calling thread's own.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -43,6 +42,7 @@ from qmlkit.storage.codec import (
     check_utf8,
     decode_job,
     decode_state,
+    load_json,
     quarantine_stand_in,
 )
 from qmlkit_redis.encoding import (
@@ -393,7 +393,7 @@ class RedisConnection:
 
         def build() -> Job:
             check_utf8(dict(zip(lua.JOB_FIELDS, v, strict=False)))
-            payload = json.loads(v[0])
+            payload = load_json(v[0], "payload")
             return Job(
                 id=job_id, method=v[2], args=payload["args"], kwargs=payload["kwargs"],
                 queue=v[3], priority=int(v[4]), max_retries=int(v[5]),

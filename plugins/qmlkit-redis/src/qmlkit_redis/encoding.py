@@ -15,7 +15,7 @@ from qmlkit.config import mask_url
 from qmlkit.errors import ConfigurationError, StorageError
 from qmlkit.job import Enqueued, JobState, Processing
 from qmlkit.storage.base import minute_of
-from qmlkit.storage.codec import due_at, outcome_at
+from qmlkit.storage.codec import due_at, load_json, outcome_at
 from qmlkit.storage.options import StorageOptions
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -126,7 +126,7 @@ def metadata_of(v: Sequence[Any]) -> dict[str, Any]:
     Raises:
         ValueError, TypeError: The stored JSON is not an object.
     """
-    metadata = json.loads(v[1])
+    metadata = load_json(v[1], "metadata")
     if not isinstance(metadata, dict):
         raise TypeError("metadata is not a JSON object")
     if len(v) > 13 and v[13]:
