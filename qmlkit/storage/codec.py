@@ -93,7 +93,7 @@ def check_utf8(fields: Mapping[str, Any]) -> None:
                 raise ValueError(f"field {name!r} holds invalid UTF-8 bytes") from None
 
 
-#: A JSON escape of a UTF-16 surrogate (``\\ud800``–``\\udfff``), either case.
+#: A JSON escape of a UTF-16 surrogate (``\\ud800`` to ``\\udfff``), either case.
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
