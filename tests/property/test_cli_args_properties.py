@@ -119,6 +119,7 @@ kwargs_option = (st.builds(dumps, st.dictionaries(text, values, max_size=3), st.
 @example(args_text="[" * 50_000, kwargs_text="{}")  # RecursionError in the parser
 @example(args_text="[" + "9" * 5000 + "]", kwargs_text="{}")  # over the digit limit
 @example(args_text='["\\ud83d\\ude00", -0.0, 1e308]', kwargs_text='{"\\u00e9": [{}]}')
+@example(args_text="[" * 665 + "]" * 665, kwargs_text='{"":0}')  # deep but accepted: the check must not overflow
 def test_enqueue_options_store_an_exact_round_trip_or_exit_2_storing_nothing(
         cli_app, args_text, kwargs_text):
     check(cli_app, args_text, kwargs_text)

@@ -55,16 +55,30 @@ def _depth(value: Any) -> int | None:
 
 
 def same(a: Any, b: Any) -> bool:
-    """Exact equality: same types (bool is not int), floats bit for bit (-0.0 is not 0.0)."""
-    if type(a) is not type(b):
-        return False
-    if isinstance(a, float):
-        return a == b and math.copysign(1, a) == math.copysign(1, b)
-    if isinstance(a, list):
-        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
-    return a == b
+    """Exact equality: same types (bool is not int), floats bit for bit (-0.0 is not 0.0).
+
+    Iterative, not recursive: payloads nested as deep as qmlkit accepts must not overflow
+    the test's own stack (pytest and hypothesis already use hundreds of frames).
+    """
+    pending = [(a, b)]
+    while pending:
+        x, y = pending.pop()
+        if type(x) is not type(y):
+            return False
+        if isinstance(x, float):
+            if not (x == y and math.copysign(1, x) == math.copysign(1, y)):
+                return False
+        elif isinstance(x, list):
+            if len(x) != len(y):
+                return False
+            pending.extend(zip(x, y, strict=True))
+        elif isinstance(x, dict):
+            if x.keys() != y.keys():
+                return False
+            pending.extend((x[k], y[k]) for k in x)
+        elif x != y:
+            return False
+    return True
 
 
 def total(app: App) -> int:
