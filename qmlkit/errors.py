@@ -270,10 +270,10 @@ class WorkerLost(JobError):
                 self.signal_name = signal.Signals(-exitcode).name
             except ValueError:
                 self.signal_name = f"signal {-exitcode}"
-        how = (f"killed by {self.signal_name}" if self.signal_name
+        how = (f"killed by {self.signal_name}, exit code {exitcode}" if self.signal_name
                else f"exited with code {exitcode}")
-        super().__init__(f"the worker process running this attempt died ({how}, exit code "
-                         f"{exitcode}); see the worker's log and the system log (OOM killer)")
+        super().__init__(f"the worker process running this attempt died ({how}); see the "
+                         "worker's log and the system log (OOM killer)")
 
 
 # --- results -----------------------------------------------------------------------

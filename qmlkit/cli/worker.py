@@ -41,7 +41,11 @@ def queue_list(value: str) -> tuple[str, ...]:
     """``"a, b"`` as ``("a", "b")``; ``"*"`` as ``()`` (every queue)."""
     if value.strip() == "*":
         return ()
-    return tuple(q.strip() for q in value.split(",") if q.strip())
+    queues = tuple(q.strip() for q in value.split(",") if q.strip())
+    if not queues:
+        raise click.BadParameter(f"{value!r} names no queue; give queue names, or '*' for "
+                                 "every queue", param_hint="'--queues'")
+    return queues
 
 
 def same(value: Any) -> Any:
@@ -194,6 +198,7 @@ def worker(app_spec: str, wakeup_exchange: str | None, **flags: Any) -> None:
     fields = config_fields(flags)
     if wakeup_exchange:
         fields["wakeup_exchange"] = wakeup_exchange
+    refuse_process_flags_without_the_pool(fields)
     if fields.get("pool") == "processes":
         fields["app_spec"] = app_spec  # what the child processes import
     if "storage_url" not in fields and isinstance(app.storage_spec, str):
@@ -209,6 +214,28 @@ def worker(app_spec: str, wakeup_exchange: str | None, **flags: Any) -> None:
     aborted = run_until_signalled(server)
     app.close()
     sys.exit(1 if aborted else 0)
+
+
+#: The fields only the process pool reads (``--processes`` and the per-child flags).
+PROCESS_POOL_FIELDS = ("processes", "child_pool", "max_jobs_per_child", "max_memory_per_child",
+                       "start_method")
+
+
+def refuse_process_flags_without_the_pool(fields: Mapping[str, Any]) -> None:
+    """Refuse process-pool flags given without ``--pool processes`` (they would do nothing).
+
+    Raises:
+        click.UsageError: e.g. ``--processes 2`` with the default thread pool (a Dramatiq
+            user's habit): naming the flags, and the ``--pool processes`` they need.
+    """
+    if fields.get("pool") == "processes":
+        return
+    given = [row.flag for row in FLAGS if row.field in PROCESS_POOL_FIELDS
+             and row.field in fields]
+    if given:
+        raise click.UsageError(f"{', '.join(given)} only apply to the process pool: add "
+                               f"--pool processes (the pool now is "
+                               f"{fields.get('pool', 'threads')!r})")
 
 
 def unserved_queues(registry: Mapping[str, Any], served: Sequence[str]) -> list[str]:

@@ -23,6 +23,17 @@ _current: contextvars.ContextVar[JobContext | None] = contextvars.ContextVar(
 _EVENT_LOCK = threading.Lock()
 
 
+class CancelEvent(threading.Event):
+    """`JobContext.cancelled`: a `threading.Event` whose truth is whether it is set.
+
+    So ``while not context.cancelled:`` reads as it should (a plain `threading.Event` is
+    always true); ``is_set()``, ``wait(timeout)`` and ``set()`` work as on any event.
+    """
+
+    def __bool__(self) -> bool:
+        return self.is_set()
+
+
 class JobContext:
     """The context of one attempt, passed to middleware and class-based workers.
 
@@ -64,19 +75,20 @@ class JobContext:
         self.server_name = server_name
         self.stopping = stopping if stopping is not None else threading.Event()
         self.timed_out = False
-        self._cancelled: threading.Event | None = None
+        self._cancelled: CancelEvent | None = None
 
     @property
-    def cancelled(self) -> threading.Event:
+    def cancelled(self) -> CancelEvent:
         """Set when the attempt must end now: its timeout passed, or the server's grace
-        period ran out. Cooperative: long jobs should check `is_cancelled` (or wait on
-        this event) and return or raise. Made on first use: most attempts never look.
+        period ran out. Cooperative: long jobs should check `is_cancelled()` (or
+        ``while not context.cancelled:``, or wait on this event) and return or raise.
+        Made on first use: most attempts never look.
         """
         event = self._cancelled
         if event is None:
             with _EVENT_LOCK:
                 if self._cancelled is None:
-                    self._cancelled = threading.Event()
+                    self._cancelled = CancelEvent()
                 event = self._cancelled
         return event
 

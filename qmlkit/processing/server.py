@@ -223,7 +223,7 @@ class Server:
                     self._spawn(duty.name, functools.partial(duties.run_duty, duty, self),
                                 through_grace=getattr(duty, "through_grace", False))
             # Logged before the workers start, so no job's log line comes first.
-            log.info("server %s started with a %s pool of %d on %r, queues %s",
+            log.info("server %s started: pool %s, concurrency %d, storage %r, queues %s",
                      self.server_id or cfg.server_name, cfg.pool, cfg.worker_count,
                      self.storage, list(cfg.queues) or "all")
             self.pool = POOLS[cfg.pool](PoolParts(

@@ -9,7 +9,11 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from qmlkit.cli.worker import config_fields, server_flags
+from qmlkit import App
+from qmlkit.cli.worker import config_fields, server_flags, worker
+
+#: An app for `worker` to load; the flag checks refuse before any server starts.
+app = App("flags", storage="memory://", autoload=False)
 
 
 @click.command()
@@ -42,3 +46,27 @@ def test_an_unknown_pool_is_refused_naming_the_choices() -> None:
     result = CliRunner().invoke(show, ["--pool", "gevent"])
     assert result.exit_code == 2
     assert "gevent" in result.output and "asyncio" in result.output
+
+
+@pytest.mark.parametrize("value", ["", ",", " ", " , "])
+def test_queues_naming_no_queue_is_a_usage_error_not_every_queue(value: str) -> None:
+    result = CliRunner().invoke(show, ["--queues", value])
+    assert result.exit_code == 2
+    assert "--queues" in result.output and "names no queue" in result.output
+
+
+def test_star_still_means_every_queue() -> None:
+    assert json.loads(CliRunner().invoke(show, ["--queues", "*"]).output) == {"queues": []}
+
+
+@pytest.mark.parametrize(("args", "env"), [
+    (["--processes", "2"], {}),
+    (["--pool", "asyncio", "--max-jobs-per-child", "5"], {}),
+    (["--child-pool", "asyncio"], {}),
+    ([], {"QMLKIT_PROCESSES": "2"}),
+])
+def test_process_pool_flags_without_the_process_pool_are_refused(args, env) -> None:
+    result = CliRunner().invoke(worker, ["tests.unit.test_worker_flags:app", *args], env=env)
+    assert result.exit_code == 2, result.output
+    assert "only apply to the process pool" in result.output
+    assert "--pool processes" in result.output
