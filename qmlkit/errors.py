@@ -271,7 +271,7 @@ class WorkerLost(JobError):
             except ValueError:
                 self.signal_name = f"signal {-exitcode}"
         how = (f"killed by {self.signal_name}, exit code {exitcode}" if self.signal_name
-               else f"exited with code {exitcode}")
+               else f"exit code {exitcode}")
         super().__init__(f"the worker process running this attempt died ({how}); see the "
                          "worker's log and the system log (OOM killer)")
 
