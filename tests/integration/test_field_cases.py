@@ -37,7 +37,7 @@ from qmlkit import (
     Server,
     hookimpl,
 )
-from qmlkit.testing import wait_until
+from qmlkit.testing import wait_for_count, wait_until
 from tests.conftest import backend_plugins
 
 #: The repository root, put on child processes' PYTHONPATH so they import this qmlkit.
@@ -966,7 +966,7 @@ server = app.server(worker_count=4, polling_interval=timedelta(milliseconds=20),
                     enable_cleanup=False, log_attempts=False, server_name=label)
 server.start()
 Path(folder, label + ".ready").write_text("ready")
-wait_until(Path(folder, "stop").exists, timeout=120, interval=0.05)
+wait_until(Path(folder, "stop").exists, timeout=600, interval=0.05)
 server.stop()
 app.close()
 print(json.dumps(ran))
@@ -995,7 +995,7 @@ def test_sqlite_two_processes_claim_each_job_exactly_once(tmp_path: Path) -> Non
         for start in range(0, 2000, 200):
             ids += app.enqueue_jobs(
                 [app.make_job("c19.touch", args=[i]) for i in range(start, start + 200)])
-        wait_until(lambda: state_counts(app)["Succeeded"] == 2000, timeout=60)
+        wait_for_count(lambda: state_counts(app)["Succeeded"], 2000, stall=60)
         (tmp_path / "stop").write_text("stop")
         outputs = []
         for proc in procs:
@@ -1005,9 +1005,15 @@ def test_sqlite_two_processes_claim_each_job_exactly_once(tmp_path: Path) -> Non
     finally:
         for proc in procs:
             stop_process(proc)
-    # Then every job ran exactly once, on one process or the other, on its first claim
+    # Then every job ran exactly once, on one process or the other
     both = Counter(outputs[0]) + Counter(outputs[1])
     assert set(both) == set(range(2000)) and set(both.values()) == {1}
     assert all(outputs), "one process claimed nothing: no contention was exercised"
-    assert {app.storage.get(j).attempts for j in ids} == {1}
+    # and every claim past the first followed a release of a claim not yet started (the
+    # straggler duty hands a job waiting behind a slow one to a free worker, which a
+    # loaded machine makes likely): never two live claims of one job.
+    for job_id in ids:
+        released = [st for st in app.storage.job_history(job_id)
+                    if st.name == "Enqueued" and (st.reason or "").startswith("released")]
+        assert app.storage.get(job_id).attempts == 1 + len(released), job_id
     app.close()
