@@ -5,7 +5,9 @@ then ``fn.enqueue_many`` of 1,000 per call) in a fresh subprocess per measuremen
 ``PYTHONPATH`` pointing at one checkout's ``qmlkit`` (and its qmlkit-redis), on a new
 SQLite file and on Redis under a fresh key prefix (emptied afterwards). Prints wall
 rates (jobs/s) and CPU per job (``time.process_time``, µs), with the load average,
-for each round; checkouts alternate within a round.
+for each round; checkouts alternate within a round. ``--backends`` adds ``postgres``
+(PostgreSQL on 127.0.0.1:5432, database ``test``, a fresh schema per measurement,
+dropped afterwards; the checkout's qmlkit-postgres on ``PYTHONPATH``).
 
     python bench/enqueue_ab.py --before /work/main --after . [--rounds 3]
 """
@@ -48,7 +50,8 @@ print(json.dumps({"single": n_single / single[0], "single_cpu_us": single[1] / n
 
 
 def measure(tree: Path, url: str, n_single: int, n_bulk: int) -> dict[str, float]:
-    env = dict(os.environ, PYTHONPATH=f"{tree}:{tree / 'plugins/qmlkit-redis/src'}")
+    env = dict(os.environ, PYTHONPATH=f"{tree}:{tree / 'plugins/qmlkit-redis/src'}:"
+                                     f"{tree / 'plugins/qmlkit-postgres/src'}")
     out = subprocess.run([sys.executable, "-c", CHILD, str(tree), url, str(n_single),
                           str(n_bulk)], env=env, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -64,6 +67,26 @@ def empty_redis(prefix: str) -> None:
     client.close()
 
 
+PG_URL = "postgresql://root@127.0.0.1:5432/test"
+
+
+def drop_schema(name: str) -> None:
+    import psycopg
+
+    with psycopg.connect(PG_URL,
+                         autocommit=True) as conn:
+        conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+
+
+def url_for(backend: str, token: str) -> str:
+    """The storage URL of one measurement: its own SQLite file, key prefix or schema."""
+    if backend == "sqlite":
+        return "sqlite"
+    if backend == "redis":
+        return f"redis://127.0.0.1:6379/0?prefix=qmlkit-bench-ab:{token}:"
+    return f"{PG_URL}?schema=bench_ab_{token}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--before", type=Path, required=True)
@@ -71,30 +94,34 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--single", type=int, default=2000)
     parser.add_argument("--bulk", type=int, default=20000)
+    parser.add_argument("--backends", default="sqlite,redis",
+                        help="comma-separated: sqlite, redis, postgres")
     args = parser.parse_args()
+    backends = args.backends.split(",")
     results: dict[tuple[str, str], list[dict[str, float]]] = {}
     for r in range(args.rounds):
         order = [("before", args.before), ("after", args.after)]
         if r % 2:
             order.reverse()
         for side, tree in order:
-            for backend in ("sqlite", "redis"):
-                prefix = f"qmlkit-bench-ab:{uuid.uuid4().hex[:8]}:"
-                url = ("sqlite" if backend == "sqlite"
-                       else f"redis://127.0.0.1:6379/0?prefix={prefix}")
+            for backend in backends:
+                token = uuid.uuid4().hex[:8]
+                url = url_for(backend, token)
                 load = os.getloadavg()[0]
                 try:
                     fig = measure(tree.resolve(), url, args.single, args.bulk)
                 finally:
                     if backend == "redis":
-                        empty_redis(prefix)
+                        empty_redis(f"qmlkit-bench-ab:{token}:")
+                    elif backend == "postgres":
+                        drop_schema(f"bench_ab_{token}")
                 results.setdefault((side, backend), []).append(fig)
                 print(f"round {r + 1} {side:6} {backend:6} load {load:4.2f}  "
                       f"single {fig['single']:8,.0f}/s ({fig['single_cpu_us']:6.1f} µs CPU)  "
                       f"bulk {fig['bulk']:8,.0f}/s ({fig['bulk_cpu_us']:5.1f} µs CPU)",
                       flush=True)
     print("\nmedians")
-    for backend in ("sqlite", "redis"):
+    for backend in backends:
         for key in ("single", "single_cpu_us", "bulk", "bulk_cpu_us"):
             b = statistics.median(f[key] for f in results[("before", backend)])
             a = statistics.median(f[key] for f in results[("after", backend)])
