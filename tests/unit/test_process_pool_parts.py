@@ -87,7 +87,7 @@ def test_settle_is_fenced_a_job_stored_meanwhile_is_untouched(app: Any) -> None:
 
 def test_worker_lost_names_signal_and_exit_code() -> None:
     assert "killed by SIGKILL, exit code -9" in str(WorkerLost(-9))
-    assert "exited with code 3" in str(WorkerLost(3))
+    assert "died (exit code 3)" in str(WorkerLost(3))  # the code once, not twice
     assert WorkerLost(-11).signal_name == "SIGSEGV"
 
 
