@@ -44,7 +44,7 @@ def rec(tag):
     finally:
         os.close(fd)
     for _ in range(3):  # cooperative: stops when told the claim may be lost
-        if current_context().is_cancelled:
+        if current_context().is_cancelled():
             return "cancelled"
         time.sleep(0.002)
     return tag
