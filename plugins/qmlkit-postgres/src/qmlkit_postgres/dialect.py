@@ -9,6 +9,9 @@ hot or bulk step in one round trip:
   (the technique of Que, GoodJob and procrastinate);
 * acknowledge: one ``UPDATE … FROM unnest(…)`` per batch, fenced by the attempt number;
 * enqueue: one ``INSERT … SELECT FROM unnest(…)`` per batch;
+* the ``unnest`` arrays are bound in binary (``%b``): psycopg dumps a text array in
+  Python with a regular-expression escape per element, a binary one with its C dumpers
+  (a 50-row acknowledgement: 1.12 ms of CPU against 0.11 ms, about 20 µs per job);
 * promotion, stranded requeue and dead-server reclaim: one ``UPDATE`` each;
 * engines: a transactional pool and an autocommit pool for single statements, both
   pinging connections that sat idle; tables made by `qmlkit_postgres.migrations`.
@@ -214,9 +217,9 @@ class PostgresDialect(SQLDialect):
     # --- operations ----------------------------------------------------------------------
 
     def insert_sql(self) -> str:
-        """``INSERT … SELECT * FROM unnest(%s::type[], …)``: one array per column."""
+        """``INSERT … SELECT * FROM unnest(%b::type[], …)``: one binary array per column."""
         cols = ", ".join(INSERT_COLUMNS)
-        arrays = ", ".join(f"%s::{t}[]" for t in _INSERT_TYPES)
+        arrays = ", ".join(f"%b::{t}[]" for t in _INSERT_TYPES)
         return f"INSERT INTO {self.jobs_sql} ({cols}) SELECT * FROM unnest({arrays})"
 
     def insert_jobs(self, storage: SQLStore, cursor: Any, rows: list[tuple[Any, ...]]) -> None:
@@ -382,11 +385,11 @@ class PostgresDialect(SQLDialect):
         # One statement: ``live`` reads, from the statement's snapshot, which rows are
         # still Processing under the token; the UPDATE also accepts a row already holding
         # exactly this outcome (a retry after a lost reply) but appends history and
-        # counts throughput only for rows that were live.
+        # counts throughput only for rows that were live. Arrays bound in binary.
         sql = (
-            "WITH v AS (SELECT * FROM unnest(%s::text[], %s::int[], %s::text[], %s::text[], "
-            "%s::timestamptz[], %s::timestamptz[], %s::timestamptz[], %s::text[], %s::int[], "
-            "%s::timestamptz[], %s::timestamptz[]) AS v(id, token, state, state_data, "
+            "WITH v AS (SELECT * FROM unnest(%b::text[], %b::int[], %b::text[], %b::text[], "
+            "%b::timestamptz[], %b::timestamptz[], %b::timestamptz[], %b::text[], %b::int[], "
+            "%b::timestamptz[], %b::timestamptz[]) AS v(id, token, state, state_data, "
             "enqueued_at, due_at, started_at, server_name, retry_count, expires_at, minute)), "
             f"live AS (SELECT j.id FROM {jobs} AS j JOIN v ON j.id = v.id "
             "WHERE j.state = 'Processing' AND j.attempts = v.token), "
