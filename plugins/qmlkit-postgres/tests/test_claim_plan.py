@@ -3,21 +3,23 @@
 A jobs table analyzed while empty and then filled by a burst of enqueues tells the
 planner that ``state = 'Enqueued'`` matches about one row; left to its estimates it then
 reads every Enqueued row through another index and sorts them all, on every claim,
-until autovacuum analyzes the table again. The claim runs with sorting disabled for its
-one statement, so its plan is an ordered scan of a claim index on an empty, a fresh and
-an analyzed large table alike. These tests read the plan (``EXPLAIN (FORMAT JSON)``,
-node types only: no timing is asserted).
+until autovacuum analyzes the table again. The claim runs on connections whose sorting
+is disabled (`CLAIM_SETTINGS`, given at connection start), so its plan is an ordered scan
+of a claim index on an empty, a fresh and an analyzed large table alike, and so is the
+generic plan of the prepared statement that psycopg makes of it once it repeats. These
+tests read both plans (``EXPLAIN (FORMAT JSON)``, node types only: no timing is
+asserted), on a connection of the pool the claim uses.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from typing import Any
 
 import psycopg
 import pytest
 from qmlkit_postgres import PostgresStorage
-from qmlkit_postgres.dialect import CLAIM_SETTINGS
 
 from qmlkit.job import Enqueued, Processing, utcnow
 
@@ -66,19 +68,40 @@ def nodes(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
         yield from nodes(child)
 
 
-def claim_plan(store: PostgresStorage, queues: list[str]) -> list[dict[str, Any]]:
-    """Every node of the plan of the claim statement, under the settings it runs with."""
+#: The SQL types of the claim statement's parameters, for ``PREPARE``.
+PARAM_TYPES = {"limit": "int", "data": "text", "now": "timestamptz", "server": "text",
+               "queue": "text", "queues": "text[]"}
+
+
+def claim_plan(store: PostgresStorage, queues: list[str], *,
+               generic: bool = False) -> list[dict[str, Any]]:
+    """Every node of the claim statement's plan, on a connection of the pool it runs on:
+    its custom plan (the parameters' values known), or with ``generic`` the plan a
+    prepared statement reuses (``plan_cache_mode = force_generic_plan``)."""
     processing = Processing(started_at=utcnow(), worker_id="w", server_name="plan")
     claim_sql, _, params = store.dialect.claim_statements(queues, 50, processing)
-    raw = store.engine.raw_connection()
+    engine = store.executor.autocommit_engine
+    assert engine is not None
+    raw = engine.raw_connection()
     try:
-        cursor = psycopg.ClientCursor(raw.driver_connection)
-        cursor.execute(CLAIM_SETTINGS + "EXPLAIN (FORMAT JSON) " + claim_sql, params)
-        while cursor.nextset():
-            pass
+        cursor = raw.cursor()
+        # PREPARE with typed $n placeholders, then EXPLAIN EXECUTE with the values
+        names = list(dict.fromkeys(re.findall(r"%\((\w+)\)s", claim_sql)))
+        text = re.sub(r"%\((\w+)\)s", lambda m: f"${names.index(m[1]) + 1}", claim_sql)
+        types = ", ".join(PARAM_TYPES[name] for name in names)
+        # the simple protocol: an extended one would take the $n as its own parameters
+        result = raw.driver_connection.pgconn.exec_(
+            f"PREPARE plan_probe ({types}) AS {text}".encode())
+        assert result.status == psycopg.pq.ExecStatus.COMMAND_OK, result.error_message
+        mode = "force_generic_plan" if generic else "force_custom_plan"
+        cursor.execute(f"SET plan_cache_mode = {mode}")
+        marks = ", ".join(f"%s::{PARAM_TYPES[name]}" for name in names)
+        cursor = psycopg.ClientCursor(raw.driver_connection)  # the values as literals
+        cursor.execute(f"EXPLAIN (FORMAT JSON) EXECUTE plan_probe({marks})",
+                       [params[name] for name in names])
         (document,) = cursor.fetchone()
-        raw.rollback()
     finally:
+        raw.invalidate()  # the probe's prepared statement and setting leave with it
         raw.close()
     return list(nodes(document[0]["Plan"]))
 
@@ -108,6 +131,7 @@ def test_claim_on_an_empty_analyzed_table_scans_a_claim_index(
         store: PostgresStorage, queues: list[str]) -> None:
     sql(store, f"ANALYZE {store.jobs_sql}")
     assert_ordered_index_claim(claim_plan(store, queues), filled=False)
+    assert_ordered_index_claim(claim_plan(store, queues, generic=True), filled=False)
 
 
 @pytest.mark.slow
@@ -122,9 +146,11 @@ def test_claim_after_a_burst_into_a_table_analyzed_empty_sorts_nothing(
     assert reltuples == 0  # the statistics still say "empty"
     # Then the claim reads the claim index in order: no Sort over the Enqueued rows
     assert_ordered_index_claim(claim_plan(store, queues))
+    assert_ordered_index_claim(claim_plan(store, queues, generic=True))
     # And once analyzed (the large-table case) it still does
     sql(store, f"ANALYZE {store.jobs_sql}")
     assert_ordered_index_claim(claim_plan(store, queues))
+    assert_ordered_index_claim(claim_plan(store, queues, generic=True))
 
 
 @pytest.mark.slow
@@ -137,3 +163,22 @@ def test_claim_after_a_burst_takes_the_oldest_jobs_first(store: PostgresStorage)
     left = sql(store, f"SELECT count(*) FROM {store.jobs_sql} WHERE state = 'Enqueued'")
     assert left == [(BURST - 50,)]
 
+
+
+def test_sorting_is_off_only_on_the_claim_pool_and_the_users_options_still_apply(
+        postgres_url: str) -> None:
+    # Given a URL with libpq options of the user's own
+    storage = PostgresStorage(f"{postgres_url}&options=-c%20statement_timeout%3D12345")
+    storage.open()
+    try:
+        def settings(engine: Any) -> list[str]:
+            with engine.connect() as conn:
+                return [conn.exec_driver_sql(f"SHOW {name}").scalar() for name in
+                        ("enable_sort", "enable_incremental_sort", "statement_timeout")]
+
+        # Then the claim's pool has sorting off and the user's setting; the other pool,
+        # which serves reads such as the dashboard's listings, only the user's setting
+        assert settings(storage.executor.autocommit_engine) == ["off", "off", "12345ms"]
+        assert settings(storage.executor.engine) == ["on", "on", "12345ms"]
+    finally:
+        storage.close()

@@ -7,30 +7,29 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-import psycopg
 import sqlalchemy as sa
 
-__all__ = ["PRE_PING_AFTER_IDLE_S", "end_backends", "execute_script", "first_line",
-           "is_config_error", "ping_idle_connections"]
+__all__ = ["PRE_PING_AFTER_IDLE_S", "end_backends", "first_line", "is_config_error",
+           "ping_idle_connections", "with_server_options"]
 
-def execute_script(cursor: psycopg.Cursor[Any], script: str,
-                   params: Mapping[str, Any]) -> list[tuple[Any, ...]]:
-    """Run the statements of ``script`` in one message on ``cursor``'s connection; return
-    the rows of the last one.
 
-    One message is one round trip and, outside a transaction, one implicit transaction,
-    so a ``SET LOCAL`` in it holds for the statements after it and no longer. Parameters
-    (``%(name)s``) are bound client-side, as the server binds them only in a message of
-    one statement.
+def with_server_options(connect_args: Mapping[str, Any], url: sa.URL,
+                        settings: str) -> dict[str, Any]:
+    """``connect_args`` with ``settings`` (libpq ``options``, e.g. ``"-c name=value"``)
+    appended to any ``options`` the user gave there or in the URL's query, so both apply
+    from the connection's start (a later ``-c`` wins).
+
+    Args:
+        connect_args: The engine's ``connect_args`` (not changed).
+        url: The engine's URL; its ``options`` query value, if any, comes first.
+        settings: What to append.
+
+    Returns:
+        A new ``connect_args`` dict.
     """
-    client = psycopg.ClientCursor(cursor.connection)
-    try:
-        client.execute(script, params)
-        while client.nextset():
-            pass
-        return client.fetchall()
-    finally:
-        client.close()
+    given = [url.query.get("options"), connect_args.get("options")]
+    options = [o for o in given if isinstance(o, str) and o]
+    return {**connect_args, "options": " ".join([*options, settings])}
 
 
 def end_backends(cursor: Any, pids: list[int]) -> None:

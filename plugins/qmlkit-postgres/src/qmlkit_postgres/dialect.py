@@ -9,12 +9,11 @@ hot or bulk step in one round trip:
   (the technique of Que, GoodJob and procrastinate);
 * acknowledge: one ``UPDATE … FROM unnest(…)`` per batch, fenced by the attempt number;
 * enqueue: one ``INSERT … SELECT FROM unnest(…)`` per batch;
-* the ``unnest`` arrays are bound in binary (``%b``): psycopg dumps a text array in
-  Python with a regular-expression escape per element, a binary one with its C dumpers
-  (a 50-row acknowledgement: 1.12 ms of CPU against 0.11 ms, about 20 µs per job);
+* ``unnest`` arrays bound in binary (``%b``): psycopg escapes a text array's elements in
+  Python (1.12 ms of CPU for a 50-row acknowledgement, against 0.11 ms in binary);
 * promotion, stranded requeue and dead-server reclaim: one ``UPDATE`` each;
-* engines: a transactional pool and an autocommit pool for single statements, both
-  pinging connections that sat idle; tables made by `qmlkit_postgres.migrations`.
+* engines: a transactional pool, an autocommit one (`CLAIM_SETTINGS`) for single
+  statements, idle connections pinged; tables made by `qmlkit_postgres.migrations`.
 
 Lost replies are made harmless: a claim retried after a dropped connection first picks
 up the rows its first attempt may have committed, and an acknowledgement retried after a
@@ -51,10 +50,10 @@ from qmlkit.storage.sql import INSERT_COLUMNS, SQLDialect
 from qmlkit_postgres.connections import (
     PRE_PING_AFTER_IDLE_S,
     end_backends,
-    execute_script,
     first_line,
     is_config_error,
     ping_idle_connections,
+    with_server_options,
 )
 
 if TYPE_CHECKING:
@@ -76,12 +75,11 @@ _RETURNED = (
     "expires_at", "payload", "job_metadata", "state_data",
 )
 
-#: Sent ahead of the claim statement in one message, so in its implicit transaction:
-#: with sorting off, the one cheap plan for its ``ORDER BY priority DESC, enqueued_at, id
-#: LIMIT n`` is an ordered scan of a claim index, whatever the statistics say. Left to
-#: its estimates, the planner sorts every Enqueued row of a table last analyzed while
-#: empty and then filled, on each claim until autovacuum runs (issue #16).
-CLAIM_SETTINGS = "SET LOCAL enable_sort = off; SET LOCAL enable_incremental_sort = off; "
+#: Settings of the autocommit pool's connections, where the claim runs (libpq ``options``
+#: after the user's): with sorting off, the one cheap plan for its ``ORDER BY … LIMIT n``
+#: is an ordered scan of a claim index, whatever the statistics say, prepared or not. The
+#: pool's other statements sort nothing they could not read in order or hash (issue #16).
+CLAIM_SETTINGS = "-c enable_sort=off -c enable_incremental_sort=off"
 
 #: Array types of the inserted columns, in ``INSERT_COLUMNS`` order.
 _INSERT_TYPES = (
@@ -145,8 +143,9 @@ class PostgresDialect(SQLDialect):
         except (ImportError, sa.exc.ArgumentError) as exc:
             raise ConfigurationError(f"cannot create an engine for {self.label}: {exc}") from exc
         ping_idle_connections(engine, PRE_PING_AFTER_IDLE_S)
-        auto_engine = sa.create_engine(
-            url, **{**options, "isolation_level": "AUTOCOMMIT", "pool_reset_on_return": None})
+        auto_engine = sa.create_engine(url, **{
+            **options, "isolation_level": "AUTOCOMMIT", "pool_reset_on_return": None,
+            "connect_args": with_server_options(options["connect_args"], url, CLAIM_SETTINGS)})
         ping_idle_connections(auto_engine, PRE_PING_AFTER_IDLE_S)
         return engine, auto_engine
 
@@ -253,15 +252,13 @@ class PostgresDialect(SQLDialect):
         claim_sql, recover_sql, params = self.claim_statements(
             list(queues), max(1, min(limit, MAX_CLAIM)), processing)
         attempt = [0]
-
         backends: list[int] = []
 
         def claim(cursor: psycopg.Cursor[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
             attempt[0] += 1
             if attempt[0] > 1:
-                # The lost attempt may still be running on the server, holding its rows
-                # (SKIP LOCKED would pass them by) and committing them later for nobody:
-                # end it first, then collect whatever it committed.
+                # The lost attempt may still run on the server, holding rows SKIP LOCKED
+                # passes by: end it, then collect whatever it committed.
                 end_backends(cursor, backends)
                 cursor.execute(recover_sql, params)
                 found = cursor.fetchall()
@@ -270,7 +267,8 @@ class PostgresDialect(SQLDialect):
                                 len(found))
                     return found
             backends.append(cursor.connection.info.backend_pid)
-            return execute_script(cursor, CLAIM_SETTINGS + claim_sql, params)
+            cursor.execute(claim_sql, params)  # prepared by psycopg once it repeats
+            return cursor.fetchall()
 
         rows = storage.executor.write_one(claim)
         if not rows:
@@ -310,7 +308,8 @@ class PostgresDialect(SQLDialect):
     def claim_statements(self, queues: list[str], limit: int, processing: Processing
                          ) -> tuple[str, str, dict[str, Any]]:
         """The claim statement, the recovery query of a retried claim, and their
-        parameters (``%(name)s`` style). The claim runs after `CLAIM_SETTINGS`.
+        parameters (``%(name)s``). It runs with `CLAIM_SETTINGS`; its limit is written in,
+        as a generic plan of ``LIMIT $n`` expects a tenth of the table and reads it all.
 
         Args:
             queues: The queues to take from; empty means all of them.
@@ -329,7 +328,8 @@ class PostgresDialect(SQLDialect):
         claim_sql = (
             f"WITH picked AS (SELECT id, state_data AS prev, enqueued_at AS prev_enqueued "
             f"FROM {self.jobs_sql} WHERE state = 'Enqueued' {where} "
-            f"ORDER BY priority DESC, enqueued_at, id LIMIT %(limit)s FOR UPDATE SKIP LOCKED) "
+            f"ORDER BY priority DESC, enqueued_at, id LIMIT {int(limit)} "
+            f"FOR UPDATE SKIP LOCKED) "
             f"UPDATE {self.jobs_sql} AS j SET state = 'Processing', state_data = %(data)s, "
             f"due_at = NULL, started_at = %(now)s, "  # enqueued_at kept: requeues restore it
             f"server_name = %(server)s, attempts = j.attempts + 1, {_HISTORY} "
@@ -343,7 +343,7 @@ class PostgresDialect(SQLDialect):
             f"WHERE state = 'Processing' AND server_name = %(server)s "
             f"AND started_at = %(now)s AND state_data = %(data)s"
         )
-        params = {"limit": limit, "data": state_data, "now": processing.started_at,
+        params = {"data": state_data, "now": processing.started_at,
                   "server": processing.server_name, **qparams}
         return claim_sql, recover_sql, params
 
