@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import logging
 import math
@@ -122,10 +123,40 @@ class JobContext:
         Raises:
             ValueError: ``fraction`` is not a number from 0 to 1 (the value is named).
         """
+        progress = self._progress(fraction, message)
+        if self._progress_sink is None:
+            self.job = self.job._replace(metadata={**self.job.metadata, "progress": progress})
+            return True
+        return bool(self._progress_sink(self.job.id, token=self.job.attempts, progress=progress))
+
+    async def report_progress_async(self, fraction: float, message: str | None = None) -> bool:
+        """`report_progress` for an ``async def`` job: the storage write runs on a thread
+        of the loop's default executor (`asyncio.to_thread`), so the event loop, and the
+        other attempts on it, go on meanwhile.
+
+        Args:
+            fraction: Done so far, from 0.0 to 1.0.
+            message: A short human note (capped at 500 characters).
+
+        Returns:
+            Whether the report was stored.
+
+        Raises:
+            ValueError: ``fraction`` is not a number from 0 to 1 (raised before any write).
+        """
+        progress = self._progress(fraction, message)
+        sink = self._progress_sink
+        if sink is None:
+            self.job = self.job._replace(metadata={**self.job.metadata, "progress": progress})
+            return True
+        return bool(await asyncio.to_thread(sink, self.job.id, token=self.job.attempts,
+                                            progress=progress))
+
+    def _progress(self, fraction: float, message: str | None) -> Mapping[str, Any]:
         if (isinstance(fraction, bool) or not isinstance(fraction, (int, float))
                 or math.isnan(fraction) or not 0.0 <= fraction <= 1.0):
             raise ValueError(f"progress fraction must be a number from 0 to 1, not {fraction!r}")
-        progress: Mapping[str, Any] = {
+        return {
             "fraction": float(fraction),
             # NUL and lone surrogates cannot be stored as text by every database
             "message": None if message is None else cap_text(
@@ -134,10 +165,6 @@ class JobContext:
             "at": utcnow().isoformat().replace("+00:00", "Z"),
             "attempt": self.job.attempts,  # a retry does not show its predecessor's
         }
-        if self._progress_sink is None:
-            self.job = self.job._replace(metadata={**self.job.metadata, "progress": progress})
-            return True
-        return bool(self._progress_sink(self.job.id, token=self.job.attempts, progress=progress))
 
     def is_cancelled(self) -> bool:
         """Return whether the attempt has been asked to end now (timeout or hard stop)."""

@@ -301,6 +301,29 @@ def test_progress_from_an_async_job_is_stored(app: App) -> None:
         server.stop()
 
 
+def test_progress_awaited_from_an_async_job_is_stored(app: App) -> None:
+    go = threading.Event()
+
+    @app.job(name="steps")
+    async def steps() -> None:
+        assert await current_context().report_progress_async(0.75, "three quarters")
+        while not go.is_set():
+            await asyncio.sleep(0.01)
+
+    job_id = steps.enqueue()
+    server = asyncio_server(app)
+    server.start()
+    try:
+        progress = wait_until(lambda: app.storage.get(job_id).metadata.get("progress"),
+                              timeout=20)
+        assert progress["fraction"] == 0.75 and progress["message"] == "three quarters"
+        go.set()
+        wait_until(lambda: app.storage.get(job_id).state.name == "Succeeded", timeout=20)
+    finally:
+        go.set()
+        server.stop()
+
+
 @pytest.mark.parametrize("backend_url", ["memory"], indirect=True)
 def test_a_server_refuses_the_process_pool_naming_the_worker_command(app: App) -> None:
     # App.server(pool="processes") returns the supervisor; a Server itself refuses it.

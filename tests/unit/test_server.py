@@ -133,6 +133,38 @@ def test_report_progress_refuses_a_bad_fraction_naming_it(bad: object) -> None:
         ctx.report_progress(bad)  # type: ignore[arg-type]
 
 
+def test_report_progress_async_writes_off_the_event_loop() -> None:
+    writes: list[tuple[str, int, dict[str, object], bool]] = []
+
+    def sink(job_id: str, *, token: int, progress: dict[str, object]) -> bool:
+        on_loop = _running_loop_here()
+        writes.append((job_id, token, progress, on_loop))
+        return True
+
+    job = make_job()
+    ctx = JobContext(job, worker_id="w", server_name="s", progress_sink=sink)
+
+    async def attempt() -> bool:
+        return await ctx.report_progress_async(0.25, "a quarter")
+
+    assert asyncio.run(attempt()) is True
+    ((job_id, token, progress, on_loop),) = writes
+    assert (job_id, token, progress["fraction"], progress["message"]) == (
+        job.id, job.attempts, 0.25, "a quarter")
+    assert on_loop is False  # the write ran on an executor thread, not the loop's
+    with pytest.raises(ValueError, match="1.5"):  # refused before any write
+        asyncio.run(ctx.report_progress_async(1.5))
+    assert len(writes) == 1
+
+
+def _running_loop_here() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
 def test_jobs_claimed_behind_a_slow_job_go_to_idle_workers(app: App) -> None:
     # A worker claims a batch sized to its estimate of fast jobs; when the first job of
     # the batch turns out slow, the rest must not wait behind it while a thread idles.
