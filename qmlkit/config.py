@@ -10,11 +10,18 @@ def url_scheme(url: str) -> str:
     """Return the scheme of ``url`` in lower case, e.g. ``"sqlite"`` for ``sqlite:///x.db``.
 
     Raises:
-        ConfigurationError: ``url`` has no ``scheme://`` part.
+        ConfigurationError: ``url`` has no ``scheme://`` part (a scheme without its
+            ``//``, as ``sqlite:/x.db``, is named as such).
     """
     from qmlkit.errors import ConfigurationError
 
     scheme, sep, _ = url.partition("://")
+    bare = re.match(r"([A-Za-z][A-Za-z0-9+.-]*):(?!//)", url)
+    if not sep and bare:  # "sqlite:/x.db", "redis:host": a scheme without its "//"
+        raise ConfigurationError(
+            f"storage URL {url!r} lacks '//' after its scheme {bare[1]!r}: write "
+            f"'{bare[1]}://…', e.g. 'sqlite:///qmlkit.db' (relative path) or "
+            f"'sqlite:////var/lib/qmlkit.db' (absolute path)")
     if not sep or not scheme:
         raise ConfigurationError(
             f"storage URL {url!r} has no scheme; expected e.g. 'sqlite:///qmlkit.db' or 'memory://'"

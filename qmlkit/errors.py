@@ -21,7 +21,10 @@ class ConfigurationError(QmlError):
 
 
 #: Plugin distribution names for schemes whose name differs from the scheme.
-_PACKAGES = {"postgresql": "postgres", "rediss": "redis"}
+#: URL schemes of the storage plugins that ship in qmlkit's source tree, and their folder
+#: under ``plugins/`` (they are installed from there, not from a package index).
+_BUNDLED = {"postgres": "qmlkit-postgres", "postgresql": "qmlkit-postgres",
+            "redis": "qmlkit-redis", "rediss": "qmlkit-redis", "unix": "qmlkit-redis"}
 
 
 class UnknownStorageScheme(ConfigurationError):
@@ -35,12 +38,15 @@ class UnknownStorageScheme(ConfigurationError):
     def __init__(self, scheme: str, known: Iterable[str]) -> None:
         self.scheme = scheme
         self.known = sorted(set(known))
-        base = scheme.split("+")[0]
+        bundled = _BUNDLED.get(scheme.split("+")[0])
+        hint = (f"Its plugin ships with qmlkit's source: `pip install -e plugins/{bundled}` "
+                f"from a checkout of qmlkit." if bundled else
+                "Install the plugin that provides it: a package with a `qmlkit.storage` "
+                "entry point.")
         super().__init__(
             f"no storage plugin understands the URL scheme {scheme!r} (check "
             f"QMLKIT_DISABLE_PLUGINS if it should be built in); known schemes: "
-            f"{', '.join(self.known) or '(none)'}. If a plugin exists for it, install it, "
-            f"e.g. `pip install qmlkit-{_PACKAGES.get(base, base)}`."
+            f"{', '.join(self.known) or '(none)'}. {hint}"
         )
 
 

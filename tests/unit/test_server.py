@@ -495,7 +495,26 @@ def test_unknown_scheme_lists_known_schemes() -> None:
         _ = app.storage
     assert info.value.scheme == "mongodb"
     assert {"memory", "sqlite"} <= set(info.value.known)
-    assert "qmlkit-mongodb" in str(info.value)
+    # No package name is guessed for a scheme no plugin of qmlkit's serves
+    assert "qmlkit-mongodb" not in str(info.value)
+    assert "`qmlkit.storage` entry point" in str(info.value)
+
+
+@pytest.mark.parametrize(("url", "folder"), [
+    ("postgresql+psycopg://localhost/x", "qmlkit-postgres"),
+    ("rediss://localhost:6380/0", "qmlkit-redis"),
+])
+def test_unknown_scheme_of_a_bundled_plugin_says_where_it_ships(url: str, folder: str) -> None:
+    app = App("x", storage=url, autoload=False)
+    with pytest.raises(UnknownStorageScheme, match=f"pip install -e plugins/{folder}`"):
+        _ = app.storage
+
+
+@pytest.mark.parametrize("url", ["sqlite:/x.db", "sqlite:x.db"])
+def test_a_scheme_without_its_slashes_is_named_not_called_missing(url: str) -> None:
+    app = App("x", storage=url, autoload=False)
+    with pytest.raises(ConfigurationError, match="lacks '//' after its scheme 'sqlite'"):
+        _ = app.storage
 
 
 def test_missing_sqlite_directory_names_the_path(tmp_path) -> None:
