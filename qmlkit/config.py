@@ -1,9 +1,13 @@
-"""Small helpers shared by configuration code: URL masking and scheme parsing."""
+"""Small helpers shared by configuration code: URL masking, scheme parsing, the log format."""
 
 from __future__ import annotations
 
 import re
 from urllib.parse import urlsplit
+
+#: The log line format of the ``qmlkit`` command; a process-pool child puts its slot
+#: (``child-N``) before the logger's name, and is otherwise the same.
+LOG_FORMAT = "%(asctime)s %(levelname)s {where}%(name)s: %(message)s"
 
 
 def url_scheme(url: str) -> str:

@@ -22,6 +22,7 @@ from qmlkit.cli.dashboard import dashboard
 from qmlkit.cli.enqueue import enqueue
 from qmlkit.cli.inspect import jobs, recurring, servers, stats
 from qmlkit.cli.worker import worker
+from qmlkit.config import LOG_FORMAT
 
 __all__ = ["load_app", "main"]
 
@@ -33,8 +34,7 @@ __all__ = ["load_app", "main"]
 @click.version_option(package_name="qmlkit-core")
 def main(log_level: str) -> None:
     """qmlkit: background jobs with pluggable storage."""
-    logging.basicConfig(level=log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=log_level.upper(), format=LOG_FORMAT.format(where=""))
 
 
 for _command in (worker, enqueue, jobs, stats, migrate, recurring, servers, dashboard, plugins):

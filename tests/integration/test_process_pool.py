@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -361,6 +362,24 @@ def test_cli_sigterm_drains_then_exits_0(sqlite_app: PoolApp) -> None:
     assert code == 0, out
     assert all(sqlite_app.succeeded_once(i) for i in ids)
     assert sqlite_app.app.storage.list_servers() == []
+
+
+def test_cli_parent_and_child_log_lines_share_one_format(sqlite_app: PoolApp) -> None:
+    proc = _worker(sqlite_app)
+    try:
+        wait_until(lambda: len(sqlite_app.app.storage.list_servers()) == 2, timeout=60)
+        proc.send_signal(signal.SIGTERM)
+        code, out = _finish(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert code == 0, out
+    stamped = [line for line in out.splitlines() if re.match(r"\d{4}-\d\d-\d\d ", line)]
+    shape = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR) "
+                       r"(child-\d+ )?[\w.]+: ")
+    assert stamped and all(shape.match(line) for line in stamped), out
+    assert any(" child-" in line for line in stamped), out  # a child's line, its slot named
+    assert any(" child-" not in line for line in stamped), out  # and the parent's
 
 
 def test_cli_second_sigterm_releases_and_exits_1(sqlite_app: PoolApp) -> None:

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
+from qmlkit.config import LOG_FORMAT
 from qmlkit.hookspecs import hookimpl
 from qmlkit.job import Job
 from qmlkit.processing.config import ServerConfig
@@ -165,8 +166,7 @@ def _setup(spec: ChildSpec) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=spec.log_level, stream=sys.stderr,
-                            format=f"%(asctime)s [%(levelname)s] child-{spec.slot} "
-                                   "%(name)s: %(message)s")
+                            format=LOG_FORMAT.format(where=f"child-{spec.slot} "))
 
 
 def child_main(spec: ChildSpec, reports: Connection, control: Connection) -> None:
