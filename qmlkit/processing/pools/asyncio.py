@@ -42,6 +42,7 @@ from qmlkit.backoff import Backoff
 from qmlkit.job import Job
 from qmlkit.processing.claims import LOST, RELEASE
 from qmlkit.processing.context import JobContext
+from qmlkit.processing.pools.base import any_alive, join_all
 from qmlkit.processing.pools.threads import (
     CLAIM_RETRY_CAP_S,
     CLAIM_RETRY_INITIAL_S,
@@ -116,13 +117,11 @@ class AsyncioPool:
 
     def alive(self) -> bool:
         """Whether the loop, claimer or storer still runs."""
-        return any(t.is_alive() for t in self._threads)
+        return any_alive(self._threads)
 
     def join(self, timeout_s: float) -> None:
         """Wait up to ``timeout_s`` seconds in all for the pool's threads to end."""
-        deadline = time.monotonic() + timeout_s
-        for thread in self._threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
+        join_all(self._threads, timeout_s)
 
     def abort(self) -> None:
         """Cancel every running task (the server has released their jobs)."""

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import threading
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -12,7 +14,7 @@ if TYPE_CHECKING:
     from qmlkit.processing.runtime import Runtime
     from qmlkit.processing.watchdog import Watchdog
 
-__all__ = ["Pool", "PoolParts"]
+__all__ = ["Pool", "PoolParts", "any_alive", "join_all"]
 
 
 @dataclass(frozen=True)
@@ -71,3 +73,16 @@ class Pool(Protocol):
     def abort(self) -> None:
         """Stop waiting for running attempts: cancel what can be cancelled (asyncio
         tasks). The server has already released them; their outcomes are stale."""
+
+
+def any_alive(threads: Sequence[threading.Thread]) -> bool:
+    """Whether any of ``threads`` still runs (`Pool.alive` of a pool of threads)."""
+    return any(t.is_alive() for t in threads)
+
+
+def join_all(threads: Sequence[threading.Thread], timeout_s: float) -> None:
+    """Wait up to ``timeout_s`` seconds in all (not each) for ``threads`` to end
+    (`Pool.join` of a pool of threads); returns early once all have ended."""
+    deadline = time.monotonic() + timeout_s
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))

@@ -27,6 +27,7 @@ from qmlkit.backoff import Backoff
 from qmlkit.job import Job, utcnow
 from qmlkit.processing.claims import LOST, RELEASE, SKIP
 from qmlkit.processing.context import JobContext
+from qmlkit.processing.pools.base import any_alive, join_all
 
 if TYPE_CHECKING:
     from qmlkit.processing.config import ServerConfig
@@ -263,13 +264,11 @@ class ThreadPool:
 
     def alive(self) -> bool:
         """Whether any worker thread still runs."""
-        return any(t.is_alive() for t in self._threads)
+        return any_alive(self._threads)
 
     def join(self, timeout_s: float) -> None:
         """Wait up to ``timeout_s`` seconds in all for the worker threads to end."""
-        deadline = time.monotonic() + timeout_s
-        for thread in self._threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
+        join_all(self._threads, timeout_s)
 
     def abort(self) -> None:
         """Nothing to cancel: a thread cannot be stopped; its attempt was told through
