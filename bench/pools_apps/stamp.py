@@ -1,8 +1,9 @@
 """The job every system runs in bench/pools.py: wait 100 ms, and count it, with no I/O.
 
 Each job records its start and end in its worker process's memory (first start, last
-end, count, and the process's CPU time, ``time.process_time()``, at the first start and
-the last end); a daemon thread of that process writes them to Redis every 50 ms, as a hash
+end, count, the most jobs of that process between their start and their end at once, and
+the process's CPU time, ``time.process_time()``, at the first start and the last end); a
+daemon thread of that process writes them to Redis every 50 ms, as a hash
 ``BENCH_KEYS + "proc:<pid>"`` the driver sums over processes. So the figures measure how
 a system runs 100 ms waits, not a client library's cost per call (redis-py's asyncio
 client alone costs more per call than a thread pool's whole scheduling), and every system
@@ -22,7 +23,8 @@ KEYS = os.environ.get("BENCH_KEYS", "bench-pools:stamps:")
 FLUSH_S = 0.02
 
 _lock = threading.Lock()
-_state = {"first": float("inf"), "last": 0.0, "done": 0, "cpu_first": -1.0, "cpu_last": 0.0}
+_state = {"first": float("inf"), "last": 0.0, "done": 0, "cpu_first": -1.0, "cpu_last": 0.0,
+          "running": 0, "peak": 0}
 _flusher: list[threading.Thread] = []
 
 
@@ -44,6 +46,8 @@ def _start() -> float:
     with _lock:
         if _state["cpu_first"] < 0:
             _state["cpu_first"] = time.process_time()
+        _state["running"] += 1
+        _state["peak"] = max(_state["peak"], _state["running"])
     return time.time()
 
 
@@ -52,6 +56,7 @@ def _record(start: float, end: float) -> None:
         _state["first"] = min(_state["first"], start)
         _state["last"] = max(_state["last"], end)
         _state["done"] += 1
+        _state["running"] -= 1
         _state["cpu_last"] = time.process_time()
         if not _flusher:
             thread = threading.Thread(target=_flush_forever, name="bench-stamps", daemon=True)
