@@ -224,7 +224,9 @@ class ClaimLedger:
         return [job for job, _ in self._running.values()]
 
     def _batch_lost_locked(self, worker_id: str) -> bool:
-        if not self._trusted_locked():
+        now = self.clock()  # one reading for both windows
+        if (self.heartbeat_trust_s is not None and self._last_beat is not None
+                and now - self._last_beat >= self.heartbeat_trust_s):  # not trusted
             if not self._suspect:
                 self._lose_locked()
             return True
@@ -232,7 +234,7 @@ class ClaimLedger:
         if began is None:
             return False
         return (self._lost_at is not None and began <= self._lost_at) or (
-            self.claim_trust_s is not None and self.clock() - began >= self.claim_trust_s)
+            self.claim_trust_s is not None and now - began >= self.claim_trust_s)
 
     # --- a worker's batch ------------------------------------------------------------------
 
@@ -274,7 +276,7 @@ class ClaimLedger:
             have been reclaimed (see the module docstring: nothing is marked; the caller
             releases with ``release_waiting({worker_id})`` and ends the batch).
         """
-        key = claim_key(job)
+        key = (job.id, job.attempts)  # claim_key, inline: once per attempt
         with self._lock:
             if key in self._released:
                 self._released.discard(key)
@@ -291,12 +293,24 @@ class ClaimLedger:
             self._running_since[worker_id] = time.monotonic()
             return context
 
-    def finish(self, job: Job) -> None:
-        """Forget a finished attempt: it is neither running nor held any more."""
+    def finish(self, job: Job, outcome: tuple[str, Transition] | None = None) -> None:
+        """Forget a finished attempt: it is neither running nor held any more.
+
+        Args:
+            job: The attempt's job.
+            outcome: ``(worker id, transition)`` to keep in that worker's box as
+                `add_outcome` does, under the same lock (one acquisition per attempt on
+                the hot path); ``None``: no outcome (the attempt raised inside qmlkit).
+        """
+        key = (job.id, job.attempts)
         with self._lock:
             self._running.pop(job.id, None)
-            self._held.pop(claim_key(job), None)
-            self._owner.pop(claim_key(job), None)
+            self._held.pop(key, None)
+            self._owner.pop(key, None)
+            if outcome is not None:
+                box = self._outcomes.get(outcome[0])
+                if box is not None:
+                    box.append(outcome[1])
 
     def add_outcome(self, worker_id: str, outcome: Transition) -> None:
         """Keep ``outcome`` in ``worker_id``'s box until it is taken."""

@@ -199,7 +199,7 @@ class Worker:
                     self._drop_lost()
                     break
                 assert isinstance(ctx, JobContext)
-                claims.add_outcome(worker_id, self._run_one(job, ctx, loop))
+                self._run_one(job, ctx, loop)  # its outcome is now in this worker's box
         finally:
             runtime.store_outcomes(claims.take_outcomes(worker_id))
             claims.end_batch(worker_id, jobs)
@@ -213,17 +213,21 @@ class Worker:
                     len(lost), "never" if age is None else f"{age:.1f} s")
         self.runtime.release(lost, "released unstarted: claim may have been reclaimed")
 
-    def _run_one(self, job: Job, ctx: JobContext, loop: asyncio.AbstractEventLoop) -> Transition:
+    def _run_one(self, job: Job, ctx: JobContext, loop: asyncio.AbstractEventLoop) -> None:
+        """Run one attempt; its outcome goes to this worker's box as it finishes."""
         timeout = self.processor.timeout_for(job)
         watchdog = self.watchdog if timeout is not None else None
         if watchdog is not None and timeout is not None:
             watchdog.watch(ctx, timeout)
+        outcome: Transition | None = None
         try:
-            return self.processor.run(job, ctx, loop)
+            outcome = self.processor.run(job, ctx, loop)
         finally:
             if watchdog is not None:
                 watchdog.done(ctx)
-            self.runtime.claims.finish(job)  # finished: its outcome is stored with the batch
+            # finished: forgotten, and its outcome boxed to be stored with the batch
+            self.runtime.claims.finish(
+                job, None if outcome is None else (self.worker_id, outcome))
 
 
 class ThreadPool:
