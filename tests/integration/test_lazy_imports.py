@@ -27,12 +27,15 @@ from qmlkit.testing import wait_until
 #: Modules no worker needs unless asked for: wake-ups (kombu and what it brings), the sync
 #: bridge of the asyncio pool (greenlet), recurring templates (croniter), the table
 #: printing verbs (rich), the dashboard, the process pool, and the storage backends not
-#: configured. Matched as module names or their package prefixes.
+#: configured (SQLAlchemy's PostgreSQL dialect included: a SQLite storage needs only its
+#: own). Matched as module names or their package prefixes, the first entry that matches
+#: naming the module in `packages`.
 OPTIONAL = ("kombu", "amqp", "vine", "greenlet", "croniter", "rich", "fastapi", "starlette",
             "uvicorn", "jinja2", "multiprocessing", "qmlkit.dashboard", "qmlkit.cli.inspect",
             "qmlkit.cli.admin", "qmlkit.cli.dashboard", "qmlkit.processing.pools.processes",
             "qmlkit.processing.syncbridge", "qmlkit_postgres.storage", "psycopg",
-            "qmlkit_redis.storage", "redis", "sqlalchemy", "qmlkit.storage.sql")
+            "qmlkit_redis.storage", "redis", "sqlalchemy.dialects.postgresql", "sqlalchemy",
+            "qmlkit.storage.sql")
 
 #: Runs one server in a fresh interpreter and prints the `OPTIONAL` modules it loaded.
 #: argv: storage URL, pool, wake-up URL ("" for none), "sync" to add a sync middleware.
