@@ -39,7 +39,6 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from croniter import CroniterBadDateError, croniter
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from qmlkit.errors import ConfigurationError, InvalidCron
@@ -70,6 +69,8 @@ def parse_cron(expression: str) -> str:
         InvalidCron: Not 5 or 6 fields, or a field croniter refuses; the message names
             the field (e.g. ``"hour"``).
     """
+    from croniter import croniter  # loads with the first template, not with qmlkit
+
     fields = expression.split()
     if len(fields) not in (5, 6):
         raise InvalidCron(expression, f"expected 5 fields (minute-first) or 6 fields "
@@ -170,6 +171,8 @@ class RecurringJob(BaseModel):
     @model_validator(mode="after")
     def _first_run(self) -> RecurringJob:
         if self.next_run_at is None:
+            from croniter import CroniterBadDateError
+
             try:
                 first = self.next_after(datetime.now(timezone.utc))
             except CroniterBadDateError as exc:
@@ -186,6 +189,8 @@ class RecurringJob(BaseModel):
         Returns:
             The tick, aware UTC (see the module docstring for DST gaps and overlaps).
         """
+        from croniter import croniter
+
         tz = zone(self.timezone)
         wall = after.astimezone(tz).replace(tzinfo=None)
         it = croniter(parse_cron(self.cron), wall)

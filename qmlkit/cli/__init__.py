@@ -7,27 +7,70 @@ The verbs live in rooms of their own: `qmlkit.cli.apploading` (loading ``APP``, 
 shared options), `qmlkit.cli.worker`, `qmlkit.cli.enqueue`, `qmlkit.cli.inspect`
 (``jobs``, ``stats``, ``servers``, ``recurring``), `qmlkit.cli.dashboard` and
 `qmlkit.cli.admin` (``migrate``, ``plugins``). A new verb is a click command in one of
-them (or a new module), added to `main` here.
+them (or a new module), named in `COMMANDS` here.
+
+A verb's module is imported only when that verb runs (or ``--help`` lists the verbs):
+``qmlkit worker`` never loads rich, the dashboard or the inspection verbs.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 
 import click
 
-from qmlkit.cli.admin import migrate, plugins
 from qmlkit.cli.apploading import load_app
-from qmlkit.cli.dashboard import dashboard
-from qmlkit.cli.enqueue import enqueue
-from qmlkit.cli.inspect import jobs, recurring, servers, stats
-from qmlkit.cli.worker import worker
 from qmlkit.config import LOG_FORMAT
 
-__all__ = ["load_app", "main"]
+__all__ = ["COMMANDS", "LazyGroup", "load_app", "main"]
+
+#: Every verb: its name -> ``"module:attribute"`` of its click command (``--help`` lists
+#: them sorted, as click does).
+COMMANDS = {
+    "worker": "qmlkit.cli.worker:worker",
+    "enqueue": "qmlkit.cli.enqueue:enqueue",
+    "jobs": "qmlkit.cli.inspect:jobs",
+    "stats": "qmlkit.cli.inspect:stats",
+    "migrate": "qmlkit.cli.admin:migrate",
+    "recurring": "qmlkit.cli.inspect:recurring",
+    "servers": "qmlkit.cli.inspect:servers",
+    "dashboard": "qmlkit.cli.dashboard:dashboard",
+    "plugins": "qmlkit.cli.admin:plugins",
+}
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class LazyGroup(click.Group):
+    """A click group whose commands, named in `COMMANDS`, are imported on first use.
+
+    Follows the lazy-loading group of click's documentation ("Lazily Loading
+    Subcommands"): ``list_commands`` answers from the table without importing, and
+    ``get_command`` imports one verb's module. Commands added with ``add_command`` are
+    looked up first, as in a plain group.
+    """
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        """Every verb of `COMMANDS` and every added command, sorted (as click's group)."""
+        return sorted({*COMMANDS, *super().list_commands(ctx)})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        """The command ``cmd_name``, importing its module; ``None`` for an unknown name.
+
+        Raises:
+            ImportError: The verb's module failed to import (a broken install).
+        """
+        command = super().get_command(ctx, cmd_name)
+        if command is not None or cmd_name not in COMMANDS:
+            return command
+        module_name, _, attribute = COMMANDS[cmd_name].partition(":")
+        found = getattr(importlib.import_module(module_name), attribute)
+        if not isinstance(found, click.Command):  # pragma: no cover - the table is ours
+            raise TypeError(f"{COMMANDS[cmd_name]} is not a click command")
+        self.add_command(found, cmd_name)
+        return found
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--log-level", envvar="QMLKIT_LOG_LEVEL", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
               help="[env: QMLKIT_LOG_LEVEL]")
@@ -35,7 +78,3 @@ __all__ = ["load_app", "main"]
 def main(log_level: str) -> None:
     """qmlkit: background jobs with pluggable storage."""
     logging.basicConfig(level=log_level.upper(), format=LOG_FORMAT.format(where=""))
-
-
-for _command in (worker, enqueue, jobs, stats, migrate, recurring, servers, dashboard, plugins):
-    main.add_command(_command)

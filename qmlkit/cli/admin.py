@@ -7,7 +7,8 @@ import json
 import click
 from rich.table import Table
 
-from qmlkit.cli.apploading import MigrateFirst, app_for, app_option, console, storage_option
+from qmlkit.cli.apploading import MigrateFirst, app_for, app_option, storage_option
+from qmlkit.cli.output import console
 from qmlkit.errors import QmlError
 
 

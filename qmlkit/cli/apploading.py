@@ -14,16 +14,25 @@ from pathlib import Path
 from typing import Any, TypedDict
 
 import click
-from rich.console import Console
 
 from qmlkit.app import App
 from qmlkit.errors import QmlError
 from qmlkit.hookspecs import hookimpl
 from qmlkit.storage.base import Storage
 
-console = Console(highlight=False)
-if not console.is_terminal:  # piped or captured: never cut ids or names to 80 columns
-    console = Console(highlight=False, width=400)
+
+def __getattr__(name: str) -> Any:
+    """``console``, imported on first use from `qmlkit.cli.output` (rich loads then).
+
+    Raises:
+        AttributeError: Any other missing name.
+    """
+    if name == "console":
+        from qmlkit.cli.output import console
+
+        return console
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 #: The name of an app the CLI makes when no ``--app`` is given.
 CLI_APP_NAME = "qmlkit-cli"

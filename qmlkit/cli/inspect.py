@@ -8,7 +8,8 @@ import json
 import click
 from rich.table import Table
 
-from qmlkit.cli.apploading import app_option, console, json_args, open_storage, storage_option
+from qmlkit.cli.apploading import app_option, json_args, open_storage, storage_option
+from qmlkit.cli.output import console
 from qmlkit.errors import QmlError
 from qmlkit.job import STATE_NAMES, Job, utcnow
 

@@ -17,14 +17,17 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from qmlkit.cli.apploading import load_app, wakeup_exchange_option
 from qmlkit.errors import QmlError
-from qmlkit.processing.pools.processes import ProcessPool
-from qmlkit.processing.server import Server, ServerConfig
+from qmlkit.processing.config import ServerConfig
+
+if TYPE_CHECKING:  # the process pool loads only when ``--pool processes`` asks for it
+    from qmlkit.processing.pools.processes import ProcessPool
+    from qmlkit.processing.server import Server
 
 log = logging.getLogger("qmlkit.cli")
 

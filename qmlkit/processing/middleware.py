@@ -15,6 +15,7 @@ works there unchanged, around ``def`` and ``async def`` jobs alike
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import time
@@ -24,7 +25,6 @@ from typing import Any, Protocol
 from qmlkit.errors import MiddlewareError
 from qmlkit.job import Job
 from qmlkit.processing.context import JobContext
-from qmlkit.processing.syncbridge import run_sync, wait_for
 
 log = logging.getLogger("qmlkit.attempt")
 
@@ -134,6 +134,19 @@ def async_form(middleware: object) -> Callable[..., Awaitable[Any]] | None:
     return method if inspect.iscoroutinefunction(method) else None
 
 
+@functools.cache
+def sync_bridge() -> tuple[Callable[..., Awaitable[Any]], Callable[[Awaitable[Any]], Any]]:
+    """``(run_sync, wait_for)`` of `qmlkit.processing.syncbridge`, imported on first use.
+
+    The bridge needs greenlet, which only a sync middleware in the asyncio pool uses:
+    a thread-pool worker, or an asyncio pool whose middleware are all ``async``, never
+    loads it.
+    """
+    from qmlkit.processing.syncbridge import run_sync, wait_for
+
+    return run_sync, wait_for
+
+
 async def compose_async(
     middleware: Sequence[Any], job: Job, context: JobContext,
     run: Callable[[], Awaitable[Any]],
@@ -173,6 +186,8 @@ async def compose_async(
 
             result = await form(job, context, call_next)
         else:
+            run_sync, wait_for = sync_bridge()
+
             def call_next_sync() -> Any:
                 nonlocal called
                 called = True

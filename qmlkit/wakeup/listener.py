@@ -13,9 +13,6 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast
 
-from kombu.connection import Connection
-from kombu.entity import Queue
-
 from qmlkit.backoff import Backoff
 from qmlkit.config import mask_url
 from qmlkit.wakeup.transports import (
@@ -31,7 +28,8 @@ from qmlkit.wakeup.transports import (
     prune_filesystem,
 )
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # kombu itself loads when a listener is made (a wake-up URL is set)
+    from kombu.connection import Connection
     from kombu.transport import redis as kombu_redis
 
 log = logging.getLogger("qmlkit.wakeup")
@@ -145,6 +143,8 @@ class WakeupListener:
 
     def __init__(self, url: str, on_wakeup: Callable[[str | None], None],
                  exchange: str = DEFAULT_EXCHANGE, name: str = "server") -> None:
+        from kombu.entity import Queue
+
         self.url = url
         self._conn = connection_for(url)
         self._on_wakeup = on_wakeup

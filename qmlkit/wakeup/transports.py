@@ -1,5 +1,8 @@
 """The wake-up transports: kombu connections for each URL scheme, the fanout exchange,
-and the settings publisher and listener share (see `qmlkit.wakeup`)."""
+and the settings publisher and listener share (see `qmlkit.wakeup`).
+
+kombu is imported by the functions that make a connection or an exchange, not by this
+module: a process that configures no wake-up URL never loads it."""
 
 from __future__ import annotations
 
@@ -9,14 +12,15 @@ import logging
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
-
-from kombu.connection import Connection
-from kombu.entity import Exchange
 
 from qmlkit.config import mask_url
 from qmlkit.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from kombu.connection import Connection
+    from kombu.entity import Exchange
 
 log = logging.getLogger("qmlkit.wakeup")
 
@@ -190,6 +194,8 @@ def connection_for(url: str) -> Connection:
             database is not a number, or a ``filesystem`` folder cannot be created.
             The message names the URL (password masked) and the bad part.
     """
+    from kombu.connection import Connection
+
     shown = repr(mask_url(url))
     scheme = check_url(url, shown)
     options: dict[str, Any] = filesystem_options(url, shown) if scheme == "filesystem" else {}
@@ -265,6 +271,8 @@ def prune_filesystem(data: Path, control: Path) -> int:
 
 def exchange_for(name: str) -> Exchange:
     """The non-durable fanout exchange named ``name``."""
+    from kombu.entity import Exchange
+
     return Exchange(name, type="fanout", durable=False, auto_delete=False)
 
 

@@ -69,12 +69,23 @@ class UTCTimestamp(sa.types.TypeDecorator[datetime]):
         return datetime.fromtimestamp(float(value), timezone.utc)
 
 
-def build_metadata(schema: str | None = None, prefix: str = "qmlkit_") -> sa.MetaData:
+#: The backends whose partial indexes take a ``WHERE`` clause (``{backend}_where``).
+PARTIAL_INDEX_BACKENDS = ("sqlite", "postgresql")
+
+
+def build_metadata(schema: str | None = None, prefix: str = "qmlkit_",
+                   backend: str | None = None) -> sa.MetaData:
     """Return the tables qmlkit keeps, optionally in ``schema``.
 
     Args:
         schema: A database schema name (PostgreSQL), or ``None`` for the default.
         prefix: Table name prefix.
+        backend: SQLAlchemy's backend name of the engine the tables are for
+            (``sa.URL.get_backend_name()``: ``"sqlite"``, ``"postgresql"``). Only that
+            backend's partial-index option is attached, so SQLAlchemy imports no other
+            dialect to check it (the PostgreSQL dialect would add about 2 MiB to a
+            SQLite worker). ``None``, or a backend not in `PARTIAL_INDEX_BACKENDS`: the
+            options of both, as the DDL of either needs.
 
     Returns:
         Metadata holding ``{prefix}jobs``, ``{prefix}recurring``, ``{prefix}stats``
@@ -105,9 +116,12 @@ def build_metadata(schema: str | None = None, prefix: str = "qmlkit_") -> sa.Met
         # Earlier states, oldest first: one JSON state object per line (Storage.job_history).
         sa.Column("history", sa.Text, nullable=True),
     )
+    backends = [backend] if backend in PARTIAL_INDEX_BACKENDS else PARTIAL_INDEX_BACKENDS
+
     def partial(name: str, *cols: Any, where: sa.ColumnElement[bool]) -> None:
         # Partial indexes: rows outside ``where`` cost nothing to insert or update.
-        sa.Index(name, *cols, sqlite_where=where, postgresql_where=where)
+        options: dict[str, Any] = {f"{b}_where": where for b in backends}  # dialect kwargs
+        sa.Index(name, *cols, **options)
 
     c = jobs.c
     partial(f"{prefix}jobs_claim", c.queue, c.priority.desc(), c.enqueued_at, c.id,

@@ -122,7 +122,7 @@ class SQLStorage(SQLBatchRead, SQLRegistry, Storage):
             schema = None
         self.pool_size = pool_size
         self.engine_options = dict(engine_options or {})
-        self.metadata = build_metadata(schema)
+        self.metadata = build_metadata(schema, backend=self.sa_url.get_backend_name())
         names = {t.name: t for t in self.metadata.tables.values()}
         self.jobs, self.servers = names["qmlkit_jobs"], names["qmlkit_servers"]
         self.recurring, self.stats = names["qmlkit_recurring"], names["qmlkit_stats"]
