@@ -116,7 +116,7 @@ class App(HandleClient, InlineClient, JobManagement, RecurringClient):
         self._storage: Storage | None = None
         self._lock = threading.Lock()
         self._enqueue_mw: list[EnqueueMiddleware] | None = None
-        self._notifier = Notifier(lambda: self.plugin_manager, wakeup_url=wakeup_url,
+        self._notifier = Notifier(lambda: self._pm or self.plugin_manager, wakeup_url=wakeup_url,
                                   wakeup_exchange=wakeup_exchange)
         self._transactional = Transactional(lambda: self.storage, self._notifier)
         self._inline = InlineMode(self, enabled=inline)
@@ -348,7 +348,7 @@ class App(HandleClient, InlineClient, JobManagement, RecurringClient):
             DuplicateJob: ``job_id`` given and taken.
             StorageError: The storage failed; nothing stored.
         """
-        ids = self.enqueue_jobs([self.make_job(method, **options)])
+        ids = self.enqueue_jobs([build_job(self.registry, method, **options)])  # = make_job
         if not ids:
             raise MiddlewareError(
                 ", ".join(describe(m) for m in self._enqueue_chain()),
@@ -427,7 +427,6 @@ class App(HandleClient, InlineClient, JobManagement, RecurringClient):
             if self._inline.active:
                 self._inline.run(stored)
         return [j.id for j in stored]
-
 
     @property
     def _publisher(self) -> WakeupPublisher | None:

@@ -278,13 +278,19 @@ def test_a_state_change_retried_after_a_lost_reply_is_applied_once(storage):
     assert storage.get(job.id).state == deleted
 
 
-def test_a_retried_enqueue_finds_its_jobs_stored(storage):
-    jobs = [make_job(args=[i]) for i in range(3)]
+@pytest.mark.parametrize("n", [1, 3])
+def test_a_retried_enqueue_finds_its_jobs_stored(storage, n):
+    jobs = [make_job(args=[i]) for i in range(n)]
+    script = "ENQUEUE_ONE" if n == 1 else "ENQUEUE"  # what enqueue_many calls
     values = storage._new_values(jobs)
-    storage._script("ENQUEUE", ["0", 3, *values])
-    assert storage._script("ENQUEUE", ["1", 3, *values]) == ["OK"]  # the replay
-    assert storage._script("ENQUEUE", ["0", 3, *values])[0] == "DUP"
-    assert storage.count_jobs() == {("default", "Enqueued"): 3}
+    storage._script(script, ["0", *values])
+    assert storage._script(script, ["1", *values]) == ["OK"]  # the replay
+    assert storage._script(script, ["0", *values])[0] == "DUP"
+    # Another job with a stored id is a duplicate, replay or not.
+    other = storage._new_values([jobs[-1]._replace(args=["other"])])
+    assert storage._script(script, ["1", *other]) == ["DUP", jobs[-1].id]
+    assert storage.count_jobs() == {("default", "Enqueued"): n}
+    assert [storage.get(j.id).args for j in jobs] == [j.args for j in jobs]
 
 
 # --- cleanup leaves no index entries behind (C17) --------------------------------------------

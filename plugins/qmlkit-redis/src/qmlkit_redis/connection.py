@@ -14,10 +14,12 @@ import time
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from hashlib import sha1
+from itertools import chain
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import redis
+from hiredis import pack_command
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -29,12 +31,7 @@ from qmlkit.errors import (
     StorageError,
     StorageUnavailable,
 )
-from qmlkit.job import (
-    Job,
-    check_transition,
-    encode_metadata,
-    encode_payload,
-)
+from qmlkit.job import Job
 from qmlkit.storage.base import (
     StateChange,
 )
@@ -42,6 +39,7 @@ from qmlkit.storage.codec import (
     check_utf8,
     decode_job,
     decode_state,
+    group_new_jobs,
     load_json,
     quarantine_stand_in,
 )
@@ -320,12 +318,13 @@ class RedisConnection:
             conn = self._connection()
             try:
                 try:
-                    conn.send_command("EVALSHA", sha, 0, *values)
+                    # Packed here: redis-py's packer walks every argument once more first.
+                    conn.send_packed_command([pack_command(("EVALSHA", sha, 0, *values))])
                     return conn.read_response()
                 except redis.exceptions.NoScriptError:
                     conn.send_command("SCRIPT", "LOAD", source)
                     conn.read_response()
-                    conn.send_command("EVALSHA", sha, 0, *values)
+                    conn.send_packed_command([pack_command(("EVALSHA", sha, 0, *values))])
                     return conn.read_response()
             except (redis.ConnectionError, redis.TimeoutError):
                 conn.disconnect()  # reconnects on the next send
@@ -362,30 +361,26 @@ class RedisConnection:
     # --- job encoding -----------------------------------------------------------------
 
     def _new_values(self, jobs: Sequence[Job]) -> list[Any]:
-        """Encode new jobs as the scripts' 15 values each, checking each.
+        """Encode new jobs as the scripts' groups of values (``newjob.lua``), checking each.
+
+        A run of jobs that share every value but id, arguments and metadata (the jobs of
+        one ``enqueue_many``, `group_new_jobs`) makes one group: the shared values are
+        encoded and sent once.
 
         Raises:
             PayloadError: A job's arguments or metadata are not JSON or too large.
             InvalidTransition: A job is not Enqueued or Scheduled.
         """
-        limit = self.max_payload_bytes
-        states: dict[int, tuple[str, str, str]] = {}  # jobs of one bulk enqueue share one
         values: list[Any] = []
-        for job in jobs:
+        for job, members in group_new_jobs(jobs, self.max_payload_bytes):
             state = job.state
-            encoded = states.get(id(state))
-            if encoded is None:
-                check_transition(job.id, None, state.name)
-                encoded = states[id(state)] = (state.name, state.model_dump_json(),
-                                               state_time(state))
             values += (
-                job.id, encode_payload(job.args, job.kwargs, limit),
-                encode_metadata(job.metadata, limit),
                 job.method, job.queue, job.priority, job.max_retries,
                 "" if job.timeout_s is None else repr(job.timeout_s),
                 to_us(job.created_at), job.attempts, job.retry_count, opt_us(job.expires_at),
-                *encoded,
+                state.name, state.model_dump_json(), state_time(state), len(members),
             )
+            values += chain.from_iterable(members)
         return values
 
     def _decode(self, job_id: str, v: Sequence[Any]) -> tuple[Job, str | None]:
