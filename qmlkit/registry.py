@@ -209,22 +209,24 @@ class JobFunction(Generic[P, R]):
         Raises:
             PayloadError: One call's arguments cannot be stored; none are stored.
         """
-        items = []
+        all_args: list[list[Any]] = []
+        all_kwargs: list[dict[str, Any]] = []
         for call in calls:
             if (isinstance(call, tuple) and len(call) == 2 and isinstance(call[1], Mapping)
                     and isinstance(call[0], (list, tuple))):
-                items.append((list(call[0]), dict(call[1])))
+                all_args.append(list(call[0]))
+                all_kwargs.append(dict(call[1]))
             else:
-                items.append((list(call), {}))
-        if not items:
+                all_args.append(list(call))
+                all_kwargs.append({})
+        if not all_args:
             return []
-        args, kwargs = items[0]
-        template = self.app.make_job(self.name, args=args, kwargs=kwargs)
+        template = self.app.make_job(self.name, args=all_args[0], kwargs=all_kwargs[0])
         jobs = [template]
         # The others have the same options and timestamps: copies of the validated first.
         metadata = template.metadata
-        for (args, kwargs), job_id in zip(items[1:], new_job_ids(len(items) - 1),
-                                          strict=True):
+        for args, kwargs, job_id in zip(all_args[1:], all_kwargs[1:],
+                                        new_job_ids(len(all_args) - 1), strict=True):
             jobs.append(template._replace(id=job_id, args=args, kwargs=kwargs,
                                           metadata=dict(metadata) if metadata else {}))
         return self.app.handles(self.app.enqueue_jobs(jobs))

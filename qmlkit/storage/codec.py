@@ -332,9 +332,9 @@ def state_columns(state: JobState) -> dict[str, Any]:
     return values
 
 
-#: One run of `group_new_jobs`: its first job (for the shared fields), and per job its
-#: id, arguments JSON and metadata JSON.
-NewJobRun = tuple[Job, list[tuple[str, str, str]]]
+#: One run of `group_new_jobs`: its first job (for the shared fields), and its jobs' id,
+#: arguments JSON and metadata JSON, three strings per job in one flat list.
+NewJobRun = tuple[Job, list[str]]
 
 
 def group_new_jobs(jobs: Sequence[Job], max_bytes: int) -> list[NewJobRun]:
@@ -351,15 +351,16 @@ def group_new_jobs(jobs: Sequence[Job], max_bytes: int) -> list[NewJobRun]:
         max_bytes: The storage's payload limit, in bytes (see `encode_payload`).
 
     Returns:
-        The runs in order: ``(first job, [(id, payload JSON, metadata JSON), ...])``,
-        the list covering every job of the run, the first included.
+        The runs in order: ``(first job, [id, payload JSON, metadata JSON, id, ...])``,
+        the flat list covering every job of the run, the first included (flat: a
+        tuple per job would cost the garbage collector more in a large bulk).
 
     Raises:
         PayloadError: A job's arguments or metadata are not JSON or over ``max_bytes``.
         InvalidTransition: A job is neither Enqueued nor Scheduled.
     """
     runs: list[NewJobRun] = []
-    members: list[tuple[str, str, str]] = []
+    members: list[str] = []
     shared: tuple[Any, ...] | None = None
     for job in jobs:
         key = (job.method, job.queue, job.priority, job.max_retries, job.timeout_s,
@@ -368,6 +369,6 @@ def group_new_jobs(jobs: Sequence[Job], max_bytes: int) -> list[NewJobRun]:
             check_transition(job.id, None, job.state.name)
             shared, members = key, []
             runs.append((job, members))
-        members.append((job.id, encode_payload(job.args, job.kwargs, max_bytes),
-                        encode_metadata(job.metadata, max_bytes) if job.metadata else "{}"))
+        members += (job.id, encode_payload(job.args, job.kwargs, max_bytes),
+                    encode_metadata(job.metadata, max_bytes) if job.metadata else "{}")
     return runs

@@ -199,8 +199,8 @@ class SQLStorage(SQLBatchRead, SQLRegistry, Storage):
                     ts(c["enqueued_at"]), ts(c["due_at"]), ts(c["started_at"]),
                     c["server_name"], ts(job.expires_at))
             state_data = c["state_data"]
-            rows += [(job_id, *head, payload, metadata, state_data)
-                     for job_id, payload, metadata in members]
+            rows += [(job_id, *head, payload, metadata, state_data) for job_id, payload, metadata
+                     in zip(members[::3], members[1::3], members[2::3], strict=True)]
         return rows
 
     def duplicate_id(self, ids: list[str]) -> str:

@@ -14,7 +14,6 @@ import time
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from hashlib import sha1
-from itertools import chain
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
@@ -378,9 +377,9 @@ class RedisConnection:
                 job.method, job.queue, job.priority, job.max_retries,
                 "" if job.timeout_s is None else repr(job.timeout_s),
                 to_us(job.created_at), job.attempts, job.retry_count, opt_us(job.expires_at),
-                state.name, state.model_dump_json(), state_time(state), len(members),
+                state.name, state.model_dump_json(), state_time(state), len(members) // 3,
             )
-            values += chain.from_iterable(members)
+            values += members
         return values
 
     def _decode(self, job_id: str, v: Sequence[Any]) -> tuple[Job, str | None]:
