@@ -359,6 +359,11 @@ def group_new_jobs(jobs: Sequence[Job], max_bytes: int) -> list[NewJobRun]:
         PayloadError: A job's arguments or metadata are not JSON or over ``max_bytes``.
         InvalidTransition: A job is neither Enqueued nor Scheduled.
     """
+    if len(jobs) == 1:  # a single enqueue: no runs to find
+        job = jobs[0]
+        check_transition(job.id, None, job.state.name)
+        return [(job, [job.id, encode_payload(job.args, job.kwargs, max_bytes),
+                       encode_metadata(job.metadata, max_bytes) if job.metadata else "{}"])]
     runs: list[NewJobRun] = []
     members: list[str] = []
     shared: tuple[Any, ...] | None = None
@@ -372,3 +377,4 @@ def group_new_jobs(jobs: Sequence[Job], max_bytes: int) -> list[NewJobRun]:
         members += (job.id, encode_payload(job.args, job.kwargs, max_bytes),
                     encode_metadata(job.metadata, max_bytes) if job.metadata else "{}")
     return runs
+
