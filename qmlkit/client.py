@@ -32,6 +32,7 @@ import pluggy
 import qmlkit.limits as limits
 from qmlkit.client_handles import HandleClient
 from qmlkit.errors import ConfigurationError, MiddlewareError
+from qmlkit.gcpause import inserting_with_gc_paused
 from qmlkit.handle import JobHandle
 from qmlkit.job import Job
 from qmlkit.management import JobManagement
@@ -404,8 +405,8 @@ class App(HandleClient, InlineClient, JobManagement, RecurringClient):
         """
         store = storage or self.storage
         connection = self._transactional.connection()
-        insert = (store.enqueue_many if connection is None
-                  else Transactional.insert_through(store, connection))
+        insert = inserting_with_gc_paused(store.enqueue_many if connection is None else
+                                          Transactional.insert_through(store, connection), jobs)
         chain = self._enqueue_chain()
         if chain:
             by_id: dict[str, Job] = {}

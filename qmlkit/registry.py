@@ -16,6 +16,7 @@ from pydantic import ValidationError
 
 import qmlkit.limits as limits
 from qmlkit.errors import ConfigurationError
+from qmlkit.gcpause import gc_paused
 from qmlkit.job import Enqueued, Job, Scheduled, new_job_id, new_job_ids, trusted, utcnow
 from qmlkit.processing.retry import RetryPolicy
 
@@ -209,6 +210,13 @@ class JobFunction(Generic[P, R]):
         Raises:
             PayloadError: One call's arguments cannot be stored; none are stored.
         """
+        with gc_paused():  # its jobs live only during the call: see qmlkit.gcpause
+            return self._enqueue_calls(calls)
+
+    def _enqueue_calls(self, calls: Iterable[Sequence[Any] | tuple[Sequence[Any],
+                                                                  Mapping[str, Any]]],
+                       ) -> list[JobHandle[R]]:
+        """`enqueue_many`'s work, inside its pause of the collector."""
         all_args: list[list[Any]] = []
         all_kwargs: list[dict[str, Any]] = []
         for call in calls:

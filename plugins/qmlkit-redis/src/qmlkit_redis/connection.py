@@ -167,6 +167,7 @@ class RedisConnection:
             self._check_server(pool, client)
             self._shas = {name: sha1(getattr(lua, name).encode()).hexdigest()
                           for name in lua.SCRIPTS}
+            _load_scripts(client)
             self._generation += 1
             self._pool, self._client = pool, client
 
@@ -419,6 +420,21 @@ class RedisConnection:
                 continue
             changes.append(StateChange(job, decode_state(flat[i])))
         return changes
+
+
+def _load_scripts(client: redis.Redis) -> None:
+    """Load every script now, in one pipelined round trip, so that no first call is sent
+    twice (``EVALSHA``, ``NOSCRIPT``, ``SCRIPT LOAD``, the same ``EVALSHA`` again): a
+    first bulk enqueue of 10,000 jobs is a megabyte. Best effort: on an error (a user
+    not allowed ``SCRIPT``, say) each script is loaded by its first call, as after a
+    restart."""
+    try:
+        pipe = client.pipeline(transaction=False)
+        for name in lua.SCRIPTS:
+            pipe.script_load(getattr(lua, name))
+        pipe.execute()
+    except redis.RedisError as exc:
+        log.debug("scripts not loaded at open (%s): each loads on its first call", exc)
 
 
 def _key_type(client: redis.Redis, key: str) -> str:
