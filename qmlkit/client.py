@@ -32,6 +32,7 @@ import pluggy
 import qmlkit.limits as limits
 from qmlkit.client_handles import HandleClient
 from qmlkit.errors import ConfigurationError, MiddlewareError
+from qmlkit.gcpause import inserting_with_gc_paused
 from qmlkit.handle import JobHandle
 from qmlkit.job import Job
 from qmlkit.management import JobManagement
@@ -116,7 +117,7 @@ class App(HandleClient, InlineClient, JobManagement, RecurringClient):
         self._storage: Storage | None = None
         self._lock = threading.Lock()
         self._enqueue_mw: list[EnqueueMiddleware] | None = None
-        self._notifier = Notifier(lambda: self.plugin_manager, wakeup_url=wakeup_url,
+        self._notifier = Notifier(lambda: self._pm or self.plugin_manager, wakeup_url=wakeup_url,
                                   wakeup_exchange=wakeup_exchange)
         self._transactional = Transactional(lambda: self.storage, self._notifier)
         self._inline = InlineMode(self, enabled=inline)
@@ -348,7 +349,7 @@ class App(HandleClient, InlineClient, JobManagement, RecurringClient):
             DuplicateJob: ``job_id`` given and taken.
             StorageError: The storage failed; nothing stored.
         """
-        ids = self.enqueue_jobs([self.make_job(method, **options)])
+        ids = self.enqueue_jobs([build_job(self.registry, method, **options)])  # = make_job
         if not ids:
             raise MiddlewareError(
                 ", ".join(describe(m) for m in self._enqueue_chain()),
@@ -404,8 +405,8 @@ class App(HandleClient, InlineClient, JobManagement, RecurringClient):
         """
         store = storage or self.storage
         connection = self._transactional.connection()
-        insert = (store.enqueue_many if connection is None
-                  else Transactional.insert_through(store, connection))
+        insert = inserting_with_gc_paused(store.enqueue_many if connection is None else
+                                          Transactional.insert_through(store, connection), jobs)
         chain = self._enqueue_chain()
         if chain:
             by_id: dict[str, Job] = {}
@@ -427,7 +428,6 @@ class App(HandleClient, InlineClient, JobManagement, RecurringClient):
             if self._inline.active:
                 self._inline.run(stored)
         return [j.id for j in stored]
-
 
     @property
     def _publisher(self) -> WakeupPublisher | None:

@@ -48,16 +48,7 @@ def new_job_id() -> str:
     a counter started at a random value each millisecond), so the id breaks ties in FIFO
     order between jobs enqueued in the same batch.
     """
-    global _last_ms, _seq
-    now_ms = time.time_ns() // 1_000_000
-    with _id_lock:
-        if now_ms > _last_ms:
-            _last_ms, _seq = now_ms, random.getrandbits(11)  # room for 2,048+ more
-        else:
-            _seq += 1
-            if _seq > 0xFFF:  # counter overflow: borrow the next millisecond
-                _last_ms, _seq = _last_ms + 1, 0
-        ms, seq = _last_ms, _seq
+    ms, seq = _reserve(1)
     # 48 bits of Unix milliseconds, version 7, the 12-bit counter, variant 0b10, 62 random
     # bits. Ids are unique, not secret, so the fast non-cryptographic generator serves
     # (the random module reseeds itself in forked children).
@@ -65,6 +56,56 @@ def new_job_id() -> str:
     value |= random.getrandbits(62)
     h = f"{value:032x}"
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def new_job_ids(n: int) -> list[str]:
+    """Return ``n`` new job ids as `new_job_id` makes them, in increasing order.
+
+    One clock read and one lock for all of them, and the millisecond's part of the text
+    made once per millisecond: about a third of ``n`` calls of ``new_job_id`` (bulk
+    enqueue).
+
+    Args:
+        n: How many (0 or more).
+
+    Returns:
+        ``n`` UUID version 7 strings, each greater than the one before and than any id
+        this process made earlier.
+    """
+    if n <= 0:
+        return []
+    ms, seq = _reserve(n)
+    bits = random.getrandbits
+    ids = []
+    head = ""
+    for _ in range(n):
+        if seq > 0xFFF:  # past the 12-bit counter: the next millisecond (as _reserve did)
+            ms, seq, head = ms + 1, 0, ""
+        if not head:
+            h = f"{ms & 0xFFFFFFFFFFFF:012x}"
+            head = f"{h[:8]}-{h[8:]}-7"
+        tail = f"{0x8000000000000000 | bits(62):016x}"  # variant 0b10, 62 random bits
+        ids.append(f"{head}{seq:03x}-{tail[:4]}-{tail[4:]}")
+        seq += 1
+    return ids
+
+
+def _reserve(n: int) -> tuple[int, int]:
+    """Take ``n`` consecutive (millisecond, counter) slots; return the first one.
+
+    The counter starts at a random value below 2,048 each new millisecond and runs to
+    4,095; past it the ids borrow the next millisecond (RFC 9562 section 6.2)."""
+    global _last_ms, _seq
+    now_ms = time.time_ns() // 1_000_000
+    with _id_lock:
+        if now_ms > _last_ms:
+            _last_ms, _seq = now_ms, random.getrandbits(11) - 1  # room for 2,048+ more
+        ms, seq = _last_ms, _seq + 1
+        if seq > 0xFFF:
+            ms, seq = ms + 1, 0
+        end = seq + n - 1
+        _last_ms, _seq = ms + end // 4096, end % 4096
+    return ms, seq
 
 
 _id_lock = threading.Lock()
@@ -374,35 +415,38 @@ class Job(BaseModel):
 _M = TypeVar("_M", bound=BaseModel)
 _new = object.__new__
 _set = object.__setattr__
-_DEFAULTS: dict[type[BaseModel], dict[str, Any]] = {}
+#: Per model class: the plain defaults, and the number of fields.
+_DEFAULTS: dict[type[BaseModel], tuple[dict[str, Any], int]] = {}
 
 
 def trusted(cls: type[_M], values: dict[str, Any], fields_set: set[str] | None = None) -> _M:
     """Build a model from values already known to be valid, skipping validation.
 
-    For qmlkit's own hot paths only (a claimed job, an attempt's outcome state), where
-    every value was produced by qmlkit with the right type. Fields missing from
-    ``values`` take their plain (non-factory) defaults. What ``model_construct`` does,
-    several times cheaper.
+    For qmlkit's own hot paths only (a claimed job, an attempt's outcome state, a new
+    job of validated options), where every value was produced by qmlkit with the right
+    type. Fields missing from ``values`` take their plain (non-factory) defaults. What
+    ``model_construct`` does, several times cheaper.
 
     Args:
         cls: A pydantic model class of this module.
-        values: Field values; ``name`` may be left out for states.
+        values: Field values; ``name`` may be left out for states. A dict of its own
+            (with every field, it becomes the model's ``__dict__`` as it is).
         fields_set: The names to record as explicitly set (default: ``values``' keys).
 
     Returns:
         The model instance.
     """
-    defaults = _DEFAULTS.get(cls)
-    if defaults is None:
-        defaults = _DEFAULTS[cls] = {
+    known = _DEFAULTS.get(cls)
+    if known is None:
+        known = _DEFAULTS[cls] = ({
             name: f.default for name, f in cls.model_fields.items()
             if f.default_factory is None and not f.is_required()
-        }
-    obj = cls.__new__(cls)
-    object.__setattr__(obj, "__dict__", {**defaults, **values} if defaults else values)
-    object.__setattr__(obj, "__pydantic_fields_set__",
-                       set(values) if fields_set is None else fields_set)
-    object.__setattr__(obj, "__pydantic_extra__", None)
-    object.__setattr__(obj, "__pydantic_private__", None)
+        }, len(cls.model_fields))
+    defaults, size = known
+    obj = _new(cls)
+    _set(obj, "__dict__", {**defaults, **values} if defaults and len(values) < size
+         else values)
+    _set(obj, "__pydantic_fields_set__", set(values) if fields_set is None else fields_set)
+    _set(obj, "__pydantic_extra__", None)
+    _set(obj, "__pydantic_private__", None)
     return obj

@@ -16,7 +16,8 @@ from pydantic import ValidationError
 
 import qmlkit.limits as limits
 from qmlkit.errors import ConfigurationError
-from qmlkit.job import Enqueued, Job, Scheduled, new_job_id, trusted, utcnow
+from qmlkit.gcpause import gc_paused
+from qmlkit.job import Enqueued, Job, Scheduled, new_job_id, new_job_ids, trusted, utcnow
 from qmlkit.processing.retry import RetryPolicy
 
 if TYPE_CHECKING:
@@ -209,21 +210,34 @@ class JobFunction(Generic[P, R]):
         Raises:
             PayloadError: One call's arguments cannot be stored; none are stored.
         """
-        template: Job | None = None
-        jobs = []
+        with gc_paused():  # its jobs live only during the call: see qmlkit.gcpause
+            return self._enqueue_calls(calls)
+
+    def _enqueue_calls(self, calls: Iterable[Sequence[Any] | tuple[Sequence[Any],
+                                                                  Mapping[str, Any]]],
+                       ) -> list[JobHandle[R]]:
+        """`enqueue_many`'s work, inside its pause of the collector."""
+        all_args: list[list[Any]] = []
+        all_kwargs: list[dict[str, Any]] = []
         for call in calls:
-            if (isinstance(call, tuple) and len(call) == 2
-                    and isinstance(call[1], Mapping) and isinstance(call[0], (list, tuple))):
-                args, kwargs = list(call[0]), dict(call[1])
+            if (isinstance(call, tuple) and len(call) == 2 and isinstance(call[1], Mapping)
+                    and isinstance(call[0], (list, tuple))):
+                all_args.append(list(call[0]))
+                all_kwargs.append(dict(call[1]))
             else:
-                args, kwargs = list(call), {}
-            if template is None:
-                template = self.app.make_job(self.name, args=args, kwargs=kwargs)
-                jobs.append(template)
-            else:  # same options and timestamps: copy the validated first job
-                jobs.append(template._replace(id=new_job_id(), args=args, kwargs=kwargs,
-                                              metadata=dict(template.metadata)))
-        return self.app.handles(self.app.enqueue_jobs(jobs)) if jobs else []
+                all_args.append(list(call))
+                all_kwargs.append({})
+        if not all_args:
+            return []
+        template = self.app.make_job(self.name, args=all_args[0], kwargs=all_kwargs[0])
+        jobs = [template]
+        # The others have the same options and timestamps: copies of the validated first.
+        metadata = template.metadata
+        for args, kwargs, job_id in zip(all_args[1:], all_kwargs[1:],
+                                        new_job_ids(len(all_args) - 1), strict=True):
+            jobs.append(template._replace(id=job_id, args=args, kwargs=kwargs,
+                                          metadata=dict(metadata) if metadata else {}))
+        return self.app.handles(self.app.enqueue_jobs(jobs))
 
     async def enqueue_many_async(
         self, calls: Iterable[Sequence[Any] | tuple[Sequence[Any], Mapping[str, Any]]],
@@ -346,8 +360,9 @@ def build_job(
     """
     entry = registry.get(method)
     now = utcnow()
-    overrides = (at, delay, queue, priority, metadata, job_id, max_retries, timeout)
-    if entry is not None and all(value is None for value in overrides):
+    if (entry is not None and at is None and delay is None and queue is None
+            and priority is None and metadata is None and job_id is None
+            and max_retries is None and timeout is None):
         # The common case: only the arguments are new, and they are checked when the
         # storage encodes them; every other field comes from validated options.
         return _quick_job(entry.options, method, args, kwargs, now)
@@ -382,10 +397,10 @@ def _quick_job(opts: JobOptions, method: str, args: Sequence[Any],
     validated options."""
     return trusted(Job, {
         "id": new_job_id(), "method": method, "args": list(args),
-        "kwargs": dict(kwargs or {}), "queue": opts.queue, "priority": opts.priority,
-        "attempts": 0, "retry_count": 0, "max_retries": opts.max_retries,
-        "timeout_s": opts.timeout_s, "metadata": {}, "created_at": now,
-        "expires_at": None,
-        "state": trusted(Enqueued, {"enqueued_at": now, "queue": opts.queue,
-                                    "reason": None}),
+        "kwargs": dict(kwargs) if kwargs else {}, "queue": opts.queue,
+        "priority": opts.priority, "attempts": 0, "retry_count": 0,
+        "max_retries": opts.max_retries, "timeout_s": opts.timeout_s, "metadata": {},
+        "created_at": now, "expires_at": None,
+        "state": trusted(Enqueued, {"name": "Enqueued", "enqueued_at": now,
+                                    "queue": opts.queue, "reason": None}),
     })

@@ -12,7 +12,10 @@ in memory) and its own atomic fencing checks; what they all do the same way live
 * `decode_history` reads a job's history lines (one JSON state per line, oldest first);
 * `state_columns`, `due_at` and `outcome_at` say which time indexes each state: the
   enqueue time (claim order), the due time (promotion), the start time and server
-  (stranded and dead-server requeues), the outcome time (throughput counters).
+  (stranded and dead-server requeues), the outcome time (throughput counters);
+* `group_new_jobs` checks and encodes jobs to enqueue, in runs that share every field
+  but id, arguments and metadata (a bulk enqueue's), so a backend encodes the shared
+  fields once per run.
 
 Stored formats are defined by the backends; nothing here changes them.
 """
@@ -22,7 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
@@ -37,8 +40,10 @@ from qmlkit.job import (
     Processing,
     Scheduled,
     Succeeded,
+    check_transition,
     trusted,
 )
+from qmlkit.payload import encode_metadata, encode_payload
 
 __all__ = [
     "DECODE_ERRORS",
@@ -51,8 +56,9 @@ __all__ = [
     "decode_job",
     "decode_state",
     "due_at",
-    "load_json",
+    "group_new_jobs",
     "held_stand_in",
+    "load_json",
     "outcome_at",
     "quarantine_stand_in",
     "state_columns",
@@ -324,3 +330,51 @@ def state_columns(state: JobState) -> dict[str, Any]:
     else:
         values["due_at"] = due_at(state)
     return values
+
+
+#: One run of `group_new_jobs`: its first job (for the shared fields), and its jobs' id,
+#: arguments JSON and metadata JSON, three strings per job in one flat list.
+NewJobRun = tuple[Job, list[str]]
+
+
+def group_new_jobs(jobs: Sequence[Job], max_bytes: int) -> list[NewJobRun]:
+    """Check and encode jobs to enqueue, in runs of consecutive jobs that share every field
+    but ``id``, ``args``, ``kwargs`` and ``metadata``.
+
+    The jobs of one ``JobFunction.enqueue_many`` share one state object, timestamps and
+    options, so they make one run; the storage encodes the shared fields (state JSON,
+    times) once per run instead of once per job. Fields compare equal when they are the
+    same objects, or equal values.
+
+    Args:
+        jobs: New jobs, in the order to store them.
+        max_bytes: The storage's payload limit, in bytes (see `encode_payload`).
+
+    Returns:
+        The runs in order: ``(first job, [id, payload JSON, metadata JSON, id, ...])``,
+        the flat list covering every job of the run, the first included (flat: a
+        tuple per job would cost the garbage collector more in a large bulk).
+
+    Raises:
+        PayloadError: A job's arguments or metadata are not JSON or over ``max_bytes``.
+        InvalidTransition: A job is neither Enqueued nor Scheduled.
+    """
+    if len(jobs) == 1:  # a single enqueue: no runs to find
+        job = jobs[0]
+        check_transition(job.id, None, job.state.name)
+        return [(job, [job.id, encode_payload(job.args, job.kwargs, max_bytes),
+                       encode_metadata(job.metadata, max_bytes) if job.metadata else "{}"])]
+    runs: list[NewJobRun] = []
+    members: list[str] = []
+    shared: tuple[Any, ...] | None = None
+    for job in jobs:
+        key = (job.method, job.queue, job.priority, job.max_retries, job.timeout_s,
+               job.created_at, job.attempts, job.retry_count, job.expires_at, job.state)
+        if key != shared:
+            check_transition(job.id, None, job.state.name)
+            shared, members = key, []
+            runs.append((job, members))
+        members += (job.id, encode_payload(job.args, job.kwargs, max_bytes),
+                    encode_metadata(job.metadata, max_bytes) if job.metadata else "{}")
+    return runs
+

@@ -10,8 +10,8 @@ from qmlkit_redis import lua
 
 def test_every_script_is_a_packaged_lua_file():
     shipped = {p.name for p in files("qmlkit_redis").joinpath("lua").iterdir()}
-    expected = {f"{name.lower()}.lua" for name in lua.SCRIPTS} | {"core.lua", "index.lua",
-                                                                   "new.lua"}
+    expected = {f"{name.lower()}.lua" for name in lua.SCRIPTS} | {
+        "core.lua", "index.lua", "newjob.lua", "new.lua"}
     assert shipped == expected
     for name in lua.SCRIPTS:
         assert getattr(lua, name).endswith(lua.source(name.lower()))

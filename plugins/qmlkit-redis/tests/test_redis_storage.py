@@ -11,7 +11,7 @@ from qmlkit_redis.storage import ForeignKeyType, RedisStorage, to_us
 
 from qmlkit import App
 from qmlkit.errors import ConfigurationError, StorageError, StorageUnavailable
-from qmlkit.job import Deleted, Failed, Processing, Succeeded, utcnow
+from qmlkit.job import Deleted, Failed, Processing, Scheduled, Succeeded, utcnow
 from qmlkit.plugins import make_plugin_manager, resolve_storage
 from qmlkit.storage.base import Transition
 from qmlkit.testing import RedisProcess, free_port, make_job, require_service, wait_until
@@ -69,12 +69,21 @@ def test_unknown_option_is_named():
         resolve_storage(make_plugin_manager(), "redis://127.0.0.1/0", {"colour": "red"})
 
 
-def test_everything_stays_under_the_prefix(storage, raw, redis_prefix):
-    before = set(raw.scan_iter(count=1000))
-    storage.enqueue_many([make_job(queue=q) for q in ("a", "b")])
-    storage.claim(worker_id="w", server_name="s", queues=(), limit=1, now=utcnow())
-    new = set(raw.scan_iter(count=1000)) - before
-    assert new and all(key.startswith(redis_prefix) for key in new)
+def test_everything_stays_under_the_prefix(own_redis, redis_prefix):
+    # On a Redis of the test's own: on the shared one, other sessions write meanwhile.
+    storage = open_storage(f"{own_redis.url}?prefix={redis_prefix}")
+    raw = redis.Redis.from_url(own_redis.url, decode_responses=True)
+    try:
+        storage.enqueue_many([make_job(queue=q) for q in ("a", "b")])
+        now = utcnow()
+        storage.enqueue(make_job(state=Scheduled(enqueue_at=now, scheduled_at=now),
+                                 expires_at=now + timedelta(days=1)))  # the one-job script
+        storage.claim(worker_id="w", server_name="s", queues=(), limit=1, now=now)
+        keys = set(raw.scan_iter(count=1000))
+        assert keys and all(key.startswith(redis_prefix) for key in keys)
+    finally:
+        raw.close()
+        storage.close()
 
 
 def test_two_prefixes_on_one_redis_do_not_see_each_other(redis_url, redis_prefix):
@@ -278,13 +287,19 @@ def test_a_state_change_retried_after_a_lost_reply_is_applied_once(storage):
     assert storage.get(job.id).state == deleted
 
 
-def test_a_retried_enqueue_finds_its_jobs_stored(storage):
-    jobs = [make_job(args=[i]) for i in range(3)]
+@pytest.mark.parametrize("n", [1, 3])
+def test_a_retried_enqueue_finds_its_jobs_stored(storage, n):
+    jobs = [make_job(args=[i]) for i in range(n)]
+    script = "ENQUEUE_ONE" if n == 1 else "ENQUEUE"  # what enqueue_many calls
     values = storage._new_values(jobs)
-    storage._script("ENQUEUE", ["0", 3, *values])
-    assert storage._script("ENQUEUE", ["1", 3, *values]) == ["OK"]  # the replay
-    assert storage._script("ENQUEUE", ["0", 3, *values])[0] == "DUP"
-    assert storage.count_jobs() == {("default", "Enqueued"): 3}
+    storage._script(script, ["0", *values])
+    assert storage._script(script, ["1", *values]) == ["OK"]  # the replay
+    assert storage._script(script, ["0", *values])[0] == "DUP"
+    # Another job with a stored id is a duplicate, replay or not.
+    other = storage._new_values([jobs[-1]._replace(args=["other"])])
+    assert storage._script(script, ["1", *other]) == ["DUP", jobs[-1].id]
+    assert storage.count_jobs() == {("default", "Enqueued"): n}
+    assert [storage.get(j.id).args for j in jobs] == [j.args for j in jobs]
 
 
 # --- cleanup leaves no index entries behind (C17) --------------------------------------------

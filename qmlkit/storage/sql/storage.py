@@ -27,13 +27,14 @@ from qmlkit.errors import (
     JobNotFound,
     StaleClaim,
 )
-from qmlkit.job import Job, JobState, check_transition, encode_metadata, encode_payload
+from qmlkit.job import Job, JobState
 from qmlkit.limits import storable_id
 from qmlkit.storage.base import STATS_RETENTION, StateChange, Storage, Transition, minute_of
 from qmlkit.storage.codec import (
     decode_history,
     decode_job,
     decode_state,
+    group_new_jobs,
     load_json,
     quarantine_stand_in,
     state_columns,
@@ -190,27 +191,16 @@ class SQLStorage(SQLBatchRead, SQLRegistry, Storage):
             InvalidTransition: A job is not Enqueued or Scheduled.
         """
         ts = self.dialect.bind_ts
-        limit = self.max_payload_bytes
-        states: dict[int, tuple[Any, ...]] = {}  # jobs of one bulk enqueue share a state
         rows = []
-        for job in jobs:
-            state = job.state
-            cols = states.get(id(state))
-            if cols is None:
-                check_transition(job.id, None, state.name)
-                c = state_columns(state)
-                cols = states[id(state)] = (
-                    c["state"], ts(c["enqueued_at"]), ts(c["due_at"]), ts(c["started_at"]),
-                    c["server_name"], c["state_data"],
-                )
-            rows.append((
-                job.id, job.method, job.queue, job.priority, cols[0], job.attempts,
-                job.retry_count, job.max_retries, job.timeout_s, ts(job.created_at),
-                cols[1], cols[2], cols[3], cols[4], ts(job.expires_at),
-                encode_payload(job.args, job.kwargs, limit),
-                encode_metadata(job.metadata, limit),
-                cols[5],
-            ))
+        for job, members in group_new_jobs(jobs, self.max_payload_bytes):
+            c = state_columns(job.state)
+            head = (job.method, job.queue, job.priority, c["state"], job.attempts,
+                    job.retry_count, job.max_retries, job.timeout_s, ts(job.created_at),
+                    ts(c["enqueued_at"]), ts(c["due_at"]), ts(c["started_at"]),
+                    c["server_name"], ts(job.expires_at))
+            state_data = c["state_data"]
+            rows += [(job_id, *head, payload, metadata, state_data) for job_id, payload, metadata
+                     in zip(members[::3], members[1::3], members[2::3], strict=True)]
         return rows
 
     def duplicate_id(self, ids: list[str]) -> str:

@@ -8,7 +8,8 @@ hot or bulk step in one round trip:
   so concurrent workers never wait on each other's rows and never claim one twice
   (the technique of Que, GoodJob and procrastinate);
 * acknowledge: one ``UPDATE … FROM unnest(…)`` per batch, fenced by the attempt number;
-* enqueue: one ``INSERT … SELECT FROM unnest(…)`` per batch;
+* enqueue: one statement per call, a binary ``COPY`` for a large bulk
+  (`qmlkit_postgres.inserts`);
 * ``unnest`` arrays bound in binary (``%b``): psycopg escapes a text array's elements in
   Python (1.12 ms of CPU for a 50-row acknowledgement, against 0.11 ms in binary);
 * promotion, stranded requeue and dead-server reclaim: one ``UPDATE`` each;
@@ -46,7 +47,7 @@ from qmlkit.storage.codec import (
     state_columns,
     undecodable_reason,
 )
-from qmlkit.storage.sql import INSERT_COLUMNS, SQLDialect
+from qmlkit.storage.sql import SQLDialect
 from qmlkit_postgres.connections import (
     PRE_PING_AFTER_IDLE_S,
     end_backends,
@@ -55,6 +56,7 @@ from qmlkit_postgres.connections import (
     ping_idle_connections,
     with_server_options,
 )
+from qmlkit_postgres.inserts import JobInserter, insert_sql
 
 if TYPE_CHECKING:
     import psycopg
@@ -80,15 +82,6 @@ _RETURNED = (
 #: is an ordered scan of a claim index, whatever the statistics say, prepared or not. The
 #: pool's other statements sort nothing they could not read in order or hash (issue #16).
 CLAIM_SETTINGS = "-c enable_sort=off -c enable_incremental_sort=off"
-
-#: Array types of the inserted columns, in ``INSERT_COLUMNS`` order.
-_INSERT_TYPES = (
-    "text", "text", "text", "int", "text", "int", "int", "int", "float8", "timestamptz",
-    "timestamptz", "timestamptz", "timestamptz", "text", "timestamptz", "text", "text", "text",
-)
-
-#: Rows per ``INSERT … SELECT FROM unnest(…)`` statement.
-ROWS_PER_INSERT = 5000
 
 #: SET clause appending the row's current state to its history, one JSON document per
 #: line (SET sees old values; plain text concatenation cannot fail on a corrupt row).
@@ -120,6 +113,7 @@ class PostgresDialect(SQLDialect):
         self.connect_timeout_s = connect_timeout_s
         self.quoted_schema = '"' + schema.replace('"', '""') + '"'
         self.jobs_sql = f"{self.quoted_schema}.qmlkit_jobs"
+        self.inserter = JobInserter(self.jobs_sql)
         #: Names the storage in messages (set by `PostgresStorage`).
         self.label = f"PostgresStorage({self.where}, schema={schema!r})"
 
@@ -217,22 +211,13 @@ class PostgresDialect(SQLDialect):
 
     def insert_sql(self) -> str:
         """``INSERT … SELECT * FROM unnest(%b::type[], …)``: one binary array per column."""
-        cols = ", ".join(INSERT_COLUMNS)
-        arrays = ", ".join(f"%b::{t}[]" for t in _INSERT_TYPES)
-        return f"INSERT INTO {self.jobs_sql} ({cols}) SELECT * FROM unnest({arrays})"
+        return insert_sql(self.jobs_sql)
 
     def insert_jobs(self, storage: SQLStore, cursor: Any, rows: list[tuple[Any, ...]]) -> None:
-        """Insert encoded rows with one ``INSERT … SELECT FROM unnest(arrays)`` statement
-        per `ROWS_PER_INSERT` (a single row: plain ``VALUES``, which spares dumping 18
-        one-element arrays)."""
-        if len(rows) == 1:
-            cols = ", ".join(INSERT_COLUMNS)
-            marks = ", ".join(["%s"] * len(INSERT_COLUMNS))
-            cursor.execute(f"INSERT INTO {self.jobs_sql} ({cols}) VALUES ({marks})", rows[0])
-            return
-        for start in range(0, len(rows), ROWS_PER_INSERT):
-            chunk = rows[start:start + ROWS_PER_INSERT]
-            cursor.execute(self.insert_sql(), [list(col) for col in zip(*chunk, strict=False)])
+        """Insert encoded rows in one statement, whatever their number: ``VALUES`` for one,
+        ``unnest`` of binary arrays for a few, a binary ``COPY`` for many
+        (`qmlkit_postgres.inserts.COPY_MIN_ROWS`)."""
+        self.inserter.insert(cursor, rows)
 
     def claim(
         self,

@@ -228,7 +228,7 @@ class PostgresStorage(SQLStorage):
             try:
                 self.dialect.insert_jobs(self, cursor, rows)
             except self.engine.dialect.loaded_dbapi.IntegrityError:
-                if attempt[0] == 1 or len(ids) > 5000:
+                if attempt[0] == 1:
                     raise
                 cursor.execute(f"SELECT count(*) FROM {self.jobs_sql} WHERE id = ANY(%s)", (ids,))
                 if cursor.fetchone()[0] != len(ids):
@@ -237,8 +237,7 @@ class PostgresStorage(SQLStorage):
                             len(ids))
 
         try:
-            self.executor.write_one(insert) if len(rows) <= 5000 else (
-                self.executor.write_raw(insert))
+            self.executor.write_one(insert)  # one statement, whatever the number of rows
         except IntegrityError as exc:
             raise DuplicateJob(self.duplicate_id(ids)) from exc
         return list(jobs)

@@ -5,12 +5,14 @@ end before it serves any other command, so a script sees and leaves the keys in 
 consistent state. The scripts ship as ``.lua`` files inside this package (read with
 `importlib.resources`, so a wheel, a zip and an editable install all find them, as
 Dramatiq ships its broker scripts). Each script starts with ``core.lua`` and
-``index.lua`` (or ``new.lua``), local helpers that keep the secondary indexes (queue
-sorted sets, state indexes, per-server processing sets, counts, the due and expiry
-sorted sets) in step with the job hash. Index writes are gathered and sent as one
-command per key at the end of a script (``flush()``), so a batch of N jobs costs N hash
-writes plus a handful of index commands; with a single job they go out at once, which
-is cheaper.
+``index.lua`` (or ``newjob.lua`` and ``new.lua``), local helpers that keep the secondary
+indexes (queue sorted sets, state indexes, per-server processing sets, counts, the due
+and expiry sorted sets) in step with the job hash. Index writes are gathered and sent as
+one command per key at the end of a script (``flush()``), so a batch of N jobs costs N
+hash writes plus a handful of index commands; with a single job they go out at once,
+which is cheaper. A single enqueue has a script of its own (``enqueue_one.lua``),
+straight-line and without the helpers it does not need (making ``core.lua``'s closures
+alone took some 3 µs per call, measured against 15 µs for the whole enqueue script).
 
 Conventions: ``ARGV[1]`` is the key prefix; times are integer microseconds since the Unix
 epoch, passed and stored as decimal strings (never turned into Lua numbers, whose
@@ -47,12 +49,15 @@ def source(name: str) -> str:
 CORE = source("core")
 #: Moving a stored job between states with its indexes (``leave``/``enter``).
 INDEX = source("index")
-#: Storing new jobs (``store_new``), for enqueue and recurring ticks.
-NEW = source("new")
+#: New jobs' groups of values and hash fields (``new_fields``), and the replay check.
+NEWJOB = source("newjob")
+#: Storing new jobs (``store_new``), for bulk enqueue and recurring ticks.
+NEW = NEWJOB + source("new")
 #: The helpers of the scripts that move stored jobs.
 LIB = CORE + INDEX
 
 ENQUEUE = CORE + NEW + source("enqueue")
+ENQUEUE_ONE = NEWJOB + source("enqueue_one")
 CLAIM = LIB + source("claim")
 TRANSITION = LIB + source("transition")
 CHANGE_STATE = LIB + source("change_state")
@@ -65,5 +70,6 @@ PROGRESS = source("progress")
 HEARTBEAT = source("heartbeat")
 
 #: Every script's name in this module, loaded by SHA (``EVALSHA``) on first use.
-SCRIPTS = ("ENQUEUE", "CLAIM", "TRANSITION", "CHANGE_STATE", "PROMOTE", "REQUEUE", "PROGRESS",
-           "DELETE_EXPIRED", "UPSERT_RECURRING", "FIRE_RECURRING", "HEARTBEAT")
+SCRIPTS = ("ENQUEUE", "ENQUEUE_ONE", "CLAIM", "TRANSITION", "CHANGE_STATE", "PROMOTE",
+           "REQUEUE", "PROGRESS", "DELETE_EXPIRED", "UPSERT_RECURRING", "FIRE_RECURRING",
+           "HEARTBEAT")

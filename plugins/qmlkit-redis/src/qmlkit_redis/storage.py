@@ -133,11 +133,12 @@ class RedisStorage(RedisRegistry, RedisConnection, Storage):
     # --- enqueue and read ------------------------------------------------------------------
 
     def enqueue_many(self, jobs: Sequence[Job]) -> list[Job]:
-        """See `Storage.enqueue_many`. One script call; retried calls are idempotent."""
+        """See `Storage.enqueue_many`. One script call (a leaner one for a single job);
+        retried calls are idempotent."""
         if not jobs:
             return []
         values = self._new_values(jobs)
-        out = self._script("ENQUEUE", ["0", len(jobs), *values],
+        out = self._script("ENQUEUE_ONE" if len(jobs) == 1 else "ENQUEUE", ["0", *values],
                            replay=lambda argv: [argv[0], "1", *argv[2:]])
         if out[0] == "DUP":
             raise DuplicateJob(out[1])

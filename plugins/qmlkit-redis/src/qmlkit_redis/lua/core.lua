@@ -4,9 +4,13 @@ local zrems, zadds, srems, sadds, cnts = {}, {}, {}, {}, {}
 -- With one job to write, index commands go out at once (cheaper than gathering them);
 -- with many, they are gathered per key and sent by flush().
 local direct = false
-local function push(acc, key, a, b)
+local function slot(acc, key)
   local t = acc[key]
   if not t then t = {}; acc[key] = t end
+  return t
+end
+local function push(acc, key, a, b)
+  local t = slot(acc, key)
   t[#t + 1] = a
   if b ~= nil then t[#t + 1] = b end
 end

@@ -1,55 +1,68 @@
 -- Storing new jobs (``store_new``), for enqueue and recurring ticks.
--- Store new jobs from ARGV[base...] (15 values each); returns nil or an error reply.
--- The hot path of a single enqueue: one EXISTS, one HSET of the non-empty fields, and
--- the index writes, gathered.
-local NEWF = 15
-local function store_new(base, n, retry)
-  direct = n == 1
-  local seen = {}
+-- Store the groups of new jobs from ARGV[o] to the end (see newjob.lua), all or none:
+-- returns nil, or an error reply ({'DUP', id}) with nothing written. Every id is
+-- checked before the first write (one EXISTS per thousand ids; each id alone only when
+-- one of them is taken); index writes are gathered and sent by flush().
+local function store_new(o, retry)
+  local seen, keys, groups, last = {}, {}, {}, #ARGV
+  while o <= last do
+    groups[#groups + 1] = o
+    local j1 = o + 13
+    o = j1 + 3 * tonumber(ARGV[o + 12])
+    for j = j1, o - 1, 3 do
+      local id = ARGV[j]
+      if seen[id] then return {'DUP', id} end
+      seen[id] = true
+      keys[#keys + 1] = jk(id)
+    end
+  end
+  local taken = 0
+  for i = 1, #keys, 1000 do
+    taken = taken + redis.call('EXISTS', unpack(keys, i, math.min(i + 999, #keys)))
+  end
   local skip = {}
-  for i = 0, n - 1 do
-    local o = base + i * NEWF
-    local id = ARGV[o]
-    if seen[id] then return {'DUP', id} end
-    seen[id] = true
-    if redis.call('EXISTS', jk(id)) == 1 then
-      -- A retried call whose first try was stored (its reply lost): the same job is
-      -- there already, byte for byte, so it counts as stored; anything else is a duplicate.
-      local had = redis.call('HMGET', jk(id), 'payload', 'created_at')
-      if retry == '1' and had[1] == ARGV[o + 1] and had[2] == ARGV[o + 8] then
-        skip[id] = true
-      else
-        return {'DUP', id}
+  if taken > 0 then
+    local i = 0
+    for _, g in ipairs(groups) do
+      for j = g + 13, g + 10 + 3 * tonumber(ARGV[g + 12]), 3 do
+        i = i + 1
+        if redis.call('EXISTS', keys[i]) == 1 then
+          if not stored_before(keys[i], j, g, retry) then return {'DUP', ARGV[j]} end
+          skip[i] = true
+        end
       end
     end
   end
-  for i = 0, n - 1 do
-    local o = base + i * NEWF
-    local id = ARGV[o]
-    if not skip[id] then
-      local q, created, x = ARGV[o + 4], ARGV[o + 8], ARGV[o + 11]
-      local st, tm = ARGV[o + 12], ARGV[o + 14]
-      local f = {'payload', ARGV[o + 1], 'metadata', ARGV[o + 2], 'method', ARGV[o + 3],
-                 'queue', q, 'priority', ARGV[o + 5], 'max_retries', ARGV[o + 6],
-                 'timeout_s', ARGV[o + 7], 'created_at', created, 'attempts', ARGV[o + 9],
-                 'retry_count', ARGV[o + 10], 'state', st, 'state_data', ARGV[o + 13]}
-      if st == 'Enqueued' then
-        local qm = tm .. ':' .. id
-        f[25] = 'qmember'; f[26] = qm
-        zadd(P .. 'queue:' .. q, -(tonumber(ARGV[o + 5]) or 0), qm)
-      else -- Scheduled (the only other state a new job may have)
-        f[25] = 'due'; f[26] = tm
-        zadd(P .. 'scheduled', tm, id)
+  local i = 0
+  for _, g in ipairs(groups) do
+    local q, created, x, st, tm = ARGV[g + 1], ARGV[g + 5], ARGV[g + 8], ARGV[g + 9], ARGV[g + 11]
+    local enq = st == 'Enqueued'
+    local score = -(tonumber(ARGV[g + 2]) or 0)
+    local zq = slot(zadds, enq and P .. 'queue:' .. q or P .. 'scheduled')
+    local zj, zs = slot(zadds, P .. 'jobs'), slot(zadds, P .. 'state:' .. st)
+    local zx = x ~= '' and slot(zadds, P .. 'expires') or nil
+    local f, nq, nj, ns, stored = new_fields(g), #zq, #zj, #zs, 0
+    for j = g + 13, g + 10 + 3 * tonumber(ARGV[g + 12]), 3 do
+      i = i + 1
+      if not skip[i] then
+        local id = ARGV[j]
+        f[2] = ARGV[j + 1]; f[4] = ARGV[j + 2]
+        if enq then
+          local qm = tm .. ':' .. id
+          f[26] = qm
+          zq[nq + 1] = score; zq[nq + 2] = qm
+        else -- Scheduled (the only other state a new job may have)
+          zq[nq + 1] = tm; zq[nq + 2] = id
+        end
+        nq = nq + 2
+        redis.call('HSET', keys[i], unpack(f))
+        zj[nj + 1] = created; zj[nj + 2] = id; nj = nj + 2
+        zs[ns + 1] = created; zs[ns + 2] = id; ns = ns + 2
+        if zx then zx[#zx + 1] = x; zx[#zx + 1] = id end
+        stored = stored + 1
       end
-      if x ~= '' then
-        f[27] = 'expires_at'; f[28] = x
-        zadd(P .. 'expires', x, id)
-      end
-      redis.call('HSET', jk(id), unpack(f))
-      zadd(P .. 'jobs', created, id)
-      zadd(P .. 'state:' .. st, created, id)
-      cnt(q, st, 1)
     end
+    if stored > 0 then cnt(q, st, stored) end
   end
   flush()
   return nil
