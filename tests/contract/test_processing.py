@@ -14,12 +14,12 @@ The app is a module written to the test's ``tmp_path`` (children import it by it
 job bodies and the app's middleware and observer append lines to files under
 ``effects/`` and wait for files the test creates, and the test reads those.
 
-tests/unit/test_server.py runs these behaviours (and a few more that need the job to
-share the test's memory) on the thread and asyncio pools only. Left out here, because
-they are no processing behaviour of a pool: argument checks made before anything is
-stored (``schedule()``'s, a bad progress fraction, an unknown storage scheme, a bad
-config field, a duplicate job name). Process-pool-only behaviours (hard timeouts,
-crashes, recycling, the supervisor's signals) are in tests/integration/test_process_pool.py.
+tests/unit/test_server.py keeps, on the thread and asyncio pools, what is no processing
+behaviour of a pool: argument checks made before anything is stored (``schedule()``'s,
+a bad progress fraction, an unknown storage scheme, a bad config field, a duplicate job
+name) and ``Server.from_plugins(middleware=...)``. What only the process pool does (hard
+timeouts, crashes, recycling, the supervisor's signals) is in
+tests/integration/test_process_pool.py; faults of every pool in test_pool_faults.py.
 """
 
 from __future__ import annotations
@@ -291,6 +291,7 @@ def contract(request: pytest.FixtureRequest, tmp_path: Path,
 
 def test_sync_async_and_class_based_jobs_run_and_store_results(contract: Contract) -> None:
     app = contract.app
+    assert contract.module.add(1, 2) == 3  # a direct call runs here
     ids = [app.enqueue("add", args=[1, 2]), app.enqueue("async_add", args=[3, 4]),
            app.enqueue("greet", args=["ada"])]
     contract.server()
