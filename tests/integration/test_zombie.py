@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ import pytest
 from qmlkit import App
 from qmlkit.testing import wait_until
 from tests.conftest import backend_plugins
+from tests.integration.faultkit import lock_free_probe, stopped
 
 APP_SOURCE = '''
 import os
@@ -105,54 +105,6 @@ def workers(tmp_path: Path, url: str) -> Iterator[Workers]:
     group = Workers(tmp_path, url)
     yield group
     group.close()
-
-
-def lock_free_probe(url: str) -> Callable[[], bool]:
-    """Whether a writer can take every lock a reclaim needs now (a stopped process may
-    hold one mid-transaction; then the test continues it and stops it again)."""
-    if url.startswith("sqlite"):
-        path = url.removeprefix("sqlite:///")
-
-        def sqlite_free() -> bool:
-            conn = sqlite3.connect(path, timeout=0.3)
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-                conn.rollback()
-                return True
-            except sqlite3.OperationalError:
-                return False
-            finally:
-                conn.close()
-
-        return sqlite_free
-    if url.startswith("postgres"):
-        import sqlalchemy as sa
-
-        schema = url.partition("schema=")[2]
-
-        def postgres_free() -> bool:
-            engine = sa.create_engine("postgresql+psycopg://127.0.0.1:5432/test")
-            try:
-                with engine.connect() as conn, conn.begin() as tx:
-                    conn.execute(sa.text("SET LOCAL lock_timeout = '300ms'"))
-                    for table in ("qmlkit_jobs", "qmlkit_servers"):
-                        conn.execute(sa.text(f'SELECT 1 FROM "{schema}".{table} '
-                                             "WHERE true FOR UPDATE"))
-                    tx.rollback()
-                return True
-            except sa.exc.OperationalError:
-                return False
-            finally:
-                engine.dispose()
-
-        return postgres_free
-    return lambda: True  # Redis: scripts are atomic, a client holds no lock
-
-
-def stopped(pid: int) -> bool:
-    """Whether the process is stopped by a signal now (``T`` in ``/proc/PID/stat``)."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    return stat.rpartition(")")[2].split()[0] == "T"
 
 
 def held_unstarted(app: App, started: set[str]) -> set[str]:

@@ -1,12 +1,18 @@
-"""Server and App behaviour on each built-in backend (the seed's server tests, and more)."""
+"""Server and App behaviour on each built-in backend (the seed's server tests, and more).
+
+What a running server does with jobs (results, progress, retries, timeouts, scheduling,
+stop, release, restart, the C18 batches) is the processing contract,
+tests/contract/test_processing.py, which runs it on every pool, the process pool too.
+Here: start and stop, argument checks, middleware given to ``Server.from_plugins``,
+observers (a deletion included), configuration errors.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import re
 import threading
-import time
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 
 import pytest
 
@@ -14,17 +20,12 @@ from qmlkit import (
     App,
     ConfigurationError,
     JobContext,
-    Retry,
-    RetryPolicy,
     ServerConfig,
     UnknownStorageScheme,
-    current_context,
     hookimpl,
 )
-from qmlkit.job import Job
 from qmlkit.testing import make_job, wait_until
 from tests.conftest import backend_plugins
-
 
 #: The pool `fast` builds servers with: every test here runs on each pool in turn.
 POOL = {"name": "threads"}
@@ -56,74 +57,6 @@ def test_server_start_stop(app: App) -> None:
     server.stop()
     assert not server.is_running
     server.stop()  # idempotent
-
-
-def test_sync_and_async_jobs_run_and_store_results(app: App) -> None:
-    @app.job
-    def add(a: int, b: int) -> int:
-        return a + b
-
-    @app.job
-    async def async_add(a: int, b: int) -> dict[str, int]:
-        await asyncio.sleep(0)
-        return {"sum": a + b}
-
-    assert add(1, 2) == 3  # a direct call runs here
-    ids = [add.enqueue(1, 2), async_add.enqueue(3, 4)]
-    server = fast(app)
-    server.start()
-    try:
-        wait_until(lambda: all(state_of(app, i) == "Succeeded" for i in ids))
-    finally:
-        server.stop()
-    assert app.storage.get(ids[0]).state.result == 3
-    assert app.storage.get(ids[1]).state.result == {"sum": 7}
-
-
-def test_class_based_worker_gets_job_and_context(app: App) -> None:
-    class Greeter:
-        method_name = "greet"
-
-        def execute(self, job: Job, context: JobContext) -> str:
-            return f"hello {job.args[0]} (attempt {context.attempt})"
-
-    app.register_worker(Greeter())
-    job_id = app.enqueue("greet", args=["ada"])
-    server = fast(app)
-    server.start()
-    try:
-        wait_until(lambda: state_of(app, job_id) == "Succeeded")
-    finally:
-        server.stop()
-    assert app.storage.get(job_id).state.result == "hello ada (attempt 1)"
-
-
-def test_progress_reported_by_a_running_job_is_visible_while_it_runs(app: App) -> None:
-    halfway = threading.Event()
-    release = threading.Event()
-
-    @app.job
-    def crunch() -> None:
-        current_context().report_progress(0.5, "half way\x00")  # NUL: not storable as is
-        halfway.set()
-        release.wait(10)
-        current_context().report_progress(1.0)
-
-    job_id = crunch.enqueue()
-    server = fast(app, worker_count=1)
-    server.start()
-    try:
-        assert halfway.wait(10)
-        running = app.storage.get(job_id)
-        assert running.state.name == "Processing"
-        assert running.metadata["progress"]["fraction"] == 0.5
-        assert running.metadata["progress"]["message"] == "half way\ufffd"
-        release.set()
-        wait_until(lambda: state_of(app, job_id) == "Succeeded")
-    finally:
-        release.set()
-        server.stop()
-    assert app.storage.get(job_id).metadata["progress"]["fraction"] == 1.0
 
 
 @pytest.mark.parametrize("bad", [1.5, -0.1, float("nan"), "half", True])
@@ -163,250 +96,6 @@ def _running_loop_here() -> bool:
     except RuntimeError:
         return False
     return True
-
-
-def test_jobs_claimed_behind_a_slow_job_go_to_idle_workers(app: App) -> None:
-    # A worker claims a batch sized to its estimate of fast jobs; when the first job of
-    # the batch turns out slow, the rest must not wait behind it while a thread idles.
-    release = threading.Event()
-    done: list[int] = []
-
-    @app.job(name="quick")
-    def quick(i: int) -> None:
-        done.append(i)
-
-    @app.job(name="slow", priority=10)
-    def slow() -> None:
-        release.wait(30)
-
-    server = fast(app, worker_count=2, fetch_batch_size=50,
-                  prefetch_window=timedelta(milliseconds=100))
-    server.start()
-    try:
-        quick.enqueue_many([(i,) for i in range(200)])  # warm-up: batches grow
-        wait_until(lambda: len(done) == 200, timeout=30)
-        done.clear()
-        jobs = [app.make_job("slow")] + [app.make_job("quick", args=[i]) for i in range(20)]
-        app.enqueue_jobs(jobs)
-        # all 20 finish while the slow job is still running
-        wait_until(lambda: len(done) == 20, timeout=15)
-        assert not release.is_set()
-        assert state_of(app, jobs[0].id) == "Processing"
-    finally:
-        release.set()
-        server.stop()
-    assert sorted(done) == list(range(20))
-    assert state_of(app, jobs[0].id) == "Succeeded"
-
-
-def test_outcomes_finished_before_a_slow_job_are_stored_while_it_runs(app: App) -> None:
-    release = threading.Event()
-    done: list[int] = []
-
-    @app.job(name="quick", priority=10)
-    def quick(i: int) -> None:
-        done.append(i)
-
-    @app.job(name="slow")
-    def slow() -> None:
-        release.wait(30)
-
-    server = fast(app, worker_count=1, fetch_batch_size=50,
-                  prefetch_window=timedelta(milliseconds=100))
-    server.start()
-    try:
-        quick.enqueue_many([(i,) for i in range(200)])  # warm-up: batches grow
-        wait_until(lambda: len(done) == 200, timeout=30)
-        jobs = [app.make_job("quick", args=[i]) for i in range(5)] + [app.make_job("slow")]
-        app.enqueue_jobs(jobs)
-        # one batch: five quick jobs, then the slow one; the five show as done meanwhile
-        wait_until(lambda: all(state_of(app, j.id) == "Succeeded" for j in jobs[:5]),
-                   timeout=15)
-        assert state_of(app, jobs[5].id) == "Processing" and not release.is_set()
-    finally:
-        release.set()
-        server.stop()
-
-
-def test_stop_waits_for_inflight_job_to_complete(app: App) -> None:
-    started = threading.Event()
-
-    @app.job
-    def slow() -> str:
-        started.set()
-        time.sleep(0.5)  # the simulated work
-        return "done"
-
-    job_id = slow.enqueue()
-    server = fast(app, worker_count=1)
-    server.start()
-    assert started.wait(10)
-    server.stop()
-    assert state_of(app, job_id) == "Succeeded"
-
-
-def test_context_stopping_fires_on_stop_and_job_may_finish(app: App) -> None:
-    started = threading.Event()
-
-    @app.job
-    def cooperative() -> str:
-        ctx = current_context()
-        started.set()
-        return "saw stop" if ctx.stopping.wait(10) else "no stop"
-
-    job_id = cooperative.enqueue()
-    server = fast(app, worker_count=1)
-    server.start()
-    assert started.wait(10)
-    server.stop()
-    assert app.storage.get(job_id).state.result == "saw stop"
-
-
-def test_grace_period_expiry_releases_the_job_without_using_a_retry(app: App) -> None:
-    started = threading.Event()
-    release = threading.Event()
-
-    @app.job
-    def stuck() -> None:
-        started.set()
-        release.wait(30)
-
-    job_id = stuck.enqueue()
-    server = fast(app, worker_count=1)
-    server.start()
-    assert started.wait(10)
-    server.stop(timeout=0.2)
-    job = app.storage.get(job_id)
-    assert job.state.name == "Enqueued" and job.retry_count == 0
-    assert "released" in job.state.reason
-    release.set()
-
-
-def test_restart_after_stop_processes_new_jobs(app: App) -> None:
-    @app.job
-    def ping() -> str:
-        return "pong"
-
-    server = fast(app)
-    server.start()
-    server.stop()
-    job_id = ping.enqueue()
-    server.start()
-    try:
-        wait_until(lambda: state_of(app, job_id) == "Succeeded")
-    finally:
-        server.stop()
-
-
-def test_sync_job_timeout_sets_cancelled_and_fails_the_attempt(app: App) -> None:
-    @app.job(timeout=0.2, max_retries=0)
-    def sleepy() -> str:
-        current_context().cancelled.wait(10)
-        return "finished late"
-
-    job_id = sleepy.enqueue()
-    server = fast(app)
-    server.start()
-    try:
-        wait_until(lambda: state_of(app, job_id) == "Failed")
-    finally:
-        server.stop()
-    state = app.storage.get(job_id).state
-    assert state.exception_type == "qmlkit.errors.JobTimeout"
-    assert "timeout of 0.2 s" in state.message
-
-
-def test_async_job_timeout_cancels_and_follows_retry_policy(app: App) -> None:
-    @app.job(timeout=0.1, retry=RetryPolicy(max_retries=1, base_delay=timedelta(0), jitter=0))
-    async def forever() -> None:
-        await asyncio.sleep(30)
-
-    job_id = forever.enqueue()
-    server = fast(app)
-    server.start()
-    try:
-        wait_until(lambda: state_of(app, job_id) == "Failed")
-    finally:
-        server.stop()
-    job = app.storage.get(job_id)
-    assert job.attempts == 2 and job.state.retry_count == 1
-    assert job.state.exception_type == "qmlkit.errors.JobTimeout"
-
-
-def test_failed_attempts_retry_with_backoff_then_succeed(app: App) -> None:
-    calls: list[int] = []
-
-    @app.job(retry=RetryPolicy(max_retries=3, base_delay=timedelta(milliseconds=50), jitter=0))
-    def flaky() -> int:
-        calls.append(current_context().attempt)
-        if len(calls) < 3:
-            raise ValueError(f"boom {len(calls)}")
-        return len(calls)
-
-    job_id = flaky.enqueue()
-    server = fast(app, scheduler_poll_interval=timedelta(milliseconds=20))
-    server.start()
-    try:
-        wait_until(lambda: state_of(app, job_id) == "Succeeded")
-    finally:
-        server.stop()
-    job = app.storage.get(job_id)
-    assert calls == [1, 2, 3] and job.retry_count == 2 and job.state.result == 3
-
-
-def test_retry_signal_uses_its_delay(app: App) -> None:
-    @app.job(max_retries=2)
-    def later() -> None:
-        raise Retry(delay=3600, message="not yet")
-
-    job_id = later.enqueue()
-    server = fast(app)
-    server.start()
-    try:
-        wait_until(lambda: state_of(app, job_id) == "AwaitingRetry")
-    finally:
-        server.stop()
-    state = app.storage.get(job_id).state
-    wait = (state.retry_at - datetime.now(timezone.utc)).total_seconds()
-    assert 3500 < wait <= 3600 and "not yet" in state.last_exception
-
-
-def test_exhausted_retries_fail_with_the_traceback_kept(app: App) -> None:
-    @app.job(max_retries=0)
-    def broken() -> None:
-        raise KeyError("missing ünïcødé")
-
-    job_id = broken.enqueue()
-    server = fast(app)
-    server.start()
-    try:
-        wait_until(lambda: state_of(app, job_id) == "Failed")
-    finally:
-        server.stop()
-    job = app.storage.get(job_id)
-    assert job.state.exception_type == "KeyError"
-    assert "missing ünïcødé" in job.state.message
-    assert "in broken" in job.state.stack_trace
-    assert job.expires_at is not None and job.expires_at > job.state.failed_at
-
-
-def test_scheduled_job_waits_for_its_time(app: App) -> None:
-    ran: list[datetime] = []
-
-    @app.job
-    def tick() -> None:
-        ran.append(datetime.now(timezone.utc))
-
-    at = datetime.now(timezone.utc) + timedelta(seconds=0.5)
-    job_id = tick.schedule(at=at)
-    assert state_of(app, job_id) == "Scheduled"
-    server = fast(app)
-    server.start()
-    try:
-        wait_until(lambda: state_of(app, job_id) == "Succeeded")
-    finally:
-        server.stop()
-    assert ran[0] >= at
 
 
 def test_schedule_arguments_are_checked(app: App) -> None:

@@ -173,7 +173,8 @@ class RedisStorage(RedisRegistry, RedisConnection, Storage):
         return {i: (n.decode() if isinstance(n, bytes) else n)
                 for i, n in zip(ids, names, strict=True) if n is not None}
 
-    def _fetch(self, ids: Sequence[str]) -> list[Job]:
+    def _fetch(self, ids: Sequence[str], state: str | None = None) -> list[Job]:
+        """The jobs of ``ids`` still stored (and, given ``state``, still in it), in order."""
         def read(_: int) -> list[Any]:
             pipe = self.client.pipeline(transaction=False)
             for job_id in ids:
@@ -181,8 +182,8 @@ class RedisStorage(RedisRegistry, RedisConnection, Storage):
             return pipe.execute()
 
         rows = self._call(read)
-        return [self._decode(job_id, v)[0]
-                for job_id, v in zip(ids, rows, strict=True) if v[11] is not None]
+        return [self._decode(job_id, v)[0] for job_id, v in zip(ids, rows, strict=True)
+                if v[11] is not None and (state is None or v[11] == state)]
 
     def list_jobs(
         self,
@@ -197,7 +198,8 @@ class RedisStorage(RedisRegistry, RedisConnection, Storage):
 
         Pages through the state index (or the index of every job) newest first; with a
         queue or method filter, candidates are checked by their two hash fields before
-        whole jobs are read.
+        whole jobs are read. The index and the jobs are two reads: a job that left
+        ``state`` between them is left out, so every job answered is in ``state``.
         """
         index = self._k(f"state:{state}" if state else "jobs")
         client = self.client
@@ -207,7 +209,7 @@ class RedisStorage(RedisRegistry, RedisConnection, Storage):
             return cast("list[str]", reply)  # without scores, and decoded: the ids
 
         if queue is None and method is None:
-            return self._fetch(page(offset, limit))
+            return self._fetch(page(offset, limit), state)
         wanted: list[str] = []
         start, chunk = 0, 500
         while len(wanted) < offset + limit:
@@ -225,7 +227,7 @@ class RedisStorage(RedisRegistry, RedisConnection, Storage):
                 if (queue is None or q == queue) and (method is None or m == method):
                     wanted.append(job_id)
             start += chunk
-        return self._fetch(wanted[offset:offset + limit])
+        return self._fetch(wanted[offset:offset + limit], state)
 
     def count_jobs(self) -> dict[tuple[str, str], int]:
         """See `Storage.count_jobs`. Reads the ``counts`` hash the scripts keep exact."""
