@@ -169,7 +169,7 @@ def latency(db: str, wakeup: str | None, poll_s: float, n: int) -> tuple[float, 
     """
     client = make_app("c", db, wakeup)
     if wakeup:  # connect the publisher before timing (a first send connects)
-        client._wakeup_publisher().publish(["bench-warm-up"])
+        client.notifier.wakeup_publisher().publish(["bench-warm-up"])
     try:
         return _timed(["--serve", db, wakeup or "", str(poll_s)],
                       lambda i: client.enqueue("stamp", args=[i]), n)

@@ -46,7 +46,7 @@ from qmlkit.processing.pools.threads import ThreadPool
 from qmlkit.processing.processor import JobProcessor
 from qmlkit.processing.watchdog import Watchdog
 from qmlkit.storage.base import ServerInfo, StateChange, Storage, Transition
-from qmlkit.wakeup import RECURRING, SCHEDULED, WakeupListener, WakeupPublisher, connection_for
+from qmlkit.wakeup import RECURRING, SCHEDULED, WakeupListener, WakeupPublisher, resolve_wakeup
 
 if TYPE_CHECKING:
     from qmlkit.recurring import RecurringJob
@@ -72,13 +72,14 @@ class Server:
     Args:
         app: The application whose registered jobs this server runs.
         storage: An opened or unopened storage (opened on ``start()``).
-        config: The configuration.
+        config: The configuration; `config` keeps it with the wake-up URL and exchange
+            in use (``wakeup_url="auto"`` resolved against ``storage``).
         plugin_manager: The manager whose observers and lifecycle hooks are called.
         middleware: The middleware chain, outermost first.
 
     Raises:
-        ConfigurationError: ``config.pool`` is ``"processes"``: that pool is a supervisor
-            of servers, started by ``qmlkit worker --pool processes``.
+        ConfigurationError: ``config.pool`` is ``"processes"`` (a supervisor of servers,
+            started by ``qmlkit worker --pool processes``), or a bad ``wakeup_url``.
     """
 
     def __init__(
@@ -92,7 +93,8 @@ class Server:
     ) -> None:
         self.app = app
         self.storage = storage
-        self.config = config
+        url, exchange = resolve_wakeup(config.wakeup_url, config.wakeup_exchange, storage)
+        self.config = config.model_copy(update={"wakeup_url": url, "wakeup_exchange": exchange})
         self.pm = plugin_manager
         self.middleware = tuple(middleware)
         if config.pool not in POOLS:
@@ -120,8 +122,6 @@ class Server:
         self._observed = bool(self.pm.hook.qmlkit_job_state_changed.get_hookimpls())
         self._publisher: WakeupPublisher | None = None
         self._listener: WakeupListener | None = None
-        if config.wakeup_url:
-            connection_for(config.wakeup_url)  # a bad URL fails now, naming it
         self.processor = JobProcessor(
             lookup=app.registry.get,
             registered=lambda: list(app.registry),
