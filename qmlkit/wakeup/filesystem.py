@@ -41,8 +41,9 @@ from urllib.parse import unquote, urlsplit
 from qmlkit.errors import ConfigurationError
 
 __all__ = ["POLL_INTERVAL_S", "STALE_S", "UPKEEP_S", "FolderWatch", "drain_watching",
-           "filesystem_options", "filesystem_transport", "keep_binding", "prune_filesystem",
-           "take_message", "update_table", "upkeep", "watch_folder"]
+           "filesystem_options", "filesystem_transport", "keep_binding", "make_folders",
+           "prune_filesystem", "put_message", "take_message", "update_table", "upkeep",
+           "watch_folder"]
 
 log = logging.getLogger("qmlkit.wakeup")
 
@@ -196,6 +197,19 @@ def upkeep(options: dict[str, Any], exchange: str, queue: str) -> None:
         log.warning("could not tidy the wake-up folder %s: %s", options["data_folder_in"], exc)
 
 
+def put_message(data: str, queue: str, payload: bytes) -> None:
+    """Write one message of ``queue`` into ``data``: under a name listeners skip, then
+    renamed into place (atomic on POSIX), named so that listing sorts oldest first.
+
+    Raises:
+        OSError: The file cannot be written.
+    """
+    final = os.path.join(data, f"{round(time.monotonic() * 1000)}_{uuid.uuid4()}.{queue}.msg")
+    with open(final + ".tmp", "wb") as f:
+        f.write(payload)
+    os.replace(final + ".tmp", final)
+
+
 def take_message(data: str, taken: str, queue: str) -> bytes | None:
     """Take the oldest message file of ``queue`` from ``data``: rename it into ``taken``
     (the rename is the claim, so one consumer gets each message), read it, delete it.
@@ -264,14 +278,10 @@ def filesystem_transport() -> type:
         # As kombu's filesystem Channel, which already renames its base's ``message``
         # (kombu passes both positionally): no signature can match both.
         def _put(self, queue: str, payload: Any, **kwargs: Any) -> None:  # type: ignore[override]
-            name = f"{round(time.monotonic() * 1000)}_{uuid.uuid4()}.{queue}.msg"
-            final = os.path.join(self.data_folder_out, name)
             try:
-                with open(final + ".tmp", "wb") as f:
-                    f.write(str_to_bytes(dumps(payload)))
-                os.replace(final + ".tmp", final)
+                put_message(self.data_folder_out, queue, str_to_bytes(dumps(payload)))
             except OSError as exc:
-                raise ChannelError(f"Cannot add file {final!r} to directory") from exc
+                raise ChannelError(f"Cannot add a message of {queue!r}: {exc}") from exc
 
         def _get(self, queue: str, timeout: float | None = None) -> Any:
             try:
@@ -305,6 +315,10 @@ def filesystem_transport() -> type:
             else:
                 drain_watching(self, self._watch, timeout)
 
+        def establish_connection(self) -> Any:
+            make_folders(self.client.transport_options)  # type: ignore[union-attr]
+            return super().establish_connection()  # type: ignore[no-untyped-call]
+
         def close_connection(self, connection: Any) -> None:
             if self._watch is not None:
                 self._watch.close()
@@ -313,6 +327,19 @@ def filesystem_transport() -> type:
 
     Transport.Channel = Channel
     return Transport
+
+
+def make_folders(options: dict[str, Any]) -> None:
+    """Create the folders of ``options`` (`filesystem_options`) that are missing: on
+    every (re)connection, so a folder removed under a running server comes back.
+
+    Raises:
+        OSError: A folder cannot be created (the connection attempt fails, to be tried
+            again with backoff; servers poll meanwhile).
+    """
+    for key in ("data_folder_in", "data_folder_out", "processed_folder", "control_folder"):
+        if key in options:
+            os.makedirs(options[key], exist_ok=True)
 
 
 def filesystem_options(url: str, shown: str) -> dict[str, Any]:
@@ -332,13 +359,13 @@ def filesystem_options(url: str, shown: str) -> dict[str, Any]:
             "slashes, e.g. 'filesystem:///var/run/myapp/wakeups' (or 'filesystem://' "
             "for ./qmlkit-wakeup)")
     folder = Path(unquote(parts.path) or "qmlkit-wakeup").expanduser()
+    data = str(folder / "data")
+    options = {"data_folder_in": data, "data_folder_out": data,
+               "processed_folder": str(folder / "taken"),
+               "control_folder": str(folder / "control"), "polling_interval": POLL_INTERVAL_S}
     try:
-        for sub in ("data", "taken", "control"):
-            (folder / sub).mkdir(parents=True, exist_ok=True)
+        make_folders(options)
     except OSError as exc:
         raise ConfigurationError(f"wake-up URL {shown}: cannot use folder {folder}: "
                                  f"{exc}") from exc
-    data = str(folder / "data")
-    return {"data_folder_in": data, "data_folder_out": data,
-            "processed_folder": str(folder / "taken"), "control_folder": str(folder / "control"),
-            "polling_interval": POLL_INTERVAL_S}
+    return options
