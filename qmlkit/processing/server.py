@@ -46,7 +46,8 @@ from qmlkit.processing.pools.threads import ThreadPool
 from qmlkit.processing.processor import JobProcessor
 from qmlkit.processing.watchdog import Watchdog
 from qmlkit.storage.base import ServerInfo, StateChange, Storage, Transition
-from qmlkit.wakeup import RECURRING, SCHEDULED, WakeupListener, WakeupPublisher, resolve_wakeup
+from qmlkit.wakeup import RECURRING, SCHEDULED, WakeupListener, WakeupPublisher
+from qmlkit.wakeup.defaults import open_channel, resolve_wakeup
 
 if TYPE_CHECKING:
     from qmlkit.recurring import RecurringJob
@@ -238,10 +239,8 @@ class Server:
     def _start_wakeups(self) -> None:
         cfg = self.config
         if cfg.wakeup_url:
-            self._publisher = WakeupPublisher(cfg.wakeup_url, cfg.wakeup_exchange)
-            self._listener = WakeupListener(cfg.wakeup_url, self.wake, cfg.wakeup_exchange,
-                                            name=self.server_id or cfg.server_name)
-            self._listener.start()
+            self._publisher, self._listener = open_channel(
+                cfg.wakeup_url, cfg.wakeup_exchange, self.wake, self.server_id or cfg.server_name)
 
     def stop(self, timeout: timedelta | float | None = None) -> None:
         """Stop gracefully: claim nothing more, let running attempts finish, then return.

@@ -35,7 +35,7 @@ offers one (`qmlkit.wakeup.defaults`); ``None`` turns wake-ups off.
 
 from __future__ import annotations
 
-from qmlkit.wakeup.defaults import AUTO, resolve_wakeup, wakeup_setting
+from qmlkit.wakeup.defaults import AUTO, open_channel, resolve_wakeup, wakeup_setting
 from qmlkit.wakeup.filesystem import STALE_S, filesystem_transport, prune_filesystem
 from qmlkit.wakeup.listener import ListenerState, WakeupListener
 from qmlkit.wakeup.publisher import WakeupPublisher
@@ -61,6 +61,6 @@ __all__ = [
     "AUTO", "COALESCE_S", "DEAD_AFTER_S", "DEFAULT_EXCHANGE", "HEARTBEAT_S", "MAX_BACKOFF_S",
     "MIN_BACKOFF_S", "POLL_S", "RECURRING", "SCHEDULED", "SOCKET_TIMEOUT_S", "STALE_S",
     "ListenerState", "WakeupListener", "WakeupPublisher", "connection_for", "exchange_for",
-    "filesystem_transport", "forget_connection", "prune_filesystem", "redis_transport",
-    "register_transports", "resolve_wakeup", "wakeup_setting",
+    "filesystem_transport", "forget_connection", "open_channel", "prune_filesystem",
+    "redis_transport", "register_transports", "resolve_wakeup", "wakeup_setting",
 ]

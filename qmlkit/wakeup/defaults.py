@@ -15,13 +15,16 @@ warning in the second case.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from qmlkit.config import mask_url
 from qmlkit.errors import ConfigurationError
 from qmlkit.storage.capabilities import default_wakeup
+from qmlkit.wakeup.listener import WakeupListener
+from qmlkit.wakeup.publisher import WakeupPublisher
 from qmlkit.wakeup.transports import connection_for
 
-__all__ = ["AUTO", "OFF", "resolve_wakeup", "wakeup_setting"]
+__all__ = ["AUTO", "OFF", "open_channel", "resolve_wakeup", "wakeup_setting"]
 
 log = logging.getLogger("qmlkit.wakeup")
 
@@ -77,3 +80,24 @@ def resolve_wakeup(setting: str | None, exchange: str, storage: object) -> tuple
                     storage, mask_url(offer.url), exc)
         return None, exchange
     return offer.url, (f"{exchange}.{offer.scope}" if offer.scope else exchange)
+
+
+def open_channel(url: str, exchange: str, on_wakeup: Callable[[str | None], None],
+                 name: str) -> tuple[WakeupPublisher | None, WakeupListener | None]:
+    """A server's publisher and started listener on ``url`` (checked when the server
+    was configured).
+
+    A channel that became unusable since (its folder removed and unmakeable, say) is
+    logged and left out: the server then polls, and never fails to start for a hint.
+
+    Returns:
+        ``(publisher, listener)``, or ``(None, None)``.
+    """
+    try:
+        publisher = WakeupPublisher(url, exchange)
+        listener = WakeupListener(url, on_wakeup, exchange, name=name)
+    except ConfigurationError as exc:
+        log.warning("wake-ups off for this server (%s); its workers poll", exc)
+        return None, None
+    listener.start()
+    return publisher, listener

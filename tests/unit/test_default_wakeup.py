@@ -131,3 +131,32 @@ def test_an_unusable_default_channel_is_logged_and_left_to_polling(
 def test_command_line_spellings(text: str, setting: str | None) -> None:
     assert wakeup_setting(text) == setting
 
+
+
+def test_a_server_whose_folder_went_unusable_before_start_still_starts_and_polls(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import shutil
+    from datetime import timedelta
+
+    from qmlkit.testing import wait_until
+
+    app = App("shop", storage=f"sqlite:///{tmp_path / 'a.db'}", autoload=False)
+    done: list[int] = []
+
+    @app.job(name="shop.note")
+    def note(n: int) -> None:
+        done.append(n)
+
+    server = app.server(polling_interval=timedelta(seconds=0.1), log_attempts=False)
+    folder = tmp_path / "a.db-wakeup"
+    shutil.rmtree(folder)  # made when the server was configured; gone, and unmakeable
+    folder.write_text("a file now")
+    with caplog.at_level(logging.WARNING, logger="qmlkit.wakeup"):
+        server.start()
+    try:
+        assert server._listener is None and "wake-ups off for this server" in caplog.text
+        note.enqueue(1)
+        wait_until(lambda: done == [1], timeout=10)
+    finally:
+        server.stop()
+        app.close()
