@@ -1,16 +1,21 @@
 """Wake-ups versus polling: start latency of an idle worker, and idle storage load.
 
-For each storage and wake-up transport (SQLite with ``filesystem://``, and SQLite with
-``redis://`` and ``amqp://`` when those brokers run on 127.0.0.1; PostgreSQL with
-``amqp://`` when qmlkit-postgres is installed and PostgreSQL and RabbitMQ run; Redis with
-``redis://`` when qmlkit-redis is installed), prints:
+For each storage and wake-up transport (each storage at its defaults: SQLite with the
+``filesystem://`` folder beside its file, qmlkit-redis over its own Redis, qmlkit-postgres
+over ``LISTEN/NOTIFY``; and explicit brokers: SQLite with ``filesystem://``, ``redis://``
+and ``amqp://``, Redis with ``redis://``, PostgreSQL with ``amqp://``, when those run on
+127.0.0.1), prints:
 
 * enqueue-to-start latency p50/p99 of an idle worker in its own process (as the peers
   in the project's reference figures were measured), the client in this one:
-  polling interval 5 s with wake-ups, versus the default 1 s polling without;
-* storage queries per second of an idle server with 8 worker threads, both modes.
+  polling interval 5 s with explicit wake-ups, the server's defaults (``qmlkit worker``'s:
+  5 threads, 1 s polling, wake-ups ``auto``) for the default rows, versus 1 s polling
+  without wake-ups;
+* storage queries per second of an idle server with 8 worker threads, both modes;
+* with ``--enqueue N``: one-by-one enqueue rate of a client without and with the default
+  wake-ups (an idle listener in another process hearing them), alternating rounds.
 
-    python bench/wakeups.py [--jobs 100] [--idle-seconds 10]
+    python bench/wakeups.py [--jobs 100] [--idle-seconds 10] [--enqueue 2000]
 
 The polling-only baseline is measured on each storage kind. When Huey is installed
 (``pip install -e '.[bench]'``), Huey 3 on the same Redis (a blocking pop: the fastest
@@ -61,6 +66,8 @@ def serve(db: str, wakeup: str | None, poll_s: float) -> None:
 
     Start times are CLOCK_MONOTONIC nanoseconds, which both processes share on one
     machine. Prints ``ready`` once the server (and its wake-up listener) is up.
+    ``poll_s`` 0 runs the server at its defaults (what ``qmlkit worker APP`` runs:
+    5 worker threads, 1 s polling, attempts logged).
     """
     import sys
 
@@ -72,10 +79,11 @@ def serve(db: str, wakeup: str | None, poll_s: float) -> None:
         sys.stdout.write(f"{i} {now}\n")
         sys.stdout.flush()
 
-    server = worker.server(worker_count=1, log_attempts=False,
-                           polling_interval=timedelta(seconds=poll_s))
+    server = (worker.server() if poll_s <= 0 else
+              worker.server(worker_count=1, log_attempts=False,
+                            polling_interval=timedelta(seconds=poll_s)))
     server.start()
-    if wakeup:
+    if server._listener is not None:
         wait_until(lambda: server._listener.connected.is_set(), timeout=15)
     print("ready", flush=True)
     sys.stdin.read()  # until the parent closes the pipe
@@ -168,8 +176,8 @@ def latency(db: str, wakeup: str | None, poll_s: float, n: int) -> tuple[float, 
     job's start.
     """
     client = make_app("c", db, wakeup)
-    if wakeup:  # connect the publisher before timing (a first send connects)
-        client._wakeup_publisher().publish(["bench-warm-up"])
+    if client.wakeup_url:  # connect the publisher before timing (a first send connects)
+        client.notifier.wakeup_publisher().publish(["bench-warm-up"])
     try:
         return _timed(["--serve", db, wakeup or "", str(poll_s)],
                       lambda i: client.enqueue("stamp", args=[i]), n)
@@ -192,7 +200,7 @@ def idle_queries(db: str, wakeup: str | None, poll_s: float, seconds: float) -> 
     server = app.server(worker_count=8, log_attempts=False,
                         polling_interval=timedelta(seconds=poll_s))
     server.start()
-    if wakeup:
+    if server._listener is not None:
         wait_until(lambda: server._listener.connected.is_set(), timeout=15)
     time.sleep(1.0)  # let start-up queries pass
     counts["n"] = 0
@@ -203,18 +211,95 @@ def idle_queries(db: str, wakeup: str | None, poll_s: float, seconds: float) -> 
     return rate
 
 
-def main() -> None:
+def serve_listener(url: str, exchange: str) -> None:
+    """The process of `enqueue_rate`'s wake-up side: one listener that hears and drops
+    every wake-up (as an idle server's would), until stdin closes."""
+    import sys
+
+    from qmlkit.wakeup import WakeupListener
+
+    listener = WakeupListener(url, lambda queue: None, exchange, name="bench")
+    listener.start()
+    listener.connected.wait(15)
+    print("ready", flush=True)
+    sys.stdin.read()
+    listener.stop()
+
+
+def enqueue_rate(db: str, wakeup: str | None, n: int) -> tuple[float, float]:
+    """``n`` one-by-one enqueues of a client `App`: (enqueues/s, CPU µs per enqueue).
+
+    With wake-ups, an idle listener in another process consumes them meanwhile (on
+    ``filesystem://`` the publisher writes a file per listening queue)."""
+    import subprocess
+    import sys
+
+    app = make_app("e", db, wakeup)
+    app.enqueue("noop", args=[-1])  # open the storage (and the publisher) first
+    if app.wakeup_url:  # its first message sent: the connection is made
+        wait_until(lambda: app.notifier.publisher is not None and app.notifier.publisher.sent,
+                   timeout=15)
+    listener = None
+    if app.wakeup_url:
+        listener = subprocess.Popen(
+            [sys.executable, __file__, "--serve-listener", app.wakeup_url, app.wakeup_exchange],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert listener.stdout is not None and listener.stdout.readline().strip() == "ready"
+    try:
+        t, c = time.perf_counter(), time.process_time()
+        for i in range(n):
+            app.enqueue("noop", args=[i])
+        wall, cpu = time.perf_counter() - t, time.process_time() - c
+    finally:
+        app.close()
+        if listener is not None:
+            assert listener.stdin is not None
+            listener.stdin.close()
+            listener.wait(30)
+    return n / wall, cpu / n * 1e6
+
+
+def enqueue_costs(backends: list[tuple[str, Any]], n: int, rounds: int) -> None:
+    """Print enqueue/s without and with the default wake-ups, alternating, per backend."""
+    import statistics
+
+    print(f"\none-by-one enqueue of {n} jobs, without / with default wake-ups, {rounds} "
+          f"alternating rounds (medians; CPU µs per enqueue in the client process)")
+    for kind, db in backends:
+        off, on, off_cpu, on_cpu = [], [], [], []
+        for _ in range(rounds):
+            rate, cpu = enqueue_rate(db("enq-off"), None, n)
+            off.append(rate)
+            off_cpu.append(cpu)
+            rate, cpu = enqueue_rate(db("enq-on"), "auto", n)
+            on.append(rate)
+            on_cpu.append(cpu)
+        a, b = statistics.median(off), statistics.median(on)
+        print(f"{kind:<12} off {a:8,.0f}/s ({statistics.median(off_cpu):5.0f} µs CPU)   "
+              f"on {b:8,.0f}/s ({statistics.median(on_cpu):5.0f} µs CPU)   "
+              f"cost {100 * (1 - b / a):+5.1f} %   rounds off {[round(x) for x in off]} "
+              f"on {[round(x) for x in on]}")
+
+
+def main() -> None:  # noqa: C901 - one table of rows, each measured the same way
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=100)
     parser.add_argument("--idle-seconds", type=float, default=10.0)
     parser.add_argument("--only", metavar="TEXT",
                         help="only the rows whose label contains TEXT, e.g. 'Redis +'")
+    parser.add_argument("--enqueue", type=int, metavar="N", default=0,
+                        help="also time N one-by-one enqueues with and without wake-ups")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of --enqueue")
     parser.add_argument("--serve-huey", metavar="NAME", help=argparse.SUPPRESS)
+    parser.add_argument("--serve-listener", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--serve", nargs=3, metavar=("DB", "WAKEUP", "POLL_S"),
                         help="internal: run the worker process of the latency figure")
     args = parser.parse_args()
     if args.serve_huey:
         serve_huey(args.serve_huey)
+        return
+    if args.serve_listener:
+        serve_listener(*args.serve_listener)
         return
     if args.serve:
         db, wakeup, poll_s = args.serve
@@ -223,7 +308,7 @@ def main() -> None:
     schemas: list[str] = []
 
     def pg(tag: str) -> str:
-        schemas.append(f"bench_wk_{tag}_{uuid.uuid4().hex[:6]}")
+        schemas.append(f"bench_wk_{tag}_{uuid.uuid4().hex[:6]}".replace("-", "_"))
         return f"postgresql+psycopg://127.0.0.1:5432/test?schema={schemas[-1]}"
 
     prefixes: list[str] = []
@@ -236,38 +321,54 @@ def main() -> None:
         def sqlite(tag: str) -> str:
             return f"sqlite:///{Path(tmp) / f'{tag}-{time.perf_counter_ns()}.db'}"
 
-        transports = [("SQLite", sqlite, "filesystem://", f"filesystem://{Path(tmp) / 'wk'}")]
+        redis_ok = up(6379) and importlib.util.find_spec("qmlkit_redis") is not None
+        pg_ok = up(5432) and importlib.util.find_spec("qmlkit_postgres") is not None
+        # (storage, its URLs, label, wake-up URL, polling interval of the latency worker:
+        # 0 = the server's defaults)
+        rows: list[tuple[str, Any, str, str, float]] = [
+            ("SQLite", sqlite, "defaults (filesystem:// beside the file)", "auto", 0.0),
+            ("SQLite", sqlite, "filesystem://, poll 5 s", f"filesystem://{Path(tmp) / 'wk'}", 5.0)]
         if up(6379):
-            transports.append(("SQLite", sqlite, "redis://", "redis://127.0.0.1:6379/0"))
+            rows.append(("SQLite", sqlite, "redis://, poll 5 s", "redis://127.0.0.1:6379/0", 5.0))
         if up(5672):
-            transports.append(("SQLite", sqlite, "amqp://", "amqp://guest:guest@127.0.0.1:5672//"))
-        if up(6379) and importlib.util.find_spec("qmlkit_redis"):
-            transports.append(("Redis", redis_store, "redis://", "redis://127.0.0.1:6379/0"))
-        if up(5672) and up(5432) and importlib.util.find_spec("qmlkit_postgres"):
-            transports.append(("PostgreSQL", pg, "amqp://",
-                               "amqp://guest:guest@127.0.0.1:5672//"))
+            rows.append(("SQLite", sqlite, "amqp://, poll 5 s",
+                         "amqp://guest:guest@127.0.0.1:5672//", 5.0))
+        if redis_ok:
+            rows.append(("Redis", redis_store, "defaults (its own Redis)", "auto", 0.0))
+            rows.append(("Redis", redis_store, "redis://, poll 5 s", "redis://127.0.0.1:6379/0",
+                         5.0))
+        if pg_ok:
+            rows.append(("PostgreSQL", pg, "defaults (LISTEN/NOTIFY)", "auto", 0.0))
+        if pg_ok and up(5672):
+            rows.append(("PostgreSQL", pg, "amqp://, poll 5 s",
+                         "amqp://guest:guest@127.0.0.1:5672//", 5.0))
         if args.only:
-            transports = [t for t in transports if args.only in f"{t[0]} + {t[2]}"]
-        print(f"qmlkit wake-up bench, {time.strftime('%Y-%m-%d')}; {args.jobs} jobs with "
+            rows = [r for r in rows if args.only in f"{r[0]} + {r[2]}"]
+        print(f"qmlkit wake-up bench, {time.strftime('%Y-%m-%d %H:%M')}; {args.jobs} jobs with "
               f"wake-ups, {max(20, args.jobs // 5)} polling; idle load over "
-              f"{args.idle_seconds:g} s")
+              f"{args.idle_seconds:g} s; load average {os.getloadavg()[0]:.2f}")
         baselines: dict[str, float] = {}
         try:
-            for kind, db, label, url in transports:
+            for kind, db, label, url, poll_s in rows:
                 if kind not in baselines:
                     p50, p99 = latency(db("poll"), None, 1.0, max(20, args.jobs // 5))
                     baselines[kind] = idle_queries(db("idle-poll"), None, 1.0, args.idle_seconds)
-                    print(f"\n{kind + ', polling only, 1 s':<36} latency p50 {p50:8.2f} ms  "
+                    print(f"\n{kind + ', polling only, 1 s':<52} latency p50 {p50:8.2f} ms  "
                           f"p99 {p99:8.2f} ms   idle queries {baselines[kind]:6.2f}/s")
-                w50, w99 = latency(db("wk"), url, 5.0, args.jobs)
-                q = idle_queries(db("idle-wk"), url, 5.0, args.idle_seconds)
-                print(f"{kind + ' + ' + label + ', poll 5 s':<36} latency p50 {w50:8.2f} ms  "
+                w50, w99 = latency(db("wk"), url, poll_s, args.jobs)
+                q = idle_queries(db("idle-wk"), url, poll_s or 1.0, args.idle_seconds)
+                print(f"{kind + ' + ' + label:<52} latency p50 {w50:8.2f} ms  "
                       f"p99 {w99:8.2f} ms   idle queries {q:6.2f}/s "
                       f"({q / baselines[kind]:.2f}x)")
-                if kind == "Redis" and importlib.util.find_spec("huey"):
+                if kind == "Redis" and poll_s and importlib.util.find_spec("huey"):
                     h50, h99 = huey_latency(args.jobs)
-                    print(f"{'Huey 3, Redis, blocking pop':<36} latency p50 {h50:8.2f} ms  "
+                    print(f"{'Huey 3, Redis, blocking pop':<52} latency p50 {h50:8.2f} ms  "
                           f"p99 {h99:8.2f} ms   (qmlkit p50 {w50 / h50:.2f}x Huey's)")
+            if args.enqueue:
+                backends = [("SQLite", sqlite)] + ([("Redis", redis_store)] if redis_ok else [])
+                enqueue_costs(backends + ([("PostgreSQL", pg)] if pg_ok else []), args.enqueue,
+                              args.rounds)
+            print(f"load average at the end {os.getloadavg()[0]:.2f}")
         finally:
             if up(5672):
                 from kombu import Connection, Exchange

@@ -54,7 +54,7 @@ from qmlkit.registry import (
 )
 from qmlkit.storage.base import Storage
 from qmlkit.transactional import Transactional
-from qmlkit.wakeup import WakeupPublisher, connection_for
+from qmlkit.wakeup import AUTO, WakeupPublisher
 
 if TYPE_CHECKING:
     from qmlkit.processing.pools.processes import ProcessPool
@@ -83,10 +83,13 @@ class App(HandleClient, InlineClient, JobManagement, RecurringClient):
         plugins: Extra plugin objects for this app's plugin manager.
         autoload: Load entry-point plugins.
         max_payload_bytes: Override the storage's argument size limit, in bytes.
-        wakeup_url: A kombu URL: after each commit that makes jobs runnable, a wake-up
-            names their queues so idle servers start them at once (`qmlkit.wakeup`).
-            Servers built with `server()` listen on it too. ``None``: servers poll.
-        wakeup_exchange: The fanout exchange's name on that broker.
+        wakeup_url: After each commit that makes jobs runnable, a wake-up names their
+            queues so idle servers (and those of `server()`) start them at once
+            (`qmlkit.wakeup`). ``"auto"`` (default): the storage's own channel, if any
+            (SQLite: a folder beside the file; Redis: its server; PostgreSQL: LISTEN/
+            NOTIFY); a kombu URL: that broker; ``None``: no wake-ups, servers poll.
+        wakeup_exchange: The fanout exchange's name (``"auto"`` appends the storage's
+            scope: ``qmlkit.wakeup.<prefix or schema>``).
         inline: Run every enqueue inline, for a whole test session (see `inline`).
     """
 
@@ -99,13 +102,11 @@ class App(HandleClient, InlineClient, JobManagement, RecurringClient):
         plugins: Iterable[object] = (),
         autoload: bool = True,
         max_payload_bytes: int | None = None,
-        wakeup_url: str | None = None,
+        wakeup_url: str | None = AUTO,
         wakeup_exchange: str = "qmlkit.wakeup",
         inline: bool = False,
     ) -> None:
         self.name = name
-        if wakeup_url:
-            connection_for(wakeup_url)  # a bad URL fails here, naming it
         self.registry: Registry = Registry()
         self._storage_spec = storage
         self.storage_options = dict(storage_options or {})
@@ -118,18 +119,18 @@ class App(HandleClient, InlineClient, JobManagement, RecurringClient):
         self._lock = threading.Lock()
         self._enqueue_mw: list[EnqueueMiddleware] | None = None
         self._notifier = Notifier(lambda: self._pm or self.plugin_manager, wakeup_url=wakeup_url,
-                                  wakeup_exchange=wakeup_exchange)
+                                  wakeup_exchange=wakeup_exchange, storage=lambda: self.storage)
         self._transactional = Transactional(lambda: self.storage, self._notifier)
         self._inline = InlineMode(self, enabled=inline)
 
     @property
     def wakeup_url(self) -> str | None:
-        """The kombu URL wake-ups are published on, or ``None``."""
+        """The URL wake-ups go to, or ``None``; for ``"auto"``, the storage's (opened)."""
         return self._notifier.wakeup_url
 
     @property
     def wakeup_exchange(self) -> str:
-        """The wake-up fanout exchange's name."""
+        """The wake-up fanout exchange's name (for ``"auto"``, with the storage's scope)."""
         return self._notifier.wakeup_exchange
 
     @property
@@ -157,7 +158,8 @@ class App(HandleClient, InlineClient, JobManagement, RecurringClient):
                 ``None`` keeps this app's storage (URL or object).
             options: Backend options for ``storage``. ``None``: this app's options when
                 ``storage`` is ``None``, else none (options belong to a URL).
-            wakeup_url: Wake-up URL of the copy (``None``: poll only); default this app's.
+            wakeup_url: Wake-up setting of the copy (a URL, ``"auto"`` or ``None``);
+                default this app's setting (``"auto"`` then means the new storage's).
             wakeup_exchange: Wake-up exchange of the copy; by default this app's.
 
         Returns:
@@ -170,9 +172,9 @@ class App(HandleClient, InlineClient, JobManagement, RecurringClient):
             options = self.storage_options if storage is None else {}
         clone = App(self.name, storage=self._storage_spec if storage is None else storage,
                     storage_options=options, plugins=self._plugins, autoload=self._autoload,
-                    wakeup_url=self.wakeup_url if wakeup_url is _SAME else wakeup_url,
-                    wakeup_exchange=(self.wakeup_exchange if wakeup_exchange is _SAME
-                                     else wakeup_exchange))
+                    wakeup_url=self._notifier.url_setting if wakeup_url is _SAME else wakeup_url,
+                    wakeup_exchange=(self._notifier.exchange_setting
+                                     if wakeup_exchange is _SAME else wakeup_exchange))
         clone.registry = self.registry
         return clone
 
@@ -478,9 +480,8 @@ class App(HandleClient, InlineClient, JobManagement, RecurringClient):
             storage = self.storage  # share the app's opened storage
         elif not isinstance(storage, Storage):
             raise ConfigurationError(f"unusable storage {storage!r}")
-        if self.wakeup_url and "wakeup_url" not in base:
-            base["wakeup_url"] = self.wakeup_url
-        base.setdefault("wakeup_exchange", self.wakeup_exchange)  # whatever the URL's source
+        base.setdefault("wakeup_url", self._notifier.url_setting)  # "auto": the server's storage
+        base.setdefault("wakeup_exchange", self._notifier.exchange_setting)
         if isinstance(self._storage_spec, str) and "storage_url" not in base:
             base["storage_url"] = self._storage_spec
             base.setdefault("storage_options", self.storage_options)

@@ -19,6 +19,7 @@ from qmlkit.app import App
 from qmlkit.errors import QmlError
 from qmlkit.hookspecs import hookimpl
 from qmlkit.storage.base import Storage
+from qmlkit.wakeup import wakeup_setting
 
 
 def __getattr__(name: str) -> Any:
@@ -264,16 +265,17 @@ def _finite_float(text: str) -> float:
 class WakeupKeywords(TypedDict, total=False):
     """`App.with_storage`'s wake-up keywords; a key left out keeps the app's setting."""
 
-    wakeup_url: str
+    wakeup_url: str | None
     wakeup_exchange: str
 
 
 def given_wakeup(wakeup_url: str | None, wakeup_exchange: str | None) -> WakeupKeywords:
     """The ``--wakeup``/``--wakeup-exchange`` values given, as `App.with_storage` keywords
-    (an option not given keeps the app's setting)."""
+    (an option not given keeps the app's setting; ``--wakeup none`` or ``off`` turns
+    wake-ups off, ``auto`` asks the storage, see `qmlkit.wakeup.wakeup_setting`)."""
     given = WakeupKeywords()
     if wakeup_url:
-        given["wakeup_url"] = wakeup_url
+        given["wakeup_url"] = wakeup_setting(wakeup_url)
     if wakeup_exchange:
         given["wakeup_exchange"] = wakeup_exchange
     return given

@@ -30,8 +30,9 @@ from qmlkit.errors import QmlError
 @click.option("--read-only", envvar="QMLKIT_DASHBOARD_READ_ONLY", is_flag=True,
               help="Hide actions; the API refuses them with 403. [env: QMLKIT_DASHBOARD_READ_ONLY]")
 @click.option("--wakeup", "wakeup_url", envvar="QMLKIT_WAKEUP_URL", default=None, metavar="URL",
-              help="kombu URL whose wake-ups refresh the pages at once, and on which actions "
-              "wake workers; default the app's. [env: QMLKIT_WAKEUP_URL]")
+              help="Wake-ups that refresh the pages at once, and on which actions wake "
+              "workers: 'auto' (the storage's own channel), a kombu URL, or 'none'; default "
+              "the app's. [env: QMLKIT_WAKEUP_URL]")
 @wakeup_exchange_option
 @click.option("--poll-interval", envvar="QMLKIT_DASHBOARD_POLL_INTERVAL",
               type=click.FloatRange(0.05, 10), default=0.5, show_default=True,
@@ -64,8 +65,8 @@ def dashboard(app_spec: str | None, storage: str | None, host: str, port: int, t
     try:
         secret = SecretStr(token) if token else None
         config = DashboardConfig(host=host, port=port, token=secret, read_only=read_only,
-                                 poll_interval_s=poll_interval, dead_server_after_s=dead_after,
-                                 wakeup_url=wakeup_url)
+                                 poll_interval_s=poll_interval, dead_server_after_s=dead_after)
+        # --wakeup went into the app's copy above: the dashboard listens on app.wakeup_url
         config.check_bind()
         require_existing_storage(app)  # it shows and acts on stored jobs: invent no database
         app.storage  # noqa: B018 - open it now: a bad URL fails before the server starts

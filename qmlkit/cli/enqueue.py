@@ -24,7 +24,8 @@ from qmlkit.errors import PayloadError, QmlError
 @click.option("--priority", type=click.IntRange(-(2**31), 2**31 - 1), default=None,
               help="Priority; higher runs first.")
 @click.option("--wakeup", "wakeup_url", envvar="QMLKIT_WAKEUP_URL", default=None, metavar="URL",
-              help="kombu URL to send the wake-up on; default the app's. [env: QMLKIT_WAKEUP_URL]")
+              help="Where the wake-up goes: 'auto' (the storage's own channel), a kombu URL, "
+                   "or 'none'; default the app's. [env: QMLKIT_WAKEUP_URL]")
 @wakeup_exchange_option
 @click.option("--force", is_flag=True,
               help="Enqueue even if APP does not register METHOD (another worker may).")

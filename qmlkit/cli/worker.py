@@ -24,6 +24,7 @@ import click
 from qmlkit.cli.apploading import load_app, wakeup_exchange_option
 from qmlkit.errors import QmlError
 from qmlkit.processing.config import ServerConfig
+from qmlkit.wakeup import wakeup_setting
 
 if TYPE_CHECKING:  # the process pool loads only when ``--pool processes`` asks for it
     from qmlkit.processing.pools.processes import ProcessPool
@@ -155,9 +156,10 @@ FLAGS: tuple[Flag, ...] = (
          seconds, "Seconds between heartbeats."),
     Flag("dead_server_timeout", "--dead-server-timeout", "QMLKIT_DEAD_SERVER_TIMEOUT", SECONDS,
          seconds, "Seconds without a heartbeat before a server's jobs are reclaimed."),
-    Flag("wakeup_url", "--wakeup", "QMLKIT_WAKEUP_URL", str, same,
-         "kombu URL for wake-ups (redis://, amqp://, filesystem:///dir); else poll only.",
-         default_text="the app's", metavar="URL"),
+    Flag("wakeup_url", "--wakeup", "QMLKIT_WAKEUP_URL", str, wakeup_setting,
+         "Wake-ups: 'auto' (the storage's own channel, if it has one), a kombu URL "
+         "(redis://, amqp://, filesystem:///dir), or 'none' to poll only.",
+         default_text="the app's, 'auto' unless it sets one", metavar="URL"),
     Flag("recurring_poll_interval", "--recurring-poll-interval",
          "QMLKIT_RECURRING_POLL_INTERVAL", SECONDS, seconds,
          "Longest wait between looks at recurring templates."),

@@ -24,9 +24,14 @@ class ServerConfig(BaseModel):
     Attributes:
         storage_url: Storage URL, resolved through the ``qmlkit_storage`` hook.
         storage_options: Backend options passed to that hook.
-        wakeup_url: A kombu URL for wake-up messages (`qmlkit.wakeup`), or ``None`` to
-            poll only. With it, ``polling_interval`` can be long without delaying jobs.
+        wakeup_url: Where wake-up messages come from (`qmlkit.wakeup`): ``"auto"`` (the
+            default, qmlkit's addition) for the storage's own channel if it offers one
+            (SQLite: a ``filesystem://`` folder beside the file; qmlkit-redis: its Redis;
+            qmlkit-postgres: ``LISTEN/NOTIFY``), a kombu URL, or ``None`` to poll only.
+            With wake-ups, ``polling_interval`` can be long without delaying jobs. A
+            `Server` keeps the resolved URL in its ``config``.
         wakeup_exchange: The fanout exchange's name; apps sharing a broker use their own.
+            With ``"auto"`` the storage's scope is appended (``qmlkit.wakeup.<prefix>``).
         server_name: Name of this server; default the host name (qml-rs: "qml-server").
         pool: The execution pool (`qmlkit.processing.pools`): ``"threads"`` (worker
             threads, the default: every ``def`` job works as written, nothing to learn),
@@ -96,7 +101,7 @@ class ServerConfig(BaseModel):
 
     storage_url: str = "sqlite:///qmlkit.db"
     storage_options: dict[str, Any] = Field(default_factory=dict)
-    wakeup_url: str | None = None
+    wakeup_url: str | None = "auto"
     wakeup_exchange: str = Field(default="qmlkit.wakeup", min_length=1)
     server_name: str = Field(default_factory=socket.gethostname, min_length=1)
     pool: Literal["threads", "asyncio", "processes"] = "threads"

@@ -46,7 +46,8 @@ from qmlkit.processing.pools.threads import ThreadPool
 from qmlkit.processing.processor import JobProcessor
 from qmlkit.processing.watchdog import Watchdog
 from qmlkit.storage.base import ServerInfo, StateChange, Storage, Transition
-from qmlkit.wakeup import RECURRING, SCHEDULED, WakeupListener, WakeupPublisher, connection_for
+from qmlkit.wakeup import RECURRING, SCHEDULED, WakeupListener, WakeupPublisher
+from qmlkit.wakeup.defaults import open_channel, resolve_wakeup
 
 if TYPE_CHECKING:
     from qmlkit.recurring import RecurringJob
@@ -72,13 +73,14 @@ class Server:
     Args:
         app: The application whose registered jobs this server runs.
         storage: An opened or unopened storage (opened on ``start()``).
-        config: The configuration.
+        config: The configuration; `config` keeps it with the wake-up URL and exchange
+            in use (``wakeup_url="auto"`` resolved against ``storage``).
         plugin_manager: The manager whose observers and lifecycle hooks are called.
         middleware: The middleware chain, outermost first.
 
     Raises:
-        ConfigurationError: ``config.pool`` is ``"processes"``: that pool is a supervisor
-            of servers, started by ``qmlkit worker --pool processes``.
+        ConfigurationError: ``config.pool`` is ``"processes"`` (a supervisor of servers,
+            started by ``qmlkit worker --pool processes``), or a bad ``wakeup_url``.
     """
 
     def __init__(
@@ -92,7 +94,8 @@ class Server:
     ) -> None:
         self.app = app
         self.storage = storage
-        self.config = config
+        url, exchange = resolve_wakeup(config.wakeup_url, config.wakeup_exchange, storage)
+        self.config = config.model_copy(update={"wakeup_url": url, "wakeup_exchange": exchange})
         self.pm = plugin_manager
         self.middleware = tuple(middleware)
         if config.pool not in POOLS:
@@ -120,8 +123,6 @@ class Server:
         self._observed = bool(self.pm.hook.qmlkit_job_state_changed.get_hookimpls())
         self._publisher: WakeupPublisher | None = None
         self._listener: WakeupListener | None = None
-        if config.wakeup_url:
-            connection_for(config.wakeup_url)  # a bad URL fails now, naming it
         self.processor = JobProcessor(
             lookup=app.registry.get,
             registered=lambda: list(app.registry),
@@ -238,10 +239,8 @@ class Server:
     def _start_wakeups(self) -> None:
         cfg = self.config
         if cfg.wakeup_url:
-            self._publisher = WakeupPublisher(cfg.wakeup_url, cfg.wakeup_exchange)
-            self._listener = WakeupListener(cfg.wakeup_url, self.wake, cfg.wakeup_exchange,
-                                            name=self.server_id or cfg.server_name)
-            self._listener.start()
+            self._publisher, self._listener = open_channel(
+                cfg.wakeup_url, cfg.wakeup_exchange, self.wake, self.server_id or cfg.server_name)
 
     def stop(self, timeout: timedelta | float | None = None) -> None:
         """Stop gracefully: claim nothing more, let running attempts finish, then return.

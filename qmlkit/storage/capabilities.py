@@ -4,13 +4,15 @@ methods of `qmlkit.storage.base.Storage` a backend may leave out."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol, TypeGuard, runtime_checkable
 
 from qmlkit.job import Job
 from qmlkit.storage.base import Storage
 
-__all__ = ["OPTIONAL_METHODS", "BatchRead", "TransactionalStorage", "get_many", "is_transactional",
-           "job_states", "supports"]
+__all__ = ["OPTIONAL_METHODS", "BatchRead", "DefaultWakeup", "TransactionalStorage",
+           "WakeupProvider", "default_wakeup", "get_many", "is_transactional", "job_states",
+           "supports"]
 
 
 @runtime_checkable
@@ -115,3 +117,47 @@ def job_states(storage: Storage, job_ids: Sequence[str]) -> dict[str, str]:
     if isinstance(storage, BatchRead):
         return storage.job_states(job_ids)
     return {i: job.state.name for i, job in get_many(storage, job_ids).items()}
+
+
+@dataclass(frozen=True)
+class DefaultWakeup:
+    """The wake-up channel a storage offers when the app names none (`WakeupProvider`).
+
+    Attributes:
+        url: A kombu URL on the storage's own service, e.g. ``"redis://host:6379/0"``,
+            ``"filesystem:///srv/shop.db-wakeup"`` or ``"pgnotify+postgresql://host/db"``.
+        scope: What tells this storage's apps from others on the same service (a Redis
+            key prefix, a PostgreSQL schema); appended to the wake-up exchange's name
+            as ``<exchange>.<scope>``. Empty when the URL is private already (the
+            folder beside one SQLite file).
+    """
+
+    url: str
+    scope: str = ""
+
+
+@runtime_checkable
+class WakeupProvider(Protocol):
+    """A storage that can carry wake-ups itself, so they are on with no configuration.
+
+    An app or server whose ``wakeup_url`` is left at ``"auto"`` (`qmlkit.wakeup.AUTO`)
+    asks its storage for this; an explicit URL wins, and ``None`` turns wake-ups off.
+    SQLite offers a ``filesystem://`` folder beside its file, qmlkit-redis its own
+    Redis, qmlkit-postgres ``LISTEN/NOTIFY`` on its own database. Wake-ups stay hints
+    on a channel of their own: job state is still only in the storage.
+    """
+
+    def default_wakeup(self) -> DefaultWakeup | None:
+        """The channel to use by default, or ``None`` for none (workers then poll).
+
+        Must not open the storage or do I/O: it is called when an app or server is
+        configured.
+        """
+
+
+def default_wakeup(storage: object) -> DefaultWakeup | None:
+    """What ``storage`` offers as its default wake-up channel (`WakeupProvider`), or
+    ``None`` if it offers none (memory storage, a third-party storage without it)."""
+    if isinstance(storage, WakeupProvider):
+        return storage.default_wakeup()
+    return None

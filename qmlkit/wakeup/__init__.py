@@ -24,12 +24,19 @@ long (little storage load while idle) without making jobs wait.
   tells where it is.
 
 Any kombu URL works: ``redis://``, ``amqp://`` (RabbitMQ), ``memory://`` (one
-process), or ``filesystem:///path/to/folder`` (processes on one machine, no server to
-install; the folder is created).
+process), ``filesystem:///path/to/folder`` (processes on one machine, no server to
+install; the folder is created, `qmlkit.wakeup.filesystem`), or a transport declared
+under the ``kombu.transports`` entry points (qmlkit-postgres: ``pgnotify+postgresql://``,
+``LISTEN/NOTIFY``).
+
+By default (``wakeup_url="auto"``, `AUTO`) the storage's own channel is used, when it
+offers one (`qmlkit.wakeup.defaults`); ``None`` turns wake-ups off.
 """
 
 from __future__ import annotations
 
+from qmlkit.wakeup.defaults import AUTO, open_channel, resolve_wakeup, wakeup_setting
+from qmlkit.wakeup.filesystem import STALE_S, filesystem_transport, prune_filesystem
 from qmlkit.wakeup.listener import ListenerState, WakeupListener
 from qmlkit.wakeup.publisher import WakeupPublisher
 from qmlkit.wakeup.transports import (
@@ -43,18 +50,17 @@ from qmlkit.wakeup.transports import (
     RECURRING,
     SCHEDULED,
     SOCKET_TIMEOUT_S,
-    STALE_S,
     connection_for,
     exchange_for,
-    filesystem_transport,
     forget_connection,
-    prune_filesystem,
     redis_transport,
+    register_transports,
 )
 
 __all__ = [
-    "COALESCE_S", "DEAD_AFTER_S", "DEFAULT_EXCHANGE", "HEARTBEAT_S", "MAX_BACKOFF_S",
+    "AUTO", "COALESCE_S", "DEAD_AFTER_S", "DEFAULT_EXCHANGE", "HEARTBEAT_S", "MAX_BACKOFF_S",
     "MIN_BACKOFF_S", "POLL_S", "RECURRING", "SCHEDULED", "SOCKET_TIMEOUT_S", "STALE_S",
     "ListenerState", "WakeupListener", "WakeupPublisher", "connection_for", "exchange_for",
-    "filesystem_transport", "forget_connection", "prune_filesystem", "redis_transport",
+    "filesystem_transport", "forget_connection", "open_channel", "prune_filesystem",
+    "redis_transport", "register_transports", "resolve_wakeup", "wakeup_setting",
 ]

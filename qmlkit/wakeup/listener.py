@@ -10,11 +10,11 @@ import time
 import uuid
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 from qmlkit.backoff import Backoff
 from qmlkit.config import mask_url
+from qmlkit.wakeup.filesystem import UPKEEP_S, upkeep
 from qmlkit.wakeup.transports import (
     DEAD_AFTER_S,
     DEFAULT_EXCHANGE,
@@ -25,7 +25,6 @@ from qmlkit.wakeup.transports import (
     connection_for,
     exchange_for,
     forget_connection,
-    prune_filesystem,
 )
 
 if TYPE_CHECKING:  # kombu itself loads when a listener is made (a wake-up URL is set)
@@ -159,6 +158,7 @@ class WakeupListener:
         self._state_since = datetime.now(timezone.utc)
         self._last_seen: datetime | None = None
         self._thread = threading.Thread(target=self._run, name="qmlkit-wakeup-listen", daemon=True)
+        self._upkept = time.monotonic()  # the last filesystem upkeep
 
     @property
     def state(self) -> ListenerState:
@@ -185,10 +185,16 @@ class WakeupListener:
 
     def start(self) -> None:
         """Start the consumer thread (pruning a filesystem folder's stale leftovers)."""
+        self._upkeep()
+        self._thread.start()
+
+    def _upkeep(self) -> None:
+        """On a filesystem folder: prune what crashed listeners left, and keep this
+        listener's binding (`qmlkit.wakeup.filesystem.upkeep`); elsewhere nothing."""
         options = self._conn.transport_options or {}
         if "control_folder" in options:
-            prune_filesystem(Path(options["data_folder_in"]), Path(options["control_folder"]))
-        self._thread.start()
+            upkeep(options, self._exchange.name, self._queue.name)
+            self._upkept = time.monotonic()
 
     def _handle(self, body: Any, message: Any) -> None:
         self._last_seen = datetime.now(timezone.utc)
@@ -277,6 +283,9 @@ class WakeupListener:
                 backoff.reset()
                 log.info("wake-up listener consuming from %s (state consuming)",
                          mask_url(self.url))
+            if now - self._upkept > UPKEEP_S:
+                self._upkept = now
+                self._upkeep()
             try:
                 conn.drain_events(timeout=POLL_S if ready else 0.02)
             except TimeoutError:

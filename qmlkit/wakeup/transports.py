@@ -7,16 +7,14 @@ module: a process that configures no wake-up URL never loads it."""
 from __future__ import annotations
 
 import functools
-import json
+import importlib.metadata
 import logging
-import time
-import uuid
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from qmlkit.config import mask_url
 from qmlkit.errors import ConfigurationError
+from qmlkit.wakeup.filesystem import filesystem_options, filesystem_transport
 
 if TYPE_CHECKING:
     from kombu.connection import Connection
@@ -89,42 +87,6 @@ def redis_transport() -> type:
     return Transport
 
 
-@functools.cache
-def filesystem_transport() -> type:
-    """kombu's filesystem transport, writing each message file atomically.
-
-    kombu 5.7 creates the message file under its final name and then writes it, so a
-    listener that lists the folder in between reads an empty file, and the wake-up
-    becomes an unreadable message. Here the file is written under a name listeners
-    skip (``….msg.tmp``) and renamed into place, which POSIX makes atomic.
-    """
-    import os
-
-    from kombu.exceptions import ChannelError
-    from kombu.transport import filesystem as kombu_fs
-    from kombu.utils.encoding import str_to_bytes
-    from kombu.utils.json import dumps
-
-    class Channel(kombu_fs.Channel):
-        # As kombu's filesystem Channel, which already renames its base's ``message``
-        # (kombu passes both positionally): no signature can match both.
-        def _put(self, queue: str, payload: Any, **kwargs: Any) -> None:  # type: ignore[override]
-            name = f"{round(time.monotonic() * 1000)}_{uuid.uuid4()}.{queue}.msg"
-            final = os.path.join(self.data_folder_out, name)
-            try:
-                with open(final + ".tmp", "wb") as f:
-                    f.write(str_to_bytes(dumps(payload)))
-                os.replace(final + ".tmp", final)
-            except OSError as exc:
-                raise ChannelError(f"Cannot add file {final!r} to directory") from exc
-
-    class Transport(kombu_fs.Transport):
-        pass
-
-    Transport.Channel = Channel
-    return Transport
-
-
 def check_url(url: str, shown: str) -> str:
     """Check a wake-up URL's form; return its scheme, lower-cased.
 
@@ -155,37 +117,32 @@ def check_url(url: str, shown: str) -> str:
     return scheme
 
 
-def filesystem_options(url: str, shown: str) -> dict[str, Any]:
-    """kombu transport options for a ``filesystem://`` URL, creating its folders.
+@functools.cache
+def register_transports() -> dict[str, str]:
+    """Add the kombu transports that installed packages declare under the entry-point
+    group ``kombu.transports`` (``name = "module:Transport"``) to kombu's
+    ``TRANSPORT_ALIASES``, without importing them (kombu has no such group of its own).
+    qmlkit-postgres declares ``pgnotify`` there. Names kombu knows already are kept.
 
-    Raises:
-        ConfigurationError: The folder is not an absolute path, or cannot be created.
+    Returns:
+        The aliases added, ``{name: "module:Class"}``.
     """
-    parts = urlsplit(url)
-    if parts.netloc or parts.path == "/":
-        raise ConfigurationError(
-            f"wake-up URL {shown}: give the folder as an absolute path after three "
-            "slashes, e.g. 'filesystem:///var/run/myapp/wakeups' (or 'filesystem://' "
-            "for ./qmlkit-wakeup)")
-    folder = Path(parts.path or "qmlkit-wakeup").expanduser()
-    try:
-        for sub in ("data", "control"):
-            (folder / sub).mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigurationError(f"wake-up URL {shown}: cannot use folder {folder}: "
-                                 f"{exc}") from exc
-    # The filesystem transport finds messages by listing its folder: every 2 ms
-    # (kombu's default is 1 s, which would make wake-ups slower than polling).
-    data = str(folder / "data")
-    return {"data_folder_in": data, "data_folder_out": data,
-            "control_folder": str(folder / "control"), "polling_interval": 0.002}
+    from kombu.transport import TRANSPORT_ALIASES
+
+    added = {}
+    for entry in importlib.metadata.entry_points(group="kombu.transports"):
+        if entry.name not in TRANSPORT_ALIASES:
+            TRANSPORT_ALIASES[entry.name] = added[entry.name] = entry.value
+    return added
 
 
 def connection_for(url: str) -> Connection:
     """Return a kombu connection for a wake-up URL, checking it first.
 
-    ``filesystem:///folder`` becomes kombu's filesystem transport with its data and
-    control folders inside ``folder`` (default ``./qmlkit-wakeup``).
+    ``filesystem:///folder`` becomes qmlkit's filesystem transport
+    (`qmlkit.wakeup.filesystem`) with its folders inside ``folder`` (default
+    ``./qmlkit-wakeup``). Transports declared under the ``kombu.transports`` entry
+    points are known too (`register_transports`), e.g. ``pgnotify+postgresql://``.
 
     Raises:
         ConfigurationError: The URL is not ``scheme://…`` (a typo such as
@@ -198,8 +155,9 @@ def connection_for(url: str) -> Connection:
 
     shown = repr(mask_url(url))
     scheme = check_url(url, shown)
+    register_transports()
     options: dict[str, Any] = filesystem_options(url, shown) if scheme == "filesystem" else {}
-    if scheme in ("redis", "rediss"):
+    if scheme in ("redis", "rediss", "redis+socket"):
         # Without a read timeout, a broker that accepts and then never answers (paused,
         # or plain Redis behind rediss://) would hang a send, a TLS handshake or stop().
         options = {"socket_timeout": SOCKET_TIMEOUT_S, "socket_connect_timeout": 2.0}
@@ -226,47 +184,6 @@ def connection_for(url: str) -> Connection:
         raise ConfigurationError(f"wake-up URL {shown} names no usable kombu transport: "
                                  f"{exc}") from exc
     return conn
-
-
-#: Wake-up files older than this are useless (a poll has found their jobs since).
-STALE_S = 60.0
-
-
-def prune_filesystem(data: Path, control: Path) -> int:
-    """Remove what crashed listeners left in a filesystem wake-up folder.
-
-    kombu's filesystem transport keeps a binding per listener queue and writes every
-    message once per binding; a listener that died without deleting its queue leaves a
-    binding that collects files forever. Messages older than ``STALE_S`` are deleted,
-    and the bindings of queues that had such stale messages (no one consumes them) are
-    dropped.
-
-    Returns:
-        How many stale message files were removed.
-    """
-    cutoff = time.time() - STALE_S
-    dead: set[str] = set()
-    removed = 0
-    for path in [*data.glob("*.msg"), *data.glob("*.msg.tmp")]:
-        try:
-            if path.stat().st_mtime < cutoff:
-                if path.suffix == ".msg":  # not a half-written file of a crashed writer
-                    dead.add(path.name.partition(".")[2].removesuffix(".msg"))
-                path.unlink()
-                removed += 1
-        except OSError:
-            continue  # consumed meanwhile
-    for table in control.glob("*.exchange"):
-        try:
-            bindings = json.loads(table.read_text() or "[]")
-            kept = [b for b in bindings if not (isinstance(b, list) and b and b[-1] in dead)]
-            if len(kept) != len(bindings):
-                table.write_text(json.dumps(kept))
-        except (OSError, ValueError):
-            continue
-    if removed:
-        log.info("removed %d stale wake-up file(s) from %s", removed, data)
-    return removed
 
 
 def exchange_for(name: str) -> Exchange:

@@ -166,8 +166,9 @@ def test_events_plugin_pushes_outcomes_from_another_app(
 
 
 def test_events_plugin_is_quiet_without_a_wakeup_url(app: App) -> None:
-    # A server without a broker opens no publisher, and its jobs still run
-    other = App("workers", storage=app._storage_spec, autoload=False, plugins=[events])
+    # A server with wake-ups off opens no publisher, and its jobs still run
+    other = App("workers", storage=app._storage_spec, autoload=False, plugins=[events],
+                wakeup_url=None)
 
     @other.job(name="quiet.job")
     def quiet() -> int:

@@ -18,7 +18,9 @@ def test_the_copy_has_the_same_jobs_on_another_storage(tmp_path: Path) -> None:
     copy = app.with_storage(f"sqlite:///{tmp_path / 'b.db'}")
     try:
         assert copy is not app and copy.name == "shop" and copy.registry is app.registry
-        assert copy.wakeup_exchange == "shop.wakeup" and copy.wakeup_url is None
+        # "auto" (the default) follows the copy to its storage: the folder beside b.db
+        assert copy.wakeup_exchange == "shop.wakeup"
+        assert copy.wakeup_url == f"filesystem://{tmp_path / 'b.db'}-wakeup"
         job_id = copy.enqueue("shop.bill", args=[3])
         assert copy.storage.get(job_id) is not None
         assert app.storage.get(job_id) is None  # the original's storage is untouched
@@ -39,7 +41,8 @@ def test_none_keeps_the_storage_and_its_options_and_overrides_the_wakeups(
     try:
         assert same.storage_options == {"max_payload_bytes": 1234}
         assert (same.wakeup_url, same.wakeup_exchange) == ("memory://", "other")
-        assert app.wakeup_url is None and app.wakeup_exchange == "qmlkit.wakeup"
+        assert app.wakeup_url == f"filesystem://{tmp_path / 'a.db'}-wakeup"
+        assert app.wakeup_exchange == "qmlkit.wakeup"
         assert elsewhere.storage_options == {}  # options belong to a URL
         assert given.storage_options == {"max_payload_bytes": 99}
         job_id = app.enqueue("x.job", args=[1])

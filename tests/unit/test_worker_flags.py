@@ -70,3 +70,20 @@ def test_process_pool_flags_without_the_process_pool_are_refused(args, env) -> N
     assert result.exit_code == 2, result.output
     assert "only apply to the process pool" in result.output
     assert "--pool processes" in result.output
+
+
+@pytest.mark.parametrize(("args", "env", "expected"), [
+    (["--wakeup", "none"], {}, None),
+    (["--wakeup", "OFF"], {}, None),
+    ([], {"QMLKIT_WAKEUP_URL": "none"}, None),
+    (["--wakeup", "auto"], {}, "auto"),
+    ([], {"QMLKIT_WAKEUP_URL": "redis://127.0.0.1:6379/0"}, "redis://127.0.0.1:6379/0"),
+])
+def test_wakeup_flag_turns_wakeups_off_keeps_auto_or_names_a_url(args, env, expected) -> None:
+    result = CliRunner().invoke(show, args, env=env)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output) == {"wakeup_url": expected}
+
+
+def test_no_wakeup_flag_leaves_the_apps_setting() -> None:
+    assert json.loads(CliRunner().invoke(show, [], env={"QMLKIT_WAKEUP_URL": None}).output) == {}

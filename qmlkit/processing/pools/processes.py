@@ -150,8 +150,8 @@ class ProcessPool:
         opening any storage in this process.
 
         Args:
-            app: The app (``storage_spec``, ``storage_options``, ``wakeup_url``,
-                ``wakeup_exchange``, ``plugin_manager``, ``registry``).
+            app: The app (``storage_spec``, ``storage_options``, ``notifier`` (its
+                wake-up settings), ``plugin_manager``, ``registry``).
             fields: ``ServerConfig`` fields; the app's storage URL and wake-up settings
                 fill those not given.
 
@@ -167,9 +167,8 @@ class ProcessPool:
                     f"open, not the object {app.storage_spec!r}")
             base["storage_url"] = app.storage_spec
             base.setdefault("storage_options", app.storage_options)
-        if app.wakeup_url and "wakeup_url" not in base:
-            base["wakeup_url"] = app.wakeup_url
-        base.setdefault("wakeup_exchange", app.wakeup_exchange)
+        base.setdefault("wakeup_url", app.notifier.url_setting)  # each child resolves "auto"
+        base.setdefault("wakeup_exchange", app.notifier.exchange_setting)
         try:
             config = ServerConfig(**base)
         except ValueError as exc:

@@ -44,6 +44,7 @@ import qmlkit.storage.sql.portable as portable
 from qmlkit.errors import StaleClaim
 from qmlkit.job import Job, JobState
 from qmlkit.storage.base import StateChange, Transition
+from qmlkit.storage.capabilities import DefaultWakeup
 from qmlkit.storage.sql.executor import as_tuple
 from qmlkit.storage.sql.schema import INSERT_COLUMNS
 
@@ -72,6 +73,12 @@ class SQLDialect(abc.ABC):
     newline_sql = "chr(10)"
 
     # --- primitives ----------------------------------------------------------------
+
+    def default_wakeup(self, url: sa.URL) -> DefaultWakeup | None:
+        """The wake-up channel this database offers by default (see
+        `qmlkit.storage.capabilities.WakeupProvider`); ``None`` here: none. Called with
+        the storage closed; does no I/O."""
+        return None
 
     def check_url(self, url: sa.URL, text: str) -> None:  # noqa: B027 - optional, no-op
         """Refuse a URL this dialect cannot use; called by ``SQLStorage.__init__``.

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 import sqlalchemy as sa
 import sqlalchemy.dialects.sqlite
@@ -22,6 +23,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import OperationalError
 
 from qmlkit.errors import ConfigurationError
+from qmlkit.storage.capabilities import DefaultWakeup
 from qmlkit.storage.sql.dialect import SQLDialect
 from qmlkit.storage.sql.schema import INSERT_COLUMNS, add_missing_columns
 
@@ -63,6 +65,13 @@ class SQLiteDialect(SQLDialect):
                 f"SQLite storage {text!r}: directory {str(parent)!r} does not exist; "
                 "create it or choose another path"
             )
+
+    def default_wakeup(self, url: sa.URL) -> DefaultWakeup | None:
+        """``filesystem://`` wake-ups in the folder ``<file>-wakeup`` beside the database
+        file (as SQLite keeps ``<file>-wal`` there): every process on this machine that
+        opens the same file uses the same folder, and nothing is installed or run."""
+        folder = f"{Path(url.database or '').expanduser().resolve()}-wakeup"
+        return DefaultWakeup(f"filesystem://{quote(folder, safe='/')}")
 
     def create_engines(self, url: sa.URL, *, pool_size: int,
                        engine_options: Mapping[str, Any]) -> tuple[Engine, Engine | None]:

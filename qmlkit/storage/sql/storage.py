@@ -30,6 +30,7 @@ from qmlkit.errors import (
 from qmlkit.job import Job, JobState
 from qmlkit.limits import storable_id
 from qmlkit.storage.base import STATS_RETENTION, StateChange, Storage, Transition, minute_of
+from qmlkit.storage.capabilities import DefaultWakeup
 from qmlkit.storage.codec import (
     decode_history,
     decode_job,
@@ -139,6 +140,11 @@ class SQLStorage(SQLBatchRead, SQLRegistry, Storage):
             ConfigurationError: An unknown option, named, or a bad URL.
         """
         return cls(url, **SQLOptions.parse(options).given())
+
+    def default_wakeup(self) -> DefaultWakeup | None:
+        """See `qmlkit.storage.capabilities.WakeupProvider`: what the dialect offers
+        (SQLite: a ``filesystem://`` folder beside the file)."""
+        return self.dialect.default_wakeup(self.sa_url)
 
     # --- lifecycle -------------------------------------------------------------------
 

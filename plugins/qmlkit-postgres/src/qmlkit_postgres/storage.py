@@ -22,6 +22,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 import qmlkit_postgres.migrations as migrations
 from qmlkit.errors import ConfigurationError, DuplicateJob, StorageUnavailable
 from qmlkit.job import Job
+from qmlkit.storage.capabilities import DefaultWakeup
 from qmlkit.storage.options import StorageOptions
 from qmlkit.storage.sql import SQLStorage
 from qmlkit_postgres.connections import PRE_PING_AFTER_IDLE_S, first_line
@@ -148,6 +149,19 @@ class PostgresStorage(SQLStorage):
     @auto_migrate.setter
     def auto_migrate(self, value: bool) -> None:
         self.dialect.auto_migrate = value
+
+    def default_wakeup(self) -> DefaultWakeup:
+        """Wake-ups over ``LISTEN/NOTIFY`` on this storage's own database, through the
+        kombu transport of `qmlkit_postgres.wakeup` (a connection of their own, no
+        table), on an exchange of this schema's own (see
+        `qmlkit.storage.capabilities.WakeupProvider`).
+
+        Returns:
+            ``pgnotify+postgresql://`` with this storage's host, port, database,
+            credentials and driver parameters; the schema as the scope.
+        """
+        url = self.sa_url.set(drivername="postgresql").render_as_string(hide_password=False)
+        return DefaultWakeup(f"pgnotify+{url}", scope=self.schema)
 
     def __repr__(self) -> str:
         """``PostgresStorage(host:port/database, schema='name')``, never the password."""

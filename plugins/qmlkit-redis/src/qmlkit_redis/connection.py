@@ -34,6 +34,7 @@ from qmlkit.job import Job
 from qmlkit.storage.base import (
     StateChange,
 )
+from qmlkit.storage.capabilities import DefaultWakeup
 from qmlkit.storage.codec import (
     check_utf8,
     decode_job,
@@ -120,6 +121,25 @@ class RedisConnection:
         self._pending_claims: dict[tuple[str, str], list[Any]] = {}
         self._where = "?"
 
+
+    def default_wakeup(self) -> DefaultWakeup:
+        """Wake-ups over this storage's own Redis (kombu's Redis transport: publish/
+        subscribe, no keys), on an exchange of this prefix's own (see
+        `qmlkit.storage.capabilities.WakeupProvider`).
+
+        Returns:
+            The URL (``redis://`` or ``rediss://`` with the same host, port, database,
+            credentials and ``ssl_*`` parameters; ``redis+socket:///path`` for a unix
+            socket) and the key prefix as the scope.
+        """
+        parts = urlsplit(self._redis_url)
+        if parts.scheme == "unix":
+            return DefaultWakeup(f"redis+socket://{parts.path}", scope=self.prefix)
+        ssl = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True)
+               if k.startswith("ssl_")]  # kombu reads these; other redis-py ones it refuses
+        query = f"?{urlencode(ssl)}" if ssl else ""
+        return DefaultWakeup(f"{parts.scheme}://{parts.netloc}{parts.path}{query}",
+                             scope=self.prefix)
 
     # --- lifecycle -------------------------------------------------------------------
 
