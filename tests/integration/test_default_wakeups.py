@@ -9,7 +9,6 @@ generous deadlines, not speed tests (bench/wakeups.py measures).
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -153,8 +152,17 @@ def test_sqlite_folder_gone_unusable_costs_no_job_and_comes_back(sqlite_url: str
     folder = Path(sqlite_url.removeprefix("sqlite:///") + "-wakeup")
 
     def break_channel() -> None:  # the folder replaced by a file: it cannot be re-made
-        shutil.rmtree(folder)
-        folder.write_text("not a folder")
+        blocker = folder.with_name("blocker")
+        blocker.write_text("not a folder")
+        for n in range(100):  # a listener reconnecting may re-make it meanwhile: again
+            if folder.is_dir():
+                folder.rename(folder.with_name(f"gone-{n}"))  # whatever is written in it
+            try:
+                os.rename(blocker, folder)
+                return
+            except OSError:
+                continue
+        raise AssertionError("the wake-up folder kept coming back")
 
     def mend_channel() -> None:  # the listener re-makes the folder when it reconnects
         folder.unlink()
