@@ -1,8 +1,7 @@
 """``App``: the client API (make, enqueue, schedule, retry, delete, recurring) and ``server()``.
 
-The job registry lives in `qmlkit.registry`, the after-commit fan-out in
-`qmlkit.notify`, transactional enqueue in `qmlkit.transactional`; ``qmlkit.app``
-re-exports everything here.
+The registry is `qmlkit.registry`, the after-commit fan-out `qmlkit.notify`, transactional
+enqueue `qmlkit.transactional`; ``qmlkit.app`` re-exports everything here.
 
 ::
 

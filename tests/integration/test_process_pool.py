@@ -360,7 +360,7 @@ def test_cli_parent_and_child_log_lines_share_one_format(sqlite_app: PoolApp) ->
     try:
         wait_until(lambda: len(sqlite_app.app.storage.list_servers()) == 2, timeout=60)
         proc.send_signal(signal.SIGTERM)
-        code, out = _finish(proc)
+        code, out = _finish(sqlite_app, proc)
     finally:
         if proc.poll() is None:
             proc.kill()
