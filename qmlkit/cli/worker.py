@@ -23,6 +23,7 @@ import click
 
 from qmlkit.cli.apploading import load_app, wakeup_exchange_option
 from qmlkit.errors import QmlError
+from qmlkit.gcpause import freeze_startup_heap
 from qmlkit.processing.config import ServerConfig
 from qmlkit.wakeup import wakeup_setting
 
@@ -298,6 +299,10 @@ def run_until_signalled(server: Server | ProcessPool) -> bool:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    from qmlkit.processing.server import Server  # loaded already: `server` exists
+
+    if isinstance(server, Server):  # it runs jobs here (a process pool's parent runs
+        freeze_startup_heap()  # none; each of its children freezes its own heap)
     try:
         server.start()
     except QmlError as exc:

@@ -17,22 +17,32 @@ transaction.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import timedelta
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from qmlkit.errors import JobTimeout, PayloadError, UnknownJobName
 from qmlkit.job import Job, encode_json
 from qmlkit.processing import outcome
 from qmlkit.processing.context import JobContext, reset_current, set_current
-from qmlkit.processing.middleware import Middleware, async_form, compose, compose_async
+from qmlkit.processing.middleware import (
+    LoggingMiddleware,
+    Middleware,
+    async_form,
+    compose,
+    compose_async,
+)
 from qmlkit.processing.outcome import describe_exception
 from qmlkit.processing.retry import RetryPolicy
 from qmlkit.storage.base import Transition
+
+if TYPE_CHECKING:
+    from qmlkit.processing.watchdog import Watchdog
 
 __all__ = ["JobProcessor", "Offload", "Runnable", "describe_exception", "is_async_runnable"]
 
@@ -108,7 +118,17 @@ class JobProcessor:
         self.registered = registered
         self.retry_policy = retry_policy
         self.middleware = tuple(middleware)
-        self._async_forms = tuple(async_form(m) for m in self.middleware)
+        # The outermost built-in logging middleware run inline (`_log_attempt`), not as
+        # a layer of the chain: the same lines, without a closure and a coroutine frame
+        # per attempt and layer. Only exact `LoggingMiddleware` instances: a subclass may
+        # override `__call__`.
+        lead = 0
+        while lead < len(self.middleware) and type(self.middleware[lead]) is LoggingMiddleware:
+            lead += 1
+        self._logging: tuple[LoggingMiddleware, ...] = tuple(
+            m for m in self.middleware[:lead] if isinstance(m, LoggingMiddleware))
+        self._chain = self.middleware[lead:]
+        self._async_forms = tuple(async_form(m) for m in self._chain)
         self._on_loop: dict[int, tuple[object, bool]] = {}  # id(runnable) -> (it, async?)
         self.job_timeout = job_timeout
         self.succeeded_ttl = succeeded_ttl
@@ -161,7 +181,13 @@ class JobProcessor:
         loop: asyncio.AbstractEventLoop | None,
     ) -> Any:
         token = set_current(context)
+        start, logged = time.perf_counter(), "ok"
         try:
+            if not self._chain:  # the default: nothing to wrap but the inline logging
+                result = runnable.execute(job, context)
+                if asyncio.iscoroutine(result):
+                    result = self._await(result, job, context, loop)
+                return _Encoded(self._encode_result(result))
 
             encoded: list[Any] = []
 
@@ -173,12 +199,22 @@ class JobProcessor:
                 encoded.append((result, self._encode_result(result)))
                 return result
 
-            result = compose(self.middleware, job, context, invoke)
+            result = compose(self._chain, job, context, invoke)
             if encoded and encoded[0][0] is result:
                 return _Encoded(encoded[0][1])
             return result  # a middleware's own result: encoded by the caller
+        except BaseException as exc:
+            logged = type(exc).__name__
+            raise
         finally:
+            if self._logging:
+                self._log_attempt(job, context, start, logged)
             reset_current(token)
+
+    def _log_attempt(self, job: Job, context: JobContext, start: float, outcome: str) -> None:
+        """What each inline `LoggingMiddleware` logs, innermost first (as nested ones)."""
+        for middleware in reversed(self._logging):
+            middleware.log_attempt(job, context, start, outcome)
 
     def _await(
         self, coro: Any, job: Job, context: JobContext, loop: asyncio.AbstractEventLoop | None
@@ -197,19 +233,23 @@ class JobProcessor:
             if own:
                 run_on.close()
 
-    async def run_async(self, job: Job, context: JobContext, offload: Offload) -> Transition:
+    async def run_async(self, job: Job, context: JobContext, offload: Offload,
+                        watchdog: Watchdog | None = None) -> Transition:
         """Run one attempt of ``job`` on the running event loop (the asyncio pool).
 
         As `run`, but the middleware chain is awaited (`compose_async`): an ``async
-        def`` job runs as part of this task, under ``asyncio.wait_for`` with its timeout
-        (a timeout cancels it and ends the attempt with ``JobTimeout``); a ``def`` job
-        runs through ``offload`` and, like in the thread pool, is only told of its
-        timeout through ``context.cancelled``.
+        def`` job runs as part of this task, and its timeout cancels it (the task is
+        cancelled, and the attempt ends with ``JobTimeout`` following the retry policy);
+        a ``def`` job runs through ``offload`` and, as in the thread pool, is only told of
+        its timeout through ``context.cancelled``.
 
         Args:
             job: The claimed job (Processing).
             context: Its context.
             offload: Runs a ``def`` job's call on an executor thread.
+            watchdog: Enforces the timeout: it sets ``context.cancelled`` at the deadline
+                and, for an ``async def`` job, cancels this task. ``None``: an
+                ``asyncio.timeout`` of the attempt's own does it (a timer per attempt).
 
         Returns:
             The transition to store. Never raises for a failure of the job.
@@ -219,51 +259,90 @@ class JobProcessor:
         """
         runnable = self.lookup(job.method)
         start = time.perf_counter()
+        timeout = self.timeout_for(job)
+        watched = False
         try:
             if runnable is None:
                 raise UnknownJobName(job.method, self.registered())
-            result = await self._call_async(runnable, job, context, offload)
+            on_loop = self._runs_on_loop(runnable)
+            if watchdog is not None and timeout is not None:
+                watchdog.watch(context, timeout,
+                               _task_canceller(context) if on_loop else None)
+                watched = True
+            result = await self._call_async(runnable, job, context, offload, on_loop,
+                                            timer=not watched)
             if context.timed_out:
-                raise JobTimeout(self.timeout_for(job) or 0.0)
+                raise JobTimeout(timeout or 0.0)
             stored = result.value if isinstance(result, _Encoded) else self._encode_result(result)
         except asyncio.CancelledError:
             if not context.timed_out:
                 raise  # the pool is aborting: the server released the job already
-            return self._failure(job, JobTimeout(self.timeout_for(job) or 0.0), runnable)
+            _uncancel()
+            return self._failure(job, JobTimeout(timeout or 0.0), runnable)
         except BaseException as exc:  # every failure of a job is recorded
             if context.timed_out and not isinstance(exc, JobTimeout):
-                exc = JobTimeout(self.timeout_for(job) or 0.0)
+                exc = JobTimeout(timeout or 0.0)
             return self._failure(job, exc, runnable)
+        finally:
+            if watched:
+                assert watchdog is not None
+                watchdog.done(context)
         duration_ms = (time.perf_counter() - start) * 1000
         return outcome.succeeded(job, stored, duration_ms, ttl=self.succeeded_ttl)
 
+    def _runs_on_loop(self, runnable: Runnable) -> bool:
+        """Whether ``runnable`` is ``async def`` (`is_async_runnable`), remembered."""
+        known = self._on_loop.get(id(runnable))
+        if known is None or known[0] is not runnable:
+            known = self._on_loop[id(runnable)] = (runnable, is_async_runnable(runnable))
+        return known[1]
+
     async def _call_async(self, runnable: Runnable, job: Job, context: JobContext,
-                          offload: Offload) -> Any:
+                          offload: Offload, on_loop: bool, *, timer: bool) -> Any:
         token = set_current(context)
+        start, logged = time.perf_counter(), "ok"
         try:
+            if not self._chain:  # the default: nothing to wrap but the inline logging
+                return _Encoded(self._encode_result(
+                    await self._invoke_async(runnable, job, context, offload, on_loop, timer)))
             encoded: list[Any] = []
-            known = self._on_loop.get(id(runnable))
-            if known is None or known[0] is not runnable:
-                known = self._on_loop[id(runnable)] = (runnable, is_async_runnable(runnable))
-            on_loop = known[1]
 
             async def invoke() -> Any:
-                if on_loop:
-                    result = runnable.execute(job, context)
-                else:
-                    result = await offload(lambda: runnable.execute(job, context))
-                if inspect.isawaitable(result):
-                    result = await self._await_on_loop(result, job, context)
+                result = await self._invoke_async(runnable, job, context, offload, on_loop,
+                                                  timer)
                 encoded.append((result, self._encode_result(result)))
                 return result
 
-            result = await compose_async(self.middleware, job, context, invoke,
-                                         self._async_forms)
+            result = await compose_async(self._chain, job, context, invoke, self._async_forms)
             if encoded and encoded[0][0] is result:
                 return _Encoded(encoded[0][1])
             return result
+        except BaseException as exc:
+            logged = type(exc).__name__
+            raise
         finally:
+            if self._logging:
+                self._log_attempt(job, context, start, logged)
             reset_current(token)
+
+    async def _invoke_async(self, runnable: Runnable, job: Job, context: JobContext,
+                            offload: Offload, on_loop: bool, timer: bool) -> Any:
+        """The job itself: on the loop, or offloaded; its timeout made `JobTimeout`."""
+        if on_loop:
+            result = runnable.execute(job, context)
+        else:
+            result = await offload(lambda: runnable.execute(job, context))
+        if not inspect.isawaitable(result):
+            return result
+        if timer or not on_loop:  # no watchdog cancels this task: a timer of its own
+            return await self._await_on_loop(result, job, context)
+        try:
+            return await result
+        except asyncio.CancelledError as exc:
+            if not context.timed_out:
+                raise
+            _uncancel()
+            raise JobTimeout(self.timeout_for(job) or 0.0) from exc
 
     async def _await_on_loop(self, awaitable: Any, job: Job, context: JobContext) -> Any:
         timeout = self.timeout_for(job)
@@ -296,3 +375,30 @@ class JobProcessor:
             self.on_failure(job, exc)
         policy = (runnable.retry if runnable is not None else None) or self.retry_policy
         return outcome.failed(job, exc, policy, ttl=self.failed_ttl)
+
+
+def _task_canceller(context: JobContext) -> Callable[[], None]:
+    """For `Watchdog.watch`: cancel the running task (this attempt's) from the
+    watchdog's thread, once ``context`` has timed out; nothing if it has ended."""
+    task = asyncio.current_task()
+    loop = asyncio.get_running_loop()
+    assert task is not None
+
+    def cancel_if_running() -> None:
+        if not task.done() and context.timed_out:
+            task.cancel()
+
+    def cancel() -> None:
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nothing runs
+            loop.call_soon_threadsafe(cancel_if_running)
+
+    return cancel
+
+
+def _uncancel() -> None:
+    """Take back the cancellation a timeout caused, so the task's later ``await``s (and
+    any ``asyncio.timeout`` in them) work as in an uncancelled task (Python 3.11+)."""
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)  # Python 3.11+
+    if cancelling is not None and cancelling():
+        task.uncancel()  # type: ignore[union-attr]

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
+from collections.abc import Callable
 
 from qmlkit.processing.context import JobContext
 
 __all__ = ["Watchdog"]
+
+log = logging.getLogger("qmlkit.processing.server")
 
 
 class Watchdog:
@@ -16,24 +20,34 @@ class Watchdog:
     Workers register an attempt with `watch` and remove it with `done`, both O(1); the
     thread sleeps until the earliest deadline among the (at most ``worker_count``)
     running attempts, and is woken only when a new deadline is earlier. A timed-out
-    context gets ``timed_out = True`` before ``cancelled`` is set. The thread starts on
+    context gets ``timed_out = True`` before ``cancelled`` is set, then its ``on_timeout``
+    callback (if any) is called on the watchdog's thread. The thread starts on
     construction and ends after `close`.
     """
 
     def __init__(self) -> None:
-        self._running: dict[int, tuple[float, JobContext]] = {}
+        self._running: dict[int, tuple[float, JobContext, Callable[[], None] | None]] = {}
         self._cond = threading.Condition()
         self._next_wake = float("inf")
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="qmlkit-watchdog", daemon=True)
         self._thread.start()
 
-    def watch(self, context: JobContext, timeout_s: float) -> None:
-        """Cancel ``context`` once ``timeout_s`` seconds (monotonic) have passed from now."""
+    def watch(self, context: JobContext, timeout_s: float,
+              on_timeout: Callable[[], None] | None = None) -> None:
+        """Cancel ``context`` once ``timeout_s`` seconds (monotonic) have passed from now.
+
+        Args:
+            context: The running attempt's context.
+            timeout_s: Its limit, in seconds from now.
+            on_timeout: Called (no arguments, on the watchdog's thread) right after
+                ``context.cancelled`` is set: the asyncio pool cancels the attempt's task
+                with it. It must not block; an exception it raises is logged.
+        """
         deadline = time.monotonic() + timeout_s
         # Single dict operations are atomic under the GIL; the lock is needed only to
         # wake the thread for a deadline earlier than the one it sleeps towards.
-        self._running[id(context)] = (deadline, context)
+        self._running[id(context)] = (deadline, context, on_timeout)
         if deadline < self._next_wake:
             with self._cond:
                 self._cond.notify()
@@ -46,12 +60,18 @@ class Watchdog:
         with self._cond:
             while not self._closed:
                 now = time.monotonic()
-                for key, (deadline, ctx) in list(self._running.items()):
+                for key, (deadline, ctx, on_timeout) in list(self._running.items()):
                     if deadline <= now:
                         del self._running[key]
                         ctx.timed_out = True
                         ctx.cancelled.set()
-                self._next_wake = min((d for d, _ in self._running.values()), default=float("inf"))
+                        if on_timeout is not None:
+                            try:
+                                on_timeout()
+                            except Exception:  # the watchdog must outlive any callback
+                                log.exception("timeout callback of job %s failed", ctx.job.id)
+                self._next_wake = min((entry[0] for entry in self._running.values()),
+                                      default=float("inf"))
                 wait = (None if self._next_wake == float("inf")
                         else max(self._next_wake - now, 0.001))
                 self._cond.wait(wait)

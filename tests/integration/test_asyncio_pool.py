@@ -9,6 +9,7 @@ structure (e.g. 200 jobs of 0.2 s run one at a time take 40 s), never speed figu
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from datetime import timedelta
@@ -16,6 +17,7 @@ from datetime import timedelta
 import pytest
 
 from qmlkit import App, ConfigurationError, RetryPolicy, Server, current_context
+from qmlkit.errors import JobTimeout
 from qmlkit.testing import wait_until
 
 
@@ -134,6 +136,46 @@ def test_async_job_past_its_timeout_is_cancelled_then_retried(app: App) -> None:
     assert job.attempts == 2 and job.state.retry_count == 1  # the policy's one retry
     assert job.state.exception_type == "qmlkit.errors.JobTimeout"
     assert cancelled == [1, 2]  # the task itself was cancelled, each attempt
+
+
+def test_a_timeout_reaches_middleware_as_job_timeout_and_each_attempt_is_logged(
+        app: App, caplog: pytest.LogCaptureFixture) -> None:
+    seen: list[tuple[str, int]] = []
+
+    async def watch(job, context, call_next):
+        try:
+            return await call_next()
+        except JobTimeout:  # the watchdog cancelled the task; the chain sees JobTimeout
+            task = asyncio.current_task()
+            assert task is not None
+            seen.append(("timeout", task.cancelling()))  # the cancel was taken back
+            await asyncio.sleep(0)  # and the task can still await
+            raise
+
+    @app.job(name="slow", timeout=0.2, retry=RetryPolicy(max_retries=0))
+    async def slow() -> None:
+        await asyncio.sleep(30)
+
+    @app.job(name="quick")
+    async def quick() -> int:
+        return 1
+
+    server = Server.from_plugins(app=app, storage=app.storage, autoload=False,
+                                 middleware=[watch],
+                                 config={"pool": "asyncio", "worker_count": 4,
+                                         "polling_interval": timedelta(milliseconds=20)})
+    slow_id, quick_id = slow.enqueue(), quick.enqueue()
+    with caplog.at_level(logging.INFO, logger="qmlkit.attempt"):
+        server.start()
+        try:
+            wait_until(lambda: states(app, [slow_id, quick_id]) == {"Failed", "Succeeded"}
+                       and app.storage.get(quick_id).state.name == "Succeeded", timeout=30)
+        finally:
+            server.stop()
+    assert app.storage.get(slow_id).state.exception_type == "qmlkit.errors.JobTimeout"
+    assert seen == [("timeout", 0)]
+    lines = {(r.job_id, r.outcome) for r in caplog.records if r.name == "qmlkit.attempt"}
+    assert lines == {(slow_id, "JobTimeout"), (quick_id, "ok")}  # one line per attempt
 
 
 def test_sync_and_async_middleware_wrap_an_async_job(app: App) -> None:

@@ -10,6 +10,7 @@ observers (a deletion included), configuration errors.
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import threading
 from datetime import datetime, timedelta
@@ -20,6 +21,7 @@ from qmlkit import (
     App,
     ConfigurationError,
     JobContext,
+    RetryPolicy,
     ServerConfig,
     UnknownStorageScheme,
     hookimpl,
@@ -145,6 +147,54 @@ def test_middleware_wraps_in_order_and_can_short_circuit(app: App) -> None:
     assert seen == ["outer-before", "inner", "job", "outer-after",
                     "outer-before", "inner", "outer-after"]
     assert app.storage.get(b).state.result == "short-circuited"
+
+
+def test_each_attempt_is_logged_once_with_its_outcome(
+        app: App, caplog: pytest.LogCaptureFixture) -> None:
+    from qmlkit.processing.middleware import LoggingMiddleware
+    from qmlkit.processing.server import Server
+
+    calls: list[str] = []
+
+    class Counting(LoggingMiddleware):  # a subclass runs as a layer of its own
+        def __call__(self, job, context, call_next):
+            calls.append(job.method)
+            return super().__call__(job, context, call_next)
+
+    def inner(job, context, call_next):
+        calls.append("inner")
+        return call_next()
+
+    @app.job(name="ok")
+    def ok() -> int:
+        return 1
+
+    @app.job(name="boom", retry=RetryPolicy(max_retries=0))
+    def boom() -> None:
+        raise ValueError("no")
+
+    @app.job(name="unstorable", retry=RetryPolicy(max_retries=0))
+    async def unstorable() -> object:
+        return object()
+
+    server = Server.from_plugins(app=app, storage=app.storage, autoload=False,
+                                 middleware=[Counting(), inner],
+                                 config={"worker_count": 1, "pool": POOL["name"],
+                                         "polling_interval": timedelta(milliseconds=20)})
+    ids = {ok.enqueue(): "ok", boom.enqueue(): "ValueError",
+           unstorable.enqueue(): "PayloadError"}
+    with caplog.at_level(logging.INFO, logger="qmlkit.attempt"):
+        server.start()
+        try:
+            wait_until(lambda: all(state_of(app, i) in {"Succeeded", "Failed"} for i in ids))
+        finally:
+            server.stop()
+    lines = [(r.job_id, r.outcome, r.levelname) for r in caplog.records
+             if r.name == "qmlkit.attempt"]
+    # The built-in middleware's line and the subclass's line, for each attempt.
+    expected = [(i, out, "INFO" if out == "ok" else "WARNING") for i, out in ids.items()]
+    assert sorted(lines) == sorted(expected * 2)
+    assert calls == ["ok", "inner", "boom", "inner", "unstorable", "inner"]
 
 
 def test_observers_see_every_committed_transition(backend_url: str) -> None:

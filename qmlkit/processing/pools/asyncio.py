@@ -19,7 +19,8 @@ Three threads of the server's process (arq's and saq's shape, with qmlkit's clai
 
 So storage calls never block the loop, and 500 attempts in flight use two storage
 connections (claimer and storer), not 500. Timeouts: an ``async def`` job is cancelled
-at its timeout (``asyncio.wait_for``) and ends with ``JobTimeout``, following the retry
+at its timeout (the server's watchdog cancels its task: no timer per attempt on the
+loop) and ends with ``JobTimeout``, following the retry
 policy; a ``def`` job is told through ``context.cancelled`` (the watchdog), as in the
 thread pool. Stop: the claimer stops, running attempts get the grace period, then the
 server releases what still runs and `AsyncioPool.abort` cancels their tasks.
@@ -268,19 +269,14 @@ class AsyncioPool:
 
     async def _attempt(self, job: Job, ctx: JobContext, slot: int, slot_id: str) -> None:
         parts = self.parts
-        timeout = parts.processor.timeout_for(job)
-        if timeout is not None:
-            parts.watchdog.watch(ctx, timeout)
         outcome = None
         try:
-            outcome = await parts.processor.run_async(job, ctx, self._offload)
+            outcome = await parts.processor.run_async(job, ctx, self._offload, parts.watchdog)
         except asyncio.CancelledError:
             pass  # aborted: the server has released the job; no outcome to store
         except Exception:  # run_async records every failure of a job; this is a bug
             log.exception("attempt of job %s ended without an outcome", job.id)
         finally:
-            if timeout is not None:
-                parts.watchdog.done(ctx)
             parts.runtime.claims.finish(job)
             parts.runtime.claims.end_batch(slot_id, [job])
             if outcome is not None:

@@ -34,6 +34,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from qmlkit.config import LOG_FORMAT
+from qmlkit.gcpause import freeze_startup_heap
 from qmlkit.hookspecs import hookimpl
 from qmlkit.job import Job
 from qmlkit.processing.config import ServerConfig
@@ -197,6 +198,7 @@ def child_main(spec: ChildSpec, reports: Connection, control: Connection) -> Non
     fields = spec.config.model_dump()
     server = app.server(**fields)
     servers.append(server)
+    freeze_startup_heap()
     server.start()
     outbox.send(("ready", server.server_id, os.getpid()))
     _serve(server, control, outbox, recycle, recycle_reason)
