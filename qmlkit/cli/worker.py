@@ -10,6 +10,7 @@ field, add a row.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
@@ -219,7 +220,15 @@ def worker(app_spec: str, wakeup_exchange: str | None, **flags: Any) -> None:
     warn_unserved(app.registry, server.config.queues)
     aborted = run_until_signalled(server)
     app.close()
-    sys.exit(1 if aborted else 0)
+    if aborted:
+        # Every unfinished job is released, so nothing is left to wait for; but a
+        # ``def`` job still running on an executor thread (asyncio pool) would keep the
+        # interpreter from exiting until it returns, as it joins those threads at exit.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+    sys.exit(0)
 
 
 #: The fields only the process pool reads (``--processes`` and the per-child flags).

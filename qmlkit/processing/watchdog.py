@@ -26,7 +26,7 @@ class Watchdog:
     """
 
     def __init__(self) -> None:
-        self._running: dict[int, tuple[float, JobContext, Callable[[], None] | None]] = {}
+        self._running: dict[int, tuple[float, JobContext, Callable[[], None] | None, float]] = {}
         self._cond = threading.Condition()
         self._next_wake = float("inf")
         self._closed = False
@@ -47,7 +47,7 @@ class Watchdog:
         deadline = time.monotonic() + timeout_s
         # Single dict operations are atomic under the GIL; the lock is needed only to
         # wake the thread for a deadline earlier than the one it sleeps towards.
-        self._running[id(context)] = (deadline, context, on_timeout)
+        self._running[id(context)] = (deadline, context, on_timeout, timeout_s)
         if deadline < self._next_wake:
             with self._cond:
                 self._cond.notify()
@@ -60,11 +60,12 @@ class Watchdog:
         with self._cond:
             while not self._closed:
                 now = time.monotonic()
-                for key, (deadline, ctx, on_timeout) in list(self._running.items()):
+                for key, (deadline, ctx, on_timeout, timeout_s) in list(self._running.items()):
                     if deadline <= now:
                         del self._running[key]
                         ctx.timed_out = True
                         ctx.cancelled.set()
+                        _log_timeout(ctx, timeout_s, cancels=on_timeout is not None)
                         if on_timeout is not None:
                             try:
                                 on_timeout()
@@ -81,3 +82,16 @@ class Watchdog:
         with self._cond:
             self._closed = True
             self._cond.notify()
+
+
+def _log_timeout(ctx: JobContext, timeout_s: float, *, cancels: bool) -> None:
+    """One WARNING line for an attempt that ran past its timeout, saying what happens."""
+    job = ctx.job
+    if cancels:
+        log.warning("job %s (%s) ran past its timeout of %g s: cancelling it", job.id,
+                    job.method, timeout_s)
+    else:
+        log.warning("job %s (%s) ran past its timeout of %g s: told to stop through "
+                    "context.cancelled (a def job cannot be interrupted: it keeps its thread "
+                    "until it returns; --pool processes ends it at its timeout)",
+                    job.id, job.method, timeout_s)

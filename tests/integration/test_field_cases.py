@@ -511,13 +511,15 @@ def test_worker_drains_running_jobs_on_sigterm_and_exits_0(
     assert (job.state.name, job.attempts) == ("Enqueued", 0)
 
 
+@pytest.mark.parametrize("pool", ["threads", "asyncio"])
 def test_worker_releases_running_jobs_on_second_sigterm_and_exits_1_promptly(
-    tmp_path: Path, c10_app: tuple[App, str]
+    tmp_path: Path, c10_app: tuple[App, str], pool: str
 ) -> None:
     app, module = c10_app
-    # Given 4 jobs of 60 s running on a worker with a 30 s grace period
+    # Given 4 `def` jobs of 60 s running on a worker with a 30 s grace period (the asyncio
+    # pool runs them on its executor's threads, which would hold the exit)
     ids = [app.enqueue("c10.work", args=[str(tmp_path / f"m{i}"), 60.0]) for i in range(4)]
-    proc = start_worker(tmp_path, module, *WORKER_FLAGS)
+    proc = start_worker(tmp_path, module, *WORKER_FLAGS, "--pool", pool)
     err = tmp_path / "worker.err"
     try:
         wait_until(lambda: state_counts(app)["Processing"] == 4, timeout=20)
@@ -543,12 +545,14 @@ def test_worker_releases_running_jobs_on_second_sigterm_and_exits_1_promptly(
     assert code == 1, f"still running {took:.1f} s after the second SIGTERM: {err.read_text()}"
 
 
+@pytest.mark.parametrize("pool", ["threads", "asyncio"])
 def test_worker_releases_running_jobs_when_the_grace_period_runs_out(
-    tmp_path: Path, c10_app: tuple[App, str]
+    tmp_path: Path, c10_app: tuple[App, str], pool: str
 ) -> None:
     app, module = c10_app
     ids = [app.enqueue("c10.work", args=[str(tmp_path / f"m{i}"), 60.0]) for i in range(4)]
-    flags = ("--threads", "4", "--shutdown-timeout", "1", "--polling-interval", "0.1")
+    flags = ("--threads", "4", "--shutdown-timeout", "1", "--polling-interval", "0.1",
+             "--pool", pool)
     proc = start_worker(tmp_path, module, *flags)
     try:
         wait_until(lambda: state_counts(app)["Processing"] == 4, timeout=20)

@@ -38,7 +38,8 @@ execution appends ``<pid> <n> <token> start|end`` to a file with ``O_APPEND``):
   would carry an older token. Re-executions of a job killed or stopped mid-run are
   allowed (delivery is at-least-once); they are counted and printed (``-s``).
 
-The process pool runs its default child pool (threads); the asyncio pool runs ``async
+The process pool runs its default child pool (threads), and as ``processes-asyncio``
+its asyncio child pool; the asyncio pools run ``async
 def`` jobs, the others ``def`` jobs.
 """
 
@@ -114,7 +115,8 @@ JOBS, PAUSE_S = 240, 0.05
 #: Seconds the drain may make no progress before a test gives up (a loaded machine).
 STALL_S = 90.0
 
-POOLS = ["threads", "asyncio", "processes"]
+#: ``processes-asyncio``: the process pool with ``--child-pool asyncio`` (async jobs).
+POOLS = ["threads", "asyncio", "processes", "processes-asyncio"]
 BACKENDS = [pytest.param("sqlite"), pytest.param("redis", marks=pytest.mark.redis),
             pytest.param("postgres", marks=pytest.mark.postgres)]
 
@@ -146,17 +148,20 @@ class Fleet:
     @property
     def per_worker(self) -> int:
         """Registered servers per worker process (each child of a process pool is one)."""
-        return 2 if self.pool == "processes" else 1
+        return 2 if self.pool.startswith("processes") else 1
 
     def start(self, name: str) -> subprocess.Popen[bytes]:
         env = {**os.environ, "FAULTS_STORAGE": self.url, "FAULTS_RECORDS": str(self.records_path),
                "PYTHONPATH": os.pathsep.join(filter(None, [str(self.folder), str(REPO_ROOT),
                                                            os.environ.get("PYTHONPATH")]))}
-        size = ["--processes", "2", "-c", "2"] if self.pool == "processes" else ["-c", "4"]
+        size = (["--processes", "2", "-c", "2"] if self.pool.startswith("processes")
+                else ["-c", "4"])
+        pool = ["--pool", "processes", "--child-pool", "asyncio"] if (
+            self.pool == "processes-asyncio") else ["--pool", self.pool]
         with (self.folder / f"{name}.log").open("ab") as log:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "qmlkit.cli", "worker", "faultapp:app", "--name", name,
-                 "--pool", self.pool, *size, "--polling-interval", "0.1",
+                 *pool, *size, "--polling-interval", "0.1",
                  "--heartbeat-interval", str(HEARTBEAT_S),
                  "--dead-server-timeout", str(DEAD_AFTER_S), "--shutdown-timeout", "20"],
                 cwd=self.folder, env=env, stdout=subprocess.DEVNULL, stderr=log)
@@ -183,7 +188,7 @@ class Fleet:
             self.family |= descendants(self.procs[name].pid)
 
     def job_method(self) -> str:
-        return "faults.awork" if self.pool == "asyncio" else "faults.work"
+        return "faults.awork" if self.pool.endswith("asyncio") else "faults.work"
 
     def records(self) -> list[Record]:
         text = self.records_path.read_text()
@@ -353,18 +358,20 @@ def test_kill_9_of_a_worker_mid_drain_loses_no_job_and_completes_none_twice(
     wait_until(lambda: len(fleet.records()) >= JOBS // 5 * 2
                and processing_under(client, "a"), timeout=120, interval=0.02)
     # When worker a (the process pool: one of its children) is killed with SIGKILL
-    victim = running_child(fleet, client, "a") if pool == "processes" else fleet.procs["a"].pid
+    victim = (running_child(fleet, client, "a") if pool.startswith("processes")
+              else fleet.procs["a"].pid)
     assert succeeded_count(client)() < JOBS, "the kill must land mid-drain"
     os.kill(victim, signal.SIGKILL)
     # Then every job Succeeds exactly once
     drain(client, fleet)
-    if pool == "processes":  # and the parent replaced its child and runs on
+    if pool.startswith("processes"):  # and the parent replaced its child and runs on
         assert fleet.procs["a"].poll() is None, fleet.log("a")
         wait_until(lambda: gone(victim), timeout=30)
         fleet.wait_registered(client, "a")
     codes = fleet.stop()
     check_outcomes(client, ids, fleet, f"kill -9 {pool} {backend_url.partition(':')[0]}")
-    assert codes == {"a": 0, "b": 0} if pool == "processes" else {"a": -9, "b": 0}, codes
+    assert codes == ({"a": 0, "b": 0} if pool.startswith("processes")
+                     else {"a": -9, "b": 0}), codes
 
 
 def test_kill_9_of_a_process_pool_parent_its_children_drain_and_exit(
@@ -424,12 +431,13 @@ def test_sigstop_past_the_dead_timeout_then_sigcont_completes_no_job_twice(
     wait_until(lambda: len(fleet.records()) >= JOBS // 10 and processing_under(client, "a"),
                timeout=120, interval=0.02)
     # Given worker a (the process pool: one of its children) stopped while running jobs
-    victim = running_child(fleet, client, "a") if pool == "processes" else fleet.procs["a"].pid
+    victim = (running_child(fleet, client, "a") if pool.startswith("processes")
+              else fleet.procs["a"].pid)
     running = stop_while_running(fleet, victim, lock_free_probe(backend_url))
     try:
         # When a peer (the process pool: the sibling child) presumes it dead, reclaims
         # its jobs and runs every job
-        if pool != "processes":
+        if not pool.startswith("processes"):
             fleet.start("b")
         drain(client, fleet)
         assert stopped(victim)

@@ -197,6 +197,33 @@ def test_each_attempt_is_logged_once_with_its_outcome(
     assert calls == ["ok", "inner", "boom", "inner", "unstorable", "inner"]
 
 
+def test_an_attempt_past_its_timeout_is_logged_with_what_happens_to_it(
+        app: App, caplog: pytest.LogCaptureFixture) -> None:
+    from qmlkit import current_context
+
+    @app.job(name="slow_def", timeout=0.3, retry=RetryPolicy(max_retries=0))
+    def slow_def() -> None:
+        current_context().cancelled.wait(30)  # returns once told
+
+    @app.job(name="slow_async", timeout=0.3, retry=RetryPolicy(max_retries=0))
+    async def slow_async() -> None:
+        await asyncio.sleep(30)
+
+    ids = [slow_def.enqueue(), slow_async.enqueue()]
+    server = fast(app)
+    with caplog.at_level(logging.WARNING, logger="qmlkit.processing.server"):
+        server.start()
+        try:
+            wait_until(lambda: all(state_of(app, i) == "Failed" for i in ids), timeout=30)
+        finally:
+            server.stop()
+    lines = [r.getMessage() for r in caplog.records if "past its timeout" in r.getMessage()]
+    told = [m for m in lines if f"job {ids[0]} (slow_def)" in m]
+    assert told and "context.cancelled" in told[0] and "0.3 s" in told[0], lines
+    if POOL["name"] == "asyncio":  # the watchdog cancels the async job's task
+        assert any(f"job {ids[1]} (slow_async)" in m and "cancelling it" in m for m in lines)
+
+
 def test_observers_see_every_committed_transition(backend_url: str) -> None:
     seen: list[tuple[str, str | None, str]] = []
     lock = threading.Lock()
