@@ -85,6 +85,10 @@ def spy(pid: int) -> None:
                              text=True, timeout=30)
         print(out.stdout + out.stderr, flush=True)
     if os.environ.get("STALLS_FDS"):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError):
+                print(f"  task {task.name} {(task / 'comm').read_text().strip()}: "
+                      f"syscall {(task / 'syscall').read_text().strip()[:60]}")
         fds = Path(f"/proc/{pid}/fd")
         for fd in sorted(fds.iterdir(), key=lambda p: int(p.name)):
             with contextlib.suppress(OSError):
