@@ -61,8 +61,9 @@ class Watchdog:
             while not self._closed:
                 now = time.monotonic()
                 for key, (deadline, ctx, on_timeout, timeout_s) in list(self._running.items()):
-                    if deadline <= now:
-                        del self._running[key]
+                    # `done` may have removed it since the copy (a worker's attempt ended
+                    # while this loop logged or cancelled another): then it is not timed out.
+                    if deadline <= now and self._running.pop(key, None) is not None:
                         ctx.timed_out = True
                         ctx.cancelled.set()
                         _log_timeout(ctx, timeout_s, cancels=on_timeout is not None)
