@@ -29,3 +29,20 @@ def test_an_attempt_ending_while_the_watchdog_times_out_others_does_not_kill_it(
         assert not b.timed_out  # its attempt ended before the watchdog reached it
     finally:
         watchdog.close()
+
+
+def test_a_timeout_longer_than_a_thread_can_wait_does_not_kill_it() -> None:
+    # A claimed job's ``timeout_s`` comes from the stored row: one written by hand (or
+    # by another client) may be past `threading.TIMEOUT_MAX` (some 9.2e9 s): waiting
+    # that long raised OverflowError on the watchdog's thread, and no timeout of the
+    # server fired after it (seen with a row's timeout_s set to 1e12 on SQLite).
+    watchdog = Watchdog()
+    try:
+        far, soon = context(), context()
+        watchdog.watch(far, 1e12)
+        wait_until(lambda: watchdog._next_wake < float("inf"), timeout=30)  # it waits
+        watchdog.watch(soon, 0.01)
+        wait_until(lambda: soon.cancelled.is_set(), timeout=30)
+        assert not far.timed_out
+    finally:
+        watchdog.close()
