@@ -15,6 +15,7 @@ works there unchanged, around ``def`` and ``async def`` jobs alike
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 import logging
@@ -58,7 +59,7 @@ class LoggingMiddleware:
         try:
             return call_next()
         except BaseException as exc:
-            outcome = type(exc).__name__
+            outcome = outcome_name(exc, context)
             raise
         finally:
             self.log_attempt(job, context, start, outcome)
@@ -71,7 +72,7 @@ class LoggingMiddleware:
         try:
             return await call_next()
         except BaseException as exc:
-            outcome = type(exc).__name__
+            outcome = outcome_name(exc, context)
             raise
         finally:
             self.log_attempt(job, context, start, outcome)
@@ -125,6 +126,24 @@ def compose(
         return result
 
     return step(0)
+
+
+def outcome_name(exc: BaseException, context: JobContext) -> str:
+    """The outcome an attempt's log line gives for ``exc``: its type's name, except
+    ``"JobTimeout"`` for the ``CancelledError`` of an attempt past its timeout (the
+    asyncio pool's watchdog cancels the attempt's whole task, so code of a middleware
+    awaiting after ``call_next`` sees it raw), as the attempt is stored.
+
+    Args:
+        exc: What the attempt (or a middleware of it) raised.
+        context: The attempt's context (``timed_out`` is set before the cancel).
+
+    Returns:
+        The name to log.
+    """
+    if isinstance(exc, asyncio.CancelledError) and context.timed_out:
+        return "JobTimeout"
+    return type(exc).__name__
 
 
 def async_form(middleware: object) -> Callable[..., Awaitable[Any]] | None:

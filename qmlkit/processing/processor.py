@@ -36,6 +36,7 @@ from qmlkit.processing.middleware import (
     async_form,
     compose,
     compose_async,
+    outcome_name,
 )
 from qmlkit.processing.outcome import describe_exception
 from qmlkit.processing.retry import RetryPolicy
@@ -204,7 +205,7 @@ class JobProcessor:
                 return _Encoded(encoded[0][1])
             return result  # a middleware's own result: encoded by the caller
         except BaseException as exc:
-            logged = type(exc).__name__
+            logged = outcome_name(exc, context)
             raise
         finally:
             if self._logging:
@@ -318,7 +319,7 @@ class JobProcessor:
                 return _Encoded(encoded[0][1])
             return result
         except BaseException as exc:
-            logged = type(exc).__name__
+            logged = outcome_name(exc, context)
             raise
         finally:
             if self._logging:

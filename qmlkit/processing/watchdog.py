@@ -13,6 +13,9 @@ __all__ = ["Watchdog"]
 
 log = logging.getLogger("qmlkit.processing.server")
 
+#: Longest single wait of the thread, in seconds (a day, far below ``TIMEOUT_MAX``).
+_LONGEST_WAIT_S = 86400.0
+
 
 class Watchdog:
     """One thread that sets ``context.cancelled`` on running attempts past their deadline.
@@ -61,8 +64,9 @@ class Watchdog:
             while not self._closed:
                 now = time.monotonic()
                 for key, (deadline, ctx, on_timeout, timeout_s) in list(self._running.items()):
-                    if deadline <= now:
-                        del self._running[key]
+                    # `done` may have removed it since the copy (a worker's attempt ended
+                    # while this loop logged or cancelled another): then it is not timed out.
+                    if deadline <= now and self._running.pop(key, None) is not None:
                         ctx.timed_out = True
                         ctx.cancelled.set()
                         _log_timeout(ctx, timeout_s, cancels=on_timeout is not None)
@@ -73,8 +77,10 @@ class Watchdog:
                                 log.exception("timeout callback of job %s failed", ctx.job.id)
                 self._next_wake = min((entry[0] for entry in self._running.values()),
                                       default=float("inf"))
+                # At most `threading.TIMEOUT_MAX` (longer raises OverflowError): a stored
+                # row's timeout_s may be any float; it wakes early and sleeps again.
                 wait = (None if self._next_wake == float("inf")
-                        else max(self._next_wake - now, 0.001))
+                        else min(max(self._next_wake - now, 0.001), _LONGEST_WAIT_S))
                 self._cond.wait(wait)
 
     def close(self) -> None:

@@ -18,6 +18,7 @@ import pytest
 
 from qmlkit import App, ConfigurationError, RetryPolicy, Server, current_context
 from qmlkit.errors import JobTimeout
+from qmlkit.processing.middleware import LoggingMiddleware
 from qmlkit.testing import wait_until
 
 
@@ -176,6 +177,40 @@ def test_a_timeout_reaches_middleware_as_job_timeout_and_each_attempt_is_logged(
     assert seen == [("timeout", 0)]
     lines = {(r.job_id, r.outcome) for r in caplog.records if r.name == "qmlkit.attempt"}
     assert lines == {(slow_id, "JobTimeout"), (quick_id, "ok")}  # one line per attempt
+
+
+def test_a_timeout_in_middleware_after_the_job_is_logged_as_job_timeout(
+        app: App, caplog: pytest.LogCaptureFixture) -> None:
+    # The watchdog cancels the whole attempt's task: here while a middleware awaits
+    # after ``call_next`` (the job itself has returned). The attempt is stored as
+    # JobTimeout; its log lines (the inline built-in one and a subclass's in the chain)
+    # must say so too, not CancelledError (which reads as the pool aborting it).
+    class Subclassed(LoggingMiddleware):
+        pass
+
+    async def slow_after(job, context, call_next):
+        result = await call_next()
+        await asyncio.sleep(30)
+        return result
+
+    @app.job(name="quick_then_slow_middleware", timeout=0.2, retry=RetryPolicy(max_retries=0))
+    async def quick() -> int:
+        return 1
+
+    server = Server.from_plugins(app=app, storage=app.storage, autoload=False,
+                                 middleware=[Subclassed(), slow_after],
+                                 config={"pool": "asyncio", "worker_count": 4,
+                                         "polling_interval": timedelta(milliseconds=20)})
+    job_id = quick.enqueue()
+    with caplog.at_level(logging.INFO, logger="qmlkit.attempt"):
+        server.start()
+        try:
+            wait_until(lambda: states(app, [job_id]) == {"Failed"}, timeout=30)
+        finally:
+            server.stop()
+    assert app.storage.get(job_id).state.exception_type == "qmlkit.errors.JobTimeout"
+    lines = [r.outcome for r in caplog.records if r.name == "qmlkit.attempt"]
+    assert lines == ["JobTimeout", "JobTimeout"]  # the subclass's, the built-in's
 
 
 def test_sync_and_async_middleware_wrap_an_async_job(app: App) -> None:
