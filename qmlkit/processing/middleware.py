@@ -86,6 +86,8 @@ class LoggingMiddleware:
         in the chain, instead of wrapping the attempt in it: the same line, at less
         cost per attempt.
         """
+        if outcome == "ok" and context.timed_out:  # returned, but past its timeout:
+            outcome = "JobTimeout"  # stored as JobTimeout, so logged as one
         if log.isEnabledFor(logging.INFO):
             ms = (time.perf_counter() - start) * 1000
             fields = {"job_id": job.id, "method": job.method, "queue": job.queue,

@@ -266,12 +266,13 @@ class JobProcessor:
             if runnable is None:
                 raise UnknownJobName(job.method, self.registered())
             on_loop = self._runs_on_loop(runnable)
+            canceller = None
             if watchdog is not None and timeout is not None:
-                watchdog.watch(context, timeout,
-                               _task_canceller(context) if on_loop else None)
+                canceller = _TaskCanceller(context) if on_loop else None
+                watchdog.watch(context, timeout, canceller)
                 watched = True
             result = await self._call_async(runnable, job, context, offload, on_loop,
-                                            timer=not watched)
+                                            canceller=canceller)
             if context.timed_out:
                 raise JobTimeout(timeout or 0.0)
             stored = result.value if isinstance(result, _Encoded) else self._encode_result(result)
@@ -299,18 +300,20 @@ class JobProcessor:
         return known[1]
 
     async def _call_async(self, runnable: Runnable, job: Job, context: JobContext,
-                          offload: Offload, on_loop: bool, *, timer: bool) -> Any:
+                          offload: Offload, on_loop: bool, *,
+                          canceller: _TaskCanceller | None) -> Any:
         token = set_current(context)
         start, logged = time.perf_counter(), "ok"
         try:
             if not self._chain:  # the default: nothing to wrap but the inline logging
                 return _Encoded(self._encode_result(
-                    await self._invoke_async(runnable, job, context, offload, on_loop, timer)))
+                    await self._invoke_async(runnable, job, context, offload, on_loop,
+                                             canceller)))
             encoded: list[Any] = []
 
             async def invoke() -> Any:
                 result = await self._invoke_async(runnable, job, context, offload, on_loop,
-                                                  timer)
+                                                  canceller)
                 encoded.append((result, self._encode_result(result)))
                 return result
 
@@ -327,7 +330,8 @@ class JobProcessor:
             reset_current(token)
 
     async def _invoke_async(self, runnable: Runnable, job: Job, context: JobContext,
-                            offload: Offload, on_loop: bool, timer: bool) -> Any:
+                            offload: Offload, on_loop: bool,
+                            canceller: _TaskCanceller | None) -> Any:
         """The job itself: on the loop, or offloaded; its timeout made `JobTimeout`."""
         if on_loop:
             result = runnable.execute(job, context)
@@ -335,7 +339,7 @@ class JobProcessor:
             result = await offload(lambda: runnable.execute(job, context))
         if not inspect.isawaitable(result):
             return result
-        if timer or not on_loop:  # no watchdog cancels this task: a timer of its own
+        if canceller is None:  # no watchdog cancels this task: a timer of its own
             return await self._await_on_loop(result, job, context)
         try:
             return await result
@@ -344,6 +348,10 @@ class JobProcessor:
                 raise
             _uncancel()
             raise JobTimeout(self.timeout_for(job) or 0.0) from exc
+        finally:
+            # The timeout covers the job, as a timer around it would: middleware code
+            # after ``call_next`` is not cancelled by it.
+            canceller.disarm()
 
     async def _await_on_loop(self, awaitable: Any, job: Job, context: JobContext) -> Any:
         timeout = self.timeout_for(job)
@@ -378,22 +386,30 @@ class JobProcessor:
         return outcome.failed(job, exc, policy, ttl=self.failed_ttl)
 
 
-def _task_canceller(context: JobContext) -> Callable[[], None]:
-    """For `Watchdog.watch`: cancel the running task (this attempt's) from the
-    watchdog's thread, once ``context`` has timed out; nothing if it has ended."""
-    task = asyncio.current_task()
-    loop = asyncio.get_running_loop()
-    assert task is not None
+class _TaskCanceller:
+    """For `Watchdog.watch`: cancels the running task (this attempt's) from the watchdog's
+    thread once ``context`` has timed out, while the job itself runs (`disarm` ends that
+    when its ``await`` returns); nothing once the task has ended."""
 
-    def cancel_if_running() -> None:
-        if not task.done() and context.timed_out:
-            task.cancel()
+    __slots__ = ("armed", "context", "loop", "task")
 
-    def cancel() -> None:
+    def __init__(self, context: JobContext) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.task, self.loop, self.context = task, asyncio.get_running_loop(), context
+        self.armed = True
+
+    def __call__(self) -> None:
         with contextlib.suppress(RuntimeError):  # the loop has closed: nothing runs
-            loop.call_soon_threadsafe(cancel_if_running)
+            self.loop.call_soon_threadsafe(self._cancel)
 
-    return cancel
+    def _cancel(self) -> None:
+        if self.armed and not self.task.done() and self.context.timed_out:
+            self.task.cancel()
+
+    def disarm(self) -> None:
+        """The job's ``await`` has ended: a later timeout cancels nothing (loop thread)."""
+        self.armed = False
 
 
 def _uncancel() -> None:
