@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -36,6 +35,7 @@ import uuid
 from pathlib import Path
 
 import redis
+from drainkit import rate, stop_worker, wait_for_done
 
 REDIS = "redis://127.0.0.1:6379/0"
 #: Iterations of the burn loop: about 5 ms on an idle core here (calibrated once).
@@ -146,22 +146,13 @@ def run(system: str, python: str, jobs: int) -> float:
                                 env={**os.environ, "PYTHONPATH": str(folder)},
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            deadline = time.monotonic() + 600
-            while int(client.get(f"{key}:done") or 0) < jobs:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError(f"{system}: drain did not finish")
-                time.sleep(0.2)
+            wait_for_done(client, key, jobs, proc, system, poll_s=0.2)
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        first = float(client.get(f"{key}:first"))
-        last = float(client.get(f"{key}:last"))
+            stop_worker(proc)
+        jobs_per_s = rate(client, key)
         for k in client.scan_iter(match=f"{key}*", count=1000):
             client.delete(k)
-    return (jobs - 1) / (last - first)
+    return jobs_per_s
 
 
 def main() -> None:

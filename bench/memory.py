@@ -38,11 +38,9 @@ backend whose service does not answer is skipped with a note.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import re
 import shlex
-import signal
 import socket
 import subprocess
 import sys
@@ -56,6 +54,7 @@ from pathlib import Path
 from typing import Any
 
 # bench/ is on sys.path (this script's folder): share enqueue_ab's clean-ups
+from drainkit import stop_worker
 from enqueue_ab import PG_URL, drop_schema, empty_redis
 
 BENCH = Path(__file__).resolve().parent
@@ -242,12 +241,7 @@ def measure(config: Config, jobs: int, scratch: Path, rounds: int = 1) -> Figure
                 seconds = seconds or time.monotonic() - began
                 after.append(status(proc.pid))
         finally:
-            proc.send_signal(signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(30)
-            if proc.poll() is None:  # not drained in time: it is only a benchmark
-                proc.kill()
-                proc.wait()
+            stop_worker(proc, 30)
             client.close()
     return Figures(idle, after, seconds, f"{load_before:.2f} → {os.getloadavg()[0]:.2f}")
 

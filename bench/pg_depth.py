@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -31,6 +30,7 @@ from pathlib import Path
 
 import psycopg
 import redis
+from drainkit import rate, stop_worker, wait_for_done
 
 PG = "host=127.0.0.1 port=5432 dbname=test"
 PG_URL = "postgresql+psycopg://127.0.0.1:5432/test"
@@ -84,21 +84,11 @@ def one_depth(depth: int, measure: int, threads: int) -> tuple[float, str]:
                  f"{module}:app", "--threads", str(threads), "--wakeup", "none"],
                 cwd=folder, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             try:
-                deadline = time.monotonic() + 600
-                while int(client.get(f"{key}:done") or 0) < measure:
-                    if time.monotonic() > deadline or proc.poll() is not None:
-                        raise RuntimeError(f"depth {depth}: the drain did not finish")
-                    time.sleep(0.05)
-                first = float(client.get(f"{key}:first"))
-                last = float(client.get(f"{key}:last"))
-                done = int(client.get(f"{key}:done") or 0)
+                wait_for_done(client, key, measure, proc, f"depth {depth}")
+                jobs_per_s = rate(client, key)
             finally:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(60)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-        return (done - 1) / (last - first), plan
+                stop_worker(proc)
+        return jobs_per_s, plan
     finally:
         for k in client.scan_iter(match=f"{key}*"):
             client.delete(k)

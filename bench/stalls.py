@@ -33,7 +33,6 @@ import argparse
 import contextlib
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -42,6 +41,7 @@ import uuid
 from pathlib import Path
 
 import redis
+from drainkit import stop_worker
 
 HERE = Path(__file__).resolve().parent
 APPS = HERE / "stalls_apps"
@@ -128,12 +128,7 @@ def drain(backend: str, threads: int, jobs: int, scratch: Path, client: redis.Re
                     spy(worker.pid)
                     spied = True
         finally:
-            worker.send_signal(signal.SIGTERM)
-            try:
-                worker.wait(20)
-            except subprocess.TimeoutExpired:
-                worker.kill()
-                worker.wait()
+            stop_worker(worker, 20)
         rows = []
         for line in out.read_text().splitlines():
             w, c, s, e = line.split()

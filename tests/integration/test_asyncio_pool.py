@@ -150,12 +150,14 @@ def test_a_timeout_reaches_middleware_as_job_timeout_and_each_attempt_is_logged(
             task = asyncio.current_task()
             assert task is not None
             seen.append(("timeout", task.cancelling()))  # the cancel was taken back
-            await asyncio.sleep(0)  # and the task can still await
+            # and the task can still await: one yield to the loop, the await itself is
+            # what is checked (not a wait for time to pass)
+            await asyncio.sleep(0)
             raise
 
     @app.job(name="slow", timeout=0.2, retry=RetryPolicy(max_retries=0))
     async def slow() -> None:
-        await asyncio.sleep(30)
+        await asyncio.Event().wait()  # never returns on its own
 
     @app.job(name="quick")
     async def quick() -> int:
@@ -185,15 +187,16 @@ def test_a_timeout_passed_in_middleware_after_the_job_is_logged_as_job_timeout(
     # ``call_next`` (the job has returned) is not cancelled, but the attempt has run past
     # its timeout, so it is stored as JobTimeout, and its log lines (the inline built-in
     # one and a subclass's in the chain) say so too.
-    finished: list[str] = []
+    finished: list[tuple[str, bool]] = []
 
     class Subclassed(LoggingMiddleware):
         pass
 
     async def slow_after(job, context, call_next):
         result = await call_next()
-        await asyncio.sleep(1.0)  # past the 0.2 s timeout
-        finished.append(job.id)
+        # Past the 0.2 s timeout: until the watchdog has marked the attempt (30 s at most)
+        told = await asyncio.to_thread(context.cancelled.wait, 30)
+        finished.append((job.id, told))
         return result
 
     @app.job(name="quick_then_slow_middleware", timeout=0.2, retry=RetryPolicy(max_retries=0))
@@ -212,7 +215,7 @@ def test_a_timeout_passed_in_middleware_after_the_job_is_logged_as_job_timeout(
         finally:
             server.stop()
     assert app.storage.get(job_id).state.exception_type == "qmlkit.errors.JobTimeout"
-    assert finished == [job_id]  # the middleware's code after the job was not cut off
+    assert finished == [(job_id, True)]  # its code after the job was not cut off
     lines = [r.outcome for r in caplog.records if r.name == "qmlkit.attempt"]
     assert lines == ["JobTimeout", "JobTimeout"]  # the subclass's, the built-in's
 

@@ -207,7 +207,7 @@ def test_an_attempt_past_its_timeout_is_logged_with_what_happens_to_it(
 
     @app.job(name="slow_async", timeout=0.3, retry=RetryPolicy(max_retries=0))
     async def slow_async() -> None:
-        await asyncio.sleep(30)
+        await asyncio.Event().wait()  # never returns on its own: only its timeout ends it
 
     ids = [slow_def.enqueue(), slow_async.enqueue()]
     server = fast(app)
