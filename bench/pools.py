@@ -40,7 +40,15 @@ dequeue claims and how many finished jobs one acknowledgement flush carries, so 
 how fast N are reached: at 500 in flight and B = 10 the worker may never hold 500 at once
 (see the ``peak running`` column).
 
+``--job mixed`` (issue #16 item 6) replaces the 100 ms wait by one PostgreSQL ``INSERT``
+and one Redis ``INCR`` (`stamp.py`; every run then gets a PostgreSQL schema of its own with
+the table, whatever its storage): the question there is whether more threads or slots
+ever make a system slower, so ``% of ceiling`` is left out and the rate and CPU per job
+are what to compare across ``--in-flight``.
+
     .venv/bin/python bench/pools.py                                  # all, 500 and 2,000
+    .venv/bin/python bench/pools.py --job mixed --in-flight 10,40 \
+        --systems qmlkit-threads,qmlkit-threads-pg,qmlkit-threads-sqlite,pgqueuer,dramatiq
     .venv/bin/python bench/pools.py --systems qmlkit-asyncio,qmlkit-threads --in-flight 10,100
     .venv/bin/python bench/pools.py --systems pgqueuer,qmlkit-asyncio-pg --in-flight 500
 """
@@ -49,13 +57,16 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,6 +82,7 @@ REDIS_URL = "redis://127.0.0.1:6379/0"
 PG_DSN = "postgresql://127.0.0.1:5432/test"
 WAIT_S = 0.1
 PGQ_BATCH = [10]  # pgqueuer's --batch-size (its default 10); set from --pgq-batch-size
+JOB = ["wait"]  # the job: "wait" (100 ms) or "mixed" (INSERT + INCR); set from --job
 
 
 @dataclass(frozen=True)
@@ -115,6 +127,42 @@ def pg_schema(unfinished_sql: str) -> Callable[[str], AbstractContextManager[Sto
     return scope
 
 
+@contextmanager
+def sqlite_file(run: str) -> Iterator[Store]:
+    """qmlkit's embedded SQLite storage in a new file of a temporary folder, removed on exit."""
+    folder = tempfile.mkdtemp(prefix=f"bench-pools-{run}-")
+    path = os.path.join(folder, "jobs.db")
+
+    def left() -> int:
+        with sqlite3.connect(path) as conn:
+            row = conn.execute("SELECT count(*) FROM qmlkit_jobs "
+                               "WHERE state <> 'Succeeded'").fetchone()
+        return int(row[0])
+
+    try:
+        yield Store({"BENCH_QMLKIT_STORAGE": f"sqlite:///{path}"}, left)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextmanager
+def mixed_table(run: str) -> Iterator[dict[str, str]]:
+    """For ``--job mixed``: a schema of the run's own holding the table the job inserts
+    into, dropped on exit; yields the variables naming it."""
+    name = f"bench_mixed_{run}"
+    with psycopg.connect(PG_DSN, autocommit=True) as conn:
+        conn.execute(f'CREATE SCHEMA "{name}"')
+        conn.execute(f'CREATE TABLE "{name}".bench_mixed '
+                     "(id bigserial PRIMARY KEY, at double precision NOT NULL)")
+    try:
+        yield {"BENCH_JOB": "mixed", "BENCH_PG_DSN": PG_DSN,
+               "BENCH_MIXED_TABLE": f'"{name}".bench_mixed'}
+    finally:
+        with psycopg.connect(PG_DSN, autocommit=True) as conn:
+            conn.execute("SET lock_timeout = '30s'")
+            conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+
+
 @dataclass(frozen=True)
 class System:
     """How to enqueue for, and start the worker of, one system at ``c`` in flight."""
@@ -133,22 +181,27 @@ def pgq_batch(in_flight: int) -> int:
     return max(1, min(PGQ_BATCH[0], in_flight // 2))
 
 
-def _qmlkit(pool: str, form: str, *, pg: bool = False) -> System:
-    store = (pg_schema("SELECT count(*) FROM {schema}.qmlkit_jobs WHERE state <> 'Succeeded'")
-             if pg else redis_only)
+def _qmlkit(pool: str, form: str, storage: str = "redis") -> System:
+    store, storage_name, suffix = {
+        "redis": (redis_only, "qmlkit-redis", ""),
+        "pg": (pg_schema("SELECT count(*) FROM {schema}.qmlkit_jobs WHERE state <> 'Succeeded'"),
+               "qmlkit-postgres (psycopg)", "-pg"),
+        "sqlite": (sqlite_file, "embedded SQLite", "-sqlite"),
+    }[storage]
     return System(
-        f"qmlkit-{pool}{'-pg' if pg else ''}", QMLKIT_PY,
+        f"qmlkit-{pool}{suffix}", QMLKIT_PY,
         lambda n: [str(APPS / "qmlkit_app.py"), str(n), form],
         lambda c: [str(QMLKIT_PY), "-m", "qmlkit.cli", "--log-level", "WARNING", "worker",
                    "qmlkit_app:app", "--pool", pool, "-c", str(c), "--shutdown-timeout", "30"],
-        f"`qmlkit worker --pool {pool} -c N`, `{form} def` job, "
-        f"{'qmlkit-postgres (psycopg)' if pg else 'qmlkit-redis'} storage", store)
+        f"`qmlkit worker --pool {pool} -c N`, `{form} def` job, {storage_name} storage", store)
 
 
 SYSTEMS = {
     "qmlkit-asyncio": _qmlkit("asyncio", "async"),
     "qmlkit-threads": _qmlkit("threads", "sync"),
-    "qmlkit-asyncio-pg": _qmlkit("asyncio", "async", pg=True),
+    "qmlkit-asyncio-pg": _qmlkit("asyncio", "async", "pg"),
+    "qmlkit-threads-pg": _qmlkit("threads", "sync", "pg"),
+    "qmlkit-threads-sqlite": _qmlkit("threads", "sync", "sqlite"),
     "taskiq": System(
         "taskiq", PEERS_BIN / "python",
         lambda n: [str(APPS / "taskiq_app.py"), str(n)],
@@ -194,12 +247,13 @@ class Result:
 
     def row(self) -> str:
         ceiling = self.in_flight / WAIT_S
+        share = f"{100 * self.rate / ceiling:.0f} %" if JOB[0] == "wait" else "-"
         lost = "" if self.done == self.jobs else f" ({self.jobs - self.done} missing)"
         if self.left >= 0:
             lost += f" ({self.left} left in db)"
         return (f"| {self.system} | {self.in_flight:,} | {self.peak:,} | {self.jobs:,}{lost} "
                 f"| {self.rate:,.0f} "
-                f"| {100 * self.rate / ceiling:.0f} % | {self.hwm_mib:.0f} "
+                f"| {share} | {self.hwm_mib:.0f} "
                 f"| {self.cpu_ms_per_job:.2f} | {self.load_before} → {self.load_after} |")
 
 
@@ -295,11 +349,13 @@ def run_one(system: System, in_flight: int, jobs: int, timeout_s: float) -> Resu
     run = uuid.uuid4().hex[:8]
     prefix, keys = f"bench-pools:{run}:", f"bench-pools:{run}:stamps:"
     try:
-        with system.store(run) as store:
+        with system.store(run) as store, ExitStack() as stack:
+            job_env = stack.enter_context(mixed_table(run)) if JOB[0] == "mixed" else {}
             env = {**os.environ, "PYTHONPATH": str(APPS), "BENCH_REDIS": REDIS_URL,
                    "BENCH_KEYS": keys, "BENCH_PREFIX": prefix,
                    "BENCH_CONCURRENCY": str(in_flight),
-                   "BENCH_QMLKIT_STORAGE": f"{REDIS_URL}?prefix={prefix}q:", **store.env}
+                   "BENCH_QMLKIT_STORAGE": f"{REDIS_URL}?prefix={prefix}q:", **store.env,
+                   **job_env}
             subprocess.run([str(system.python), *system.enqueue(jobs)], env=env, cwd=APPS,
                            check=True)
             hwm, load_before, load_after = drain(system, env, in_flight, jobs, timeout_s,
@@ -323,8 +379,11 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds per drain")
     parser.add_argument("--pgq-batch-size", type=int, default=PGQ_BATCH[0],
                         help="pgqueuer's `pgq run --batch-size` (its default: 10)")
+    parser.add_argument("--job", choices=("wait", "mixed"), default="wait",
+                        help="wait: 100 ms; mixed: one PostgreSQL INSERT + one Redis INCR")
     args = parser.parse_args()
     PGQ_BATCH[0] = args.pgq_batch_size
+    JOB[0] = args.job
     chosen = [SYSTEMS[name] for name in args.systems.split(",")]
     results = []
     for _ in range(args.repeat):

@@ -16,11 +16,17 @@ Printed per backend and thread count: drains, attempts, the gap p50/p99/max in m
 every gap over ``--threshold-ms`` (default 100) with its run, worker and position; also
 the longest attempt (start to end) and the 1-minute load average before and after.
 
+The job's shared Redis client is created under a lock; ``--racy-client`` creates it as the
+peers harness does, without one, which reproduces the 5 s stall of issue #16 item 7 (see
+`bench/stalls_apps/stalls_app.py` and `bench/redis_client_race.py`). Printed also: the
+attempts that took over 1 s (the stall is inside the job).
+
 If a drain stops advancing for ``--spy-after`` seconds before it is done, ``py-spy dump``
 of the worker is printed (when py-spy is installed in this venv).
 
     .venv/bin/python bench/stalls.py                                   # 3 backends, 5 and 8 threads
     .venv/bin/python bench/stalls.py --backends sqlite --threads 8 --runs 20 --jobs 500
+    .venv/bin/python bench/stalls.py --backends redis --threads 8 --runs 40 --jobs 300 --racy-client
 
 Services: Redis 127.0.0.1:6379 (stamps, the job's round trip, qmlkit-redis under a prefix
 of its own per run), PostgreSQL 127.0.0.1:5432 db ``test`` (a schema per run, dropped
@@ -97,13 +103,15 @@ def spy(pid: int) -> None:
 
 
 def drain(backend: str, threads: int, jobs: int, scratch: Path, client: redis.Redis,
-          spy_after_s: float, timeout_s: float) -> list[tuple[str, float, float, float]]:
-    """One drain; returns the attempts ``(worker id, claim stamp, start, end)``, seconds."""
+          spy_after_s: float, timeout_s: float,
+          racy: bool = False) -> list[tuple[str, float, float, float]]:
+    """One drain; returns the attempts ``(worker id, claim stamp, start, end)``, seconds.
+    ``racy``: the job's shared client is created without a lock (``--racy-client``)."""
     run = uuid.uuid4().hex[:10]
     out = scratch / f"{run}.txt"
     env = dict(os.environ, STALLS_STORAGE=storage_url(backend, run, scratch),
                STALLS_OUT=str(out), STALLS_PREFIX=f"stalls:{run}:",
-               PYTHONPATH=str(APPS))
+               STALLS_RACY_CLIENT="1" if racy else "0", PYTHONPATH=str(APPS))
     if backend == "postgres":
         import psycopg
         with psycopg.connect("host=127.0.0.1 dbname=test", autocommit=True) as c:
@@ -173,6 +181,9 @@ def main() -> None:
     ap.add_argument("--threshold-ms", type=float, default=100.0)
     ap.add_argument("--spy-after", type=float, default=3.0)
     ap.add_argument("--timeout", type=float, default=60.0)
+    ap.add_argument("--racy-client", action="store_true",
+                    help="create the job's shared Redis client without a lock, as the peers "
+                         "harness does (reproduces the 5 s stall)")
     args = ap.parse_args()
     client = redis.Redis(host="127.0.0.1", port=6379, db=0)
     scratch = Path(tempfile.mkdtemp(prefix="qmlkit-stalls-"))
@@ -183,12 +194,13 @@ def main() -> None:
                 all_gaps: list[float] = []
                 over: list[str] = []
                 longest = 0.0
-                attempts = 0
+                attempts = slow = 0
                 for r in range(args.runs):
                     rows = drain(backend, threads, args.jobs, scratch, client,
-                                 args.spy_after, args.timeout)
+                                 args.spy_after, args.timeout, args.racy_client)
                     attempts += len(rows)
                     longest = max([longest] + [e - s for _, _, s, e in rows])
+                    slow += sum(1 for _, _, s, e in rows if e - s > 1.0)
                     for g, w, i, after in gaps(rows):
                         all_gaps.append(g)
                         if g * 1000 > args.threshold_ms:
@@ -200,7 +212,9 @@ def main() -> None:
                       f"gap p50 {p50:.2f} ms, p99 {p99:.2f} ms, "
                       f"max {all_gaps[-1] * 1000:.1f} ms"
                       f"; {len(over)} over {args.threshold_ms:.0f} ms; longest attempt "
-                      f"{longest * 1000:.1f} ms; load {loadavg()}", flush=True)
+                      f"{longest * 1000:.1f} ms, {slow} attempts over 1 s"
+                      f"{' (racy client)' if args.racy_client else ''}; load {loadavg()}",
+                      flush=True)
                 for line in over:
                     print(line, flush=True)
 

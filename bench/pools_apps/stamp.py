@@ -1,4 +1,14 @@
-"""The job every system runs in bench/pools.py: wait 100 ms, and count it, with no I/O.
+"""The job every system runs in bench/pools.py, and counts: by default a 100 ms wait.
+
+``BENCH_JOB`` chooses the job:
+
+- ``wait`` (default): wait 100 ms (``await asyncio.sleep`` or ``time.sleep``), no I/O;
+- ``mixed`` (issue #16 item 6): one PostgreSQL ``INSERT`` (autocommit, into the run's
+  table ``BENCH_MIXED_TABLE`` at ``BENCH_PG_DSN``) and one Redis ``INCR`` (at
+  ``BENCH_REDIS``). ``def`` jobs use psycopg 3 with one connection per worker thread
+  (``threading.local``) and one redis-py client shared by the threads; ``async def`` jobs
+  use a per-process stack of ``psycopg.AsyncConnection`` (one per concurrent job at most)
+  and one ``redis.asyncio`` client.
 
 Each job records its start and end in its worker process's memory (first start, last
 end, count, the most jobs of that process between their start and their end at once, and
@@ -20,6 +30,10 @@ import time
 WAIT_S = 0.1  #: each job's wait, seconds
 URL = os.environ.get("BENCH_REDIS", "redis://127.0.0.1:6379/0")
 KEYS = os.environ.get("BENCH_KEYS", "bench-pools:stamps:")
+JOB = os.environ.get("BENCH_JOB", "wait")
+PG_DSN = os.environ.get("BENCH_PG_DSN", "postgresql://127.0.0.1:5432/test")
+MIXED_TABLE = os.environ.get("BENCH_MIXED_TABLE", "bench_mixed")
+MIXED_SQL = f"INSERT INTO {MIXED_TABLE} (at) VALUES (%s)"
 FLUSH_S = 0.02
 
 _lock = threading.Lock()
@@ -64,15 +78,55 @@ def _record(start: float, end: float) -> None:
             _flusher.append(thread)
 
 
+_local = threading.local()
+_sync_redis: list = []
+_async_redis: list = []
+_async_pg: list = []  # idle psycopg.AsyncConnection objects of this process
+
+
+def _mixed_sync(start: float) -> None:
+    import psycopg
+    import redis
+
+    conn = getattr(_local, "pg", None)
+    if conn is None:
+        conn = _local.pg = psycopg.connect(PG_DSN, autocommit=True)
+    if not _sync_redis:
+        _sync_redis.append(redis.Redis.from_url(URL))  # racily, as a shared client is made
+    conn.execute(MIXED_SQL, (start,))
+    _sync_redis[0].incr(KEYS + "mixed")
+
+
+async def _mixed_async(start: float) -> None:
+    import psycopg
+    import redis.asyncio
+
+    conn = _async_pg.pop() if _async_pg else await psycopg.AsyncConnection.connect(
+        PG_DSN, autocommit=True)
+    try:
+        await conn.execute(MIXED_SQL, (start,))
+    finally:
+        _async_pg.append(conn)
+    if not _async_redis:
+        _async_redis.append(redis.asyncio.Redis.from_url(URL))
+    await _async_redis[0].incr(KEYS + "mixed")
+
+
 async def wait_and_stamp_async() -> None:
-    """``await asyncio.sleep(0.1)``, then count it."""
+    """Run the chosen job (``BENCH_JOB``) in its ``async`` form, then count it."""
     start = _start()
-    await asyncio.sleep(WAIT_S)
+    if JOB == "mixed":
+        await _mixed_async(start)
+    else:
+        await asyncio.sleep(WAIT_S)
     _record(start, time.time())
 
 
 def wait_and_stamp_sync() -> None:
-    """``time.sleep(0.1)``, then count it."""
+    """Run the chosen job (``BENCH_JOB``) in its ``def`` form, then count it."""
     start = _start()
-    time.sleep(WAIT_S)
+    if JOB == "mixed":
+        _mixed_sync(start)
+    else:
+        time.sleep(WAIT_S)
     _record(start, time.time())
