@@ -92,7 +92,9 @@ def _mixed_sync(start: float) -> None:
     if conn is None:
         conn = _local.pg = psycopg.connect(PG_DSN, autocommit=True)
     if not _sync_redis:
-        _sync_redis.append(redis.Redis.from_url(URL))  # racily, as a shared client is made
+        with _lock:  # created once (see docs/pools.md: a client shared by the threads)
+            if not _sync_redis:
+                _sync_redis.append(redis.Redis.from_url(URL))
     conn.execute(MIXED_SQL, (start,))
     _sync_redis[0].incr(KEYS + "mixed")
 
