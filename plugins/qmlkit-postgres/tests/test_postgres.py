@@ -442,11 +442,12 @@ def test_unparsable_url_is_refused_without_echoing_the_password() -> None:
 
 
 def test_a_claim_cut_off_while_still_running_on_the_server_strands_no_job(
-    postgres_url: str, proxy: object, engine: sa.Engine
+    postgres_url: str, proxy: object, engine: sa.Engine, caplog: pytest.LogCaptureFixture
 ) -> None:
     # The connection drops while the claim statement is still running on the server
     # (made slow by a trigger). The retry must not pass the job by (SKIP LOCKED) while
     # the lost attempt later commits it to Processing for nobody.
+    caplog.set_level(logging.DEBUG, logger="qmlkit")  # the claim's retries, on failure
     schema = schema_of(postgres_url)
     url = postgres_url.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}")
     store = PostgresStorage(url)
@@ -461,13 +462,18 @@ def test_a_claim_cut_off_while_still_running_on_the_server_strands_no_job(
             f'CREATE TRIGGER slow BEFORE UPDATE ON "{schema}".qmlkit_jobs FOR EACH ROW '
             "WHEN (OLD.state = 'Enqueued' AND NEW.state = 'Processing') "
             f'EXECUTE FUNCTION "{schema}".slow()'))
-    result: dict[str, list] = {}
+    result: dict[str, object] = {}
 
     def claimer() -> None:
-        result["claimed"] = store.claim(worker_id="w", server_name="srv", queues=[], limit=1,
-                                        now=utcnow())
+        began = time.monotonic()
+        try:
+            result["claimed"] = store.claim(worker_id="w", server_name="srv", queues=[],
+                                            limit=1, now=utcnow())
+        except BaseException as exc:  # reported by the assertion below
+            result["error"] = exc
+        result["took_s"] = time.monotonic() - began
 
-    thread = threading.Thread(target=claimer)
+    thread = threading.Thread(target=claimer, daemon=True)
     thread.start()
 
     def claim_running() -> bool:
@@ -478,9 +484,16 @@ def test_a_claim_cut_off_while_still_running_on_the_server_strands_no_job(
 
     wait_until(claim_running, timeout=10)
     assert proxy.cut() >= 1
-    thread.join(30)
-    claimed = result["claimed"] + store.claim(worker_id="w2", server_name="srv", queues=[],
-                                              limit=1, now=utcnow())
+    thread.join(90)  # the claim's retries may take up to busy_timeout_s (60 s)
+    if "claimed" not in result:  # say what the server was doing, for the next reader
+        with engine.connect() as conn:
+            activity = conn.execute(sa.text(
+                "SELECT pid, state, wait_event_type, wait_event, left(query, 80) "
+                "FROM pg_stat_activity WHERE datname = current_database()")).all()
+        raise AssertionError(f"the retried claim did not return: alive={thread.is_alive()}, "
+                             f"result={result!r}, pg_stat_activity={activity!r}")
+    claimed = list(result["claimed"]) + store.claim(  # type: ignore[call-overload]
+        worker_id="w2", server_name="srv", queues=[], limit=1, now=utcnow())
     assert [j.id for j in claimed] == [job.id]  # handed out, exactly once
     store.close()
 
