@@ -6,8 +6,9 @@ worker threads, created under a lock. ``STALLS_RACY_CLIENT=1`` creates it withou
 as the harness does: threads that start their first job together may each create a client,
 and the ones overwritten are finalized (redis-py's ``Redis.__del__`` closes the client's
 own pool, connections in use by other threads included), which is the 5 s stall of issue
-#16 item 7 (redis-py 8's default ``socket_timeout`` of 5 s, then its retry). Each attempt also appends one line to ``STALLS_OUT`` (one ``os.write`` on an
-``O_APPEND`` descriptor, atomic for a short line): the worker id, the claim's stamp
+#16 item 7 (redis-py 8's default ``socket_timeout`` of 5 s, then its retry). Each attempt
+also appends one line to ``STALLS_OUT`` (one ``os.write`` on an ``O_APPEND`` descriptor,
+atomic for a short line): the worker id, the claim's stamp
 (``Processing.started_at``, read before the claim's storage call), the attempt's start and
 its end (``time.time()``, seconds).
 """
