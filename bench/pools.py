@@ -66,7 +66,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, ExitStack, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -349,8 +349,8 @@ def run_one(system: System, in_flight: int, jobs: int, timeout_s: float) -> Resu
     run = uuid.uuid4().hex[:8]
     prefix, keys = f"bench-pools:{run}:", f"bench-pools:{run}:stamps:"
     try:
-        with system.store(run) as store, ExitStack() as stack:
-            job_env = stack.enter_context(mixed_table(run)) if JOB[0] == "mixed" else {}
+        job_scope = mixed_table(run) if JOB[0] == "mixed" else nullcontext({})
+        with system.store(run) as store, job_scope as job_env:
             env = {**os.environ, "PYTHONPATH": str(APPS), "BENCH_REDIS": REDIS_URL,
                    "BENCH_KEYS": keys, "BENCH_PREFIX": prefix,
                    "BENCH_CONCURRENCY": str(in_flight),

@@ -492,8 +492,10 @@ def test_a_claim_cut_off_while_still_running_on_the_server_strands_no_job(
                 "FROM pg_stat_activity WHERE datname = current_database()")).all()
         raise AssertionError(f"the retried claim did not return: alive={thread.is_alive()}, "
                              f"result={result!r}, pg_stat_activity={activity!r}")
-    claimed = list(result["claimed"]) + store.claim(  # type: ignore[call-overload]
-        worker_id="w2", server_name="srv", queues=[], limit=1, now=utcnow())
+    first = result["claimed"]
+    assert isinstance(first, list)
+    claimed = first + store.claim(worker_id="w2", server_name="srv", queues=[], limit=1,
+                                  now=utcnow())
     assert [j.id for j in claimed] == [job.id]  # handed out, exactly once
     store.close()
 
