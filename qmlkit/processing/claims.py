@@ -393,6 +393,11 @@ class ClaimLedger:
         with self._lock:
             return [job for job, _ in self._running.values()]
 
+    def any_running(self) -> bool:
+        """Whether any attempt runs now (cheaper than ``bool(running())``)."""
+        with self._lock:
+            return bool(self._running)
+
     def is_empty(self) -> bool:
         """Whether nothing is held, running, released or boxed."""
         with self._lock:

@@ -626,6 +626,9 @@ def test_stop_releases_jobs_prefetched_behind_a_job_that_outlives_the_grace_peri
     server.start()
     try:
         wait_until(lambda: 1 in ran, timeout=10)
+        # (job 0 ran alone, the batch size unknown yet; its outcome is stored at once,
+        # the pool idle at its batch's end)
+        wait_until(lambda: app.storage.get(ids[0]).state.name == "Succeeded", timeout=10)
         held = [j for j in ids if app.storage.get(j).state.name == "Processing"]
         assert len(held) > 1, "precondition: jobs were prefetched behind the blocked one"
         # When the server stops and the grace period runs out

@@ -21,9 +21,11 @@ class StragglerDuty(DutyBase):
 
     A worker claims as many jobs as fit its estimate of ``prefetch_window``; when one of
     them runs far longer than that estimate (over four windows, and 0.2 s at least), the
-    outcomes of the jobs it finished before are stored now, and the jobs claimed after it
-    are released to their queues (fenced, as on stop) and the server's idle workers woken
-    to take them, instead of waiting behind it. Looks every window (20 ms at least).
+    jobs claimed after it are released to their queues (fenced, as on stop) and the
+    server's idle workers woken to take them, instead of waiting behind it; outcomes of
+    the jobs it finished before still in its box (a worker that stores its own, as in
+    inline mode) are stored now (the thread pool's storer stores them within a window
+    anyway). Looks every window (20 ms at least).
     """
 
     name = "stragglers"

@@ -14,8 +14,10 @@ Three threads of the server's process (arq's and saq's shape, with qmlkit's clai
   It waits at the server's idle gate when a claim comes back empty, so wake-ups reach
   it as they reach worker threads. Nothing is claimed that cannot start now, so no job
   waits behind a slow one (what ``prefetch_window`` guards against in the thread pool).
-- the **storer** thread stores outcomes in batches (`Runtime.store_outcomes`, one
-  transaction each): at least every ``prefetch_window``, sooner once `FLUSH_AT` wait.
+- the **storer** thread (`qmlkit.processing.pools.storer.OutcomeStorer`, as in the
+  thread pool) stores outcomes in batches (`Runtime.store_outcomes`, one transaction
+  each): at least every ``prefetch_window``, sooner once ``FLUSH_AT`` wait or once every
+  slot is free.
 
 So storage calls never block the loop, and 500 attempts in flight use two storage
 connections (claimer and storer), not 500. Timeouts: an ``async def`` job is cancelled
@@ -44,6 +46,7 @@ from qmlkit.job import Job
 from qmlkit.processing.claims import LOST, RELEASE
 from qmlkit.processing.context import JobContext
 from qmlkit.processing.pools.base import any_alive, join_all
+from qmlkit.processing.pools.storer import OutcomeStorer
 from qmlkit.processing.pools.threads import (
     CLAIM_RETRY_CAP_S,
     CLAIM_RETRY_INITIAL_S,
@@ -53,17 +56,14 @@ from qmlkit.processing.pools.threads import (
 
 if TYPE_CHECKING:
     from qmlkit.processing.pools.base import PoolParts
-    from qmlkit.storage.base import Transition
 
-__all__ = ["FLUSH_AT", "SYNC_THREADS_MAX", "AsyncioPool"]
+__all__ = ["SYNC_THREADS_MAX", "AsyncioPool"]
 
 log = logging.getLogger("qmlkit.processing.server")
 
 #: Most threads of the executor running ``def`` jobs (fewer if ``worker_count`` is less).
 SYNC_THREADS_MAX = 32
-#: Outcomes waiting that make the storer store at once instead of at the window's end.
-FLUSH_AT = 200
-#: Longest wait of the claimer for a free slot, or of the storer for outcomes, seconds.
+#: Longest wait of the claimer for a free slot, seconds.
 POLL_S = 0.1
 #: While some slots are busy, how long the claimer lets freed slots gather before it
 #: claims for them (seconds): one claim for many slots, not one per slot.
@@ -91,10 +91,7 @@ class AsyncioPool:
         self._free = list(range(self.size))  # free slot numbers, under _slots
         self._want = min(parts.runtime.config.fetch_batch_size, self.size)  # a full claim
         self._claimer_done = False  # under _slots
-        self._out = threading.Condition()
-        self._pending: list[Transition] = []  # outcomes not stored yet, under _out
-        self._first_pending = 0.0  # monotonic time the oldest of them was added
-        self._attempts_over = threading.Event()  # the loop has ended: no more outcomes
+        self._storer = OutcomeStorer(parts.runtime, name="qmlkit-asyncio-storer")
         self._loop = asyncio.new_event_loop()
         self._executor = ThreadPoolExecutor(self.sync_threads, thread_name_prefix="qmlkit-sync")
         self._tasks: set[asyncio.Task[None]] = set()
@@ -105,8 +102,9 @@ class AsyncioPool:
 
     def start(self) -> None:
         """Start the loop, claimer and storer threads (``qmlkit-asyncio-*`` daemons)."""
-        for name, target in (("loop", self._run_loop), ("claimer", self._claim_loop),
-                             ("storer", self._store_loop)):
+        self._storer.start()
+        self._threads.append(self._storer.thread)
+        for name, target in (("loop", self._run_loop), ("claimer", self._claim_loop)):
             thread = threading.Thread(target=target, name=f"qmlkit-asyncio-{name}", daemon=True)
             thread.start()
             self._threads.append(thread)
@@ -227,6 +225,9 @@ class AsyncioPool:
             self._free.append(slot)
             if len(self._free) in (1, self._want):  # what the claimer waits for
                 self._slots.notify()
+            idle = len(self._free) == self.size
+        if idle:  # nothing runs: a lone job's result is not held for the window
+            self._storer.flush()
         self._stop_loop_if_done()
 
     def _stop_loop_if_done(self) -> None:
@@ -253,9 +254,7 @@ class AsyncioPool:
         finally:
             loop.close()
             self._executor.shutdown(wait=False, cancel_futures=True)
-            self._attempts_over.set()
-            with self._out:
-                self._out.notify()
+            self._storer.close()  # no more outcomes: it stores the rest and ends
 
     def _spawn(self, started: list[tuple[Job, JobContext, int, str]]) -> None:
         for job, ctx, slot, slot_id in started:
@@ -280,36 +279,9 @@ class AsyncioPool:
             parts.runtime.claims.finish(job)
             parts.runtime.claims.end_batch(slot_id, [job])
             if outcome is not None:
-                self._add_outcome(outcome)
+                self._storer.add(outcome)
             self._free_slot(slot)
 
     async def _offload(self, fn: Callable[[], Any]) -> Any:
         """Run a ``def`` job's call on the executor, with the task's context variables."""
         return await self._loop.run_in_executor(self._executor, contextvars.copy_context().run, fn)
-
-    # --- the storer thread ----------------------------------------------------------------
-
-    def _add_outcome(self, outcome: Transition) -> None:
-        with self._out:
-            if not self._pending:
-                self._first_pending = time.monotonic()
-            self._pending.append(outcome)
-            if len(self._pending) in (1, FLUSH_AT):
-                self._out.notify()
-
-    def _store_loop(self) -> None:
-        window = self.parts.runtime.config.prefetch_window.total_seconds()
-        while True:
-            with self._out:
-                while not self._pending and not self._attempts_over.is_set():
-                    self._out.wait(POLL_S)
-                if not self._pending:
-                    return  # the loop has ended and everything is stored
-                while (len(self._pending) < FLUSH_AT and not self._attempts_over.is_set()
-                       and (left := self._first_pending + window - time.monotonic()) > 0):
-                    self._out.wait(left)
-                batch, self._pending = self._pending, []
-            try:
-                self.parts.runtime.store_outcomes(batch)  # retried while storage is down
-            except Exception:  # the storer must outlive any failure
-                log.exception("storing %d outcome(s) failed", len(batch))
