@@ -21,13 +21,15 @@ from types import TracebackType
 from typing import Any
 
 from qmlkit.backoff import Backoff
-from qmlkit.errors import Retry, StaleClaim
+from qmlkit.errors import Retry, StaleClaim, StorageError
 from qmlkit.job import AwaitingRetry, Failed, Job, Succeeded, cap_text, trusted, utcnow
 from qmlkit.limits import MAX_TIMESTAMP
 from qmlkit.processing.retry import RetryPolicy, qualname
 from qmlkit.storage.base import StateChange, Storage, Transition
 
-__all__ = ["describe_exception", "failed", "store_outcomes", "succeeded"]
+__all__ = [
+    "describe_exception", "failed", "storable_text", "store_outcomes", "succeeded", "unstorable",
+]
 
 log = logging.getLogger("qmlkit.processing.processor")  # the logger these lines had
 
@@ -57,7 +59,9 @@ def describe_exception(exc: BaseException) -> tuple[str, str, str | None, str | 
 
     Returns:
         ``(type_name, message, stack_trace, note)``; ``note`` says what could not be
-        rendered, else ``None``. Message and trace are capped (``cap_text``).
+        rendered, else ``None``. Message and trace are capped (``cap_text``), and a lone
+        surrogate in them (text made from undecodable bytes, as ``os.fsdecode`` does)
+        is written as its ``\\udcxx`` escape, so the text is valid UTF-8.
     """
     note = None
     type_name = qualname(type(exc))
@@ -72,7 +76,20 @@ def describe_exception(exc: BaseException) -> tuple[str, str, str | None, str | 
     except Exception as err:
         trace = None
         note = (note + "; " if note else "") + f"traceback could not be formatted: {err!r}"[:500]
-    return type_name, cap_text(message), cap_text(trace) if trace else None, note
+    return (storable_text(type_name), storable_text(cap_text(message)),
+            storable_text(cap_text(trace)) if trace else None, note)
+
+
+def storable_text(text: str) -> str:
+    """``text`` as valid UTF-8: each lone surrogate written as its backslash escape
+    (``"caf\\udce9"``), the rest unchanged. Every storage encodes states as UTF-8."""
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def capped(now: datetime, offset: timedelta) -> datetime:
@@ -179,10 +196,16 @@ def store_outcomes(storage: Storage, outcomes: Sequence[Transition], *,
                    aborting: threading.Event, observed: bool) -> list[StateChange] | None:
     """Store a batch of outcomes in one transaction, retrying while storage is down.
 
-    Outcomes are never dropped: a failing store is retried with a capped, jittered
-    backoff (`qmlkit.backoff.Backoff`, 0.05 s to 5 s) until it succeeds, unless
-    ``aborting`` is set, when it gives up after logging. An outcome that fencing rejects
-    (``StaleClaim``: another attempt replaced this one) is logged and discarded.
+    Outcomes are never dropped: a store failing with a `StorageError` (the storage is
+    down or busy) is retried with a capped, jittered backoff (`qmlkit.backoff.Backoff`,
+    0.05 s to 5 s) until it succeeds, unless ``aborting`` is set, when it gives up after
+    logging. Any other error says one outcome may never be storable (a state the storage
+    cannot encode): the batch is then stored one outcome at a time, so the others are
+    not held back, and an outcome that still fails so is replaced once by a ``Failed``
+    state naming the error (`unstorable`); if even that fails, it is logged and left
+    (its job stays Processing until a stranded sweep requeues it). An outcome that
+    fencing rejects (``StaleClaim``: another attempt replaced this one) is logged and
+    discarded.
 
     Args:
         storage: Where to store them.
@@ -198,6 +221,7 @@ def store_outcomes(storage: Storage, outcomes: Sequence[Transition], *,
         return []
     logger = logging.getLogger("qmlkit.processing.server")  # the logger these lines had
     backoff = Backoff(STORE_RETRY_INITIAL_S, STORE_RETRY_CAP_S)
+    replaced = False
     while True:
         try:
             results = storage.transition_many(list(outcomes))
@@ -206,6 +230,20 @@ def store_outcomes(storage: Storage, outcomes: Sequence[Transition], *,
             if aborting.is_set():
                 logger.error("could not store %d outcome(s) during abort: %s", len(outcomes), exc)
                 return None
+            if not isinstance(exc, StorageError):  # not the storage: maybe one outcome
+                if len(outcomes) > 1:
+                    logger.warning("storing %d outcome(s) failed (%s: %s); storing them "
+                                   "one by one", len(outcomes), type(exc).__name__, exc)
+                    return _one_by_one(storage, outcomes, aborting=aborting, observed=observed)
+                if replaced:
+                    logger.error("outcome of job %s could not be stored, nor a Failed state "
+                                 "in its place (%s: %s); left Processing", outcomes[0].job.id,
+                                 type(exc).__name__, exc)
+                    return None
+                logger.error("outcome of job %s cannot be stored (%s: %s); storing it as "
+                             "Failed", outcomes[0].job.id, type(exc).__name__, exc)
+                outcomes, replaced = [unstorable(outcomes[0], exc)], True
+                continue
             delay = backoff.next()
             logger.warning("storing %d outcome(s) failed (%s: %s); retrying in %.2f s",
                            len(outcomes), type(exc).__name__, exc, delay)
@@ -219,3 +257,37 @@ def store_outcomes(storage: Storage, outcomes: Sequence[Transition], *,
         elif observed or result.state.name == "Enqueued":
             changes.append(StateChange(result, item.job.state))
     return changes
+
+
+def _one_by_one(storage: Storage, outcomes: Sequence[Transition], *,
+                aborting: threading.Event, observed: bool) -> list[StateChange] | None:
+    """`store_outcomes` of each outcome alone; the changes of those stored."""
+    changes: list[StateChange] = []
+    stored_any = False
+    for item in outcomes:
+        done = store_outcomes(storage, [item], aborting=aborting, observed=observed)
+        if done is not None:
+            stored_any = True
+            changes.extend(done)
+    return changes if stored_any else None
+
+
+def unstorable(item: Transition, exc: BaseException) -> Transition:
+    """A ``Failed`` state for a job whose outcome the storage could not store.
+
+    Args:
+        item: The outcome that failed to store (fenced by its job's attempt).
+        exc: What storing it raised.
+
+    Returns:
+        The same job's transition to ``Failed`` (no retry: the outcome would fail again),
+        with ``exception_type`` ``qmlkit.errors.PayloadError`` and a message naming
+        ``exc`` and the state that could not be stored. Kept for ever (no TTL), so it
+        can be looked at.
+    """
+    message = storable_text(cap_text(
+        f"the attempt ended {item.state.name}, but that state could not be stored "
+        f"({qualname(type(exc))}: {exc})"))
+    state = Failed(failed_at=utcnow(), exception_type="qmlkit.errors.PayloadError",
+                   message=message, stack_trace=None, retry_count=item.job.retry_count)
+    return Transition(item.job, state)

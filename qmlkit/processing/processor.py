@@ -371,7 +371,19 @@ class JobProcessor:
         if result is None:
             return None
         text = encode_json(result, "result")
-        size = len(text.encode("utf-8")) if len(text) * 4 > self.max_result_bytes else len(text)
+        if text.isascii():
+            size = len(text)
+        else:  # count its bytes, and refuse what no storage can encode
+            try:
+                size = len(text.encode("utf-8"))
+            except UnicodeEncodeError as exc:
+                raise PayloadError(
+                    f"result holds text that is not valid UTF-8 (a lone surrogate at "
+                    f"character {exc.start} of its JSON, as from undecodable bytes "
+                    f"decoded with os.fsdecode or 'surrogateescape'); return bytes as "
+                    f"base64 or decode them with errors='replace'",
+                    where="result",
+                ) from None
         if size > self.max_result_bytes:
             raise PayloadError(
                 f"result encodes to {size} bytes, over the limit of {self.max_result_bytes}",

@@ -1024,3 +1024,36 @@ def test_sqlite_two_processes_claim_each_job_exactly_once(tmp_path: Path) -> Non
                     if st.name == "Enqueued" and (st.reason or "").startswith("released")]
         assert app.storage.get(job_id).attempts == 1 + len(released), job_id
     app.close()
+
+
+def test_an_outcome_with_undecodable_text_fails_its_job_and_holds_back_no_other(
+    backend_url: str,
+) -> None:
+    # Given 20 threads draining 200 jobs, two of which end with text made of undecodable
+    # bytes (os.fsdecode gives lone surrogates, which no storage can encode as UTF-8)
+    app = App("undecodable", storage=backend_url, autoload=False,
+              plugins=backend_plugins(backend_url))
+    name = os.fsdecode(b"caf\xe9.txt")
+
+    @app.job(name="undecodable.step", retry=RetryPolicy(max_retries=0))
+    def step(i: int) -> str:
+        if i == 0:
+            return f"read {name}"
+        if i == 1:
+            raise ValueError(f"cannot parse {name}")
+        time.sleep(0.002)
+        return "ok"
+
+    try:
+        ids = step.enqueue_many([(i,) for i in range(200)])
+        with running(app, worker_count=20):
+            # Then every job ends, the two failed with a reason, the rest succeeded
+            wait_until(lambda: state_counts(app)["Succeeded"] == 198
+                       and state_counts(app)["Failed"] == 2, timeout=60)
+        returned, raised = app.storage.get(ids[0]), app.storage.get(ids[1])
+        assert returned.state.exception_type == "qmlkit.errors.PayloadError"
+        assert "not valid UTF-8" in returned.state.message
+        assert raised.state.exception_type == "ValueError"
+        assert raised.state.message == "cannot parse caf\\udce9.txt"
+    finally:
+        app.close()

@@ -32,6 +32,7 @@ class Queue:
         self.gate: threading.Event | None = None
         self.inside = threading.Event()
         self.fail: Exception | None = None
+        self.extra = 0  # jobs returned beyond the limit
 
     def claim(self, stamp: str, limit: int) -> list[Job]:
         self.calls.append((stamp, limit))
@@ -40,7 +41,7 @@ class Queue:
             assert self.gate.wait(10)
         if self.fail is not None:
             raise self.fail
-        taken, self.jobs = self.jobs[:limit], self.jobs[limit:]
+        taken, self.jobs = self.jobs[:limit + self.extra], self.jobs[limit + self.extra:]
         return taken
 
 
@@ -85,11 +86,11 @@ def _while_a_claim_runs(queue: Queue, group: ClaimGroup, first_limit: int,
     return results
 
 
-def test_a_thread_alone_claims_at_once_with_its_own_limit_and_id() -> None:
+def test_a_thread_alone_claims_at_once_with_its_own_limit() -> None:
     queue = Queue(10)
     group, ledger = _group(queue)
     share = group.claim("s:worker:0", 4)
-    assert queue.calls == [("s:worker:0", 4)]
+    assert queue.calls == [("s:threads", 4)]  # every claim carries the pool's id
     assert [j.id for j in share.jobs] == [f"job-{n}" for n in range(4)] and share.full
     assert ledger.held() == share.jobs  # held for it before it runs them
     rest = group.claim("s:worker:0", 50)
@@ -102,7 +103,7 @@ def test_threads_asking_during_a_claim_share_the_next_one_in_order() -> None:
     group, ledger = _group(queue)
     results = _while_a_claim_runs(queue, group, 2, [("w1", 3), ("w2", 1), ("w3", 5)])
     # Then one more storage claim serves all three, stamped with the pool's id
-    assert queue.calls == [("w0", 2), ("s:threads", 9)]
+    assert queue.calls == [("s:threads", 2), ("s:threads", 9)]
     shares = {w: r for w, r in results.items() if isinstance(r, Share)}
     assert len(shares) == 4
     assert [j.args[0] for j in shares["w1"].jobs] == [2, 3, 4]
@@ -143,6 +144,18 @@ def test_asks_past_the_most_one_claim_takes_wait_for_the_next() -> None:
     assert [limit for _, limit in queue.calls] == [1, CLAIM_MOST, 5]
     sizes = {w: len(r.jobs) for w, r in results.items() if isinstance(r, Share)}
     assert sizes == {"w0": 1, "w1": CLAIM_MOST, "w2": 5}
+
+
+def test_jobs_beyond_what_was_asked_reach_a_thread_none_is_dropped() -> None:
+    # Given a storage that returns 15 more than asked (as Redis replaying a lost claim)
+    queue = Queue(40)
+    queue.extra = 15
+    group, ledger = _group(queue)
+    results = _while_a_claim_runs(queue, group, 2, [("w1", 3), ("w2", 1)])
+    # Then every job returned is in a thread's share and held for that thread
+    shares = {w: r for w, r in results.items() if isinstance(r, Share)}
+    assert [len(shares[w].jobs) for w in ("w0", "w1", "w2")] == [17, 18, 1]
+    assert len({j.id for j in ledger.held()}) == 36
 
 
 # --- the shared storer ---------------------------------------------------------------------

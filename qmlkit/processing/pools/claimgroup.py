@@ -13,9 +13,13 @@ where one would do, and drained slower than 10 threads (issue #16 item 6).
 Nothing waits on a timer: a thread alone claims at once, as before. A share is held in
 the server's `ClaimLedger` under its thread's worker id by the leader (`ClaimLedger.hold`,
 with the leader's clock reading from before the claim), so stop, the straggler duty and
-the zombie checks see it before its thread wakes. Jobs claimed for several threads are
-stamped on their Processing state with the pool's id (``<server name>:threads``); a
-thread claiming alone stamps its own. Group commit in databases and Dramatiq's one
+the zombie checks see it before its thread wakes. Every claim is made, and stamped on
+its jobs' Processing state, with the pool's id (``<server name>:threads``), not a
+thread's: a storage that replays a claim whose reply was lost (qmlkit-redis keys it by
+server and worker id) replays it on the pool's next claim, whoever leads it, and any
+job a claim returns beyond what was asked goes to the first share. One claim at a time
+also keeps two claims from sharing that key at once (two at a time were tried, and
+were no faster: docs/benchmarks.md). Group commit in databases and Dramatiq's one
 consumer thread per queue feeding its worker threads are the same idea.
 """
 
@@ -43,7 +47,8 @@ class Share:
     """What one thread got from a claim.
 
     Attributes:
-        jobs: Its jobs, in claim order (held for it in the ledger already); may be empty.
+        jobs: Its jobs, in claim order (held for it in the ledger already); may be
+            empty, and may exceed the thread's limit when a storage replays a lost claim.
         seen: The idle gate's sequence number read before the claim (`IdleGate.wait`).
         began: The ledger's clock read before the claim (``claimed_at`` of `hold`).
         full: Whether the claim returned every job it asked for (more may be waiting).
@@ -77,20 +82,18 @@ class ClaimGroup:
             told, `claim_jobs`); raises what the storage raises.
         idle: The server's idle gate (its sequence number is read before each claim).
         claims: The server's claim ledger (shares are held in it).
-        pool_id: Stamped on jobs claimed for several threads at once.
-        in_flight: Most storage claims running at once (1 or more).
+        pool_id: The worker id every claim is made with (stamped on its jobs).
     """
 
     def __init__(self, claim: Callable[[str, int], list[Job]], *, idle: IdleGate,
-                 claims: ClaimLedger, pool_id: str, in_flight: int = 1) -> None:
+                 claims: ClaimLedger, pool_id: str) -> None:
         self._claim = claim
         self._idle = idle
         self._claims = claims
         self.pool_id = pool_id
         self._lock = threading.Lock()
         self._asks: list[_Ask] = []  # waiting for the next claim, in order; under _lock
-        self.in_flight = max(1, in_flight)
-        self._claiming = 0  # claims in flight; under _lock
+        self._claiming = False  # a claim is in flight; under _lock
 
     def claim(self, worker_id: str, limit: int) -> Share:
         """Claim up to ``limit`` jobs for ``worker_id``, with every thread asking now.
@@ -112,19 +115,19 @@ class ClaimGroup:
         while True:
             with self._lock:
                 while (ask.share is None and ask.error is None
-                       and (ask.taken or self._claiming >= self.in_flight)):
+                       and (ask.taken or self._claiming)):
                     ask.wake.wait()
                 if ask.error is not None:
                     raise ask.error
                 if ask.share is not None:
                     return ask.share
-                self._claiming += 1  # this thread leads the next claim
+                self._claiming = True  # this thread leads the next claim
                 group = self._take_group()
             try:
                 self._lead(group)
             finally:
                 with self._lock:
-                    self._claiming -= 1
+                    self._claiming = False
                     for served in group:  # wake only the threads it concerns:
                         served.wake.notify()
                     if self._asks:  # and the oldest one waiting, to lead the next claim
@@ -148,9 +151,8 @@ class ClaimGroup:
         total = sum(ask.limit for ask in group)
         seen = self._idle.seen()
         began = self._claims.clock()  # the claim's lease starts before it
-        stamp = group[0].worker_id if len(group) == 1 else self.pool_id
         try:
-            jobs = self._claim(stamp, total)
+            jobs = self._claim(self.pool_id, total)
         except BaseException as exc:  # handed to every thread of the claim
             for ask in group:
                 ask.error = exc
@@ -158,9 +160,14 @@ class ClaimGroup:
                 raise
             return
         full, taken = len(jobs) >= total, 0
+        shares: list[list[Job]] = []
         for ask in group:
-            share = jobs[taken:taken + ask.limit]
-            taken += len(share)
+            shares.append(jobs[taken:taken + ask.limit])
+            taken += len(shares[-1])
+        # A storage may return more than asked: Redis replays a claim whose reply was
+        # lost, with that claim's own limit. Every job claimed must reach a thread.
+        shares[0].extend(jobs[taken:])
+        for ask, share in zip(group, shares, strict=True):
             if share:
                 self._claims.hold(share, ask.worker_id, claimed_at=began)
             ask.share = Share(share, seen, began, full)
