@@ -21,7 +21,7 @@ from types import TracebackType
 from typing import Any
 
 from qmlkit.backoff import Backoff
-from qmlkit.errors import Retry, StaleClaim, StorageError
+from qmlkit.errors import QmlError, Retry, StaleClaim
 from qmlkit.job import AwaitingRetry, Failed, Job, Succeeded, cap_text, trusted, utcnow
 from qmlkit.limits import MAX_TIMESTAMP
 from qmlkit.processing.retry import RetryPolicy, qualname
@@ -196,8 +196,9 @@ def store_outcomes(storage: Storage, outcomes: Sequence[Transition], *,
                    aborting: threading.Event, observed: bool) -> list[StateChange] | None:
     """Store a batch of outcomes in one transaction, retrying while storage is down.
 
-    Outcomes are never dropped: a store failing with a `StorageError` (the storage is
-    down or busy) is retried with a capped, jittered backoff (`qmlkit.backoff.Backoff`,
+    Outcomes are never dropped: a store failing with a qmlkit error (`StorageError`:
+    the storage is down or busy; `ConfigurationError`: credentials refused) or an
+    ``OSError`` is retried with a capped, jittered backoff (`qmlkit.backoff.Backoff`,
     0.05 s to 5 s) until it succeeds, unless ``aborting`` is set, when it gives up after
     logging. Any other error says one outcome may never be storable (a state the storage
     cannot encode): the batch is then stored one outcome at a time, so the others are
@@ -230,7 +231,7 @@ def store_outcomes(storage: Storage, outcomes: Sequence[Transition], *,
             if aborting.is_set():
                 logger.error("could not store %d outcome(s) during abort: %s", len(outcomes), exc)
                 return None
-            if not isinstance(exc, StorageError):  # not the storage: maybe one outcome
+            if not isinstance(exc, (QmlError, OSError)):  # not the storage: one outcome?
                 if len(outcomes) > 1:
                     logger.warning("storing %d outcome(s) failed (%s: %s); storing them "
                                    "one by one", len(outcomes), type(exc).__name__, exc)
