@@ -129,6 +129,9 @@ class ClaimGroup:
                 with self._lock:
                     self._claiming = False
                     for served in group:  # wake only the threads it concerns:
+                        if served.share is None and served.error is None:  # _lead broke
+                            served.error = RuntimeError("the claim serving this thread "
+                                                        "ended without an answer")
                         served.wake.notify()
                     if self._asks:  # and the oldest one waiting, to lead the next claim
                         self._asks[0].wake.notify()
