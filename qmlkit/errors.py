@@ -189,7 +189,7 @@ class StaleClaim(StorageError):
 
     Raised when the job has been re-claimed since (its fencing token moved on), or is no
     longer Processing (it was reclaimed, released or deleted). The caller's outcome is
-    discarded; the newer attempt owns the job.
+    discarded; whoever released, reclaimed or deleted the job decides what happens next.
 
     Attributes:
         job_id: The job's id.
@@ -200,7 +200,8 @@ class StaleClaim(StorageError):
         self.job_id = job_id
         self.token = token
         super().__init__(
-            f"job {job_id}: fencing token {token} is stale; another attempt owns the job now"
+            f"job {job_id}: fencing token {token} is stale: since that claim the job was "
+            f"released to its queue, claimed again or deleted"
         )
 
 

@@ -252,9 +252,13 @@ def store_outcomes(storage: Storage, outcomes: Sequence[Transition], *,
     changes = []
     for item, result in zip(outcomes, results, strict=True):
         if isinstance(result, StaleClaim):
-            level = logging.INFO if aborting.is_set() else logging.WARNING
-            logger.log(level, "outcome of job %s (attempt %d) discarded: %s",
-                       item.job.id, item.token, result)
+            if aborting.is_set():  # this server released it when its grace period ran out
+                logger.info("outcome of job %s (attempt %d) discarded: the job was released "
+                            "to its queue when this server stopped (%s)",
+                            item.job.id, item.token, result)
+            else:
+                logger.warning("outcome of job %s (attempt %d) discarded: %s",
+                               item.job.id, item.token, result)
         elif observed or result.state.name == "Enqueued":
             changes.append(StateChange(result, item.job.state))
     return changes
