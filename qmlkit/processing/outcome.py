@@ -205,8 +205,8 @@ def store_outcomes(storage: Storage, outcomes: Sequence[Transition], *,
     not held back, and an outcome that still fails so is replaced once by a ``Failed``
     state naming the error (`unstorable`); if even that fails, it is logged and left
     (its job stays Processing until a stranded sweep requeues it). An outcome that
-    fencing rejects (``StaleClaim``: another attempt replaced this one) is logged and
-    discarded.
+    fencing rejects (``StaleClaim``: the job was released, claimed again or deleted
+    since this attempt's claim) is logged and discarded.
 
     Args:
         storage: Where to store them.
