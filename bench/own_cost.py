@@ -11,7 +11,8 @@ This benchmark separates the two, on each storage and thread count:
 - ``qmlkit, harness job``: ``--jobs`` jobs enqueued in bulk, then ONE worker started by
   its CLI (``qmlkit --log-level WARNING worker own_cost_app:app --threads T``) drains
   them; jobs/s between the first and the latest start, and the worker process's CPU per
-  job over the same span (`own_cost_app`), so start-up is left out;
+  job from its first count after the first job to the end (`own_cost_app`), so
+  start-up is left out;
 - ``qmlkit, no-op job``: the same with a job that does nothing: qmlkit's own CPU per job
   (claim, context, attempt, outcome, acknowledgement), all threads of the worker;
 - ``own, with the job``: the harness job's CPU per job in qmlkit minus the bare loop's
@@ -23,7 +24,10 @@ temporary folder; PostgreSQL 127.0.0.1:5432, database ``test``, a fresh schema p
 Rounds alternate the three measurements. Prints figures, never asserts a speed.
 
     .venv/bin/python bench/own_cost.py [--backends redis,sqlite,postgres] [--threads 1,5]
-        [--jobs 20000] [--rounds 2]
+        [--processes 2] [--jobs 20000] [--rounds 2]
+
+``--processes P`` adds the same drains with ``--pool processes --processes P`` (T threads
+in each child; the children's counts and CPU summed), and P bare loops at once.
 """
 
 from __future__ import annotations
@@ -104,8 +108,16 @@ def storage(backend: str) -> Iterator[str]:
         raise SystemExit(f"unknown backend {backend!r} (redis, sqlite or postgres)")
 
 
-def drain(backend: str, job: str, threads: int, jobs: int) -> tuple[float, float]:
-    """One worker process drains ``jobs`` pre-enqueued jobs: (jobs/s, CPU µs per job)."""
+def drain(backend: str, job: str, threads: int, jobs: int, processes: int = 0
+          ) -> tuple[float, float]:
+    """One worker drains ``jobs`` pre-enqueued jobs: (jobs/s, CPU µs per job).
+
+    Args:
+        threads: Worker threads (per child with ``processes``).
+        processes: 0 for the thread pool in one process; else ``--pool processes`` with
+            that many children, whose counts and CPU are summed (the supervising parent
+            runs no job: its CPU is not counted).
+    """
     keys = f"bench-own-keys:{uuid.uuid4().hex[:8]}:"
     client = redis.Redis.from_url(REDIS_URL)
     with storage(backend) as url:
@@ -113,23 +125,32 @@ def drain(backend: str, job: str, threads: int, jobs: int) -> tuple[float, float
                "BENCH_OWN_REDIS": REDIS_URL, "BENCH_OWN_KEYS": keys}
         subprocess.run([sys.executable, "-c", ENQUEUE, str(jobs)], env=env, cwd=HERE,
                        check=True)
+        pool = ["--pool", "processes", "--processes", str(processes)] if processes else []
         worker = subprocess.Popen([QMLKIT, "--log-level", "WARNING", "worker",
                                    "own_cost_app:app", "--threads", str(threads),
-                                   "--wakeup", "none"], env=env, cwd=HERE)
+                                   "--wakeup", "none", *pool], env=env, cwd=HERE)
+
+        def counts() -> list[dict[str, float]]:
+            return [{k.decode(): float(v) for k, v in client.hgetall(key).items()}
+                    for key in client.scan_iter(match=keys + "proc:*")]
+
         try:
             deadline = time.monotonic() + 600
-            while int(client.hget(keys + "proc", "done") or 0) < jobs:
+            while sum(c.get("done", 0) for c in counts()) < jobs:
                 if worker.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"{backend} {job} ×{threads}: the drain did not finish")
+                    raise RuntimeError(f"{backend} {job} x{threads}: the drain did not finish")
                 time.sleep(0.05)
-            s = {k.decode(): float(v) for k, v in client.hgetall(keys + "proc").items()}
+            procs = counts()
         finally:
             worker.terminate()
             worker.wait(60)
             for key in client.scan_iter(match=keys + "*"):
                 client.delete(key)
-    n = s["done"] - 1
-    return n / (s["t_last"] - s["t_first"]), (s["cpu_last"] - s["cpu_first"]) / n * 1e6
+    done = sum(c["done"] for c in procs)
+    cpu = sum(c["cpu"] - c["cpu_first"] for c in procs) / sum(
+        c["done"] - c["done_first"] for c in procs)
+    span = max(c["t_last"] for c in procs) - min(c["t_first"] for c in procs)
+    return (done - 1) / span, cpu * 1e6
 
 
 ENQUEUE = """
@@ -142,10 +163,25 @@ app.close()
 """
 
 
+def bare_processes(processes: int, threads: int, jobs: int) -> tuple[float, float]:
+    """The bare loop in ``processes`` processes at once: (summed jobs/s, mean CPU µs/job)."""
+    procs = [subprocess.Popen([sys.executable, __file__, "--bare", str(threads),
+                               str(jobs // processes)], stdout=subprocess.PIPE, text=True)
+             for _ in range(processes)]
+    outs = [proc.communicate()[0].split() for proc in procs]
+    return (sum(float(o[0]) for o in outs),
+            statistics.mean(float(o[1]) for o in outs))
+
+
+Key = tuple[str, int, int, str]  # backend or "bare", threads, processes (0: one), job
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backends", default="redis,sqlite,postgres")
     parser.add_argument("--threads", default="1,5")
+    parser.add_argument("--processes", type=int, default=0,
+                        help="also drain with --pool processes --processes P (threads each)")
     parser.add_argument("--jobs", type=int, default=20000)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--bare", nargs=2, type=int, help=argparse.SUPPRESS)
@@ -156,44 +192,45 @@ def main() -> None:
         print(f"{rate} {cpu}")
         return
     backends = args.backends.split(",")
-    counts = [int(t) for t in args.threads.split(",")]
+    shapes = [(int(t), 0) for t in args.threads.split(",")]
+    if args.processes:
+        shapes += [(threads, args.processes) for threads, _ in shapes]
     print(f"qmlkit own cost, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
           f"{args.jobs} jobs per drain, {args.rounds} round(s); load {load()}")
-    rows: dict[tuple[str, int, str], list[tuple[float, float]]] = {}
+    rows: dict[Key, list[tuple[float, float]]] = {}
     for rnd in range(args.rounds):
-        for threads in counts:
-            out = subprocess.run([sys.executable, __file__, "--bare", str(threads),
-                                  str(args.jobs // 2)], capture_output=True, text=True,
-                                 check=True).stdout.split()
-            rows.setdefault(("bare", threads, "harness"), []).append(
-                (float(out[0]), float(out[1])))
+        for threads, processes in shapes:
+            rows.setdefault(("bare", threads, processes, "harness"), []).append(
+                bare_processes(max(1, processes), threads, args.jobs // 2))
             for backend in backends:
                 for job in ("harness", "noop"):
-                    rows.setdefault((backend, threads, job), []).append(
-                        drain(backend, job, threads, args.jobs))
+                    rows.setdefault((backend, threads, processes, job), []).append(
+                        drain(backend, job, threads, args.jobs, processes))
         print(f"  round {rnd + 1} done; load {load()}", flush=True)
 
-    def med(key: tuple[str, int, str], i: int) -> float:
+    def med(key: Key, i: int) -> float:
         return statistics.median(r[i] for r in rows[key])
 
-    def runs(key: tuple[str, int, str]) -> str:
-        return " / ".join(f"{r[0]:,.0f}" for r in rows[key])
-
-    print(f"\n{'backend':<9} {'T':>2}  {'bare job loop':>22}  {'qmlkit, harness job':>22}  "
+    print("\nT = threads (per process); P = processes (1: the thread pool, else --pool "
+          "processes; bare: that many loops at once)")
+    print(f"{'backend':<9} {'T':>2} {'P':>2}  {'bare job loop':>22}  {'qmlkit, harness job':>22}  "
           f"{'qmlkit, no-op job':>22}  {'own, with the job':>17}")
-    print(f"{'':<9} {'':>2}  {'jobs/s    CPU µs/job':>22}  {'jobs/s    CPU µs/job':>22}  "
-          f"{'jobs/s    CPU µs/job':>22}  {'µs/job   ×bare/s':>17}")
+    print(f"{'':<9} {'':>2} {'':>2}  {'jobs/s    CPU µs/job':>22}  {'jobs/s    CPU µs/job':>22}  "
+          f"{'jobs/s    CPU µs/job':>22}  {'µs/job   x bare/s':>17}")
     for backend in backends:
-        for threads in counts:
-            bare, job, noop = ("bare", threads, "harness"), (backend, threads, "harness"), \
-                (backend, threads, "noop")
-            print(f"{backend:<9} {threads:>2}  {med(bare, 0):>10,.0f} {med(bare, 1):>10.0f}  "
+        for threads, processes in shapes:
+            bare = ("bare", threads, processes, "harness")
+            job, noop = (backend, threads, processes, "harness"), (backend, threads, processes,
+                                                                   "noop")
+            print(f"{backend:<9} {threads:>2} {max(1, processes):>2}  "
+                  f"{med(bare, 0):>10,.0f} {med(bare, 1):>10.0f}  "
                   f"{med(job, 0):>10,.0f} {med(job, 1):>10.0f}  "
                   f"{med(noop, 0):>10,.0f} {med(noop, 1):>10.0f}  "
                   f"{med(job, 1) - med(bare, 1):>7.0f} {med(job, 0) / med(bare, 0):>8.2f}")
-    print("\nevery run (jobs/s):")
-    for key in rows:
-        print(f"  {key[0]:<9} T={key[1]:<2} {key[2]:<8} {runs(key)}")
+    print("\nevery run (jobs/s, CPU µs/job):")
+    for key, runs in rows.items():
+        print(f"  {key[0]:<9} T={key[1]:<2} P={max(1, key[2]):<2} {key[3]:<8} "
+              + " / ".join(f"{rate:,.0f} ({cpu:.0f})" for rate, cpu in runs))
     print(f"load at the end {load()}")
 
 

@@ -159,3 +159,23 @@ def test_child_handle_suspects_an_attempt_that_ended_just_before_a_crash() -> No
     assert child.ending(stopping=False).running == {("a", 1): None}
     child.killed_at = 1.0  # killed by the supervisor: nothing is suspect
     assert child.ending(stopping=False).running == {}
+
+
+def test_child_handle_forgets_ended_attempts_past_the_suspect_window_oldest_first() -> None:
+    import time
+
+    from qmlkit.processing.pools.supervisor import SUSPECT_WINDOW_S, Attempt
+
+    class FakeProcess:
+        pid, exitcode = 125, 0
+
+    child = ChildHandle(slot=0, server_name="h:proc0-z", process=FakeProcess(),  # type: ignore[arg-type]
+                        reports=None, control=None)  # type: ignore[arg-type]
+    now = time.monotonic()
+    # Ended in order, as reports arrive: two past the window, one inside it.
+    child.ended[("old1", 1)] = (now - SUSPECT_WINDOW_S - 2.0, Attempt(None, None))
+    child.ended[("old2", 1)] = (now - SUSPECT_WINDOW_S - 1.0, Attempt(None, None))
+    child.ended[("recent", 1)] = (now - SUSPECT_WINDOW_S / 2, Attempt(None, None))
+    child._apply(("begin", "new", 1, None, now))
+    child._apply(("end", "new", 1))
+    assert list(child.ended) == [("recent", 1), ("new", 1)]
