@@ -132,7 +132,7 @@ def drain(backend: str, job: str, threads: int, jobs: int, processes: int = 0
 
         def counts() -> list[dict[str, float]]:
             return [{k.decode(): float(v) for k, v in client.hgetall(key).items()}
-                    for key in client.scan_iter(match=keys + "proc:*")]
+                    for key in client.smembers(keys + "procs")]
 
         try:
             deadline = time.monotonic() + 600
@@ -144,8 +144,8 @@ def drain(backend: str, job: str, threads: int, jobs: int, processes: int = 0
         finally:
             worker.terminate()
             worker.wait(60)
-            for key in client.scan_iter(match=keys + "*"):
-                client.delete(key)
+            client.delete(keys + "first", keys + "last", keys + "done", keys + "procs",
+                          *client.smembers(keys + "procs"))
     done = sum(c["done"] for c in procs)
     cpu = sum(c["cpu"] - c["cpu_first"] for c in procs) / sum(
         c["done"] - c["done_first"] for c in procs)

@@ -10,7 +10,8 @@ Environment (set by ``own_cost.py``):
 
 Either job also counts itself in the worker's memory: the number done and the wall clock
 at the first and the latest start. A daemon thread writes those to the hash
-``BENCH_OWN_KEYS + "proc:<pid>"`` (one per worker process) every 20 ms, with the process's CPU time
+``BENCH_OWN_KEYS + "proc:<pid>"`` (one per worker process, named in the set
+``BENCH_OWN_KEYS + "procs"``) every 20 ms, with the process's CPU time
 (``time.process_time()``: every thread's user + system time) read then, and the count and
 CPU time of its first write after the first job. So the driver reads the drain's CPU per
 job with the worker's start-up left out, and neither job reads the process's CPU clock
@@ -60,6 +61,7 @@ def _flush_forever() -> None:
             state = dict(_state)
         if not first:
             first = {"done_first": state["done"], "cpu_first": cpu}
+            _client.sadd(KEYS + "procs", key)  # the driver reads these keys, never scans
         if state["done"] != written:
             _client.hset(key, mapping={**state, **first, "cpu": cpu})
             written = int(state["done"])
