@@ -486,12 +486,21 @@ def test_a_claim_cut_off_while_still_running_on_the_server_strands_no_job(
     assert proxy.cut() >= 1
     thread.join(90)  # the claim's retries may take up to busy_timeout_s (60 s)
     if "claimed" not in result:  # say what the server was doing, for the next reader
+        import sys
+        import traceback
+
         with engine.connect() as conn:
             activity = conn.execute(sa.text(
-                "SELECT pid, state, wait_event_type, wait_event, left(query, 80) "
+                "SELECT pid, state, wait_event_type, wait_event, left(query, 200) "
                 "FROM pg_stat_activity WHERE datname = current_database()")).all()
-        raise AssertionError(f"the retried claim did not return: alive={thread.is_alive()}, "
-                             f"result={result!r}, pg_stat_activity={activity!r}")
+        frame = sys._current_frames().get(thread.ident or 0)
+        stack = "".join(traceback.format_stack(frame)[-8:]) if frame is not None else "-"
+        raise AssertionError(
+            "the retried claim did not return: alive=" + str(thread.is_alive())
+            + f", result={result!r}\npg_stat_activity:\n"
+            + "\n".join(repr(row) for row in activity)
+            + f"\nproxied pairs open: {len(proxy._pairs)}"  # type: ignore[attr-defined]
+            + "\nclaimer thread at:\n" + stack)
     first = result["claimed"]
     assert isinstance(first, list)
     claimed = first + store.claim(worker_id="w2", server_name="srv", queues=[], limit=1,
