@@ -292,6 +292,12 @@ class JobProcessor:
         duration_ms = (time.perf_counter() - start) * 1000
         return outcome.succeeded(job, stored, duration_ms, ttl=self.succeeded_ttl)
 
+    def runs_on_loop(self, method: str) -> bool:
+        """Whether jobs named ``method`` run on the event loop (``async def``) in
+        `run_async`, rather than on its executor; ``False`` for an unknown name."""
+        runnable = self.lookup(method)
+        return runnable is not None and self._runs_on_loop(runnable)
+
     def _runs_on_loop(self, runnable: Runnable) -> bool:
         """Whether ``runnable`` is ``async def`` (`is_async_runnable`), remembered."""
         known = self._on_loop.get(id(runnable))

@@ -70,9 +70,9 @@ class TcpProxy:
         host: the old connections are gone); the proxy accepts new ones."""
         with self._lock:
             sockets, self._sockets = self._sockets, []
-        for sock in sockets:
+        for sock in sockets:  # shut down, not closed: their pumps close them (see _pump)
             with contextlib.suppress(OSError):
-                sock.close()
+                sock.shutdown(socket.SHUT_RDWR)
 
     @property
     def paused(self) -> bool:
@@ -90,9 +90,11 @@ class TcpProxy:
         with self._lock:
             sockets, self._sockets = self._sockets, []
             threads = list(self._threads)
-        for sock in [self._listener, *sockets]:
+        with contextlib.suppress(OSError):
+            self._listener.close()
+        for sock in sockets:
             with contextlib.suppress(OSError):
-                sock.close()
+                sock.shutdown(socket.SHUT_RDWR)
         for thread in threads:
             if thread is not threading.current_thread():
                 thread.join(timeout)
@@ -124,10 +126,15 @@ class TcpProxy:
                     upstream.close()
                     return
                 self._sockets += [client, upstream]
-            self._start(self._pump, "up", client, upstream)
-            self._start(self._pump, "down", upstream, client)
+            pumps = [2]  # of this pair, still running; under self._lock
+            self._start(self._pump, "up", client, upstream, pumps)
+            self._start(self._pump, "down", upstream, client, pumps)
 
-    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+    def _pump(self, source: socket.socket, sink: socket.socket, pumps: list[int]) -> None:
+        """Forward ``source`` to ``sink`` until either ends. Sockets are shut down (which
+        wakes the other pump) but closed only by the pair's last pump: closing a socket
+        another thread is about to read frees its number for the next accepted
+        connection, whose bytes that thread would then steal."""
         try:
             while not self._closed.is_set():
                 if not self._forwarding.wait(self.tick_s):
@@ -140,7 +147,13 @@ class TcpProxy:
                     break
                 sink.sendall(data)
         except (OSError, ValueError):
-            pass  # one side closed or reset: close the pair
+            pass  # one side closed or reset: end the pair
         for sock in (source, sink):
             with contextlib.suppress(OSError):
-                sock.close()
+                sock.shutdown(socket.SHUT_RDWR)
+        with self._lock:
+            pumps[0] -= 1
+            last = pumps[0] == 0
+        if last:
+            source.close()
+            sink.close()

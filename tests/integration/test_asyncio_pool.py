@@ -220,6 +220,83 @@ def test_a_timeout_passed_in_middleware_after_the_job_is_logged_as_job_timeout(
     assert lines == ["JobTimeout", "JobTimeout"]  # the subclass's, the built-in's
 
 
+def test_a_job_that_swallows_its_cancellation_gives_its_slot_back_and_runs_once(
+        app: App, caplog: pytest.LogCaptureFixture) -> None:
+    # One slot. The stubborn job ignores its timeout's cancellation; after the grace its
+    # slot is given back (the quick jobs run), but its job stays claimed until it ends,
+    # so it is never run twice at once, then it fails with JobTimeout.
+    release = threading.Event()
+    runs: list[int] = []
+    cancels: list[int] = []
+
+    @app.job(name="stubborn", timeout=0.2, retry=RetryPolicy(max_retries=0))
+    async def stubborn() -> str:
+        runs.append(current_context().attempt)
+        while not release.is_set():
+            try:
+                await asyncio.sleep(0.05)
+            except asyncio.CancelledError:
+                cancels.append(1)  # swallowed
+        return "finished anyway"
+
+    @app.job(name="quick")
+    async def quick(i: int) -> int:
+        return i
+
+    stubborn_id = stubborn.enqueue()
+    server = asyncio_server(app, worker_count=1)
+    with caplog.at_level(logging.WARNING, logger="qmlkit.processing.server"):
+        server.start()
+        try:
+            wait_until(lambda: runs == [1], timeout=30)
+            quick_ids = [quick.enqueue(i) for i in range(5)]
+            wait_until(lambda: states(app, quick_ids) == {"Succeeded"}, timeout=30)
+            assert app.storage.get(stubborn_id).state.name == "Processing"  # still ours
+            assert server.pool.detached() == 1 and server.pool.busy() == 0
+            release.set()
+            wait_until(lambda: app.storage.get(stubborn_id).state.name == "Failed", timeout=30)
+            wait_until(lambda: server.pool.detached() == 0, timeout=10)
+        finally:
+            server.stop()
+    state = app.storage.get(stubborn_id).state
+    assert state.exception_type == "qmlkit.errors.JobTimeout"
+    assert runs == [1] and len(cancels) == 2  # the timeout's cancel, and the detach's
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(stubborn_id in m and "slot is given back" in m for m in messages), messages
+    assert any(stubborn_id in m and "detached job" in m for m in messages), messages
+
+
+def test_stop_does_not_wait_forever_for_a_job_that_swallows_every_cancellation(
+        app: App) -> None:
+    # The stubborn job never ends; stop still returns, stores the other job's outcome
+    # and leaves the stubborn one to be run again (released, not lost).
+    @app.job(name="forever", timeout=0.2, retry=RetryPolicy(max_retries=0))
+    async def forever() -> None:
+        while True:
+            try:
+                await asyncio.sleep(0.05)
+            except asyncio.CancelledError:
+                pass
+
+    @app.job(name="quick")
+    async def quick() -> int:
+        return 7
+
+    forever_id = forever.enqueue()
+    server = asyncio_server(app, worker_count=2, shutdown_timeout=timedelta(seconds=1))
+    server.start()
+    try:
+        wait_until(lambda: server.pool.detached() == 1, timeout=30)
+        quick_id = quick.enqueue()
+        wait_until(lambda: app.storage.get(quick_id).state.name == "Succeeded", timeout=30)
+    finally:
+        began = time.monotonic()
+        server.stop()
+    assert time.monotonic() - began < 30  # bounded: shutdown_timeout and LEFTOVER_S
+    assert app.storage.get(quick_id).state.result == 7
+    assert app.storage.get(forever_id).state.name == "Enqueued"  # released at stop
+
+
 def test_sync_and_async_middleware_wrap_an_async_job(app: App) -> None:
     seen: list[str] = []
 

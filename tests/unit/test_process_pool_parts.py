@@ -14,7 +14,11 @@ from qmlkit.processing.config import ServerConfig
 from qmlkit.processing.outcome import store_outcomes
 from qmlkit.processing.pools.children import Reporter, rss_mib
 from qmlkit.processing.pools.settle import Ending, settle
-from qmlkit.processing.pools.supervisor import HARD_TIMEOUT_MARGIN_S, ChildHandle
+from qmlkit.processing.pools.supervisor import (
+    HARD_TIMEOUT_MARGIN_S,
+    ChildHandle,
+    hard_timeout_margin,
+)
 
 
 @pytest.fixture
@@ -135,6 +139,25 @@ def test_child_handle_finds_overdue_attempts_from_reports() -> None:
     # "c" ended a moment ago: a suspect of the crash too (released here, as running ones)
     assert ending.running == {("a", 1): 1.0, ("b", 1): None, ("c", 2): 5.0}
     assert ending.release_running  # SIGTERM while the pool stops: released, not failed
+
+
+def test_an_asyncio_child_gets_a_hard_timeout_margin_that_grows_with_its_slots() -> None:
+    # A kill of an asyncio child restarts all its attempts in flight, and its own
+    # cancellation waits behind them on the loop: the margin grows with its slots.
+    assert hard_timeout_margin("threads", 500) == HARD_TIMEOUT_MARGIN_S
+    assert hard_timeout_margin("asyncio", 1) == pytest.approx(HARD_TIMEOUT_MARGIN_S + 0.002)
+    assert hard_timeout_margin("asyncio", 500) == pytest.approx(1.2)
+    assert hard_timeout_margin("asyncio", 100_000) == 2.0  # capped
+
+    class FakeProcess:
+        pid, exitcode = 123, -15
+
+    child = ChildHandle(slot=0, server_name="h:proc0-x", process=FakeProcess(),  # type: ignore[arg-type]
+                        reports=None, control=None,  # type: ignore[arg-type]
+                        margin_s=hard_timeout_margin("asyncio", 500))
+    child._apply(("begin", "a", 1, 1.0, 100.0))
+    assert child.overdue(101.0 + HARD_TIMEOUT_MARGIN_S) == []  # a thread child's margin
+    assert child.overdue(101.0 + 1.2) == [("a", 1)]
 
 
 def test_process_pool_refuses_memory_storage_and_unimportable_app() -> None:

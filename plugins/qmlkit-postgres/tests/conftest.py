@@ -3,6 +3,7 @@ and a private PostgreSQL server for restart tests."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -95,9 +96,16 @@ def own_postgres() -> Iterator[PostgresProcess]:
 class CuttableProxy:
     """A TCP proxy on a free loopback port to PostgreSQL that can drop every connection.
 
-    ``cut()`` closes the client side of every proxied connection at once and the server
-    side ``server_delay`` seconds later, as a network failure would: the client sees its
-    connection fail while the server may still be running (and committing) a statement.
+    ``cut()`` shuts down the client side of every proxied connection at once and the
+    server side ``server_delay`` seconds later, as a network failure would: the client
+    sees its connection fail while the server may still be running (and committing) a
+    statement.
+
+    A socket is closed only by the last of its pair's two pump threads, once both have
+    ended; ``cut()`` only shuts sockets down. (Closing a socket another thread is about
+    to ``recv`` on frees its descriptor number; the next accepted connection gets that
+    number, and the old thread's ``recv`` then steals its bytes: the retried
+    connection's query never reached the server, and its client waited forever.)
     """
 
     def __init__(self, target_port: int = 5432, server_delay: float = 0.2) -> None:
@@ -129,16 +137,22 @@ class CuttableProxy:
                 continue
             with self._lock:
                 self._pairs.append((client, server))
+            pumps = [2]  # pumps of this pair still running, under self._lock
             for a, b in ((client, server), (server, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+                threading.Thread(target=self._pump, args=(a, b, pumps), daemon=True).start()
 
-    @staticmethod
-    def _pump(source: object, sink: object) -> None:
+    def _pump(self, source: object, sink: object, pumps: list[int]) -> None:
         try:
             while data := source.recv(65536):  # type: ignore[attr-defined]
                 sink.sendall(data)  # type: ignore[attr-defined]
         except OSError:
             pass
+        with self._lock:
+            pumps[0] -= 1
+            last = pumps[0] == 0
+        if last:  # no thread uses either socket now: their numbers may be reused
+            source.close()  # type: ignore[attr-defined]
+            sink.close()  # type: ignore[attr-defined]
 
     def cut(self) -> int:
         """Drop every proxied connection; return how many."""
@@ -148,21 +162,15 @@ class CuttableProxy:
         with self._lock:
             pairs, self._pairs = self._pairs, []
         for client, _ in pairs:
-            try:
+            with contextlib.suppress(OSError):
                 client.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            client.close()
 
-        def close_servers() -> None:
+        def shut_servers() -> None:
             for _, server in pairs:
-                try:
+                with contextlib.suppress(OSError):
                     server.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-                server.close()
 
-        threading.Timer(self.server_delay, close_servers).start()
+        threading.Timer(self.server_delay, shut_servers).start()
         return len(pairs)
 
     def close(self) -> None:

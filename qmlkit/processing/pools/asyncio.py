@@ -24,8 +24,14 @@ connections (claimer and storer), not 500. Timeouts: an ``async def`` job is can
 at its timeout (the server's watchdog cancels its task: no timer per attempt on the
 loop) and ends with ``JobTimeout``, following the retry
 policy; a ``def`` job is told through ``context.cancelled`` (the watchdog), as in the
-thread pool. Stop: the claimer stops, running attempts get the grace period, then the
-server releases what still runs and `AsyncioPool.abort` cancels their tasks.
+thread pool. An attempt still running `CANCEL_GRACE_S` after its timeout (a coroutine
+that swallowed its ``CancelledError``, a ``def`` job that never looks at
+``context.cancelled``) is *detached*: its slot is given back, so the pool keeps its
+strength, while its job stays claimed (Processing, under this server's heartbeats) until
+the attempt really ends and stores ``JobTimeout``: the job is never run twice at once.
+Only the process pool's hard timeout can end such an attempt for good. Stop: the
+claimer stops, running attempts get the grace period, then the server releases what
+still runs and `AsyncioPool.abort` cancels their tasks.
 """
 
 from __future__ import annotations
@@ -57,7 +63,7 @@ from qmlkit.processing.pools.threads import (
 if TYPE_CHECKING:
     from qmlkit.processing.pools.base import PoolParts
 
-__all__ = ["SYNC_THREADS_MAX", "AsyncioPool"]
+__all__ = ["CANCEL_GRACE_S", "SYNC_THREADS_MAX", "AsyncioPool"]
 
 log = logging.getLogger("qmlkit.processing.server")
 
@@ -65,6 +71,15 @@ log = logging.getLogger("qmlkit.processing.server")
 SYNC_THREADS_MAX = 32
 #: Longest wait of the claimer for a free slot, seconds.
 POLL_S = 0.1
+#: How long an attempt may run past its timeout (its task cancelled, or ``def`` job told)
+#: before its slot is given back to the pool and the attempt is detached, seconds.
+CANCEL_GRACE_S = 1.0
+#: How often the loop looks for attempts to detach, seconds.
+SWEEP_S = 0.5
+#: At the loop's end, how long it waits for attempts it cancelled (an abort) before it
+#: closes anyway, seconds: a coroutine that swallows its cancellation must not keep the
+#: storer from storing the others' outcomes.
+LEFTOVER_S = 2.0
 #: While some slots are busy, how long the claimer lets freed slots gather before it
 #: claims for them (seconds): one claim for many slots, not one per slot.
 GATHER_S = 0.005
@@ -95,6 +110,9 @@ class AsyncioPool:
         self._loop = asyncio.new_event_loop()
         self._executor = ThreadPoolExecutor(self.sync_threads, thread_name_prefix="qmlkit-sync")
         self._tasks: set[asyncio.Task[None]] = set()
+        self._running: dict[int, _Running] = {}  # by slot; loop thread only
+        self._detached: set[_Running] = set()  # loop thread only
+        self._next_slot = self.size  # under _slots: a detached attempt's slot is retired
         self._threads: list[threading.Thread] = []
         self._worker_id = f"{parts.runtime.config.server_name}:asyncio"
 
@@ -113,6 +131,11 @@ class AsyncioPool:
         """Slots running an attempt now."""
         with self._slots:
             return self.size - len(self._free)
+
+    def detached(self) -> int:
+        """Attempts running past their timeout whose slots were given back (see the
+        module's text); read without a lock, for reports."""
+        return len(self._detached)
 
     def alive(self) -> bool:
         """Whether the loop, claimer or storer still runs."""
@@ -244,12 +267,17 @@ class AsyncioPool:
         loop = self._loop
         asyncio.set_event_loop(loop)
         try:
+            loop.call_soon(self._sweep)
             loop.run_forever()
             leftover = [t for t in self._tasks if not t.done()]
-            for task in leftover:  # only after an abort
+            for task in leftover:  # after an abort, or detached attempts still running
                 task.cancel()
             if leftover:
-                loop.run_until_complete(asyncio.gather(*leftover, return_exceptions=True))
+                _, pending = loop.run_until_complete(asyncio.wait(leftover, timeout=LEFTOVER_S))
+                if pending:
+                    log.warning("asyncio pool: %d attempt(s) still running %.0f s after being "
+                                "cancelled at stop (they swallow CancelledError); closing the "
+                                "loop without them", len(pending), LEFTOVER_S)
             loop.run_until_complete(loop.shutdown_asyncgens())
         finally:
             loop.close()
@@ -258,16 +286,50 @@ class AsyncioPool:
 
     def _spawn(self, started: list[tuple[Job, JobContext, int, str]]) -> None:
         for job, ctx, slot, slot_id in started:
-            task = self._loop.create_task(self._attempt(job, ctx, slot, slot_id))
+            run = _Running(job, ctx, slot)
+            run.task = task = self._loop.create_task(self._attempt(run, slot_id))
+            self._running[slot] = run
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+    def _sweep(self) -> None:
+        """Detach attempts running `CANCEL_GRACE_S` past their timeout (loop thread,
+        every `SWEEP_S`): the slot is given back, the job stays claimed."""
+        now = time.monotonic()
+        overdue = []
+        for run in self._running.values():
+            if run.ctx.timed_out:
+                if run.timed_out_at is None:
+                    run.timed_out_at = now
+                elif now - run.timed_out_at >= CANCEL_GRACE_S:
+                    overdue.append(run)
+        for run in overdue:
+            self._detach(run)
+        if not self._loop.is_closed():
+            self._loop.call_later(SWEEP_S, self._sweep)
+
+    def _detach(self, run: _Running) -> None:
+        del self._running[run.slot]
+        self._detached.add(run)
+        if run.task is not None and self.parts.processor.runs_on_loop(run.job.method):
+            run.task.cancel()  # once more: a coroutine may take the second one (never a
+            # def job's task: it would end while the job still runs on its thread)
+        with self._slots:
+            replacement, self._next_slot = self._next_slot, self._next_slot + 1
+        log.warning(
+            "asyncio pool: job %s (%s) still runs %.0f s past its timeout (it swallowed its "
+            "cancellation or ignores context.cancelled); its slot is given back and the job "
+            "stays claimed until it ends, then fails with JobTimeout (%d detached now; the "
+            "process pool's hard timeout ends such jobs for good)",
+            run.job.id, run.job.method, CANCEL_GRACE_S, len(self._detached))
+        self._free_slot(replacement)
 
     def _cancel_all(self) -> None:
         for task in self._tasks:
             task.cancel()
 
-    async def _attempt(self, job: Job, ctx: JobContext, slot: int, slot_id: str) -> None:
-        parts = self.parts
+    async def _attempt(self, run: _Running, slot_id: str) -> None:
+        parts, job, ctx = self.parts, run.job, run.ctx
         outcome = None
         try:
             outcome = await parts.processor.run_async(job, ctx, self._offload, parts.watchdog)
@@ -280,8 +342,26 @@ class AsyncioPool:
             parts.runtime.claims.end_batch(slot_id, [job])
             if outcome is not None:
                 self._storer.add(outcome)
-            self._free_slot(slot)
+            if run in self._detached:  # its slot was given back already
+                self._detached.discard(run)
+                log.warning("asyncio pool: detached job %s ended, %.1f s past its timeout",
+                            job.id, time.monotonic() - (run.timed_out_at or 0.0))
+                self._stop_loop_if_done()
+            else:
+                del self._running[run.slot]
+                self._free_slot(run.slot)
 
     async def _offload(self, fn: Callable[[], Any]) -> Any:
         """Run a ``def`` job's call on the executor, with the task's context variables."""
         return await self._loop.run_in_executor(self._executor, contextvars.copy_context().run, fn)
+
+
+class _Running:
+    """One attempt on the loop: what `AsyncioPool._sweep` needs to detach it."""
+
+    __slots__ = ("ctx", "job", "slot", "task", "timed_out_at")
+
+    def __init__(self, job: Job, ctx: JobContext, slot: int) -> None:
+        self.job, self.ctx, self.slot = job, ctx, slot
+        self.task: asyncio.Task[None] | None = None
+        self.timed_out_at: float | None = None  # monotonic, when the sweep first saw it

@@ -37,7 +37,7 @@ from qmlkit.processing.connect import open_storage
 from qmlkit.processing.outcome import store_outcomes
 from qmlkit.processing.pools.children import ChildSpec, child_main, import_app
 from qmlkit.processing.pools.settle import Ending, settle
-from qmlkit.processing.pools.supervisor import ChildHandle, Watcher, watch
+from qmlkit.processing.pools.supervisor import ChildHandle, Watcher, hard_timeout_margin, watch
 from qmlkit.storage.base import StateChange, Storage, Transition
 
 __all__ = ["ProcessPool", "find_app_spec"]
@@ -312,7 +312,9 @@ class ProcessPool:
         reports_w.close()
         control_r.close()
         child = ChildHandle(slot=slot, server_name=name, process=process, reports=reports_r,
-                            control=control_w)
+                            control=control_w,
+                            margin_s=hard_timeout_margin(self.config.child_pool,
+                                                         self.config.worker_count))
         with self._lock:
             self._children.append(child)
         replaced = self._slots[slot] is not None

@@ -26,13 +26,20 @@ from typing import Any
 
 from qmlkit.processing.pools.settle import Ending
 
-__all__ = ["HARD_TIMEOUT_MARGIN_S", "KILL_GRACE_S", "Attempt", "ChildHandle", "watch"]
+__all__ = ["HARD_TIMEOUT_MARGIN_S", "KILL_GRACE_S", "Attempt", "ChildHandle",
+           "hard_timeout_margin", "watch"]
 
 log = logging.getLogger("qmlkit.processing.pools")
 
 #: Past an attempt's deadline, how long the child's own (cooperative) timeout gets
 #: before the supervisor kills the child, seconds.
 HARD_TIMEOUT_MARGIN_S = 0.2
+#: In a child running an asyncio pool, the extra margin per slot, seconds: the loop's
+#: cancellation of a timed-out coroutine waits behind up to that many ready attempts,
+#: and killing the child would restart every other attempt in flight in it.
+ASYNCIO_MARGIN_PER_SLOT_S = 0.002
+#: The longest margin, seconds.
+HARD_TIMEOUT_MARGIN_MAX_S = 2.0
 #: After SIGTERM, how long before SIGKILL, seconds.
 KILL_GRACE_S = 1.0
 #: The supervisor loop's longest wait between looks, seconds.
@@ -46,6 +53,24 @@ REPORT_GATHER_S = 0.005
 #: it is still Processing in the storage (its outcome was never stored): the crash may
 #: be its doing (a signal sent to the process lands on another thread first), seconds.
 SUSPECT_WINDOW_S = 1.0
+
+
+def hard_timeout_margin(child_pool: str, concurrency: int) -> float:
+    """How long past an attempt's deadline its child is killed, in seconds.
+
+    `HARD_TIMEOUT_MARGIN_S` for a thread child; for an asyncio child, that plus
+    `ASYNCIO_MARGIN_PER_SLOT_S` per slot, at most `HARD_TIMEOUT_MARGIN_MAX_S` (0.2 s at
+    1 slot, 1.2 s at 500): there the child's own cancellation really ends a coroutine and
+    the child lives on, while a kill restarts all its other attempts in flight.
+
+    Args:
+        child_pool: ``"threads"`` or ``"asyncio"``.
+        concurrency: The child's slots (``worker_count``), at least 1.
+    """
+    if child_pool != "asyncio":
+        return HARD_TIMEOUT_MARGIN_S
+    return min(HARD_TIMEOUT_MARGIN_MAX_S,
+               HARD_TIMEOUT_MARGIN_S + ASYNCIO_MARGIN_PER_SLOT_S * max(1, concurrency))
 
 
 @dataclass
@@ -75,6 +100,8 @@ class ChildHandle:
         retiring: It stopped claiming (recycle, drain): its slot is free.
         said_bye: It reported a clean exit.
         aborted: Its server had to release unfinished jobs.
+        margin_s: How long past an attempt's deadline the child is killed, seconds
+            (`hard_timeout_margin`).
     """
 
     slot: int
@@ -92,6 +119,7 @@ class ChildHandle:
     said_bye: bool = False
     aborted: bool = False
     ended: dict[tuple[str, int], tuple[float, Attempt]] = field(default_factory=dict)
+    margin_s: float = HARD_TIMEOUT_MARGIN_S
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -150,10 +178,10 @@ class ChildHandle:
             self.said_bye, self.aborted = True, bool(message[1])
 
     def overdue(self, now: float) -> list[tuple[str, int]]:
-        """Running attempts past their deadline plus `HARD_TIMEOUT_MARGIN_S`."""
+        """Running attempts past their deadline plus ``margin_s``."""
         return [key for key, attempt in self.running.items()
                 if attempt.deadline is not None
-                and now >= attempt.deadline + HARD_TIMEOUT_MARGIN_S]
+                and now >= attempt.deadline + self.margin_s]
 
     def ending(self, *, stopping: bool) -> Ending:
         """How this (exited) child ended, for `qmlkit.processing.pools.settle`."""
@@ -199,7 +227,7 @@ def _wait_time(children: list[ChildHandle], now: float) -> float:
     for child in children:
         for attempt in child.running.values():
             if attempt.deadline is not None:
-                nearest = min(nearest, attempt.deadline + HARD_TIMEOUT_MARGIN_S - now)
+                nearest = min(nearest, attempt.deadline + child.margin_s - now)
     return max(nearest, 0.005)
 
 
