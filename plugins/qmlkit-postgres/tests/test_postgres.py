@@ -509,6 +509,26 @@ def test_a_claim_cut_off_while_still_running_on_the_server_strands_no_job(
     store.close()
 
 
+def test_connections_notice_a_vanished_server_through_tcp_keepalives(postgres_url: str) -> None:
+    # A server that vanishes mid-call (a partition) would hold the caller's thread until
+    # the kernel gives up; every pooled connection asks for keepalives and a TCP user
+    # timeout, and a value the URL gives wins.
+    from qmlkit_postgres.dialect import KEEPALIVE_OPTIONS
+
+    store = PostgresStorage(postgres_url + "&keepalives_idle=42")
+    store.open()
+    try:
+        for engine in (store.executor.engine, store.executor.autocommit_engine):
+            assert engine is not None
+            with engine.connect() as conn:
+                params = conn.connection.dbapi_connection.info.get_parameters()
+            expected = {**{k: str(v) for k, v in KEEPALIVE_OPTIONS.items()},
+                        "keepalives_idle": "42"}
+            assert {k: params.get(k) for k in expected} == expected
+    finally:
+        store.close()
+
+
 def test_inspection_commands_never_create_a_schema(postgres_url: str, engine: sa.Engine) -> None:
     from click.testing import CliRunner
 
