@@ -84,13 +84,11 @@ _RETURNED = (
 #: pool's other statements sort nothing they could not read in order or hash (issue #16).
 CLAIM_SETTINGS = "-c enable_sort=off -c enable_incremental_sort=off"
 
-#: libpq's TCP options on every connection, unless the URL sets them: a server that
-#: vanishes (a partition, a host that lost power) is noticed in about 25 s while a call
-#: waits for its reply (keepalive probes after 10 s idle, 3 of them 5 s apart), and in
-#: 30 s while what was sent goes unacknowledged (``tcp_user_timeout``, milliseconds;
-#: Linux only, ignored elsewhere). The call then fails as a dropped connection, retried
-#: with backoff, instead of holding its thread until the kernel gives up (15 minutes or
-#: more). Like the defaults of Celery's and Kombu's broker connections.
+#: libpq's TCP options on every connection, unless the URL sets them: a vanished server
+#: (partition, power loss) fails a waiting call as a dropped connection (retried with
+#: backoff) in about 25 s (probes after 10 s idle, 3 of them 5 s apart) or 30 s of unacked
+#: sends (``tcp_user_timeout``, ms, Linux only), not after the kernel's 15 minutes or more.
+#: Like the defaults of Celery's and Kombu's broker connections.
 KEEPALIVE_OPTIONS: dict[str, int] = {
     "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3,
     "tcp_user_timeout": 30_000,
