@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import inspect
 import json
 import logging
@@ -267,12 +268,16 @@ class JobProcessor:
                 raise UnknownJobName(job.method, self.registered())
             on_loop = self._runs_on_loop(runnable)
             canceller = None
+            watch = None
             if watchdog is not None and timeout is not None:
-                canceller = _TaskCanceller(context) if on_loop else None
-                watchdog.watch(context, timeout, canceller)
+                if on_loop:
+                    canceller = _TaskCanceller(context)
+                    watchdog.watch(context, timeout, canceller)
+                else:  # from when it gets its executor thread, not while it waits for one
+                    watch = functools.partial(watchdog.watch, context, timeout)
                 watched = True
             result = await self._call_async(runnable, job, context, offload, on_loop,
-                                            canceller=canceller)
+                                            canceller=canceller, watch=watch)
             if context.timed_out:
                 raise JobTimeout(timeout or 0.0)
             stored = result.value if isinstance(result, _Encoded) else self._encode_result(result)
@@ -307,19 +312,20 @@ class JobProcessor:
 
     async def _call_async(self, runnable: Runnable, job: Job, context: JobContext,
                           offload: Offload, on_loop: bool, *,
-                          canceller: _TaskCanceller | None) -> Any:
+                          canceller: _TaskCanceller | None,
+                          watch: Callable[[], None] | None = None) -> Any:
         token = set_current(context)
         start, logged = time.perf_counter(), "ok"
         try:
             if not self._chain:  # the default: nothing to wrap but the inline logging
                 return _Encoded(self._encode_result(
                     await self._invoke_async(runnable, job, context, offload, on_loop,
-                                             canceller)))
+                                             canceller, watch)))
             encoded: list[Any] = []
 
             async def invoke() -> Any:
                 result = await self._invoke_async(runnable, job, context, offload, on_loop,
-                                                  canceller)
+                                                  canceller, watch)
                 encoded.append((result, self._encode_result(result)))
                 return result
 
@@ -337,12 +343,20 @@ class JobProcessor:
 
     async def _invoke_async(self, runnable: Runnable, job: Job, context: JobContext,
                             offload: Offload, on_loop: bool,
-                            canceller: _TaskCanceller | None) -> Any:
-        """The job itself: on the loop, or offloaded; its timeout made `JobTimeout`."""
+                            canceller: _TaskCanceller | None,
+                            watch: Callable[[], None] | None = None) -> Any:
+        """The job itself: on the loop, or offloaded (``watch``, if given, starts its
+        timeout on the executor thread); its timeout made `JobTimeout`."""
         if on_loop:
             result = runnable.execute(job, context)
-        else:
+        elif watch is None:
             result = await offload(lambda: runnable.execute(job, context))
+        else:
+            def started() -> Any:
+                watch()
+                return runnable.execute(job, context)
+
+            result = await offload(started)
         if not inspect.isawaitable(result):
             return result
         if canceller is None:  # no watchdog cancels this task: a timer of its own

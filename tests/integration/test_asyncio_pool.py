@@ -9,6 +9,7 @@ structure (e.g. 200 jobs of 0.2 s run one at a time take 40 s), never speed figu
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 import time
@@ -31,6 +32,15 @@ def asyncio_server(app: App, **fields: object) -> Server:
 
 def states(app: App, ids: list[str]) -> set[str]:
     return {app.storage.get(i).state.name for i in ids}
+
+
+async def swallow_cancellations(until: threading.Event | None = None) -> None:
+    """A coroutine that takes every CancelledError, until ``until`` is set (or forever)."""
+    while until is None or not until.is_set():
+        try:
+            await asyncio.sleep(0.05)
+        except asyncio.CancelledError:
+            pass
 
 
 class Peak:
@@ -270,13 +280,8 @@ def test_stop_does_not_wait_forever_for_a_job_that_swallows_every_cancellation(
         app: App) -> None:
     # The stubborn job never ends; stop still returns, stores the other job's outcome
     # and leaves the stubborn one to be run again (released, not lost).
-    @app.job(name="forever", timeout=0.2, retry=RetryPolicy(max_retries=0))
-    async def forever() -> None:
-        while True:
-            try:
-                await asyncio.sleep(0.05)
-            except asyncio.CancelledError:
-                pass
+    forever = app.job(name="forever", timeout=0.2, retry=RetryPolicy(max_retries=0))(
+        swallow_cancellations)
 
     @app.job(name="quick")
     async def quick() -> int:
@@ -295,6 +300,92 @@ def test_stop_does_not_wait_forever_for_a_job_that_swallows_every_cancellation(
     assert time.monotonic() - began < 30  # bounded: shutdown_timeout and LEFTOVER_S
     assert app.storage.get(quick_id).state.result == 7
     assert app.storage.get(forever_id).state.name == "Enqueued"  # released at stop
+
+
+def test_stop_releases_a_detached_job_that_outlives_the_shutdown_timeout(app: App) -> None:
+    # A detached attempt keeps the loop running through stop's grace period; once that
+    # is spent the server aborts and releases its job (it was not left Processing).
+    forever = app.job(name="forever", timeout=0.2, retry=RetryPolicy(max_retries=0))(
+        swallow_cancellations)
+
+    forever_id = forever.enqueue()
+    server = asyncio_server(app, worker_count=2, shutdown_timeout=timedelta(seconds=3))
+    server.start()
+    try:
+        wait_until(lambda: server.pool.detached() == 1, timeout=30)
+    finally:
+        server.stop()
+    assert server.aborted
+    assert app.storage.get(forever_id).state.name == "Enqueued"
+    wait_until(lambda: not server.pool.alive(), timeout=30)  # its loop closed without it
+
+
+def test_a_detached_job_ending_during_stop_stores_its_timeout(
+        app: App, caplog: pytest.LogCaptureFixture) -> None:
+    # Stop waits for a detached attempt as for any other; when it ends within the grace
+    # period its JobTimeout is stored and the loop ends cleanly (no "Event loop stopped
+    # before Future completed").
+    release = threading.Event()
+
+    stubborn = app.job(name="stubborn", timeout=0.2, retry=RetryPolicy(max_retries=0))(
+        functools.partial(swallow_cancellations, release))
+
+    stubborn_id = stubborn.enqueue()
+    server = asyncio_server(app, worker_count=1, shutdown_timeout=timedelta(seconds=20))
+    with caplog.at_level(logging.WARNING):
+        server.start()
+        wait_until(lambda: server.pool.detached() == 1, timeout=30)
+        stopper = threading.Thread(target=server.stop)
+        stopper.start()
+        wait_until(lambda: server.stopping.is_set(), timeout=10)
+        release.set()
+        stopper.join(60)
+    assert not stopper.is_alive() and not server.aborted
+    state = app.storage.get(stubborn_id).state
+    assert state.name == "Failed" and state.exception_type == "qmlkit.errors.JobTimeout"
+    assert not server.pool.alive()
+    problems = [r.getMessage() for r in caplog.records if r.exc_info or "RuntimeError" in
+                r.getMessage()]
+    assert problems == []
+
+
+def test_a_def_job_that_ignores_its_timeout_keeps_its_slot_and_runs_once(app: App) -> None:
+    # A def job holds an executor thread until it returns, so giving its slot back would
+    # only queue more def jobs behind it. It keeps its slot: nothing else starts on a
+    # one-slot pool until it returns, it is run once and fails with JobTimeout, and the
+    # jobs queued behind it get their whole timeout once they have a thread.
+    order: list[str] = []
+
+    @app.job(name="deaf", timeout=0.2, retry=RetryPolicy(max_retries=0))
+    def deaf() -> None:
+        order.append("deaf")
+        context = current_context()
+        while not context.timed_out:  # the watchdog marks it; this job never stops for it
+            time.sleep(0.01)
+        seen = time.monotonic()
+        while time.monotonic() - seen < 2.5:  # well past the 1 s detach grace
+            time.sleep(0.01)
+        order.append("deaf ended")
+
+    @app.job(name="quick", timeout=0.5, retry=RetryPolicy(max_retries=0))
+    def quick(i: int) -> int:
+        order.append(f"quick {i}")
+        return i
+
+    deaf_id = deaf.enqueue()
+    server = asyncio_server(app, worker_count=1)
+    server.start()
+    try:
+        wait_until(lambda: order == ["deaf"], timeout=30)
+        quick_ids = [quick.enqueue(i) for i in range(3)]
+        wait_until(lambda: app.storage.get(deaf_id).state.name == "Failed", timeout=30)
+        wait_until(lambda: states(app, quick_ids) == {"Succeeded"}, timeout=30)
+        assert server.pool.detached() == 0
+    finally:
+        server.stop()
+    assert order[:2] == ["deaf", "deaf ended"]  # nothing started beside it
+    assert sorted(order[2:]) == ["quick 0", "quick 1", "quick 2"]
+    assert app.storage.get(deaf_id).state.exception_type == "qmlkit.errors.JobTimeout"
 
 
 def test_sync_and_async_middleware_wrap_an_async_job(app: App) -> None:

@@ -24,14 +24,18 @@ connections (claimer and storer), not 500. Timeouts: an ``async def`` job is can
 at its timeout (the server's watchdog cancels its task: no timer per attempt on the
 loop) and ends with ``JobTimeout``, following the retry
 policy; a ``def`` job is told through ``context.cancelled`` (the watchdog), as in the
-thread pool. An attempt still running `CANCEL_GRACE_S` after its timeout (a coroutine
-that swallowed its ``CancelledError``, a ``def`` job that never looks at
-``context.cancelled``) is *detached*: its slot is given back, so the pool keeps its
-strength, while its job stays claimed (Processing, under this server's heartbeats) until
-the attempt really ends and stores ``JobTimeout``: the job is never run twice at once.
-Only the process pool's hard timeout can end such an attempt for good. Stop: the
-claimer stops, running attempts get the grace period, then the server releases what
-still runs and `AsyncioPool.abort` cancels their tasks.
+thread pool, and keeps its slot until it returns (a slot given back would be no use: the
+job holds an executor thread). Its timeout counts from when it gets a thread, not while
+it waits for one. An ``async def`` attempt still running `CANCEL_GRACE_S` after its
+timeout (a coroutine that swallowed its ``CancelledError``) is *detached*: its slot is
+given back, so the pool keeps its strength, while its job stays claimed (Processing,
+under this server's heartbeats) until the attempt really ends and stores
+``JobTimeout``: the job is never run twice at once. Only the process pool's hard timeout
+can end such an attempt for good. Stop: the claimer stops, running attempts (detached
+ones too) get the grace period, then the server releases what still runs and
+`AsyncioPool.abort` cancels their tasks; an attempt ending after that stores nothing
+(its job was released). The executor's threads are daemons, so a ``def`` job that never
+returns does not keep the process from exiting.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, Future
 from typing import TYPE_CHECKING, Any
 
 from qmlkit.backoff import Backoff
@@ -108,11 +112,14 @@ class AsyncioPool:
         self._claimer_done = False  # under _slots
         self._storer = OutcomeStorer(parts.runtime, name="qmlkit-asyncio-storer")
         self._loop = asyncio.new_event_loop()
-        self._executor = ThreadPoolExecutor(self.sync_threads, thread_name_prefix="qmlkit-sync")
+        self._executor = DaemonExecutor(self.sync_threads, name="qmlkit-sync")
         self._tasks: set[asyncio.Task[None]] = set()
         self._running: dict[int, _Running] = {}  # by slot; loop thread only
         self._detached: set[_Running] = set()  # loop thread only
         self._next_slot = self.size  # under _slots: a detached attempt's slot is retired
+        self._detached_count = 0  # under _slots: len(_detached), for other threads
+        self._loop_ended = False  # under _slots: run_forever has returned
+        self._aborted = False  # the server released what runs: store no more outcomes
         self._threads: list[threading.Thread] = []
         self._worker_id = f"{parts.runtime.config.server_name}:asyncio"
 
@@ -146,7 +153,9 @@ class AsyncioPool:
         join_all(self._threads, timeout_s)
 
     def abort(self) -> None:
-        """Cancel every running task (the server has released their jobs)."""
+        """Cancel every running task (the server has released their jobs); outcomes of
+        attempts that end from now on are not stored."""
+        self._aborted = True
         with contextlib.suppress(RuntimeError):  # the loop has closed already: nothing runs
             self._loop.call_soon_threadsafe(self._cancel_all)
 
@@ -254,9 +263,12 @@ class AsyncioPool:
         self._stop_loop_if_done()
 
     def _stop_loop_if_done(self) -> None:
-        """Once the claimer has ended and every slot is free, end the loop."""
+        """Once the claimer has ended, every slot is free and no detached attempt runs
+        (or the server has aborted: it released them), end the loop (once: not while it
+        finishes what an abort cancelled)."""
         with self._slots:
-            done = self._claimer_done and len(self._free) == self.size
+            done = (self._claimer_done and len(self._free) == self.size
+                    and (not self._detached_count or self._aborted) and not self._loop_ended)
         if done:
             with contextlib.suppress(RuntimeError):  # closed already
                 self._loop.call_soon_threadsafe(self._loop.stop)
@@ -269,6 +281,8 @@ class AsyncioPool:
         try:
             loop.call_soon(self._sweep)
             loop.run_forever()
+            with self._slots:
+                self._loop_ended = True
             leftover = [t for t in self._tasks if not t.done()]
             for task in leftover:  # after an abort, or detached attempts still running
                 task.cancel()
@@ -286,7 +300,7 @@ class AsyncioPool:
 
     def _spawn(self, started: list[tuple[Job, JobContext, int, str]]) -> None:
         for job, ctx, slot, slot_id in started:
-            run = _Running(job, ctx, slot)
+            run = _Running(job, ctx, slot, self.parts.processor.runs_on_loop(job.method))
             run.task = task = self._loop.create_task(self._attempt(run, slot_id))
             self._running[slot] = run
             self._tasks.add(task)
@@ -298,7 +312,7 @@ class AsyncioPool:
         now = time.monotonic()
         overdue = []
         for run in self._running.values():
-            if run.ctx.timed_out:
+            if run.ctx.timed_out and run.on_loop:
                 if run.timed_out_at is None:
                     run.timed_out_at = now
                 elif now - run.timed_out_at >= CANCEL_GRACE_S:
@@ -311,22 +325,23 @@ class AsyncioPool:
     def _detach(self, run: _Running) -> None:
         del self._running[run.slot]
         self._detached.add(run)
-        if run.task is not None and self.parts.processor.runs_on_loop(run.job.method):
-            run.task.cancel()  # once more: a coroutine may take the second one (never a
-            # def job's task: it would end while the job still runs on its thread)
+        if run.task is not None:
+            run.task.cancel()  # once more: a coroutine may take the second one
         with self._slots:
             replacement, self._next_slot = self._next_slot, self._next_slot + 1
+            self._detached_count += 1
         log.warning(
             "asyncio pool: job %s (%s) still runs %.0f s past its timeout (it swallowed its "
-            "cancellation or ignores context.cancelled); its slot is given back and the job "
-            "stays claimed until it ends, then fails with JobTimeout (%d detached now; the "
-            "process pool's hard timeout ends such jobs for good)",
+            "cancellation); its slot is given back and the job stays claimed until it "
+            "ends, then fails with JobTimeout (%d detached now; the process pool's hard "
+            "timeout ends such jobs for good)",
             run.job.id, run.job.method, CANCEL_GRACE_S, len(self._detached))
         self._free_slot(replacement)
 
     def _cancel_all(self) -> None:
         for task in self._tasks:
             task.cancel()
+        self._stop_loop_if_done()  # (detached attempts no longer hold the loop)
 
     async def _attempt(self, run: _Running, slot_id: str) -> None:
         parts, job, ctx = self.parts, run.job, run.ctx
@@ -340,10 +355,12 @@ class AsyncioPool:
         finally:
             parts.runtime.claims.finish(job)
             parts.runtime.claims.end_batch(slot_id, [job])
-            if outcome is not None:
+            if outcome is not None and not self._aborted:  # (after an abort: released)
                 self._storer.add(outcome)
             if run in self._detached:  # its slot was given back already
                 self._detached.discard(run)
+                with self._slots:
+                    self._detached_count -= 1
                 log.warning("asyncio pool: detached job %s ended, %.1f s past its timeout",
                             job.id, time.monotonic() - (run.timed_out_at or 0.0))
                 self._stop_loop_if_done()
@@ -359,9 +376,90 @@ class AsyncioPool:
 class _Running:
     """One attempt on the loop: what `AsyncioPool._sweep` needs to detach it."""
 
-    __slots__ = ("ctx", "job", "slot", "task", "timed_out_at")
+    __slots__ = ("ctx", "job", "on_loop", "slot", "task", "timed_out_at")
 
-    def __init__(self, job: Job, ctx: JobContext, slot: int) -> None:
-        self.job, self.ctx, self.slot = job, ctx, slot
+    def __init__(self, job: Job, ctx: JobContext, slot: int, on_loop: bool) -> None:
+        self.job, self.ctx, self.slot, self.on_loop = job, ctx, slot, on_loop
         self.task: asyncio.Task[None] | None = None
         self.timed_out_at: float | None = None  # monotonic, when the sweep first saw it
+
+
+class DaemonExecutor(Executor):
+    """The executor of ``def`` jobs: up to ``size`` daemon threads, started as work comes.
+
+    `concurrent.futures.ThreadPoolExecutor` joins its threads at interpreter exit, so one
+    ``def`` job that never returns would keep a stopped worker's process alive for good
+    (the server has released its job; the thread pool's threads are daemons too).
+
+    Args:
+        size: Most threads.
+        name: Prefix of the threads' names (``name-N``).
+    """
+
+    def __init__(self, size: int, name: str) -> None:
+        import queue
+
+        self.size, self.name = size, name
+        self._work: queue.SimpleQueue[tuple[Future[Any], Callable[..., Any], tuple[Any, ...]]
+                                      | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._threads = 0
+        self._idle = 0  # under _lock: threads waiting for work
+        self._shut = False
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        """Run ``fn(*args, **kwargs)`` on a thread; return its future.
+
+        Raises:
+            RuntimeError: After `shutdown`.
+        """
+        future: Future[Any] = Future()
+        with self._lock:
+            if self._shut:
+                raise RuntimeError("cannot schedule new work after shutdown")
+            self._work.put((future, functools.partial(fn, *args, **kwargs) if kwargs else fn,
+                            args if not kwargs else ()))
+            # _idle is idle threads minus queued items: below 0 only with every thread busy
+            start = self._idle <= 0 and self._threads < self.size
+            if start:
+                self._threads += 1
+            else:
+                self._idle -= 1  # an idle thread (or the next to finish) takes it
+        if start:
+            threading.Thread(target=self._run, name=f"{self.name}-{self._threads}",
+                             daemon=True).start()
+        return future
+
+    def _run(self) -> None:
+        while True:
+            item = self._work.get()
+            if item is None:
+                return
+            future, fn, args = item
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args))
+                except BaseException as exc:  # the job's own failure, carried to its task
+                    future.set_exception(exc)
+            with self._lock:
+                self._idle += 1
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Accept no more work; with ``cancel_futures``, cancel what has not started.
+        Threads end once idle; ``wait`` is accepted for `asyncio`'s sake and ignored
+        (a thread may run a job that never returns)."""
+        import queue
+
+        with self._lock:
+            self._shut = True
+            threads = self._threads
+        if cancel_futures:
+            while True:
+                try:
+                    item = self._work.get_nowait()
+                except queue.Empty:
+                    break
+                if item is not None:
+                    item[0].cancel()
+        for _ in range(threads):
+            self._work.put(None)
