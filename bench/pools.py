@@ -196,8 +196,22 @@ def _qmlkit(pool: str, form: str, storage: str = "redis") -> System:
         f"`qmlkit worker --pool {pool} -c N`, `{form} def` job, {storage_name} storage", store)
 
 
+def _qmlkit_processes(processes: int = 2) -> System:
+    """The process pool, each child an asyncio pool with ``N / processes`` slots."""
+    base = _qmlkit("asyncio", "async")
+    return System(
+        "qmlkit-processes-asyncio", QMLKIT_PY, base.enqueue,
+        lambda c: [str(QMLKIT_PY), "-m", "qmlkit.cli", "--log-level", "WARNING", "worker",
+                   "qmlkit_app:app", "--pool", "processes", "--processes", str(processes),
+                   "--child-pool", "asyncio", "-c", str(max(1, c // processes)),
+                   "--shutdown-timeout", "30"],
+        f"`qmlkit worker --pool processes --processes {processes} --child-pool asyncio "
+        f"-c N/{processes}`, `async def` job, qmlkit-redis storage", base.store)
+
+
 SYSTEMS = {
     "qmlkit-asyncio": _qmlkit("asyncio", "async"),
+    "qmlkit-processes-asyncio": _qmlkit_processes(),
     "qmlkit-threads": _qmlkit("threads", "sync"),
     "qmlkit-asyncio-pg": _qmlkit("asyncio", "async", "pg"),
     "qmlkit-threads-pg": _qmlkit("threads", "sync", "pg"),
