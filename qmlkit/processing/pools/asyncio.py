@@ -118,7 +118,7 @@ class AsyncioPool:
         self._detached: set[_Running] = set()  # loop thread only
         self._next_slot = self.size  # under _slots: a detached attempt's slot is retired
         self._detached_count = 0  # under _slots: len(_detached), for other threads
-        self._loop_ended = False  # under _slots: run_forever has returned
+        self._stop_sent = False  # under _slots: the loop has been told to stop (once)
         self._aborted = False  # the server released what runs: store no more outcomes
         self._threads: list[threading.Thread] = []
         self._worker_id = f"{parts.runtime.config.server_name}:asyncio"
@@ -265,10 +265,11 @@ class AsyncioPool:
     def _stop_loop_if_done(self) -> None:
         """Once the claimer has ended, every slot is free and no detached attempt runs
         (or the server has aborted: it released them), end the loop (once: not while it
-        finishes what an abort cancelled)."""
+        finishes what an abort cancelled: a second stop would end that too soon)."""
         with self._slots:
             done = (self._claimer_done and len(self._free) == self.size
-                    and (not self._detached_count or self._aborted) and not self._loop_ended)
+                    and (not self._detached_count or self._aborted) and not self._stop_sent)
+            self._stop_sent = self._stop_sent or done
         if done:
             with contextlib.suppress(RuntimeError):  # closed already
                 self._loop.call_soon_threadsafe(self._loop.stop)
@@ -281,8 +282,6 @@ class AsyncioPool:
         try:
             loop.call_soon(self._sweep)
             loop.run_forever()
-            with self._slots:
-                self._loop_ended = True
             leftover = [t for t in self._tasks if not t.done()]
             for task in leftover:  # after an abort, or detached attempts still running
                 task.cancel()
