@@ -122,7 +122,6 @@ class CuttableProxy:
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
-        import socket
         import threading
 
         while not self._closed:
@@ -130,23 +129,36 @@ class CuttableProxy:
                 client, _ = self._listener.accept()
             except OSError:
                 return
-            try:
-                server = socket.create_connection(("127.0.0.1", self.target_port))
-            except OSError:
-                client.close()
-                continue
-            with self._lock:
-                self._pairs.append((client, server))
-            pumps = [2]  # pumps of this pair still running, under self._lock
-            for a, b in ((client, server), (server, client)):
-                threading.Thread(target=self._pump, args=(a, b, pumps), daemon=True).start()
+            # connect to the server on a thread of its own: one slow connect (a busy
+            # server's full backlog) must not hold up the next accept
+            threading.Thread(target=self._connect, args=(client,), daemon=True).start()
+
+    def _connect(self, client: object) -> None:
+        import socket
+        import threading
+
+        try:
+            server = socket.create_connection(("127.0.0.1", self.target_port), timeout=30)
+            server.settimeout(None)
+        except OSError:
+            client.close()  # type: ignore[attr-defined]
+            return
+        with self._lock:
+            self._pairs.append((client, server))  # type: ignore[arg-type]
+        pumps = [2]  # pumps of this pair still running, under self._lock
+        for a, b in ((client, server), (server, client)):
+            threading.Thread(target=self._pump, args=(a, b, pumps), daemon=True).start()
 
     def _pump(self, source: object, sink: object, pumps: list[int]) -> None:
+        import socket
+
         try:
             while data := source.recv(65536):  # type: ignore[attr-defined]
                 sink.sendall(data)  # type: ignore[attr-defined]
         except OSError:
             pass
+        with contextlib.suppress(OSError):  # pass the end on, so the other pump ends too
+            sink.shutdown(socket.SHUT_WR)  # type: ignore[attr-defined]
         with self._lock:
             pumps[0] -= 1
             last = pumps[0] == 0
