@@ -248,7 +248,8 @@ def refuse_process_flags_without_the_pool(fields: Mapping[str, Any]) -> None:
     given = [row.flag for row in FLAGS if row.field in PROCESS_POOL_FIELDS
              and row.field in fields]
     if given:
-        raise click.UsageError(f"{', '.join(given)} only apply to the process pool: add "
+        verb = "applies" if len(given) == 1 else "apply"
+        raise click.UsageError(f"{', '.join(given)} only {verb} to the process pool: add "
                                f"--pool processes (the pool now is "
                                f"{fields.get('pool', 'threads')!r})")
 

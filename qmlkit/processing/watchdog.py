@@ -98,6 +98,7 @@ def _log_timeout(ctx: JobContext, timeout_s: float, *, cancels: bool) -> None:
                     job.method, timeout_s)
     else:
         log.warning("job %s (%s) ran past its timeout of %g s: told to stop through "
-                    "context.cancelled (a def job cannot be interrupted: it keeps its thread "
-                    "until it returns; --pool processes ends it at its timeout)",
-                    job.id, job.method, timeout_s)
+                    "context.cancelled (an async def job is cancelled too; a def job cannot "
+                    "be interrupted: it keeps its thread until it returns, unless the "
+                    "process pool's hard timeout ends its child)", job.id, job.method,
+                    timeout_s)

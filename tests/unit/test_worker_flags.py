@@ -68,7 +68,7 @@ def test_star_still_means_every_queue() -> None:
 def test_process_pool_flags_without_the_process_pool_are_refused(args, env) -> None:
     result = CliRunner().invoke(worker, ["tests.unit.test_worker_flags:app", *args], env=env)
     assert result.exit_code == 2, result.output
-    assert "only apply to the process pool" in result.output
+    assert "only applies to the process pool" in result.output  # one flag each
     assert "--pool processes" in result.output
 
 
