@@ -182,7 +182,8 @@ def require_existing_storage(app: App) -> None:
         raise click.UsageError(
             f"no SQLite database at {missing} (storage {app.storage_spec}); this command "
             "does not create one. Check the path, or run 'qmlkit worker' or enqueue a job "
-            "to create it")
+            "to create it; if your app uses other storage, name it with --app module:app "
+            "(or QMLKIT_APP) or --storage URL")
 
 
 def open_storage(app_spec: str | None, storage: str | None, *,

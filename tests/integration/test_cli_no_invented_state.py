@@ -70,6 +70,7 @@ def test_inspection_refuses_a_missing_sqlite_file_naming_it(workdir: Path,
 def test_bare_stats_refuses_the_default_database_when_it_is_missing(workdir: Path) -> None:
     result = invoke("stats")
     assert result.exit_code == 2 and str(workdir / "qmlkit.db") in result.output
+    assert "--app module:app" in result.output  # the likely mistake: no app named
     assert list(workdir.iterdir()) == []
 
 
