@@ -245,13 +245,26 @@ class UnknownJobName(JobError):
 class JobTimeout(JobError):
     """An attempt ran past its timeout.
 
-    Attributes:
+    Args:
         timeout_s: The limit that was exceeded, in seconds.
+        killed_exitcode: Set by the process pool's hard timeout: the exit status of the
+            child process it killed to end the attempt (``-15`` for SIGTERM, ``-9`` for
+            SIGKILL), so the stored failure says the work was killed, not cancelled
+            (Celery's hard ``time_limit``). ``None`` for a cooperative timeout.
+
+    Attributes:
+        timeout_s: As given.
+        killed_exitcode: As given.
     """
 
-    def __init__(self, timeout_s: float) -> None:
+    def __init__(self, timeout_s: float, *, killed_exitcode: int | None = None) -> None:
         self.timeout_s = timeout_s
-        super().__init__(f"the attempt ran longer than its timeout of {timeout_s:g} s")
+        self.killed_exitcode = killed_exitcode
+        message = f"the attempt ran longer than its timeout of {timeout_s:g} s"
+        if killed_exitcode is not None:
+            message += (f"; hard timeout: its child process was killed"
+                        f" (exit code {killed_exitcode}) and replaced")
+        super().__init__(message)
 
 
 class WorkerLost(JobError):

@@ -193,6 +193,7 @@ def test_hard_timeout_ends_runaway_def_job_and_refills_pool(pool_app: PoolApp,
     started = next(s for s in history if s.name == "Processing").started_at
     failed = pool_app.job(job_id).state
     assert failed.exception_type.endswith("JobTimeout")
+    assert "hard timeout: its child process was killed" in failed.message  # not just cancelled
     assert (failed.failed_at - started).total_seconds() < 10  # generous: 2 s when idle
     # And the pool is back to full strength with a new child
     wait_until(lambda: pool.strength() == 2 and _pids(pool) != before, timeout=30)

@@ -76,7 +76,8 @@ def _outcome_for(job: Job, ending: Ending, registry: Mapping[str, Any],
     policy = getattr(runnable, "retry", None) or config.retry
     if key in ending.overran:
         timeout = ending.running.get(key) or 0.0
-        return outcome.failed(job, JobTimeout(timeout), policy, ttl=config.failed_ttl), "timeout"
+        error = JobTimeout(timeout, killed_exitcode=ending.exitcode)
+        return outcome.failed(job, error, policy, ttl=config.failed_ttl), "timeout"
     if key in ending.running and not ending.release_running:
         return outcome.failed(job, WorkerLost(ending.exitcode), policy,
                               ttl=config.failed_ttl), "lost"
