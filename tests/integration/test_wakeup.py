@@ -728,3 +728,34 @@ def test_a_publisher_on_a_half_open_connection_does_not_hang_and_sends_later(
         finally:
             publisher.close()
             listener.stop()
+
+
+def test_the_publisher_declares_its_exchange_once_per_connection(
+        wakeup_url: str, exchange: str) -> None:
+    # Declaring at each send cost as long as the publish itself on Redis (kombu's cached
+    # lookup); a new connection declares again (test_broker_restarts_cost_no_job...).
+    heard: list[str | None] = []
+    listener = WakeupListener(wakeup_url, heard.append, exchange, name="declare")
+    listener.start()
+    publisher = WakeupPublisher(wakeup_url, exchange)
+    declared: list[str] = []
+    try:
+        wait_until(lambda: listener.connected.is_set(), timeout=15)
+        for i in range(4):  # one message each: wait for it before the next
+            publisher.publish([f"q{i}"])
+            wait_until(lambda i=i: f"q{i}" in heard, timeout=10)
+            if i == 0:  # the producer exists now: count what it declares from here on
+                producer = publisher._producer
+                real = producer.maybe_declare
+
+                def counting(entity: object, *args: object, _real: object = real,
+                             **kwargs: object) -> object:
+                    declared.append(str(entity))
+                    return _real(entity, *args, **kwargs)  # type: ignore[operator]
+
+                producer.maybe_declare = counting
+        assert publisher.sent == 4
+        assert declared == []  # after the first send's
+    finally:
+        publisher.close()
+        listener.stop()
