@@ -257,7 +257,9 @@ class JobProcessor:
             The transition to store. Never raises for a failure of the job.
 
         Raises:
-            asyncio.CancelledError: The task itself was cancelled (the pool aborts).
+            asyncio.CancelledError: The task itself was cancelled (the pool aborts). A
+                ``CancelledError`` the job raises of its own, with no cancellation of the
+                task, fails the attempt like any other error.
         """
         runnable = self.lookup(job.method)
         start = time.perf_counter()
@@ -281,14 +283,18 @@ class JobProcessor:
             if context.timed_out:
                 raise JobTimeout(timeout or 0.0)
             stored = result.value if isinstance(result, _Encoded) else self._encode_result(result)
-        except asyncio.CancelledError:
-            if not context.timed_out:
+        except asyncio.CancelledError as exc:
+            if context.timed_out:
+                _uncancel()
+                return self._failure(job, JobTimeout(timeout or 0.0), runnable)
+            if _task_cancelled():
                 raise  # the pool is aborting: the server released the job already
-            _uncancel()
-            return self._failure(job, JobTimeout(timeout or 0.0), runnable)
+            return self._failure(job, exc, runnable)  # the job's own CancelledError
         except BaseException as exc:  # every failure of a job is recorded
             if context.timed_out and not isinstance(exc, JobTimeout):
                 exc = JobTimeout(timeout or 0.0)
+            elif isinstance(exc, RuntimeError) and isinstance(exc.__cause__, StopIteration):
+                exc = exc.__cause__  # (PEP 479's wrapping): the job's own error, as in `run`
             return self._failure(job, exc, runnable)
         finally:
             if watched:
@@ -442,6 +448,14 @@ class _TaskCanceller:
     def disarm(self) -> None:
         """The job's ``await`` has ended: a later timeout cancels nothing (loop thread)."""
         self.armed = False
+
+
+def _task_cancelled() -> bool:
+    """Whether the running task has been cancelled (``Task.cancel``, Python 3.11+), as
+    opposed to a ``CancelledError`` a job raised of its own; ``True`` where that cannot
+    be told (before 3.11), so an abort is never stored as a failure."""
+    cancelling = getattr(asyncio.current_task(), "cancelling", None)
+    return cancelling is None or cancelling() > 0
 
 
 def _uncancel() -> None:

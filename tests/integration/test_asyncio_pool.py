@@ -576,6 +576,73 @@ def test_progress_awaited_from_an_async_job_is_stored(app: App) -> None:
         server.stop()
 
 
+def test_a_job_raising_cancelled_error_itself_fails_and_the_pool_runs_on(app: App) -> None:
+    # Only a cancellation of the attempt's task by the pool means "released, store
+    # nothing"; a job that raises CancelledError of its own (a library's, or a bare
+    # raise) fails like any other error and follows the retry policy, not left Processing.
+    @app.job(name="raises_cancelled", retry=RetryPolicy(max_retries=1, base_delay=timedelta(0),
+                                                        jitter=0))
+    async def raises_cancelled() -> None:
+        raise asyncio.CancelledError("from the job")
+
+    @app.job(name="def_raises_generator_exit", retry=RetryPolicy(max_retries=0))
+    def def_raises_generator_exit() -> None:
+        raise GeneratorExit("from a def job")
+
+    @app.job(name="quick")
+    async def quick() -> int:
+        return 5
+
+    ids = [raises_cancelled.enqueue(), def_raises_generator_exit.enqueue()]
+    server = asyncio_server(app, worker_count=2)
+    server.start()
+    try:
+        wait_until(lambda: states(app, ids) == {"Failed"}, timeout=30)
+        quick_id = quick.enqueue()
+        wait_until(lambda: app.storage.get(quick_id).state.name == "Succeeded", timeout=30)
+        assert server.pool.busy() == 0
+    finally:
+        server.stop()
+    cancelled, generator_exit = (app.storage.get(i) for i in ids)
+    assert cancelled.attempts == 2 and cancelled.state.retry_count == 1  # the retry ran
+    assert cancelled.state.exception_type.endswith("CancelledError")
+    assert "from the job" in cancelled.state.message
+    assert generator_exit.state.exception_type == "GeneratorExit"
+    assert "from a def job" in generator_exit.state.message
+
+
+def test_a_job_that_stops_the_event_loop_does_not_stop_the_pool(
+        app: App, caplog: pytest.LogCaptureFixture) -> None:
+    # loop.stop() from a job would end run_forever under every other attempt and leave a
+    # process that heartbeats but runs nothing; the pool runs its loop on, and says so.
+    @app.job(name="stops_loop")
+    async def stops_loop() -> str:
+        asyncio.get_running_loop().stop()
+        await asyncio.sleep(0.05)
+        return "still here"
+
+    @app.job(name="nap")
+    async def nap(i: int) -> int:
+        await asyncio.sleep(0.1)
+        return i
+
+    napping = [nap.enqueue(i) for i in range(5)]
+    stopper = stops_loop.enqueue()
+    server = asyncio_server(app, worker_count=10)
+    with caplog.at_level(logging.WARNING, logger="qmlkit.processing.server"):
+        server.start()
+        try:
+            wait_until(lambda: states(app, [*napping, stopper]) == {"Succeeded"}, timeout=30)
+            later = [nap.enqueue(i) for i in range(5)]
+            wait_until(lambda: states(app, later) == {"Succeeded"}, timeout=30)
+        finally:
+            server.stop()
+    assert app.storage.get(stopper).state.result == "still here"
+    assert not server.pool.alive()  # the real stop still ends the loop
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("stopped the pool's event loop" in m for m in messages), messages
+
+
 @pytest.mark.parametrize("backend_url", ["memory"], indirect=True)
 def test_a_server_refuses_the_process_pool_naming_the_worker_command(app: App) -> None:
     # App.server(pool="processes") returns the supervisor; a Server itself refuses it.

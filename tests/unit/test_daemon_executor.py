@@ -1,4 +1,4 @@
-"""The asyncio pool's executor of def jobs (qmlkit.processing.pools.asyncio.DaemonExecutor):
+"""The asyncio pool's executor of def jobs (qmlkit.processing.pools.executor.DaemonExecutor):
 bounded daemon threads, started as work comes, that never keep the process alive."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from qmlkit.processing.pools.asyncio import DaemonExecutor
+from qmlkit.processing.pools.executor import DaemonExecutor
 
 
 def test_it_runs_everything_on_at_most_size_daemon_threads() -> None:

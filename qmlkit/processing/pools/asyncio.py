@@ -36,6 +36,13 @@ ones too) get the grace period, then the server releases what still runs and
 `AsyncioPool.abort` cancels their tasks; an attempt ending after that stores nothing
 (its job was released). The executor's threads are daemons, so a ``def`` job that never
 returns does not keep the process from exiting.
+
+What a job does to the loop it shares is contained: a ``CancelledError`` it raises of its
+own (no cancellation of its task) fails it like any other error; a ``GeneratorExit`` or
+``StopIteration`` from a ``def`` job fails it as in the thread pool (they travel back as
+values, `qmlkit.processing.pools.executor.catching`); a job calling ``loop.stop()`` is
+logged and the loop runs on under the other attempts, since only the pool's own stop
+ends it.
 """
 
 from __future__ import annotations
@@ -48,7 +55,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Executor, Future
 from typing import TYPE_CHECKING, Any
 
 from qmlkit.backoff import Backoff
@@ -56,6 +62,7 @@ from qmlkit.job import Job
 from qmlkit.processing.claims import LOST, RELEASE
 from qmlkit.processing.context import JobContext
 from qmlkit.processing.pools.base import any_alive, join_all
+from qmlkit.processing.pools.executor import DaemonExecutor, Raised, catching
 from qmlkit.processing.pools.storer import OutcomeStorer
 from qmlkit.processing.pools.threads import (
     CLAIM_RETRY_CAP_S,
@@ -67,7 +74,7 @@ from qmlkit.processing.pools.threads import (
 if TYPE_CHECKING:
     from qmlkit.processing.pools.base import PoolParts
 
-__all__ = ["CANCEL_GRACE_S", "SYNC_THREADS_MAX", "AsyncioPool"]
+__all__ = ["CANCEL_GRACE_S", "SYNC_THREADS_MAX", "AsyncioPool", "DaemonExecutor"]
 
 log = logging.getLogger("qmlkit.processing.server")
 
@@ -119,6 +126,7 @@ class AsyncioPool:
         self._next_slot = self.size  # under _slots: a detached attempt's slot is retired
         self._detached_count = 0  # under _slots: len(_detached), for other threads
         self._stop_sent = False  # under _slots: the loop has been told to stop (once)
+        self._loop_ended = False  # loop thread only: the pool's own stop has run
         self._aborted = False  # the server released what runs: store no more outcomes
         self._threads: list[threading.Thread] = []
         self._worker_id = f"{parts.runtime.config.server_name}:asyncio"
@@ -272,7 +280,12 @@ class AsyncioPool:
             self._stop_sent = self._stop_sent or done
         if done:
             with contextlib.suppress(RuntimeError):  # closed already
-                self._loop.call_soon_threadsafe(self._loop.stop)
+                self._loop.call_soon_threadsafe(self._end_loop)
+
+    def _end_loop(self) -> None:
+        """Stop the loop for good (loop thread): only a stop made here ends it."""
+        self._loop_ended = True
+        self._loop.stop()
 
     # --- the loop thread ------------------------------------------------------------------
 
@@ -281,7 +294,15 @@ class AsyncioPool:
         asyncio.set_event_loop(loop)
         try:
             loop.call_soon(self._sweep)
-            loop.run_forever()
+            restarts = 0
+            while True:
+                loop.run_forever()
+                if self._loop_ended:
+                    break
+                restarts += 1  # a job called loop.stop(): the other attempts run on
+                log.error("asyncio pool: a job stopped the pool's event loop (loop.stop(), "
+                          "%d time(s) so far); running it on with %d attempt(s) in flight",
+                          restarts, len(self._running) + len(self._detached))
             leftover = [t for t in self._tasks if not t.done()]
             for task in leftover:  # after an abort, or detached attempts still running
                 task.cancel()
@@ -368,8 +389,18 @@ class AsyncioPool:
                 self._free_slot(run.slot)
 
     async def _offload(self, fn: Callable[[], Any]) -> Any:
-        """Run a ``def`` job's call on the executor, with the task's context variables."""
-        return await self._loop.run_in_executor(self._executor, contextvars.copy_context().run, fn)
+        """Run a ``def`` job's call on the executor, with the task's context variables.
+
+        What the call raises comes back as a value and is raised here: carried in the
+        future, a ``GeneratorExit`` would be thrown into the task (which closes every
+        coroutine awaiting it, losing the attempt's outcome) and a ``StopIteration``
+        could not be set on an asyncio future at all (the attempt would never end).
+        """
+        result = await self._loop.run_in_executor(
+            self._executor, catching, contextvars.copy_context().run, fn)
+        if isinstance(result, Raised):
+            raise result.exc
+        return result
 
 
 class _Running:
@@ -381,84 +412,3 @@ class _Running:
         self.job, self.ctx, self.slot, self.on_loop = job, ctx, slot, on_loop
         self.task: asyncio.Task[None] | None = None
         self.timed_out_at: float | None = None  # monotonic, when the sweep first saw it
-
-
-class DaemonExecutor(Executor):
-    """The executor of ``def`` jobs: up to ``size`` daemon threads, started as work comes.
-
-    `concurrent.futures.ThreadPoolExecutor` joins its threads at interpreter exit, so one
-    ``def`` job that never returns would keep a stopped worker's process alive for good
-    (the server has released its job; the thread pool's threads are daemons too).
-
-    Args:
-        size: Most threads.
-        name: Prefix of the threads' names (``name-N``).
-    """
-
-    def __init__(self, size: int, name: str) -> None:
-        import queue
-
-        self.size, self.name = size, name
-        self._work: queue.SimpleQueue[tuple[Future[Any], Callable[..., Any], tuple[Any, ...]]
-                                      | None] = queue.SimpleQueue()
-        self._lock = threading.Lock()
-        self._threads = 0
-        self._idle = 0  # under _lock: threads waiting for work
-        self._shut = False
-
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
-        """Run ``fn(*args, **kwargs)`` on a thread; return its future.
-
-        Raises:
-            RuntimeError: After `shutdown`.
-        """
-        future: Future[Any] = Future()
-        with self._lock:
-            if self._shut:
-                raise RuntimeError("cannot schedule new work after shutdown")
-            self._work.put((future, functools.partial(fn, *args, **kwargs) if kwargs else fn,
-                            args if not kwargs else ()))
-            # _idle is idle threads minus queued items: below 0 only with every thread busy
-            start = self._idle <= 0 and self._threads < self.size
-            if start:
-                self._threads += 1
-            else:
-                self._idle -= 1  # an idle thread (or the next to finish) takes it
-        if start:
-            threading.Thread(target=self._run, name=f"{self.name}-{self._threads}",
-                             daemon=True).start()
-        return future
-
-    def _run(self) -> None:
-        while True:
-            item = self._work.get()
-            if item is None:
-                return
-            future, fn, args = item
-            if future.set_running_or_notify_cancel():
-                try:
-                    future.set_result(fn(*args))
-                except BaseException as exc:  # the job's own failure, carried to its task
-                    future.set_exception(exc)
-            with self._lock:
-                self._idle += 1
-
-    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        """Accept no more work; with ``cancel_futures``, cancel what has not started.
-        Threads end once idle; ``wait`` is accepted for `asyncio`'s sake and ignored
-        (a thread may run a job that never returns)."""
-        import queue
-
-        with self._lock:
-            self._shut = True
-            threads = self._threads
-        if cancel_futures:
-            while True:
-                try:
-                    item = self._work.get_nowait()
-                except queue.Empty:
-                    break
-                if item is not None:
-                    item[0].cancel()
-        for _ in range(threads):
-            self._work.put(None)
