@@ -2,12 +2,34 @@
 
 from __future__ import annotations
 
+import os
 import re
+import sys
+from typing import TextIO
 from urllib.parse import urlsplit
 
 #: The log line format of the ``qmlkit`` command; a process-pool child puts its slot
 #: (``child-N``) before the logger's name, and is otherwise the same.
 LOG_FORMAT = "%(asctime)s %(levelname)s {where}%(name)s: %(message)s"
+
+
+def log_stream() -> TextIO:
+    """The stream the ``qmlkit`` command (and each process-pool child) logs to: standard
+    error, through a line-buffered stream of its own on a copy of its descriptor, so a
+    job that closes ``sys.stderr`` (or descriptor 2) does not silence the worker, nor
+    make logging's error handler raise into every later attempt.
+
+    Returns:
+        That stream, or ``sys.stderr`` itself where it has no descriptor (e.g. under
+        click's test runner).
+    """
+    stderr = sys.stderr
+    try:
+        fd = os.dup(stderr.fileno())
+    except (AttributeError, OSError, ValueError):  # (io.UnsupportedOperation is both)
+        return stderr
+    return open(fd, "w", buffering=1, encoding=getattr(stderr, "encoding", None) or "utf-8",
+                errors="backslashreplace")
 
 
 def url_scheme(url: str) -> str:

@@ -21,7 +21,7 @@ import logging
 import click
 
 from qmlkit.cli.apploading import load_app
-from qmlkit.config import LOG_FORMAT
+from qmlkit.config import LOG_FORMAT, log_stream
 
 __all__ = ["COMMANDS", "LazyGroup", "load_app", "main"]
 
@@ -77,4 +77,6 @@ class LazyGroup(click.Group):
 @click.version_option(package_name="qmlkit-core")
 def main(log_level: str) -> None:
     """qmlkit: background jobs with pluggable storage."""
-    logging.basicConfig(level=log_level.upper(), format=LOG_FORMAT.format(where=""))
+    if not logging.getLogger().handlers:  # (else basicConfig does nothing)
+        logging.basicConfig(level=log_level.upper(), format=LOG_FORMAT.format(where=""),
+                            stream=log_stream())

@@ -302,6 +302,8 @@ def run_until_signalled(server: Server | ProcessPool) -> bool:
         if signals["count"] == 1:
             log.info("%s: draining (send again to stop at once)", signal.Signals(signum).name)
             first.set()
+            if not started.is_set():  # still waiting for its storage: nothing to drain
+                getattr(server, "cancel_start", lambda: None)()
         else:
             log.warning("second signal: releasing unfinished jobs")
             if started.is_set():  # else the main thread aborts once start() returns

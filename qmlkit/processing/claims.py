@@ -356,15 +356,20 @@ class ClaimLedger:
             self._released.update(claim_key(job) for job in idle)
             return idle
 
-    def release_running(self) -> list[Job]:
-        """Cancel every running attempt; mark released, and return, those not released yet."""
+    def release_running(self) -> tuple[list[Job], list[Job]]:
+        """Cancel every running attempt; mark released those not released yet, and return
+        them in two lists: ``(within their timeout, past it)``. The caller releases the
+        first to their queues and fails the second with ``JobTimeout`` (an attempt past
+        its timeout has had its time: released, a ``def`` job that never returns would
+        come back at every stop, its retries never used)."""
         with self._lock:
-            running = [job for job, _ in self._running.values()
+            running = [(job, context) for job, context in self._running.values()
                        if claim_key(job) not in self._released]
             for _, context in self._running.values():
                 context.cancelled.set()
-            self._released.update(claim_key(job) for job in running)
-            return running
+            self._released.update(claim_key(job) for job, _ in running)
+        return ([job for job, context in running if not context.timed_out],
+                [job for job, context in running if context.timed_out])
 
     def stuck_workers(self, threshold_s: float) -> set[str]:
         """Workers whose current attempt has run longer than ``threshold_s`` seconds."""

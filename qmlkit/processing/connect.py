@@ -11,6 +11,7 @@ a configuration error) is raised at once.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from datetime import timedelta
@@ -28,7 +29,8 @@ INITIAL_S, CAP_S = 0.5, 5.0
 
 def open_storage(connect: Callable[[], object], *, timeout: timedelta, what: str,
                  clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], object] = time.sleep) -> None:
+                 sleep: Callable[[float], object] = time.sleep,
+                 cancelled: threading.Event | None = None) -> None:
     """Call ``connect`` until it returns, retrying only while the storage is unreachable.
 
     Args:
@@ -38,10 +40,13 @@ def open_storage(connect: Callable[[], object], *, timeout: timedelta, what: str
         what: The storage, as logs and the final error name it (e.g. its ``repr``).
         clock: Monotonic seconds (tests may pass their own).
         sleep: Waits a number of seconds (tests may pass their own).
+        cancelled: Once set, the retries stop (a worker told to stop while its storage
+            is unreachable): waits are made on it instead of with ``sleep``.
 
     Raises:
-        StorageUnavailable: Still unreachable when ``timeout`` passed; the message names
-            ``what``, the attempts and the last error, chained.
+        StorageUnavailable: Still unreachable when ``timeout`` passed, or when
+            ``cancelled`` was set; the message names ``what``, the attempts and the last
+            error, chained.
         Exception: Whatever else ``connect`` raises, at once (configuration errors).
     """
     deadline = clock() + timeout.total_seconds()
@@ -57,11 +62,18 @@ def open_storage(connect: Callable[[], object], *, timeout: timedelta, what: str
                 raise StorageUnavailable(
                     f"storage {what} still unreachable after {attempt} attempt(s) in "
                     f"{timeout.total_seconds():g} s (connect_timeout): {exc}") from exc
+            if cancelled is not None and cancelled.is_set():
+                raise StorageUnavailable(
+                    f"storage {what} unreachable; stopped before it could be reached, "
+                    f"after {attempt} attempt(s): {exc}") from exc
             wait = min(backoff.jittered(backoff.next()), remaining)
             log.warning("storage %s unreachable (attempt %d): %s; retrying in %.1f s "
                         "(%.0f s left of connect_timeout)", what, attempt, exc, wait,
                         remaining)
-            sleep(wait)
+            if cancelled is None:
+                sleep(wait)
+            else:
+                cancelled.wait(wait)
         else:
             if attempt > 1:
                 log.info("storage %s connected after %d attempt(s)", what, attempt)

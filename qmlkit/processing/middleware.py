@@ -16,6 +16,7 @@ works there unchanged, around ``def`` and ``async def`` jobs alike
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import logging
@@ -94,7 +95,10 @@ class LoggingMiddleware:
                       "attempt": context.attempt, "duration_ms": round(ms, 3),
                       "outcome": outcome}
             level = logging.INFO if outcome == "ok" else logging.WARNING
-            log.log(level, " ".join(f"{k}={v}" for k, v in fields.items()), extra=fields)
+            # A broken handler must not fail the job (a job that closed sys.stderr makes
+            # logging's own handleError raise ValueError): the outcome is stored anyway.
+            with contextlib.suppress(Exception):
+                log.log(level, " ".join(f"{k}={v}" for k, v in fields.items()), extra=fields)
 
 
 def compose(
@@ -145,7 +149,24 @@ def outcome_name(exc: BaseException, context: JobContext) -> str:
     """
     if isinstance(exc, asyncio.CancelledError) and context.timed_out:
         return "JobTimeout"
-    return type(exc).__name__
+    return type(job_error(exc)).__name__
+
+
+def job_error(exc: BaseException) -> BaseException:
+    """The error a job raised: ``exc``, or the ``StopIteration`` inside the
+    ``RuntimeError`` Python makes of one that leaves a coroutine (PEP 479), so a job's
+    ``StopIteration`` is stored and logged as itself in every pool.
+
+    Args:
+        exc: What the attempt raised.
+
+    Returns:
+        ``exc``, or the ``StopIteration`` it wraps.
+    """
+    cause = exc.__cause__
+    if type(exc) is RuntimeError and isinstance(cause, StopIteration):
+        return cause
+    return exc
 
 
 def async_form(middleware: object) -> Callable[..., Awaitable[Any]] | None:

@@ -37,6 +37,7 @@ from qmlkit.processing.middleware import (
     async_form,
     compose,
     compose_async,
+    job_error,
     outcome_name,
 )
 from qmlkit.processing.outcome import describe_exception
@@ -216,7 +217,7 @@ class JobProcessor:
     def _log_attempt(self, job: Job, context: JobContext, start: float, outcome: str) -> None:
         """What each inline `LoggingMiddleware` logs, innermost first (as nested ones)."""
         for middleware in reversed(self._logging):
-            middleware.log_attempt(job, context, start, outcome)
+            middleware.log_attempt(job, context, start, outcome)  # (never raises)
 
     def _await(
         self, coro: Any, job: Job, context: JobContext, loop: asyncio.AbstractEventLoop | None
@@ -236,7 +237,8 @@ class JobProcessor:
                 run_on.close()
 
     async def run_async(self, job: Job, context: JobContext, offload: Offload,
-                        watchdog: Watchdog | None = None) -> Transition:
+                        watchdog: Watchdog | None = None,
+                        aborted: Callable[[], bool] | None = None) -> Transition:
         """Run one attempt of ``job`` on the running event loop (the asyncio pool).
 
         As `run`, but the middleware chain is awaited (`compose_async`): an ``async
@@ -252,14 +254,18 @@ class JobProcessor:
             watchdog: Enforces the timeout: it sets ``context.cancelled`` at the deadline
                 and, for an ``async def`` job, cancels this task. ``None``: an
                 ``asyncio.timeout`` of the attempt's own does it (a timer per attempt).
+            aborted: Whether the caller has aborted this attempt (the server released
+                its job): only then is a cancellation of the task not a failure of the
+                job. ``None``: every cancellation of the task is taken as an abort.
 
         Returns:
             The transition to store. Never raises for a failure of the job.
 
         Raises:
-            asyncio.CancelledError: The task itself was cancelled (the pool aborts). A
-                ``CancelledError`` the job raises of its own, with no cancellation of the
-                task, fails the attempt like any other error.
+            asyncio.CancelledError: The task was cancelled and ``aborted()`` is true (the
+                pool aborts). Any other ``CancelledError`` (one the job raises of its own,
+                or a cancellation of the task by the job's code or another job's) fails
+                the attempt like any other error; past the timeout it is ``JobTimeout``.
         """
         runnable = self.lookup(job.method)
         start = time.perf_counter()
@@ -284,17 +290,14 @@ class JobProcessor:
                 raise JobTimeout(timeout or 0.0)
             stored = result.value if isinstance(result, _Encoded) else self._encode_result(result)
         except asyncio.CancelledError as exc:
-            if context.timed_out:
-                _uncancel()
-                return self._failure(job, JobTimeout(timeout or 0.0), runnable)
-            if _task_cancelled():
+            if not context.timed_out and (aborted is None or aborted()):
                 raise  # the pool is aborting: the server released the job already
-            return self._failure(job, exc, runnable)  # the job's own CancelledError
+            _uncancel()  # the task goes on: to store this attempt's outcome
+            return self._failure(job, JobTimeout(timeout or 0.0) if context.timed_out
+                                 else exc, runnable)
         except BaseException as exc:  # every failure of a job is recorded
             if context.timed_out and not isinstance(exc, JobTimeout):
                 exc = JobTimeout(timeout or 0.0)
-            elif isinstance(exc, RuntimeError) and isinstance(exc.__cause__, StopIteration):
-                exc = exc.__cause__  # (PEP 479's wrapping): the job's own error, as in `run`
             return self._failure(job, exc, runnable)
         finally:
             if watched:
@@ -417,7 +420,22 @@ class JobProcessor:
             )
         return json.loads(text)
 
+    def timed_out(self, job: Job) -> Transition:
+        """The outcome of an attempt of ``job`` ended for running past its timeout, from
+        outside the attempt (the server stopping while it still runs): ``JobTimeout``,
+        following the job's retry policy, as if the attempt had raised it.
+
+        Args:
+            job: The claimed job (Processing).
+
+        Returns:
+            The transition to store (AwaitingRetry or Failed).
+        """
+        return self._failure(job, JobTimeout(self.timeout_for(job) or 0.0),
+                             self.lookup(job.method))
+
     def _failure(self, job: Job, exc: BaseException, runnable: Runnable | None) -> Transition:
+        exc = job_error(exc)
         if self.on_failure is not None:
             self.on_failure(job, exc)
         policy = (runnable.retry if runnable is not None else None) or self.retry_policy
@@ -448,14 +466,6 @@ class _TaskCanceller:
     def disarm(self) -> None:
         """The job's ``await`` has ended: a later timeout cancels nothing (loop thread)."""
         self.armed = False
-
-
-def _task_cancelled() -> bool:
-    """Whether the running task has been cancelled (``Task.cancel``, Python 3.11+), as
-    opposed to a ``CancelledError`` a job raised of its own; ``True`` where that cannot
-    be told (before 3.11), so an abort is never stored as a failure."""
-    cancelling = getattr(asyncio.current_task(), "cancelling", None)
-    return cancelling is None or cancelling() > 0
 
 
 def _uncancel() -> None:

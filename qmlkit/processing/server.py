@@ -117,6 +117,7 @@ class Server:
         self._beating: list[threading.Thread] = []  # duties that outlive the grace period
         self._hard_stop = threading.Event()
         self._abort_lock = threading.Lock()
+        self._start_cancelled = threading.Event()  # see cancel_start
         self._abort_done = False
         self._idle = IdleGate()
         self._watchdog: Watchdog | None = None
@@ -124,15 +125,10 @@ class Server:
         self._publisher: WakeupPublisher | None = None
         self._listener: WakeupListener | None = None
         self.processor = JobProcessor(
-            lookup=app.registry.get,
-            registered=lambda: list(app.registry),
-            retry_policy=config.retry,
-            middleware=self.middleware,
-            job_timeout=config.job_timeout,
-            succeeded_ttl=config.succeeded_ttl,
-            failed_ttl=config.failed_ttl,
-            max_result_bytes=config.max_result_bytes,
-        )
+            lookup=app.registry.get, registered=lambda: list(app.registry),
+            retry_policy=config.retry, middleware=self.middleware, job_timeout=config.job_timeout,
+            succeeded_ttl=config.succeeded_ttl, failed_ttl=config.failed_ttl,
+            max_result_bytes=config.max_result_bytes)
 
     @classmethod
     def from_plugins(
@@ -195,29 +191,27 @@ class Server:
         Raises:
             ConfigurationError: The server is already running.
             StorageError: The storage cannot be opened (`StorageUnavailable` after
-                ``connect_timeout`` of retries), or registering the server failed.
+                ``connect_timeout`` or `cancel_start`), or registering the server failed.
         """
         with self._lock:
             if self._running:
                 raise ConfigurationError("server is already running")
             cfg = self.config
-            open_storage(self.storage.open, timeout=cfg.connect_timeout,
-                         what=repr(self.storage))  # retries while unreachable
+            open_storage(self.storage.open, timeout=cfg.connect_timeout, what=repr(self.storage),
+                         cancelled=self._start_cancelled)  # retries while unreachable
             requeue_stranded_on_start(self)  # what a crashed predecessor left
             self._stopping, self._halted = threading.Event(), threading.Event()
             self._hard_stop = threading.Event()
             self._abort_done = False
-            stamped = cfg.server_name
+            stamped, self._started_at = cfg.server_name, utcnow()
             if cfg.enable_heartbeat:
                 self.server_id = f"{cfg.server_name}#{uuid.uuid4()}"
-                self._started_at = utcnow()
                 began = self.claims.clock()
                 self.storage.register_server(self.server_info())
                 self.claims.beat(began)  # workers trust their claims from now on
                 stamped = self.server_id
             self._watchdog = Watchdog()
             self._duty_threads, self._beating = [], []
-            self._started_at = utcnow()
             self._start_wakeups()
             for duty in self.duties:
                 if duty.enabled(cfg):
@@ -236,6 +230,11 @@ class Server:
             self.app.notifier.subscribe(self)
         call_safely(self.pm, "qmlkit_server_started", server=self)
 
+    def cancel_start(self) -> None:
+        """Make a ``start()`` waiting for its storage give up now (raising
+        `StorageUnavailable`); from any thread or a signal handler."""
+        self._start_cancelled.set()
+
     def _start_wakeups(self) -> None:
         cfg = self.config
         if cfg.wakeup_url:
@@ -247,8 +246,8 @@ class Server:
 
         Claimed-but-unstarted jobs are released to Enqueued at once. Attempts still
         running when the grace period ends are cancelled through their context and
-        released to Enqueued (their later outcome is rejected by fencing); the release
-        uses no retry. Idempotent.
+        released (no retry used) or, past their timeout, failed (`abort`); their later
+        outcome is rejected by fencing. Idempotent.
 
         Args:
             timeout: Grace period; ``config.shutdown_timeout`` when ``None``. Seconds if
@@ -293,10 +292,9 @@ class Server:
         """Stop at once: cancel running attempts and release every held job to Enqueued.
 
         Called by ``stop()`` when the grace period runs out, and by the CLI on a second
-        signal. Claimed jobs not yet started and attempts still running all go back to
-        their queues without using a retry. The threads running those attempts are left
-        to end on their own; any outcome they store later is rejected as stale.
-        Idempotent.
+        signal. Unstarted claims and attempts within their timeout go back to their
+        queues (no retry used); attempts past it end ``JobTimeout`` by their retry policy.
+        Their threads end on their own; outcomes stored later are stale. Idempotent.
         """
         self._stopping.set()
         self._hard_stop.set()  # stop() stops waiting for threads at once
@@ -308,11 +306,14 @@ class Server:
 
     def _abort(self) -> None:
         self._idle.wake_all()
-        running = self.claims.release_running()
-        released = self.release(running, "released: server stopped before it finished")
-        released += self._release_unstarted()
-        if released:
+        running, overran = self.claims.release_running()
+        if released := (self.release(running, "released: server stopped before it finished")
+                        + self._release_unstarted()):
             log.warning("released %d unfinished job(s) back to their queues", released)
+        if overran:
+            self.store_outcomes([self.processor.timed_out(job) for job in overran])
+            log.warning("failed %d job(s) still running past their timeout with JobTimeout "
+                        "(their retry policy applies)", len(overran))
         if self.pool is not None:
             self.pool.abort()
             self.pool.join(0.5)  # let threads that can end quickly do so

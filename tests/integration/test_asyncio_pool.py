@@ -279,7 +279,8 @@ def test_a_job_that_swallows_its_cancellation_gives_its_slot_back_and_runs_once(
 def test_stop_does_not_wait_forever_for_a_job_that_swallows_every_cancellation(
         app: App) -> None:
     # The stubborn job never ends; stop still returns, stores the other job's outcome
-    # and leaves the stubborn one to be run again (released, not lost).
+    # and ends the stubborn one with JobTimeout (past its timeout: not released, or it
+    # would come back at every stop), not left Processing.
     forever = app.job(name="forever", timeout=0.2, retry=RetryPolicy(max_retries=0))(
         swallow_cancellations)
 
@@ -299,12 +300,14 @@ def test_stop_does_not_wait_forever_for_a_job_that_swallows_every_cancellation(
         server.stop()
     assert time.monotonic() - began < 30  # bounded: shutdown_timeout and LEFTOVER_S
     assert app.storage.get(quick_id).state.result == 7
-    assert app.storage.get(forever_id).state.name == "Enqueued"  # released at stop
+    state = app.storage.get(forever_id).state
+    assert state.name == "Failed" and state.exception_type == "qmlkit.errors.JobTimeout"
 
 
-def test_stop_releases_a_detached_job_that_outlives_the_shutdown_timeout(app: App) -> None:
+def test_stop_fails_a_detached_job_that_outlives_the_shutdown_timeout(app: App) -> None:
     # A detached attempt keeps the loop running through stop's grace period; once that
-    # is spent the server aborts and releases its job (it was not left Processing).
+    # is spent the server aborts and fails its job with JobTimeout (it is past its
+    # timeout; it was not left Processing).
     forever = app.job(name="forever", timeout=0.2, retry=RetryPolicy(max_retries=0))(
         swallow_cancellations)
 
@@ -316,7 +319,8 @@ def test_stop_releases_a_detached_job_that_outlives_the_shutdown_timeout(app: Ap
     finally:
         server.stop()
     assert server.aborted
-    assert app.storage.get(forever_id).state.name == "Enqueued"
+    state = app.storage.get(forever_id).state
+    assert state.name == "Failed" and state.exception_type == "qmlkit.errors.JobTimeout"
     wait_until(lambda: not server.pool.alive(), timeout=30)  # its loop closed without it
 
 
@@ -609,6 +613,96 @@ def test_a_job_raising_cancelled_error_itself_fails_and_the_pool_runs_on(app: Ap
     assert "from the job" in cancelled.state.message
     assert generator_exit.state.exception_type == "GeneratorExit"
     assert "from a def job" in generator_exit.state.message
+
+
+def test_a_task_cancelled_by_job_code_fails_its_attempt_and_is_retried(
+        app: App, caplog: pytest.LogCaptureFixture) -> None:
+    # Only the pool's own abort (the server released the job) makes a cancelled task
+    # store nothing; a job that cancels its own task, or another job's, fails those
+    # attempts with CancelledError and their retry policy runs, nothing left Processing.
+    retry_once = RetryPolicy(max_retries=1, base_delay=timedelta(0), jitter=0)
+    attempts: dict[str, list[int]] = {"victim": [], "self": []}
+    victims_started = threading.Event()
+
+    @app.job(name="cancels_itself", retry=retry_once)
+    async def cancels_itself() -> str:
+        attempts["self"].append(current_context().attempt)
+        if current_context().attempt == 1:
+            asyncio.current_task().cancel()
+        await asyncio.sleep(0.05)
+        return "second time lucky"
+
+    @app.job(name="victim", retry=retry_once)
+    async def victim() -> str:
+        attempts["victim"].append(current_context().attempt)
+        if len(attempts["victim"]) >= 3:
+            victims_started.set()
+        await asyncio.sleep(0.5 if current_context().attempt == 1 else 0)
+        return "survived"
+
+    @app.job(name="cancels_others", retry=RetryPolicy(max_retries=0))
+    async def cancels_others() -> int:
+        me = asyncio.current_task()
+        victims = [t for t in asyncio.all_tasks()
+                   if t is not me and "_attempt" in repr(t.get_coro())]
+        for task in victims:
+            task.cancel()
+        return len(victims)
+
+    own = cancels_itself.enqueue()
+    victims = [victim.enqueue() for _ in range(3)]
+    server = asyncio_server(app, worker_count=10, log_attempts=True)
+    with caplog.at_level(logging.INFO, logger="qmlkit.attempt"):
+        server.start()
+        try:
+            wait_until(victims_started.is_set, timeout=30)
+            killer = cancels_others.enqueue()
+            wait_until(lambda: states(app, [own, *victims, killer]) == {"Succeeded"},
+                       timeout=30)
+        finally:
+            server.stop()
+    assert attempts["self"] == [1, 2]
+    assert app.storage.get(own).state.result == "second time lucky"
+    assert app.storage.get(killer).state.result == 3  # the three victims' first attempts
+    for job_id in victims:
+        job = app.storage.get(job_id)
+        assert job.attempts == 2  # failed once (CancelledError), then retried
+    cancelled = [r for r in caplog.records if "outcome=CancelledError" in r.getMessage()]
+    assert len(cancelled) == 4, [r.getMessage() for r in caplog.records]
+
+
+def test_a_job_blocking_the_loop_is_named_in_the_log(
+        app: App, caplog: pytest.LogCaptureFixture) -> None:
+    release = threading.Event()
+
+    @app.job(name="sleeps_on_the_loop")
+    async def sleeps_on_the_loop() -> str:
+        release.wait(30)  # blocking code in an async def job: the whole loop waits
+        return "done"
+
+    @app.job(name="nap")
+    async def nap() -> int:
+        await asyncio.sleep(0.01)
+        return 1
+
+    server = asyncio_server(app, worker_count=5)
+    with caplog.at_level(logging.WARNING, logger="qmlkit.processing.server"):
+        server.start()
+        try:
+            blocker = sleeps_on_the_loop.enqueue()
+            wait_until(lambda: server.pool.loop_watch.blocks >= 1, timeout=30)
+            release.set()
+            later = nap.enqueue()
+            wait_until(lambda: states(app, [blocker, later]) == {"Succeeded"}, timeout=30)
+            wait_until(lambda: any("runs again" in r.getMessage() for r in caplog.records),
+                       timeout=30)
+        finally:
+            release.set()
+            server.stop()
+    messages = [r.getMessage() for r in caplog.records]
+    named = [m for m in messages if f"job {blocker} (sleeps_on_the_loop)" in m]
+    assert len(named) == 2, messages  # one block reported once, and its end
+    assert "has been blocked" in named[0] and "runs again" in named[1], messages
 
 
 def test_a_job_that_stops_the_event_loop_does_not_stop_the_pool(

@@ -507,3 +507,65 @@ def test_recurring_add_with_deep_json_is_a_usage_error(cli_app: CliApp) -> None:
                                        "--app", cli_app.spec, "--args", "[" * 50_000])
     assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
     assert cli_app.app.list_recurring() == []
+
+
+CLOSING_APP = """
+import sys
+from qmlkit import App
+
+app = App("cli-close", storage={url!r}, autoload=False)
+
+
+@app.job(name="close_streams", max_retries=0)
+def close_streams():
+    sys.stdout.close()
+    sys.stderr.close()
+    return "closed"
+
+
+@app.job(name="add")
+def add(a, b):
+    return a + b
+"""
+
+
+@pytest.mark.parametrize("pool", ["threads", "asyncio"])
+def test_a_job_closing_sys_stderr_fails_no_later_job_and_the_worker_logs_on(
+        cli_app: CliApp, pool: str) -> None:
+    # logging's own error handler writes to sys.stderr: once a job had closed it, every
+    # later attempt's log line raised ValueError into that attempt. The worker logs to a
+    # stream of its own on a copy of descriptor 2, and a log line never fails a job.
+    name = f"qk_close_app_{uuid.uuid4().hex[:8]}"
+    (cli_app.folder / f"{name}.py").write_text(CLOSING_APP.format(url=cli_app.url))
+    client = App("cli-close", storage=cli_app.url, autoload=False)
+    try:
+        closer = client.enqueue("close_streams")
+        later = [client.enqueue("add", args=[i, 1]) for i in range(5)]
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(cli_app.folder), str(REPO_ROOT), *filter(None, [env.get("PYTHONPATH")])])
+        env["QMLKIT_DISABLE_PLUGIN_AUTOLOAD"] = "1"
+        log = cli_app.folder / f"close-{pool}.log"
+        with log.open("w") as err:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "qmlkit.cli", "worker", f"{name}:app", "--pool", pool,
+                 "-c", "1", "--polling-interval", "0.1"],
+                cwd=cli_app.folder, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            def states() -> set[str]:
+                return {client.storage.get(j).state.name for j in [closer, *later]}
+
+            wait_until(lambda: states() <= {"Succeeded", "Failed"} or proc.poll() is not None,
+                       timeout=30)
+            assert states() == {"Succeeded"}, log.read_text()
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            code = proc.wait(timeout=30)
+        assert [client.storage.get(j).state.result for j in later] == [1, 2, 3, 4, 5]
+        text = log.read_text()
+        assert code == 0, text
+        # every attempt's line reached the log, those after the streams were closed too
+        assert text.count("outcome=ok") == 6, text
+    finally:
+        client.close()
+        sys.modules.pop(name, None)

@@ -107,3 +107,27 @@ def test_worker_gives_up_after_connect_timeout_naming_the_storage(
     assert code == 1, text
     assert elapsed < 25, elapsed
     assert f"127.0.0.1:{later_redis.port}" in text and "connect_timeout" in text, text
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_stops_a_worker_still_waiting_for_its_storage(
+    tmp_path: Path, later_redis: RedisProcess, signum: signal.Signals
+) -> None:
+    # Given a worker retrying an unreachable storage for up to 120 s
+    proc, log = start_worker(tmp_path, later_redis.url, "--connect-timeout", "120")
+    try:
+        wait_until(lambda: "attempt 2" in log.read_text() or proc.poll() is not None,
+                   timeout=20)
+        assert proc.poll() is None, log.read_text()
+        # When it is told to stop (Ctrl-C, or a container's SIGTERM)
+        proc.send_signal(signum)
+        # Then it stops retrying and exits at once, saying why, not after connect_timeout
+        code = proc.wait(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = log.read_text()
+    assert code == 1, text
+    assert "stopped before it could be reached" in text, text

@@ -52,9 +52,9 @@ def test_a_running_claim_is_not_released_as_unstarted() -> None:
     assert isinstance(ctx, JobContext)
     assert ledger.running() == [jobs[0]]
     assert ledger.release_unstarted() == [jobs[1]]
-    assert ledger.release_running() == [jobs[0]]
+    assert ledger.release_running() == ([jobs[0]], [])  # (within its timeout, past it)
     assert ctx.cancelled.is_set()
-    assert ledger.release_running() == []  # released once only
+    assert ledger.release_running() == ([], [])  # released once only
 
 
 def test_stopping_marks_the_claim_released_for_the_caller() -> None:

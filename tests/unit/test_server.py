@@ -24,6 +24,7 @@ from qmlkit import (
     RetryPolicy,
     ServerConfig,
     UnknownStorageScheme,
+    current_context,
     hookimpl,
 )
 from qmlkit.testing import make_job, wait_until
@@ -319,3 +320,79 @@ def test_enqueue_many_accepts_args_and_args_kwargs_pairs(app: App) -> None:
     jobs = [app.storage.get(i) for i in ids]
     assert [(j.args, j.kwargs) for j in jobs] == [([1], {}), ([2], {}), ([3], {"b": 4})]
     assert len(set(ids)) == 3
+
+
+class _BrokenHandler(logging.Handler):
+    """A log handler whose every emit raises (as logging's own error handler does once a
+    job has closed sys.stderr)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        raise ValueError("I/O operation on closed file.")
+
+
+def test_a_log_handler_that_raises_fails_no_attempt(app: App) -> None:
+    # The attempt's log line is written after the job returned; an error there must not
+    # become the job's outcome (nor the worker's end).
+    @app.job(name="fine")
+    def fine(i: int) -> int:
+        return i
+
+    @app.job(name="stops", max_retries=0)
+    def stops() -> None:
+        raise StopIteration("own")
+
+    attempt_log = logging.getLogger("qmlkit.attempt")
+    broken = _BrokenHandler()
+    attempt_log.addHandler(broken)
+    level = attempt_log.level
+    attempt_log.setLevel(logging.INFO)
+    try:
+        ids = [fine.enqueue(i) for i in range(3)]
+        stopper = stops.enqueue()
+        server = fast(app, log_attempts=True)
+        server.start()
+        try:
+            wait_until(lambda: {state_of(app, i) for i in [*ids, stopper]}
+                       <= {"Succeeded", "Failed"}, timeout=20)
+        finally:
+            server.stop()
+    finally:
+        attempt_log.removeHandler(broken)
+        attempt_log.setLevel(level)
+    assert [app.storage.get(i).state.result for i in ids] == [0, 1, 2]
+    assert app.storage.get(stopper).state.exception_type == "StopIteration"
+
+
+def test_stop_fails_an_attempt_past_its_timeout_and_releases_the_others(app: App) -> None:
+    # A def job cannot be interrupted: released at stop, one past its timeout would come
+    # back at every stop and never use its retries (a new user's finding). Past its
+    # timeout it ends JobTimeout by its policy; a job within its time is released.
+    go = threading.Event()
+    contexts: list[JobContext] = []
+
+    @app.job(name="overruns", timeout=0.2, max_retries=0)
+    def overruns() -> str:
+        contexts.append(current_context())
+        go.wait(60)
+        return "late"
+
+    @app.job(name="patient")
+    def patient() -> str:
+        go.wait(60)
+        return "late"
+
+    late, within = overruns.enqueue(), patient.enqueue()
+    server = fast(app, shutdown_timeout=timedelta(seconds=1))
+    server.start()
+    try:
+        wait_until(lambda: {state_of(app, late), state_of(app, within)} == {"Processing"},
+                   timeout=20)
+        wait_until(lambda: contexts and contexts[0].timed_out, timeout=20)
+    finally:
+        server.stop()
+        go.set()
+    assert server.aborted
+    failed = app.storage.get(late).state
+    assert failed.name == "Failed" and failed.exception_type == "qmlkit.errors.JobTimeout"
+    assert state_of(app, within) == "Enqueued"  # released: its attempt had time left
+    assert app.storage.get(within).attempts == 1

@@ -30,3 +30,18 @@ def test_options_model_forbids_unknown_keys() -> None:
     assert RedisOptions.model_config["extra"] == "forbid"
     with pytest.raises(ConfigurationError, match=r"unknown option\(s\) \['colour'\]"):
         RedisOptions.parse({"colour": "red"})
+
+
+def test_a_mistyped_query_option_is_named_at_configuration_time() -> None:
+    # redis-py would hand ``prefx`` to its connection class, which fails with a bare
+    # TypeError at the first connection; it is refused here, with the option named.
+    with pytest.raises(ConfigurationError, match=r"unknown option 'prefx'.*did you mean "
+                                                 r"'prefix'") as info:
+        RedisStorage("redis://:secret@127.0.0.1:6379/0?prefx=shop:")
+    assert "secret" not in str(info.value)
+
+
+@pytest.mark.parametrize("query", ["prefix=a:&socket_keepalive=true&client_name=x",
+                                   "max_connections=4&timeout=2", "health_check_interval=5"])
+def test_redis_pys_own_query_options_are_accepted(query: str) -> None:
+    assert RedisStorage(f"redis://127.0.0.1:6379/0?{query}").url.endswith(query)

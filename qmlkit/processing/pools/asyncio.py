@@ -42,7 +42,9 @@ own (no cancellation of its task) fails it like any other error; a ``GeneratorEx
 ``StopIteration`` from a ``def`` job fails it as in the thread pool (they travel back as
 values, `qmlkit.processing.pools.executor.catching`); a job calling ``loop.stop()`` is
 logged and the loop runs on under the other attempts, since only the pool's own stop
-ends it.
+ends it. A job that blocks the loop (``time.sleep`` in an ``async def``) is named in
+the log by the `qmlkit.processing.pools.loopwatch.LoopWatch` once the loop has gone 2 s
+without a beat.
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ from qmlkit.processing.claims import LOST, RELEASE
 from qmlkit.processing.context import JobContext
 from qmlkit.processing.pools.base import any_alive, join_all
 from qmlkit.processing.pools.executor import DaemonExecutor, Raised, catching
+from qmlkit.processing.pools.loopwatch import LoopWatch
 from qmlkit.processing.pools.storer import OutcomeStorer
 from qmlkit.processing.pools.threads import (
     CLAIM_RETRY_CAP_S,
@@ -120,6 +123,7 @@ class AsyncioPool:
         self._storer = OutcomeStorer(parts.runtime, name="qmlkit-asyncio-storer")
         self._loop = asyncio.new_event_loop()
         self._executor = DaemonExecutor(self.sync_threads, name="qmlkit-sync")
+        self.loop_watch = LoopWatch(self._loop, self._describe_task)
         self._tasks: set[asyncio.Task[None]] = set()
         self._running: dict[int, _Running] = {}  # by slot; loop thread only
         self._detached: set[_Running] = set()  # loop thread only
@@ -137,6 +141,7 @@ class AsyncioPool:
         """Start the loop, claimer and storer threads (``qmlkit-asyncio-*`` daemons)."""
         self._storer.start()
         self._threads.append(self._storer.thread)
+        self.loop_watch.start()
         for name, target in (("loop", self._run_loop), ("claimer", self._claim_loop)):
             thread = threading.Thread(target=target, name=f"qmlkit-asyncio-{name}", daemon=True)
             thread.start()
@@ -300,9 +305,11 @@ class AsyncioPool:
                 if self._loop_ended:
                     break
                 restarts += 1  # a job called loop.stop(): the other attempts run on
-                log.error("asyncio pool: a job stopped the pool's event loop (loop.stop(), "
-                          "%d time(s) so far); running it on with %d attempt(s) in flight",
-                          restarts, len(self._running) + len(self._detached))
+                if restarts & (restarts - 1) == 0:  # the 1st, 2nd, 4th, 8th...: no flood
+                    log.error("asyncio pool: a job stopped the pool's event loop "
+                              "(loop.stop(), %d time(s) so far); running it on with %d "
+                              "attempt(s) in flight", restarts,
+                              len(self._running) + len(self._detached))
             leftover = [t for t in self._tasks if not t.done()]
             for task in leftover:  # after an abort, or detached attempts still running
                 task.cancel()
@@ -314,6 +321,7 @@ class AsyncioPool:
                                 "loop without them", len(pending), LEFTOVER_S)
             loop.run_until_complete(loop.shutdown_asyncgens())
         finally:
+            self.loop_watch.stop()
             loop.close()
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._storer.close()  # no more outcomes: it stores the rest and ends
@@ -328,7 +336,9 @@ class AsyncioPool:
 
     def _sweep(self) -> None:
         """Detach attempts running `CANCEL_GRACE_S` past their timeout (loop thread,
-        every `SWEEP_S`): the slot is given back, the job stays claimed."""
+        every `SWEEP_S`): the slot is given back, the job stays claimed. Beats for the
+        `LoopWatch`."""
+        self.loop_watch.beat()
         now = time.monotonic()
         overdue = []
         for run in self._running.values():
@@ -367,7 +377,8 @@ class AsyncioPool:
         parts, job, ctx = self.parts, run.job, run.ctx
         outcome = None
         try:
-            outcome = await parts.processor.run_async(job, ctx, self._offload, parts.watchdog)
+            outcome = await parts.processor.run_async(job, ctx, self._offload, parts.watchdog,
+                                                      aborted=self._was_aborted)
         except asyncio.CancelledError:
             pass  # aborted: the server has released the job; no outcome to store
         except Exception:  # run_async records every failure of a job; this is a bug
@@ -387,6 +398,24 @@ class AsyncioPool:
             else:
                 del self._running[run.slot]
                 self._free_slot(run.slot)
+
+    def _describe_task(self, task: asyncio.Task[object] | None) -> str:
+        """What the `LoopWatch` calls ``task`` (on its thread: it only reads)."""
+        if task is None:
+            return "a callback, not a task (scheduled by job code?)"
+        try:
+            runs = [*self._running.values(), *self._detached]
+        except RuntimeError:  # changed while read: the loop is not blocked after all
+            runs = []
+        for run in runs:
+            if run.task is task:
+                return f"job {run.job.id} ({run.job.method})"
+        return f"task {task.get_name()!r}, not an attempt's own (started by job code?)"
+
+    def _was_aborted(self) -> bool:
+        """Whether `abort` has run: a cancellation of an attempt's task before that came
+        from job code (its own, or another job's) and fails the attempt."""
+        return self._aborted
 
     async def _offload(self, fn: Callable[[], Any]) -> Any:
         """Run a ``def`` job's call on the executor, with the task's context variables.

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
-from qmlkit.config import LOG_FORMAT
+from qmlkit.config import LOG_FORMAT, log_stream
 from qmlkit.gcpause import freeze_startup_heap
 from qmlkit.hookspecs import hookimpl
 from qmlkit.job import Job
@@ -166,7 +166,7 @@ def _setup(spec: ChildSpec) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if not logging.getLogger().handlers:
-        logging.basicConfig(level=spec.log_level, stream=sys.stderr,
+        logging.basicConfig(level=spec.log_level, stream=log_stream(),
                             format=LOG_FORMAT.format(where=f"child-{spec.slot} "))
 
 

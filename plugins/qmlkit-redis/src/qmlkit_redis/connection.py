@@ -50,6 +50,7 @@ from qmlkit_redis.encoding import (
     RETRY_INITIAL_S,
     ForeignKeyType,
     check_database,
+    check_query,
     from_us,
     metadata_of,
     opt_us,
@@ -88,6 +89,7 @@ class RedisConnection:
         except ValueError as exc:
             raise ConfigurationError(f"cannot parse Redis URL {mask_url(url)!r}: {exc}") from exc
         check_database(parts.scheme, parts.path, url)
+        check_query(parts.scheme, [k for k, _ in query if k != "prefix"], url)
         url_prefix = [v for k, v in query if k == "prefix"]
         rest = urlencode([(k, v) for k, v in query if k != "prefix"])
         # Rebuilt by hand: urlunsplit turns "unix:///path" into "unix:/path".

@@ -120,6 +120,46 @@ def check_database(scheme: str, path: str, url: str) -> None:
             "number; use e.g. 'redis://host:6379/0'")
 
 
+def check_query(scheme: str, names: Sequence[str], url: str) -> None:
+    """Refuse a Redis URL whose query names an option no Redis connection takes.
+
+    redis-py hands every query option it does not parse itself to its connection class,
+    which fails with a bare ``TypeError`` only when the first connection is made; a typo
+    such as ``?prefx=`` must fail at configuration time, naming the option instead.
+
+    Args:
+        scheme: The URL's scheme (``redis``, ``rediss`` or ``unix``).
+        names: The query's option names, ``prefix`` (qmlkit's own) left out.
+        url: The whole URL, for the message (its password masked).
+
+    Raises:
+        ConfigurationError: An unknown option, named with the closest known one.
+    """
+    import difflib
+    import inspect
+
+    import redis
+
+    kind = {"rediss": redis.SSLConnection, "unix": redis.UnixDomainSocketConnection}.get(
+        scheme.lower(), redis.Connection)
+    known = {"prefix"}
+    # each class's own keyword arguments (the rest go up), the pool's (``from_url``
+    # gives it the query too: ``max_connections``, ``timeout``) and the connection's
+    for cls in (*redis.BlockingConnectionPool.__mro__, *kind.__mro__):
+        init = cls.__dict__.get("__init__")
+        if init is not None:
+            known.update(p.name for p in inspect.signature(init).parameters.values()
+                         if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+    for name in names:
+        if name not in known:
+            close = difflib.get_close_matches(name, sorted(known), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigurationError(
+                f"Redis URL {mask_url(url)!r}: unknown option {name!r} in its query{hint} "
+                "(qmlkit's own is 'prefix'; the others are redis-py's connection options, "
+                "e.g. 'socket_keepalive', 'client_name')")
+
+
 def metadata_of(v: Sequence[Any]) -> dict[str, Any]:
     """A job's metadata from its hash values, with the ``progress`` field merged in.
 
