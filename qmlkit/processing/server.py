@@ -118,7 +118,7 @@ class Server:
         self._hard_stop = threading.Event()
         self._abort_lock = threading.Lock()
         self._start_cancelled = threading.Event()  # see cancel_start
-        self._abort_done = False
+        self._abort_settled: int | None = None  # jobs released or failed by abort()
         self._idle = IdleGate()
         self._watchdog: Watchdog | None = None
         self._observed = bool(self.pm.hook.qmlkit_job_state_changed.get_hookimpls())
@@ -177,8 +177,9 @@ class Server:
 
     @property
     def aborted(self) -> bool:
-        """Whether the last stop had to release unfinished jobs (``abort()`` ran)."""
-        return self._hard_stop.is_set()
+        """Whether the last stop had to release (or fail) unfinished jobs: ``abort()``
+        ran and found some."""
+        return bool(self._abort_settled)
 
     @property
     def is_running(self) -> bool:
@@ -202,7 +203,7 @@ class Server:
             requeue_stranded_on_start(self)  # what a crashed predecessor left
             self._stopping, self._halted = threading.Event(), threading.Event()
             self._hard_stop = threading.Event()
-            self._abort_done = False
+            self._abort_settled = None
             stamped, self._started_at = cfg.server_name, utcnow()
             if cfg.enable_heartbeat:
                 self.server_id = f"{cfg.server_name}#{uuid.uuid4()}"
@@ -299,12 +300,10 @@ class Server:
         self._stopping.set()
         self._hard_stop.set()  # stop() stops waiting for threads at once
         with self._abort_lock:  # a second caller waits until the first has released
-            if self._abort_done:
-                return
-            self._abort_done = True
-            self._abort()
+            if self._abort_settled is None:
+                self._abort_settled = self._abort()
 
-    def _abort(self) -> None:
+    def _abort(self) -> int:
         self._idle.wake_all()
         running, overran = self.claims.release_running()
         if released := (self.release(running, "released: server stopped before it finished")
@@ -317,6 +316,7 @@ class Server:
         if self.pool is not None:
             self.pool.abort()
             self.pool.join(0.5)  # let threads that can end quickly do so
+        return released + len(overran)
 
     def _release_unstarted(self) -> int:
         """Release held jobs that no worker has started; return how many."""

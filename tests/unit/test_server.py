@@ -396,3 +396,13 @@ def test_stop_fails_an_attempt_past_its_timeout_and_releases_the_others(app: App
     assert failed.name == "Failed" and failed.exception_type == "qmlkit.errors.JobTimeout"
     assert state_of(app, within) == "Enqueued"  # released: its attempt had time left
     assert app.storage.get(within).attempts == 1
+
+
+def test_an_abort_that_finds_nothing_to_release_is_not_reported_as_one(app: App) -> None:
+    # `qmlkit worker` exits 1 only when jobs had to be released: a second Ctrl-C to an
+    # idle worker releases nothing, so its stop is a clean one (exit 0).
+    server = fast(app)
+    server.start()
+    server.abort()
+    server.stop()
+    assert not server.aborted
