@@ -309,10 +309,10 @@ class Server:
         if released := (self.release(running, "released: server stopped before it finished")
                         + self._release_unstarted()):
             log.warning("released %d unfinished job(s) back to their queues", released)
-        if overran:
-            self.store_outcomes([self.processor.timed_out(job) for job in overran])
-            log.warning("failed %d job(s) still running past their timeout with JobTimeout "
+        if overran:  # (said first: a storage that is down logs its own error after)
+            log.warning("failing %d job(s) still running past their timeout with JobTimeout "
                         "(their retry policy applies)", len(overran))
+            self.store_outcomes([self.processor.timed_out(job) for job in overran])
         if self.pool is not None:
             self.pool.abort()
             self.pool.join(0.5)  # let threads that can end quickly do so

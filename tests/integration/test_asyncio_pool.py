@@ -671,6 +671,51 @@ def test_a_task_cancelled_by_job_code_fails_its_attempt_and_is_retried(
     assert len(cancelled) == 4, [r.getMessage() for r in caplog.records]
 
 
+def test_a_def_job_whose_task_job_code_cancels_runs_to_its_end_and_only_once(
+        app: App) -> None:
+    # A def job cannot be interrupted; ending its attempt when job code cancels its task
+    # would let its retry run beside the thread still running it (a breaker's finding).
+    running = threading.Event()
+    go = threading.Event()
+    spans: list[tuple[int, str]] = []
+
+    @app.job(name="def_victim", retry=RetryPolicy(max_retries=1, base_delay=timedelta(0),
+                                                  jitter=0))
+    def def_victim() -> str:
+        attempt = current_context().attempt
+        spans.append((attempt, "start"))
+        running.set()
+        go.wait(30)
+        spans.append((attempt, "end"))
+        return "finished"
+
+    @app.job(name="cancel_everything")
+    async def cancel_everything() -> int:
+        me = asyncio.current_task()
+        others = [t for t in asyncio.all_tasks() if t is not me
+                  and "_attempt" in repr(t.get_coro())]
+        for task in others:
+            task.cancel()
+        return len(others)
+
+    victim = def_victim.enqueue()
+    server = asyncio_server(app, worker_count=5)
+    server.start()
+    try:
+        wait_until(running.is_set, timeout=30)
+        killer = cancel_everything.enqueue()
+        wait_until(lambda: app.storage.get(killer).state.name == "Succeeded", timeout=30)
+        assert app.storage.get(killer).state.result == 1
+        assert app.storage.get(victim).state.name == "Processing"  # its thread still runs
+        go.set()
+        wait_until(lambda: app.storage.get(victim).state.name == "Succeeded", timeout=30)
+    finally:
+        go.set()
+        server.stop()
+    assert spans == [(1, "start"), (1, "end")]  # one attempt, never two at once
+    assert app.storage.get(victim).state.result == "finished"
+
+
 def test_a_job_blocking_the_loop_is_named_in_the_log(
         app: App, caplog: pytest.LogCaptureFixture) -> None:
     release = threading.Event()

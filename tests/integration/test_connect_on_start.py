@@ -110,12 +110,15 @@ def test_worker_gives_up_after_connect_timeout_naming_the_storage(
 
 
 @pytest.mark.redis
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize(("signum", "pool"), [
+    (signal.SIGINT, ("--pool", "threads")), (signal.SIGTERM, ("--pool", "asyncio")),
+    (signal.SIGTERM, ("--pool", "processes", "--processes", "2"))])
 def test_a_signal_stops_a_worker_still_waiting_for_its_storage(
-    tmp_path: Path, later_redis: RedisProcess, signum: signal.Signals
+    tmp_path: Path, later_redis: RedisProcess, signum: signal.Signals, pool: tuple[str, ...]
 ) -> None:
-    # Given a worker retrying an unreachable storage for up to 120 s
-    proc, log = start_worker(tmp_path, later_redis.url, "--connect-timeout", "120")
+    # Given a worker (or each child of a process pool) retrying an unreachable storage
+    # for up to 120 s
+    proc, log = start_worker(tmp_path, later_redis.url, "--connect-timeout", "120", *pool)
     try:
         wait_until(lambda: "attempt 2" in log.read_text() or proc.poll() is not None,
                    timeout=20)
@@ -131,3 +134,4 @@ def test_a_signal_stops_a_worker_still_waiting_for_its_storage(
     text = log.read_text()
     assert code == 1, text
     assert "stopped before it could be reached" in text, text
+    assert "Traceback" not in text, text

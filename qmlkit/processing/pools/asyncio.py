@@ -423,10 +423,25 @@ class AsyncioPool:
         What the call raises comes back as a value and is raised here: carried in the
         future, a ``GeneratorExit`` would be thrown into the task (which closes every
         coroutine awaiting it, losing the attempt's outcome) and a ``StopIteration``
-        could not be set on an asyncio future at all (the attempt would never end).
+        could not be set on an asyncio future at all (the attempt would never end). A
+        cancellation of the task by job code waits for the thread (see the code); only
+        the pool's abort ends the wait early.
         """
-        result = await self._loop.run_in_executor(
+        future = self._loop.run_in_executor(
             self._executor, catching, contextvars.copy_context().run, fn)
+        while True:
+            try:
+                result = await asyncio.shield(future)
+                break
+            except asyncio.CancelledError:
+                if self._aborted or future.cancelled():
+                    raise  # the server released the job (or the loop is closing)
+                # Job code cancelled this task. A def job cannot be interrupted (as at its
+                # timeout): its attempt ends when its thread returns, never before, or its
+                # retry could run beside it; it ends with what the thread returned.
+                uncancel = getattr(asyncio.current_task(), "uncancel", None)
+                if uncancel is not None:  # Python 3.11+
+                    uncancel()
         if isinstance(result, Raised):
             raise result.exc
         return result

@@ -46,6 +46,8 @@ log = logging.getLogger("qmlkit.processing.pools")
 
 #: How often the child's main thread looks at its control pipe and recycle flag, seconds.
 CONTROL_POLL_S = 0.2
+#: The same while its server starts (short: the wait is added to every child's start).
+START_POLL_S = 0.02
 
 
 @dataclass(frozen=True)
@@ -199,17 +201,61 @@ def child_main(spec: ChildSpec, reports: Connection, control: Connection) -> Non
     server = app.server(**fields)
     servers.append(server)
     freeze_startup_heap()
-    server.start()
+    pending: list[Any] = []  # what the parent said while the server was starting
+    if not _start(server, control, pending):
+        # Told to stop while its storage was still unreachable: nothing was claimed, so
+        # nothing is left to settle; "aborted", so the worker exits 1 as one pool does.
+        outbox.send(("bye", True))
+        logging.shutdown()
+        os._exit(0)
     outbox.send(("ready", server.server_id, os.getpid()))
-    _serve(server, control, outbox, recycle, recycle_reason)
+    _serve(server, control, outbox, recycle, recycle_reason, pending)
     outbox.send(("bye", bool(server.aborted)))
     logging.shutdown()
     os._exit(0)  # threads a release left running must not keep the process alive
 
 
+def _start(server: Any, control: Connection, pending: list[Any]) -> bool:
+    """``server.start()``, given up (`Server.cancel_start`) if the parent says anything
+    but ``"wake"`` meanwhile (a drain, an abort, or end of file: a storage that is
+    unreachable must not keep a stopping pool waiting for ``connect_timeout``). What the
+    parent said is left in ``pending`` for `_serve`. Returns whether the server runs."""
+    from qmlkit.errors import StorageUnavailable
+
+    started = threading.Event()
+
+    def listen() -> None:  # the only reader of ``control`` until the server has started
+        while not started.is_set():
+            try:
+                if not control.poll(START_POLL_S):
+                    continue
+                message = control.recv()
+            except (EOFError, OSError):
+                message = None  # the parent is gone
+            if message != "wake":
+                pending.append(message)
+                server.cancel_start()
+                return
+
+    listener = threading.Thread(target=listen, name="qmlkit-child-start", daemon=True)
+    listener.start()
+    try:
+        server.start()
+    except StorageUnavailable as exc:
+        if not pending:
+            raise  # unreachable past connect_timeout: the child fails, and is replaced
+        log.warning("stopping before the storage was reached: %s", exc)
+        return False
+    finally:
+        started.set()
+        listener.join()
+    return True
+
+
 def _serve(server: Any, control: Connection, outbox: _Outbox, recycle: threading.Event,
-           recycle_reason: list[str]) -> None:
-    """Follow the parent's messages until one ends the server; then stop it."""
+           recycle_reason: list[str], pending: list[Any]) -> None:
+    """Follow the parent's messages (``pending`` ones first) until one ends the server;
+    then stop it."""
     while True:
         if recycle.is_set():
             log.info("recycling this child: %s", recycle_reason[0])
@@ -217,9 +263,14 @@ def _serve(server: Any, control: Connection, outbox: _Outbox, recycle: threading
             server.stop()
             return
         try:
-            if not control.poll(CONTROL_POLL_S):
+            if pending:
+                message = pending.pop(0)
+                if message is None:
+                    raise EOFError
+            elif not control.poll(CONTROL_POLL_S):
                 continue
-            message = control.recv()
+            else:
+                message = control.recv()
         except (EOFError, OSError):
             log.warning("the supervisor process is gone; draining this child")
             server.stop()

@@ -351,7 +351,7 @@ class ProcessPool:
     def _open(self) -> Storage:
         storage = self._store_obj
         open_storage(storage.open, timeout=max(self.config.connect_timeout, timedelta(days=1)),
-                     what=repr(storage))
+                     what=repr(storage), cancelled=self._closed)  # (given up at the end)
         return storage
 
     def _settler(self) -> None:
@@ -359,8 +359,11 @@ class ProcessPool:
         try:
             self.storage = self._open()
         except QmlError as exc:
-            log.error("process pool: cannot open the storage (%s); dead children's jobs "
-                      "are left to heartbeat reclaim", exc)
+            if self._closed.is_set() and self._endings.qsize() <= 1:  # (the end marker)
+                log.info("process pool: stopped before its storage was reached")
+            else:
+                log.error("process pool: cannot open the storage (%s); dead children's "
+                          "jobs are left to heartbeat reclaim", exc)
             return
         while True:
             ending = self._endings.get()
