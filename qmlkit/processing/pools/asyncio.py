@@ -427,15 +427,14 @@ class AsyncioPool:
         cancellation of the task by job code waits for the thread (see the code); only
         the pool's abort ends the wait early.
         """
-        future = self._loop.run_in_executor(
-            self._executor, catching, contextvars.copy_context().run, fn)
+        future = self._executor.submit(catching, contextvars.copy_context().run, fn)
         while True:
-            try:
-                result = await asyncio.shield(future)
+            try:  # (what run_in_executor awaits; a cancel cannot stop a running thread)
+                result = await asyncio.wrap_future(future, loop=self._loop)
                 break
             except asyncio.CancelledError:
                 if self._aborted or future.cancelled():
-                    raise  # the server released the job (or the loop is closing)
+                    raise  # the server released the job, or it never started
                 # Job code cancelled this task. A def job cannot be interrupted (as at its
                 # timeout): its attempt ends when its thread returns, never before, or its
                 # retry could run beside it; it ends with what the thread returned.
