@@ -292,7 +292,7 @@ class JobProcessor:
         except asyncio.CancelledError as exc:
             if not context.timed_out and (aborted is None or aborted()):
                 raise  # the pool is aborting: the server released the job already
-            _uncancel()  # the task goes on: to store this attempt's outcome
+            uncancel_current_task()  # the task goes on: to store this attempt's outcome
             return self._failure(job, JobTimeout(timeout or 0.0) if context.timed_out
                                  else exc, runnable)
         except BaseException as exc:  # every failure of a job is recorded
@@ -375,7 +375,7 @@ class JobProcessor:
         except asyncio.CancelledError as exc:
             if not context.timed_out:
                 raise
-            _uncancel()
+            uncancel_current_task()
             raise JobTimeout(self.timeout_for(job) or 0.0) from exc
         finally:
             # The timeout covers the job, as a timer around it would: middleware code
@@ -468,9 +468,11 @@ class _TaskCanceller:
         self.armed = False
 
 
-def _uncancel() -> None:
-    """Take back the cancellation a timeout caused, so the task's later ``await``s (and
-    any ``asyncio.timeout`` in them) work as in an uncancelled task (Python 3.11+)."""
+def uncancel_current_task() -> None:
+    """Take back a cancellation of the running task that was handled (a timeout's, or
+    one by job code that the attempt outlives), so its later ``await``s (and any
+    ``asyncio.timeout`` in them) work as in an uncancelled task. Does nothing before
+    Python 3.11 (no ``Task.uncancel``) or outside a task."""
     task = asyncio.current_task()
     cancelling = getattr(task, "cancelling", None)  # Python 3.11+
     if cancelling is not None and cancelling():

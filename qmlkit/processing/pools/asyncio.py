@@ -73,6 +73,7 @@ from qmlkit.processing.pools.threads import (
     DISTRUST_WAIT_S,
     claim_jobs,
 )
+from qmlkit.processing.processor import uncancel_current_task
 
 if TYPE_CHECKING:
     from qmlkit.processing.pools.base import PoolParts
@@ -438,9 +439,7 @@ class AsyncioPool:
                 # Job code cancelled this task. A def job cannot be interrupted (as at its
                 # timeout): its attempt ends when its thread returns, never before, or its
                 # retry could run beside it; it ends with what the thread returned.
-                uncancel = getattr(asyncio.current_task(), "uncancel", None)
-                if uncancel is not None:  # Python 3.11+
-                    uncancel()
+                uncancel_current_task()
         if isinstance(result, Raised):
             raise result.exc
         return result
