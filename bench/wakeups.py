@@ -85,6 +85,8 @@ def serve(db: str, wakeup: str | None, poll_s: float) -> None:
     server.start()
     if server._listener is not None:
         wait_until(lambda: server._listener.connected.is_set(), timeout=15)
+    if server._push is not None:  # qmlkit-redis's push_wakeups
+        wait_until(server._push.connected.is_set, timeout=15)
     print("ready", flush=True)
     sys.stdin.read()  # until the parent closes the pipe
     server.stop()
@@ -202,6 +204,8 @@ def idle_queries(db: str, wakeup: str | None, poll_s: float, seconds: float) -> 
     server.start()
     if server._listener is not None:
         wait_until(lambda: server._listener.connected.is_set(), timeout=15)
+    if server._push is not None:  # qmlkit-redis's push_wakeups
+        wait_until(server._push.connected.is_set, timeout=15)
     time.sleep(1.0)  # let start-up queries pass
     counts["n"] = 0
     time.sleep(seconds)
@@ -337,6 +341,8 @@ def main() -> None:  # noqa: C901 - one table of rows, each measured the same wa
             rows.append(("Redis", redis_store, "defaults (its own Redis)", "auto", 0.0))
             rows.append(("Redis", redis_store, "redis://, poll 5 s", "redis://127.0.0.1:6379/0",
                          5.0))
+            rows.append(("Redis", lambda tag: redis_store(tag) + "&push_wakeups=1",
+                         "push_wakeups=1, no kombu, poll 5 s", "", 5.0))
         if pg_ok:
             rows.append(("PostgreSQL", pg, "defaults (LISTEN/NOTIFY)", "auto", 0.0))
         if pg_ok and up(5672):
@@ -355,8 +361,8 @@ def main() -> None:  # noqa: C901 - one table of rows, each measured the same wa
                     baselines[kind] = idle_queries(db("idle-poll"), None, 1.0, args.idle_seconds)
                     print(f"\n{kind + ', polling only, 1 s':<52} latency p50 {p50:8.2f} ms  "
                           f"p99 {p99:8.2f} ms   idle queries {baselines[kind]:6.2f}/s")
-                w50, w99 = latency(db("wk"), url, poll_s, args.jobs)
-                q = idle_queries(db("idle-wk"), url, poll_s or 1.0, args.idle_seconds)
+                w50, w99 = latency(db("wk"), url or None, poll_s, args.jobs)
+                q = idle_queries(db("idle-wk"), url or None, poll_s or 1.0, args.idle_seconds)
                 print(f"{kind + ' + ' + label:<52} latency p50 {w50:8.2f} ms  "
                       f"p99 {w99:8.2f} ms   idle queries {q:6.2f}/s "
                       f"({q / baselines[kind]:.2f}x)")

@@ -76,6 +76,12 @@ def redis_url() -> Iterator[str]:
 
 
 @pytest.fixture
+def redis_push_url(redis_url: str) -> str:
+    """``redis_url`` with push wake-ups on (qmlkit_redis.push): claims mark idle queues."""
+    return redis_url + "&push_wakeups=1"
+
+
+@pytest.fixture
 def postgres_url() -> Iterator[str]:
     """The shared PostgreSQL database ``test`` in a schema of this test's own, dropped
     afterwards."""

@@ -32,7 +32,7 @@ import qmlkit.processing.duties as duties
 from qmlkit.errors import ConfigurationError, QmlError
 from qmlkit.job import Enqueued, Job, utcnow
 from qmlkit.plugins import call_safely, notify_state_changed
-from qmlkit.processing.assembly import CallableObserver, assemble
+from qmlkit.processing.assembly import assemble
 from qmlkit.processing.claims import ClaimLedger
 from qmlkit.processing.config import ServerConfig
 from qmlkit.processing.connect import open_storage
@@ -47,7 +47,7 @@ from qmlkit.processing.processor import JobProcessor
 from qmlkit.processing.watchdog import Watchdog
 from qmlkit.storage.base import ServerInfo, StateChange, Storage, Transition
 from qmlkit.wakeup import RECURRING, SCHEDULED, WakeupListener, WakeupPublisher
-from qmlkit.wakeup.defaults import open_channel, resolve_wakeup
+from qmlkit.wakeup.defaults import PushListener, open_channel, push_listener, resolve_wakeup
 
 if TYPE_CHECKING:
     from qmlkit.recurring import RecurringJob
@@ -56,8 +56,6 @@ if TYPE_CHECKING:
 __all__ = ["Server", "ServerConfig"]
 
 log = logging.getLogger(__name__)
-
-_CallableObserver = CallableObserver  # its name before it moved
 
 #: ``ServerConfig.pool`` -> the pool a server composes in its own process.
 POOLS: dict[str, Callable[[PoolParts], Pool]] = {"threads": ThreadPool, "asyncio": AsyncioPool}
@@ -124,6 +122,7 @@ class Server:
         self._observed = bool(self.pm.hook.qmlkit_job_state_changed.get_hookimpls())
         self._publisher: WakeupPublisher | None = None
         self._listener: WakeupListener | None = None
+        self._push: PushListener | None = None  # the storage's own (qmlkit_redis.push)
         self.processor = JobProcessor(
             lookup=app.registry.get, registered=lambda: list(app.registry),
             retry_policy=config.retry, middleware=self.middleware, job_timeout=config.job_timeout,
@@ -241,6 +240,7 @@ class Server:
         if cfg.wakeup_url:
             self._publisher, self._listener = open_channel(
                 cfg.wakeup_url, cfg.wakeup_exchange, self.wake, self.server_id or cfg.server_name)
+        self._push = push_listener(self.storage, self.wake, self.server_id or cfg.server_name)
 
     def stop(self, timeout: timedelta | float | None = None) -> None:
         """Stop gracefully: claim nothing more, let running attempts finish, then return.
@@ -325,9 +325,10 @@ class Server:
     def _finish(self) -> None:
         if self._watchdog is not None:
             self._watchdog.close()
-        if self._listener is not None:
-            self._listener.stop()
-            self._listener = None
+        for listener in (self._listener, self._push):
+            if listener is not None:
+                listener.stop()
+        self._listener = self._push = None
         if self._publisher is not None:
             self._publisher.close()
             self._publisher = None
@@ -400,7 +401,7 @@ class Server:
     @property
     def _wakeups_live(self) -> bool:
         """Whether wake-ups are arriving now (so the duties may poll less)."""
-        return self._listener is not None and self._listener.connected.is_set()
+        return any(x is not None and x.connected.is_set() for x in (self._listener, self._push))
 
     # --- the runtime duties use (qmlkit.processing.runtime.Runtime) --------------------
 

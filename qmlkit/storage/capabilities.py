@@ -3,16 +3,17 @@ methods of `qmlkit.storage.base.Storage` a backend may leave out."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeGuard, runtime_checkable
 
 from qmlkit.job import Job
 from qmlkit.storage.base import Storage
 
-__all__ = ["OPTIONAL_METHODS", "BatchRead", "DefaultWakeup", "TransactionalStorage",
-           "WakeupProvider", "default_wakeup", "get_many", "is_transactional", "job_states",
-           "supports"]
+__all__ = ["OPTIONAL_METHODS", "BatchRead", "DefaultWakeup", "PushListener", "PushWakeups",
+           "TransactionalStorage", "WakeupProvider", "default_wakeup", "get_many",
+           "is_transactional", "job_states", "push_listener", "supports"]
 
 
 @runtime_checkable
@@ -160,4 +161,39 @@ def default_wakeup(storage: object) -> DefaultWakeup | None:
     ``None`` if it offers none (memory storage, a third-party storage without it)."""
     if isinstance(storage, WakeupProvider):
         return storage.default_wakeup()
+    return None
+
+
+@runtime_checkable
+class PushWakeups(Protocol):
+    """A storage whose own writes can wake idle servers, beside the kombu channel.
+
+    qmlkit-redis has it with ``push_wakeups`` on (`qmlkit_redis.push`): the script that
+    makes a job runnable publishes its queue when a server may be idle on it. A server
+    starts the listener at start and stops it at stop. Like kombu wake-ups these are
+    hints: a server that hears nothing still finds the job at its next poll.
+    """
+
+    def open_push_listener(self, on_wakeup: Callable[[str | None], None],
+                           name: str) -> PushListener | None:
+        """A started listener calling ``on_wakeup(queue)`` for each wake-up (``None``:
+        every queue), or ``None`` if the storage is configured without push wake-ups.
+        Must not raise for an unreachable storage (it retries in its own thread)."""
+
+
+class PushListener(Protocol):
+    """What a server needs of a push listener: `stop`, and ``connected`` (an event set
+    while wake-ups can arrive)."""
+
+    connected: threading.Event
+
+    def stop(self) -> None:
+        """Stop listening and release the connection."""
+
+
+def push_listener(storage: object, on_wakeup: Callable[[str | None], None],
+                  name: str) -> PushListener | None:
+    """``storage``'s started push listener (`PushWakeups`), or ``None`` if it has none."""
+    if isinstance(storage, PushWakeups):
+        return storage.open_push_listener(on_wakeup, name)
     return None

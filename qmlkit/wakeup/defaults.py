@@ -19,12 +19,13 @@ from collections.abc import Callable
 
 from qmlkit.config import mask_url
 from qmlkit.errors import ConfigurationError
-from qmlkit.storage.capabilities import default_wakeup
+from qmlkit.storage.capabilities import PushListener, default_wakeup, push_listener
 from qmlkit.wakeup.listener import WakeupListener
 from qmlkit.wakeup.publisher import WakeupPublisher
 from qmlkit.wakeup.transports import connection_for
 
-__all__ = ["AUTO", "OFF", "open_channel", "resolve_wakeup", "wakeup_setting"]
+__all__ = ["AUTO", "OFF", "PushListener", "open_channel", "push_listener", "resolve_wakeup",
+           "wakeup_setting"]
 
 log = logging.getLogger("qmlkit.wakeup")
 

@@ -18,6 +18,7 @@ BACKENDS = [
     pytest.param("memory"),
     pytest.param("sqlite"),
     pytest.param("redis", marks=pytest.mark.redis),
+    pytest.param("redis_push", marks=pytest.mark.redis),
     pytest.param("postgres", marks=pytest.mark.postgres),
 ]
 

@@ -57,6 +57,7 @@ from qmlkit_redis.encoding import (
     state_time,
     to_us,
 )
+from qmlkit_redis.push import PushListener, url_flag
 
 log = logging.getLogger("qmlkit_redis.storage")
 T = TypeVar("T")
@@ -79,6 +80,7 @@ class RedisConnection:
         retry_timeout_s: float = 10.0,
         max_connections: int = 32,
         health_check_interval_s: float = 0.0,
+        push_wakeups: bool = False,
     ) -> None:
         self.url = url
         if max_payload_bytes is not None:
@@ -89,9 +91,12 @@ class RedisConnection:
         except ValueError as exc:
             raise ConfigurationError(f"cannot parse Redis URL {mask_url(url)!r}: {exc}") from exc
         check_database(parts.scheme, parts.path, url)
-        check_query(parts.scheme, [k for k, _ in query if k != "prefix"], url)
+        ours = ("prefix", "push_wakeups")  # qmlkit's own query options, not redis-py's
+        check_query(parts.scheme, [k for k, _ in query if k not in ours], url)
         url_prefix = [v for k, v in query if k == "prefix"]
-        rest = urlencode([(k, v) for k, v in query if k != "prefix"])
+        for flag in [v for k, v in query if k == "push_wakeups"][-1:]:
+            push_wakeups = push_wakeups or url_flag(flag, "push_wakeups", url)
+        rest = urlencode([(k, v) for k, v in query if k not in ours])
         # Rebuilt by hand: urlunsplit turns "unix:///path" into "unix:/path".
         self._redis_url = (f"{parts.scheme}://{parts.netloc}{parts.path}"
                            + (f"?{rest}" if rest else "")
@@ -111,6 +116,7 @@ class RedisConnection:
         self.retry_timeout_s = retry_timeout_s
         self.max_connections = max_connections
         self.health_check_interval_s = health_check_interval_s
+        self.push_wakeups = push_wakeups
         self._client: redis.Redis | None = None
         self._pool: redis.ConnectionPool | None = None
         self._shas: dict[str, str] = {}
@@ -142,6 +148,25 @@ class RedisConnection:
         query = f"?{urlencode(ssl)}" if ssl else ""
         return DefaultWakeup(f"{parts.scheme}://{parts.netloc}{parts.path}{query}",
                              scope=self.prefix)
+
+    def open_push_listener(self, on_wakeup: Callable[[str | None], None],
+                           name: str) -> PushListener | None:
+        """A started listener for this prefix's push wake-ups, if ``push_wakeups`` is on
+        (see `qmlkit.storage.capabilities.PushWakeups` and `qmlkit_redis.push`).
+
+        Args:
+            on_wakeup: Called from the listener's thread with a queue name, or ``None``
+                (every queue) after each (re)subscription.
+            name: The server's name, for the thread's name and the log.
+
+        Returns:
+            The started `PushListener`, or ``None`` when ``push_wakeups`` is off.
+        """
+        if not self.push_wakeups:
+            return None
+        listener = PushListener(lambda: self.client, self._k("wakeup"), on_wakeup, name)
+        listener.start()
+        return listener
 
     # --- lifecycle -------------------------------------------------------------------
 

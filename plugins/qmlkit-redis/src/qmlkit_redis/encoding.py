@@ -49,6 +49,7 @@ class RedisOptions(StorageOptions):
     retry_timeout_s: float = 10.0
     max_connections: int = 32
     health_check_interval_s: float = 0.0
+    push_wakeups: bool = False
 
 
 class ForeignKeyType(ConfigurationError, StorageError):

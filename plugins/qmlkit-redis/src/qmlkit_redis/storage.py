@@ -114,6 +114,8 @@ class RedisStorage(RedisRegistry, RedisConnection, Storage):
             connection up to ``socket_timeout_s``.
         health_check_interval_s: Ping a pooled connection idle this long before reuse,
             in seconds (0: never).
+        push_wakeups: Push wake-ups (`qmlkit_redis.push`): an idle server hears of a job
+            from the script that stores it. Also ``?push_wakeups=1`` in the URL.
 
     Raises:
         ConfigurationError: The URL cannot be parsed or a value is out of range.
@@ -319,7 +321,8 @@ class RedisStorage(RedisRegistry, RedisConnection, Storage):
         if argv is None:
             processing = Processing(started_at=now, worker_id=worker_id, server_name=server_name)
             argv = [max(1, min(limit, MAX_CLAIM)), str(to_us(now)), server_name,
-                    processing.model_dump_json(), "0", *queues]
+                    processing.model_dump_json(), "0", "1" if self.push_wakeups else "0",
+                    *queues]
         else:
             argv = [*argv[:4], "1", *argv[5:]]
         try:

@@ -1,4 +1,6 @@
--- ARGV: prefix, limit, started µs, server, Processing state JSON, replay flag, queues...
+-- ARGV: prefix, limit, started µs, server, Processing state JSON, replay flag, push
+-- flag, queues... With the push flag, a claim that comes back short marks its queues
+-- idle (``idle:<queue>``, or ``idle:*`` with no queues given; see core.lua's wake()).
 -- Returns {replayed, n_foreign, foreign keys..., then per job: id, new attempts, JOB_FIELDS
 -- as they were before the claim (so ``state_data`` is the previous state)}. With the
 -- replay flag (a retry of a claim whose reply was lost), jobs still
@@ -28,8 +30,9 @@ if ARGV[6] == '1' then
   if found > 0 then out[1] = 1; return out end
 end
 local queues = {}
-for i = 7, #ARGV do queues[#queues + 1] = ARGV[i] end
-if #queues == 0 then -- every queue with Enqueued jobs has a count
+for i = 8, #ARGV do queues[#queues + 1] = ARGV[i] end
+local every = #queues == 0
+if every then -- every queue with Enqueued jobs has a count
   for _, f in ipairs(redis.call('HKEYS', P .. 'counts')) do
     local q = string.match(f, '^(.*)|Enqueued$')
     if q then queues[#queues + 1] = q end
@@ -87,6 +90,10 @@ for _, m in ipairs(picked) do
   -- an entry whose job is gone or no longer Enqueued is stale: dropped by the pop
 end
 if claimed > 0 then sadd(P .. 'processing-servers', srv) end
+if ARGV[7] == '1' and claimed < limit then
+  if every then redis.call('SET', P .. 'idle:*', '1')
+  else for _, q in ipairs(queues) do redis.call('SET', P .. 'idle:' .. q, '1') end end
+end
 flush()
 out[2] = #foreign
 for i = #foreign, 1, -1 do table.insert(out, 3, foreign[i]) end

@@ -51,4 +51,15 @@ local function flush()
   zrems, zadds, srems, sadds, cnts = {}, {}, {}, {}, {}
 end
 local function jk(id) return P .. 'job:' .. id end
+-- Push wake-ups: a queue whose last claim came back short (a server may be idle on it)
+-- has an ``idle:<queue>`` key (``idle:*`` for a server of every queue); the first job
+-- made runnable on it deletes the key and publishes the queue's name (qmlkit_redis.push).
+local woke = {}
+local function wake(q)
+  if woke[q] then return end
+  woke[q] = true
+  if redis.call('DEL', P .. 'idle:' .. q, P .. 'idle:*') > 0 then
+    redis.call('PUBLISH', P .. 'wakeup', q)
+  end
+end
 

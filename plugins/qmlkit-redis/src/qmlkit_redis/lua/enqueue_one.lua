@@ -17,6 +17,10 @@ if st == 'Enqueued' then
   f[26] = tm .. ':' .. id
   redis.call('HSET', k, unpack(f))
   redis.call('ZADD', P .. 'queue:' .. q, -(tonumber(ARGV[o + 2]) or 0), f[26])
+  -- core.lua's wake(), inlined: a server that may be idle on q hears of the job now
+  if redis.call('DEL', P .. 'idle:' .. q, P .. 'idle:*') > 0 then
+    redis.call('PUBLISH', P .. 'wakeup', q)
+  end
 else -- Scheduled (the only other state a new job may have)
   redis.call('HSET', k, unpack(f))
   redis.call('ZADD', P .. 'scheduled', tm, id)

@@ -30,6 +30,7 @@ local function enter(id, h, st, sj, tm, srv, f)
   if st == 'Enqueued' then
     qm = tm .. ':' .. id
     zadd(P .. 'queue:' .. q, -(tonumber(h[3]) or 0), qm)
+    wake(q)
   elseif st == 'Scheduled' then zadd(P .. 'scheduled', tm, id); due = tm
   elseif st == 'AwaitingRetry' then zadd(P .. 'retries', tm, id); due = tm
   elseif st == 'Processing' then

@@ -62,7 +62,10 @@ local function store_new(o, retry)
         stored = stored + 1
       end
     end
-    if stored > 0 then cnt(q, st, stored) end
+    if stored > 0 then
+      cnt(q, st, stored)
+      if enq then wake(q) end
+    end
   end
   flush()
   return nil
