@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -224,11 +225,17 @@ def worker(app_spec: str, wakeup_exchange: str | None, **flags: Any) -> None:
         # Every unfinished job is released, so nothing is left to wait for; but a
         # ``def`` job still running on an executor thread (asyncio pool) would keep the
         # interpreter from exiting until it returns, as it joins those threads at exit.
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(1)
+        exit_now(1)
     sys.exit(0)
+
+
+def exit_now(code: int) -> None:
+    """Flush the logs and standard streams, then end the process with ``code`` without
+    joining its threads (a job's, or one blocked on an unreachable storage)."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 #: The fields only the process pool reads (``--processes`` and the per-child flags).
@@ -285,7 +292,11 @@ def run_until_signalled(server: Server | ProcessPool) -> bool:
     """Start ``server``, drain it on the first SIGINT/SIGTERM, abort it on the second.
 
     Handlers go in before the server claims anything, so no signal can end the process
-    without a drain. They only record; this thread acts on them.
+    without a drain. They only record; this thread acts on them. Releasing jobs needs
+    the storage: should it not answer, the process exits anyway `COLD_STOP_S` after the
+    abort began (the second signal, or the end of the grace period), or at a third
+    signal, leaving what it held Processing for dead-server reclaim (`cold_exit`).
+    Celery's cold shutdown ends the same way.
 
     Returns:
         Whether unfinished jobs had to be released (`Server.aborted`).
@@ -293,8 +304,8 @@ def run_until_signalled(server: Server | ProcessPool) -> bool:
     Raises:
         click.ClickException: The server could not start.
     """
-    signals = {"count": 0}
-    first = threading.Event()
+    signals: dict[str, Any] = {"count": 0, "abort_at": None}
+    first, third = threading.Event(), threading.Event()
     started = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -304,10 +315,14 @@ def run_until_signalled(server: Server | ProcessPool) -> bool:
             first.set()
             if not started.is_set():  # still waiting for its storage: nothing to drain
                 getattr(server, "cancel_start", lambda: None)()
-        else:
-            log.warning("second signal: releasing unfinished jobs")
+        elif signals["count"] == 2:
+            log.warning("second signal: releasing unfinished jobs (send again to exit "
+                        "without waiting for the storage)")
+            signals["abort_at"] = time.monotonic()
             if started.is_set():  # else the main thread aborts once start() returns
-                threading.Thread(target=server.abort, name="qmlkit-abort").start()
+                threading.Thread(target=server.abort, name="qmlkit-abort", daemon=True).start()
+        else:
+            third.set()
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
@@ -322,10 +337,51 @@ def run_until_signalled(server: Server | ProcessPool) -> bool:
     started.set()
     while not first.wait(0.5):
         pass
-    if signals["count"] > 1:  # both signals came while the server was starting
-        server.abort()
-    stopper = threading.Thread(target=server.stop, name="qmlkit-stop")
+
+    def stop() -> None:
+        if signals["count"] > 1:  # both signals came while the server was starting
+            server.abort()
+        server.stop()
+
+    stopper = threading.Thread(target=stop, name="qmlkit-stop", daemon=True)
     stopper.start()
+    grace_ends = time.monotonic() + stop_budget_s(server)
     while stopper.is_alive():
         stopper.join(0.2)
+        abort_at = signals["abort_at"]
+        cold_at = (grace_ends if abort_at is None else min(grace_ends, abort_at)) + COLD_STOP_S
+        if stopper.is_alive() and (third.is_set() or time.monotonic() >= cold_at):
+            cold_exit(server, "a third signal" if third.is_set() else
+                      f"{COLD_STOP_S:.0f} s after the abort began")
     return bool(server.aborted)
+
+
+#: How long past the start of an abort (the second signal, or the end of the grace
+#: period) the worker waits for it to release what it holds before it exits anyway,
+#: seconds. A release is one storage call; only an unreachable storage takes longer.
+COLD_STOP_S = 10.0
+
+
+def stop_budget_s(server: Server | ProcessPool) -> float:
+    """Seconds from the first signal until ``server.stop()`` aborts on its own: the
+    grace period, plus, for a process pool, the margins it gives its children."""
+    grace = server.config.shutdown_timeout.total_seconds()
+    from qmlkit.processing.server import Server
+
+    if isinstance(server, Server):
+        return grace
+    from qmlkit.processing.pools.processes import ABORT_WAIT_S, CHILD_EXIT_MARGIN_S
+
+    return grace + CHILD_EXIT_MARGIN_S + ABORT_WAIT_S
+
+
+def cold_exit(server: Server | ProcessPool, why: str) -> None:
+    """Exit with status 1 while ``server`` is still stopping (its storage does not
+    answer): jobs it still holds stay Processing under its registration until peers
+    presume it dead (no heartbeat for ``dead_server_timeout``) and reclaim them, as
+    after a kill -9. Nothing is lost; those jobs run again later (at-least-once)."""
+    log.error("exiting without a clean stop (%s): the storage did not answer; jobs this "
+              "worker still held stay Processing until dead-server reclaim returns them to "
+              "their queues, %.0f s after its last heartbeat", why,
+              server.config.dead_server_timeout.total_seconds())
+    exit_now(1)
