@@ -9,6 +9,7 @@ field, add a row.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -379,9 +380,15 @@ def cold_exit(server: Server | ProcessPool, why: str) -> None:
     """Exit with status 1 while ``server`` is still stopping (its storage does not
     answer): jobs it still holds stay Processing under its registration until peers
     presume it dead (no heartbeat for ``dead_server_timeout``) and reclaim them, as
-    after a kill -9. Nothing is lost; those jobs run again later (at-least-once)."""
+    after a kill -9. Nothing is lost; those jobs run again later (at-least-once). A
+    process pool's children still alive are killed first (SIGKILL): told to go, they
+    too would wait on the storage."""
     log.error("exiting without a clean stop (%s): the storage did not answer; jobs this "
               "worker still held stay Processing until dead-server reclaim returns them to "
               "their queues, %.0f s after its last heartbeat", why,
               server.config.dead_server_timeout.total_seconds())
+    children = getattr(server, "children", None)  # a process pool: else each child, told
+    for child in children() if children else ():  # to go, would wait on the storage too
+        with contextlib.suppress(OSError, TypeError):
+            os.kill(child["pid"], signal.SIGKILL)
     exit_now(1)

@@ -9,12 +9,15 @@ second signal), or at once on a third signal, exiting 1 and saying that the job 
 Processing until dead-server reclaim. Before this, such a stop took minutes (the abort's
 store failed after about two, deregistering retried for a third).
 
-A second worker, on the real service with a short dead-server timeout, then reclaims
+The thread pool is stopped with each count of signals, the process pool (one child)
+with two and three; no process below the worker may stay behind, waiting on the
+storage. A second worker, on the real service with a short dead-server timeout, then reclaims
 and runs the job: nothing held by the worker that gave up is lost.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -27,8 +30,10 @@ import pytest
 
 from qmlkit import App
 from qmlkit.cli.worker import COLD_STOP_S
+from qmlkit.processing.pools.processes import ABORT_WAIT_S, CHILD_EXIT_MARGIN_S
 from qmlkit.testing import wait_until
 from qmlkit.testing.proxy import TcpProxy
+from tests.integration.faultkit import descendants, gone
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -93,14 +98,18 @@ def start_worker(folder: Path, url: str, name: str, *extra: str,
             cwd=folder, env=env, stdout=subprocess.DEVNULL, stderr=log)
 
 
-@pytest.mark.parametrize("signals", [1, 2, 3])
+@pytest.mark.parametrize(("pool", "signals"), [("threads", 1), ("threads", 2),
+                                               ("threads", 3), ("processes", 2),
+                                               ("processes", 3)])
 def test_stop_ends_in_bounded_time_and_loses_nothing(
-        tmp_path: Path, proxied: tuple[str, TcpProxy], signals: int) -> None:
+        tmp_path: Path, proxied: tuple[str, TcpProxy], pool: str, signals: int) -> None:
     url, proxy = proxied
     (tmp_path / "stopdownapp.py").write_text(APP_SOURCE)
     client = App("stopdown", storage=url)
+    pool_args = ["--pool", pool] + (["--processes", "1"] if pool == "processes" else [])
     worker = start_worker(tmp_path, through(url, proxy), "cut", "--shutdown-timeout",
-                          str(GRACE_S), slow=True)
+                          str(GRACE_S), *pool_args, slow=True)
+    family: set[int] = set()
     rescuer: subprocess.Popen[bytes] | None = None
     log = tmp_path / "cut.log"
     try:
@@ -108,6 +117,7 @@ def test_stop_ends_in_bounded_time_and_loses_nothing(
         wait_until(lambda: state_of(client, job_id) == "Processing",
                    timeout=60, interval=0.05, message=f"the job Processing; log:\n"
                    f"{log.read_text(errors='replace')}")
+        family = descendants(worker.pid)  # a process pool's child and forkserver
         proxy.pause()
         worker.send_signal(signal.SIGTERM)
         wait_until(lambda: "draining" in log.read_text(errors="replace"), timeout=20,
@@ -118,6 +128,8 @@ def test_stop_ends_in_bounded_time_and_loses_nothing(
         began = time.monotonic()
         # Its own bound: COLD_STOP_S after the abort; generous slack for a loaded machine.
         bound = (0 if signals == 3 else COLD_STOP_S + (GRACE_S if signals == 1 else 0)) + 20
+        if pool == "processes" and signals < 3:
+            bound += CHILD_EXIT_MARGIN_S + ABORT_WAIT_S
         try:
             code = worker.wait(bound)
         except subprocess.TimeoutExpired:
@@ -125,11 +137,14 @@ def test_stop_ends_in_bounded_time_and_loses_nothing(
                         f"signal:\n{log.read_text(errors='replace')[-4000:]}")
         took = time.monotonic() - began
         text = log.read_text(errors="replace")
-        print(f"{signals} signal(s): exited {code} after {took:.1f} s")
+        print(f"{pool}, {signals} signal(s): exited {code} after {took:.1f} s")
         assert code == 1, text[-4000:]
         assert "dead-server reclaim" in text, text[-4000:]
         if signals == 3:
             assert "a third signal" in text, text[-4000:]
+        # A process pool's child does not stay behind waiting on the storage.
+        wait_until(lambda: all(gone(pid) for pid in family), timeout=20, interval=0.05,
+                   message=f"every process below the worker gone: {family}")
         # Nothing lost: the job, still Processing under the worker that gave up, is
         # reclaimed once that worker's heartbeat is stale and runs to Succeeded.
         assert state_of(client, job_id) == "Processing"
@@ -139,6 +154,9 @@ def test_stop_ends_in_bounded_time_and_loses_nothing(
                    + (tmp_path / "rescue.log").read_text(errors="replace")[-3000:])
     finally:
         proxy.resume()
+        for pid in family:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         for proc in (worker, rescuer):
             if proc is not None and proc.poll() is None:
                 proc.kill()
