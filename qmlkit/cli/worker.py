@@ -345,6 +345,8 @@ def run_until_signalled(server: Server | ProcessPool) -> bool:
         server.stop()
 
     stopper = threading.Thread(target=stop, name="qmlkit-stop", daemon=True)
+    if signals["abort_at"] is not None:  # its abort begins now, not at the signal
+        signals["abort_at"] = time.monotonic()
     stopper.start()
     grace_ends = time.monotonic() + stop_budget_s(server)
     while stopper.is_alive():
