@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
@@ -230,7 +230,7 @@ def worker(app_spec: str, wakeup_exchange: str | None, **flags: Any) -> None:
     sys.exit(0)
 
 
-def exit_now(code: int) -> None:
+def exit_now(code: int) -> NoReturn:
     """Flush the logs and standard streams, then end the process with ``code`` without
     joining its threads (a job's, or one blocked on an unreachable storage)."""
     logging.shutdown()
@@ -355,7 +355,8 @@ def run_until_signalled(server: Server | ProcessPool) -> bool:
         cold_at = (grace_ends if abort_at is None else min(grace_ends, abort_at)) + COLD_STOP_S
         if stopper.is_alive() and (third.is_set() or time.monotonic() >= cold_at):
             cold_exit(server, "a third signal" if third.is_set() else
-                      f"{COLD_STOP_S:.0f} s after the abort began")
+                      f"the stop had not ended {COLD_STOP_S:.0f} s after the abort began: "
+                      "the storage does not answer")
     return bool(server.aborted)
 
 
@@ -378,14 +379,14 @@ def stop_budget_s(server: Server | ProcessPool) -> float:
     return grace + CHILD_EXIT_MARGIN_S + ABORT_WAIT_S
 
 
-def cold_exit(server: Server | ProcessPool, why: str) -> None:
-    """Exit with status 1 while ``server`` is still stopping (its storage does not
-    answer): jobs it still holds stay Processing under its registration until peers
-    presume it dead (no heartbeat for ``dead_server_timeout``) and reclaim them, as
-    after a kill -9. Nothing is lost; those jobs run again later (at-least-once). A
-    process pool's children still alive are killed first (SIGKILL): told to go, they
-    too would wait on the storage."""
-    log.error("exiting without a clean stop (%s): the storage did not answer; jobs this "
+def cold_exit(server: Server | ProcessPool, why: str) -> NoReturn:
+    """Exit with status 1 while ``server`` is still stopping (``why``: its storage does
+    not answer, or a third signal): jobs it still holds stay Processing under its
+    registration until peers presume it dead (no heartbeat for ``dead_server_timeout``)
+    and reclaim them, as after a kill -9. Nothing is lost; those jobs run again later
+    (at-least-once). A process pool's children still alive are killed first (SIGKILL):
+    told to go, they too would wait on the storage."""
+    log.error("exiting without a clean stop (%s); jobs this "
               "worker still held stay Processing until dead-server reclaim returns them to "
               "their queues, %.0f s after its last heartbeat", why,
               server.config.dead_server_timeout.total_seconds())
